@@ -1,0 +1,217 @@
+"""The typed config tree: YAML recipe + dotted `key=value` overrides, validated once at start-up.
+
+Every key has a default (the defaults are the embedded CPU recipe, `configs/tiny-cpu.yaml`) and a
+one-line description; an unknown key, a wrong type or an out-of-range value is a `ConfigError` that
+names every offending key at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmscale.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    preset: str = Field(
+        "tiny-gpt2", description="Model shape from lmscale.model.PRESETS, used when `path` is unset."
+    )
+    path: str | None = Field(None, description="Local HF model directory to start from (pretrained weights).")
+
+
+class DataConfig(Section):
+    path: str | None = Field(
+        None,
+        description="Text file, directory of .txt/.py/.md files, or .jsonl; unset = the embedded stdlib corpus.",
+    )
+    text_field: str = Field("text", description="Field holding the document text in jsonl files.")
+    max_seq_len: int = Field(
+        256, ge=8, description="Longest training sequence in tokens; longer documents are split."
+    )
+    vocab_size: int = Field(
+        8192, ge=256, description="Vocabulary size of the byte-level BPE trained on the corpus."
+    )
+    tokenizer: str | None = Field(
+        None, description="Local HF tokenizer directory; unset = train one on the corpus."
+    )
+    eval_fraction: float = Field(
+        0.02, gt=0, lt=0.5, description="Share of documents held out for evaluation."
+    )
+    cache_dir: str = Field(
+        "~/.cache/lmscale", description="Where tokenizers and tokenized datasets are cached."
+    )
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank.")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(250, ge=1, description="Optimizer steps to train for.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(2e-4, ge=0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(25, ge=0, description="Steps of linear warm-up from 0 to `lr`.")
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW weight decay (not applied to biases, norms, embeddings)."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW beta1, beta2.")
+    grad_clip: float = Field(
+        1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping."
+    )
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per rank per forward/backward.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Optional check: must equal micro_batch_size x grad_accum_steps x ranks."
+    )
+    eval_every: int = Field(
+        50, ge=1, description="Evaluate held-out loss/perplexity every N steps (and at the end)."
+    )
+    eval_batches: int = Field(20, ge=1, description="Micro-batches per rank in one evaluation.")
+    log_every: int = Field(10, ge=1, description="Write metrics every N steps.")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainConfig:
+        problems = []
+        if self.min_lr > self.lr:
+            problems.append(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}: set min_lr <= lr")
+        if self.warmup_steps >= self.max_steps:
+            problems.append(
+                f"train.warmup_steps={self.warmup_steps} is not below train.max_steps={self.max_steps}: shorten the warm-up"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ZeroConfig(Section):
+    stage: int = Field(
+        0, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer states, 2 +gradients, 3 +parameters."
+    )
+    offload: Literal["none", "cpu"] = Field(
+        "none", description="Offload optimizer states (and stage-3 params) to CPU."
+    )
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> ZeroConfig:
+        if self.offload == "cpu" and self.stage < 2:
+            raise ValueError(f"zero.offload=cpu needs zero.stage 2 or 3 (got {self.stage}): set zero.stage=2")
+        return self
+
+
+class WandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="W&B mode; offline needs no account."
+    )
+    project: str = Field("lmscale", description="W&B project name.")
+    name: str | None = Field(None, description="W&B run name; unset = the output_dir's name.")
+
+
+class Config(Section):
+    output_dir: str = Field(
+        "runs/tiny-cpu", description="Run directory: config.yaml, metrics.jsonl, checkpoints/."
+    )
+    seed: int = Field(1234, description="Seed for model init, data order and dropout.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="bf16, fp16 (GPU only) or fp32.")
+    deepspeed_config: str | None = Field(
+        None,
+        description="DeepSpeed JSON to start from (e.g. ds_configs/zero2_bf16.json); lmscale keys fill its 'auto's.",
+    )
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    zero: ZeroConfig = ZeroConfig()
+    wandb: WandbConfig = WandbConfig()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (['a', 'b'], value), parsing the value as YAML (so 3 is an int)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not key=value: write it as e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted override into the nested dict `raw` (in place) and return it."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section; check the key name")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into a dict (safe_load: a recipe cannot run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} does not exist: pass an existing YAML, e.g. configs/tiny-cpu.yaml"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML: fix the syntax there") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    return raw
+
+
+def dotted_keys(raw: dict[str, Any], prefix: str = "") -> set[str]:
+    """All leaf keys of a nested dict, dotted: the keys a user set explicitly."""
+    keys = set()
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            keys |= dotted_keys(value, f"{name}.")
+        else:
+            keys.add(name)
+    return keys
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; remove it or check its spelling (see README, 'Config keys')"
+    if error["type"] == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    return f"{key}={got!r}: {error['msg'][0].lower()}{error['msg'][1:]}"
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict into a Config, collecting every problem into one ConfigError."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid config: {problems}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, set[str]]:
+    """Load a recipe (or the defaults) with overrides; return the config and the keys set explicitly."""
+    raw = read_yaml(path) if path else {}
+    apply_overrides(raw, list(overrides))
+    return build_config(raw), dotted_keys(raw)
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML, in the order the fields are declared."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

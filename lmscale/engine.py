@@ -1,0 +1,70 @@
+"""DeepSpeed set-up: accelerator choice, the process group, and `deepspeed.initialize`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+# Long enough for the slowest rank to finish first-run work (e.g. the JIT build of DeepSpeed's
+# communication op) before the others give up in a collective.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def select_accelerator() -> None:
+    """Use DeepSpeed's CPU accelerator on a machine with no GPU; must run before deepspeed is imported."""
+    if "DS_ACCELERATOR" not in os.environ and not has_gpu():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_single_process_env() -> None:
+    """Debug mode has no launcher: announce a one-rank job on this host ourselves."""
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def init_distributed() -> None:
+    import deepspeed
+
+    backend = "nccl" if has_gpu() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def build_engine(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ds_config: dict[str, Any],
+) -> Any:
+    """Wrap model, optimizer and schedule in a DeepSpeed engine (ZeRO, precision, clipping, accumulation)."""
+    import deepspeed
+
+    if has_gpu():
+        torch.cuda.set_device(local_rank())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine

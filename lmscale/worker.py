@@ -1,0 +1,153 @@
+"""One rank of a training job: config -> data -> model -> engine -> loop -> checkpoint.
+
+`lmscale train` runs this in-process (debug mode); the `deepspeed` launcher starts it once per rank
+through `launcher/train.py` (or `python -m lmscale.worker`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from lmscale.engine import select_accelerator
+
+select_accelerator()  # before anything imports deepspeed
+
+import torch  # noqa: E402
+
+from lmscale import engine as ds_engine  # noqa: E402
+from lmscale.checkpoint import save_checkpoint  # noqa: E402
+from lmscale.config import Config, config_to_yaml, load_config  # noqa: E402
+from lmscale.data import prepare_data  # noqa: E402
+from lmscale.data.batches import make_loader  # noqa: E402
+from lmscale.ds_config import resolve  # noqa: E402
+from lmscale.errors import ConfigError, LmscaleError  # noqa: E402
+from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
+from lmscale.model import build_model, count_parameters  # noqa: E402
+from lmscale.optim import build_optimizer, build_scheduler  # noqa: E402
+from lmscale.train import perplexity, train  # noqa: E402
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+def check_output_dir(output_dir: Path, force: bool) -> None:
+    """Never overwrite a run: an output_dir that already holds one is an error unless --force."""
+    existing = [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    if existing and not force:
+        raise ConfigError(
+            f"output_dir={output_dir} already holds a run ({', '.join(existing)}): "
+            "choose a new output_dir=..., or pass --force to replace it"
+        )
+    probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"output_dir={output_dir} is not writable: choose a directory you can write to")
+
+
+def resolve_config(config_path: str | None, overrides: list[str], world_size: int) -> tuple[Config, dict]:
+    """Load, validate and reconcile the config for `world_size` ranks; raises ConfigError on any problem."""
+    config, explicit = load_config(config_path, overrides)
+    return resolve(config, explicit, world_size, ds_engine.has_gpu())
+
+
+def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: bool) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if forced:  # --force replaces the old run whole, so no stale checkpoint or metric survives
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    (output_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
+    (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+
+
+def run(config_path: str | None, overrides: list[str], force: bool = False) -> None:
+    """Train one rank of the job described by the config and the launcher's environment."""
+    if "WORLD_SIZE" not in os.environ:
+        ds_engine.set_single_process_env()
+    is_rank_zero = ds_engine.rank() == 0
+    configure_console(is_rank_zero)
+    config, ds_config = resolve_config(config_path, overrides, int(os.environ["WORLD_SIZE"]))
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, force)
+    data = prepare_data(config.data, tokenizer_path=config.model.path)
+    ds_engine.init_distributed()  # every rank has its data now: nothing slow happens inside a collective
+    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if is_rank_zero:
+        write_run_files(config, ds_config, output_dir, force)
+        data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
+    model = build_model(
+        config.model.preset, config.model.path, data.tokenizer, config.data.max_seq_len, config.seed
+    )
+    log.info(
+        "model: %s, %.2fM parameters; %d rank(s), ZeRO-%d, %s",
+        config.model.path or config.model.preset,
+        count_parameters(model) / 1e6,
+        world_size,
+        config.zero.stage,
+        config.precision,
+    )
+    optimizer = build_optimizer(model, config.train, cpu_offload=config.zero.offload == "cpu")
+    engine = ds_engine.build_engine(model, optimizer, build_scheduler(optimizer, config.train), ds_config)
+    pad_id = data.tokenizer.pad_token_id
+    loader_args = {
+        "pad_id": pad_id,
+        "rank": rank,
+        "world_size": world_size,
+        "seed": config.seed,
+        "num_workers": config.data.num_workers,
+    }
+    train_loader = make_loader(data.train, config.train.micro_batch_size, shuffle=True, **loader_args)
+    eval_loader = make_loader(data.eval, config.train.micro_batch_size, shuffle=False, **loader_args)
+    sink = MetricsSink(config, output_dir, config.train.max_steps, enabled=is_rank_zero)
+    result = train(engine, train_loader, eval_loader, config.train, sink)
+    checkpoint = save_checkpoint(engine, output_dir, result.steps, {"tokens_seen": result.tokens})
+    summary = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "wall_time_s": round(result.wall_time_s, 1),
+        "tokens_per_s": round(result.tokens / max(result.wall_time_s, 1e-9)),
+        "eval_loss": result.final_eval_loss,
+        "eval_ppl": perplexity(result.final_eval_loss),
+        "checkpoint": str(checkpoint),
+    }
+    sink.close(summary)
+    if is_rank_zero:
+        print(
+            f"held-out perplexity: {perplexity(result.final_eval_loss):.2f} "
+            f"(untrained: {perplexity(result.initial_eval_loss):.1f}) after {result.steps} steps, "
+            f"{result.tokens:,} tokens in {result.wall_time_s:.0f} s; checkpoint {checkpoint}"
+        )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="One rank of an lmscale training job (started by a launcher)."
+    )
+    parser.add_argument("--config", help="YAML recipe; defaults to the embedded tiny CPU recipe")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing run in output_dir")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for lmscale errors")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        run(args.config, args.overrides, force=args.force)
+    except LmscaleError as exc:
+        if args.debug:
+            raise
+        print(f"lmscale: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

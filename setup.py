@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lmscale",
+    version="0.1.0",
+    description="Train and fine-tune transformer language models on DeepSpeed, from a laptop CPU to a SLURM cluster.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lmscale", "lmscale.*"]),
+    install_requires=[
+        # Users on clusters bring their own CUDA torch; any 2.x from 2.4 on works.
+        "torch>=2.4,<3",
+        "deepspeed>=0.15",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "tokenizers>=0.20",
+        "accelerate>=1.0",
+        "wandb>=0.18",
+        "pydantic>=2.6",
+        "PyYAML>=6.0",
+        "tqdm>=4.66",
+        "filelock>=3.12",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["lmscale=lmscale.cli:main"]},
+)
