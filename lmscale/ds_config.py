@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +190,3 @@ def resolve(
     check_batch_sizes(config, world_size)
     check_precision(config.precision, has_gpu)
     return config, deepspeed_config(config, world_size, base)
-
-
-def world_size_from_env() -> int:
-    """Ranks in this job, as the launcher announces them (1 in debug mode)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))

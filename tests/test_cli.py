@@ -1,0 +1,59 @@
+"""The CLI as a user meets it: bad input stops before anything is written, with one line and exit 2."""
+
+import pytest
+from conftest import run_lmscale
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lmscale: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["zero.stage=5"], ["zero.stage=5", "less than or equal to 3"]),
+        (["train.micro_batch_size=0"], ["train.micro_batch_size=0"]),
+        (["model.dropout=0.1"], ["model.dropout: unknown key"]),
+        (["precision=fp16"], ["precision=fp16 needs a GPU", "precision=bf16"]),
+        (["train.lr"], ["not key=value"]),
+        (["deepspeed_config=ds_configs/zero2_bf16.json", "zero.stage=1"], ["zero.stage=1 but", "says 2"]),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "launch"])
+def test_bad_input_writes_nothing(tmp_path, command, overrides, fragments):
+    out = tmp_path / "run"
+    result = run_lmscale(command, f"output_dir={out}", *overrides)
+    assert_one_line_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("precious: true\n")
+    result = run_lmscale("train", f"output_dir={out}")
+    assert_one_line_error(result, "already holds a run", "--force")
+    assert (out / "config.yaml").read_text() == "precious: true\n"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_missing_recipe_and_data(tmp_path):
+    assert_one_line_error(run_lmscale("train", str(tmp_path / "nope.yaml")), "does not exist")
+    result = run_lmscale(
+        "train",
+        f"output_dir={tmp_path / 'run'}",
+        f"data.path={tmp_path / 'missing.txt'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
+    assert_one_line_error(result, "data.path=", "does not exist")
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    result = run_lmscale("--debug", "train", f"output_dir={tmp_path}", "zero.stage=9")
+    assert result.returncode != 0 and "Traceback" in result.stderr
