@@ -23,7 +23,7 @@ setup(
         "filelock>=3.12",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["lmscale=lmscale.cli:main"]},
 )

@@ -49,6 +49,22 @@ class DataConfig(Section):
         "~/.cache/lmscale", description="Where tokenizers and tokenized datasets are cached."
     )
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank.")
+    batching: Literal["bucket", "pad"] = Field(
+        "bucket",
+        description="bucket: length-grouped batches under a token budget; pad: fixed rows padded to max_seq_len.",
+    )
+    max_tokens_per_batch: int = Field(
+        4096, ge=1, description="bucket mode: padded tokens (rows x longest row) per micro-batch per rank."
+    )
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> DataConfig:
+        if self.batching == "bucket" and self.max_tokens_per_batch < self.max_seq_len:
+            raise ValueError(
+                f"data.max_tokens_per_batch={self.max_tokens_per_batch} is below data.max_seq_len={self.max_seq_len}: "
+                "raise the budget or lower max_seq_len so the longest sequence fits"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -63,7 +79,11 @@ class TrainConfig(Section):
     grad_clip: float = Field(
         1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping."
     )
-    micro_batch_size: int = Field(16, ge=1, description="Sequences per rank per forward/backward.")
+    micro_batch_size: int = Field(
+        16,
+        ge=1,
+        description="pad mode: sequences per rank per forward/backward (bucket mode: nominal, for DeepSpeed).",
+    )
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     global_batch_size: int | None = Field(
         None, ge=1, description="Optional check: must equal micro_batch_size x grad_accum_steps x ranks."

@@ -10,11 +10,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
 
 from lmscale.config import TrainConfig
-from lmscale.data.batches import IGNORE_INDEX
+from lmscale.data.batches import IGNORE_INDEX, BatchStream
 from lmscale.logging import MetricsSink
+
+MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
 @dataclass
@@ -26,13 +28,18 @@ class TrainResult:
     final_eval_loss: float
 
 
-def batches_forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
-    """Epoch after epoch, each shuffled differently (the sampler's seed + epoch)."""
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed (not averaged) over the non-ignored targets, in fp32."""
+    shifted_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    return F.cross_entropy(
+        shifted_logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def forward_summed_loss(engine: Any, batch: dict) -> torch.Tensor:
+    inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS}
+    logits = engine(**inputs).logits
+    return summed_token_loss(logits, batch["labels"].to(engine.device, non_blocking=True))
 
 
 def all_ranks_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
@@ -43,18 +50,14 @@ def all_ranks_sum(values: list[float | torch.Tensor], device: torch.device) -> l
 
 
 @torch.no_grad()
-def evaluate(engine: Any, loader: DataLoader, max_batches: int) -> float:
+def evaluate(engine: Any, stream: BatchStream, max_batches: int) -> float:
     """Mean held-out loss per target token over all ranks (every rank runs the same number of batches)."""
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     targets = 0
-    for index, batch in enumerate(loader):
-        if index >= max_batches:
-            break
-        batch_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
-        loss_sum += loss.double() * batch_targets
-        targets += batch_targets
+    for batch in stream.loader(epoch=0, start=0, stop=min(max_batches, len(stream.plan(0)))):
+        loss_sum += forward_summed_loss(engine, batch).double()
+        targets += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     engine.train()
     total_loss, total_targets = all_ranks_sum([loss_sum, targets], engine.device)
     return total_loss / max(total_targets, 1)
@@ -75,66 +78,98 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))  # capped: an untrained model's exp(loss) can overflow
 
 
+@dataclass
+class Window:
+    """What happened since the last logged step, kept on the host (and the loss on the device)."""
+
+    loss_sum: torch.Tensor
+    micro_steps: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    start_s: float = 0.0
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.micro_steps = self.real_tokens = self.padded_tokens = 0
+        self.start_s = time.perf_counter()
+
+
+def train_step(
+    engine: Any, micro_batches: list[dict], world_size: int, window: Window, log_grad_norm: bool
+) -> float | None:
+    """One optimizer step over `micro_batches`, the loss averaged over every target token of the step.
+
+    Batches differ in size across micro-steps and ranks, so a per-batch mean would weight tokens
+    unequally. Each micro-batch's summed loss is divided by the step's target count over all ranks
+    (known from the epoch plan, no communication needed) and multiplied by ranks x accumulation
+    steps, which DeepSpeed's gradient averaging and accumulation scaling divide out again.
+    """
+    step_targets = max(sum(b["group_targets"] for b in micro_batches), 1)
+    scale = world_size * len(micro_batches) / step_targets
+    own_grad_norm = None
+    for index, batch in enumerate(micro_batches):
+        window.real_tokens += batch["real_tokens"]
+        window.padded_tokens += batch["padded_tokens"]
+        loss = forward_summed_loss(engine, batch) * scale
+        engine.backward(loss)
+        if log_grad_norm and index == len(micro_batches) - 1:
+            own_grad_norm = gradient_norm(engine)
+        engine.step()
+        window.loss_sum += loss.detach().double()
+        window.micro_steps += 1
+    return own_grad_norm
+
+
 def train(
-    engine: Any, train_loader: DataLoader, eval_loader: DataLoader, config: TrainConfig, sink: MetricsSink
+    engine: Any, train_stream: BatchStream, eval_stream: BatchStream, config: TrainConfig, sink: MetricsSink
 ) -> TrainResult:
     """Run `config.max_steps` optimizer steps, logging every `log_every` and evaluating every `eval_every`."""
-    batches = batches_forever(train_loader)
-    initial_eval = evaluate(engine, eval_loader, config.eval_batches)
+    world_size = dist.get_world_size()
+    batches: Iterator[dict] = iter(train_stream)
+    initial_eval = final_eval = evaluate(engine, eval_stream, config.eval_batches)
     sink.log(0, {"eval_loss": initial_eval, "eval_ppl": perplexity(initial_eval)})
     sink.message(f"untrained held-out loss {initial_eval:.4f}, perplexity {perplexity(initial_eval):.1f}")
-    # Losses stay on the device between log steps: reading them every step would force a sync.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    micro_steps, window_tokens, total_tokens = 0, 0, 0
-    window_start = start = time.perf_counter()
-    final_eval = initial_eval
+    # The loss stays on the device between log steps: reading it every step would force a sync.
+    window = Window(loss_sum=torch.zeros((), dtype=torch.float64, device=engine.device))
+    window.reset()
+    start, total_tokens = time.perf_counter(), 0
     for step in range(1, config.max_steps + 1):
         is_last = step == config.max_steps
         is_log_step = step % config.log_every == 0 or is_last
-        own_grad_norm = None
-        for micro in range(config.grad_accum_steps):
-            batch = next(batches)
-            window_tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
-            loss = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}).loss
-            engine.backward(loss)
-            if is_log_step and micro == config.grad_accum_steps - 1:
-                own_grad_norm = gradient_norm(engine)
-            engine.step()
-            loss_sum += loss.detach().double()
-            micro_steps += 1
+        micro_batches = [next(batches) for _ in range(config.grad_accum_steps)]
+        own_grad_norm = train_step(engine, micro_batches, world_size, window, is_log_step)
         sink.advance()
         if is_log_step:
-            loss_total, micro_total, tokens = all_ranks_sum(
-                [loss_sum, micro_steps, window_tokens], engine.device
-            )
-            elapsed = time.perf_counter() - window_start
-            total_tokens += int(tokens)
-            sink.log(
-                step,
-                {
-                    "loss": loss_total / micro_total,
-                    "lr": engine.get_lr()[0],
-                    "grad_norm": float(
-                        own_grad_norm if own_grad_norm is not None else engine.get_global_grad_norm()
-                    ),
-                    "tokens_per_s": tokens / elapsed,
-                    "tokens_seen": total_tokens,
-                },
-            )
-            loss_sum.zero_()
-            micro_steps, window_tokens = 0, 0
-            window_start = time.perf_counter()
+            total_tokens += log_window(engine, window, step, own_grad_norm, total_tokens, sink)
         if step % config.eval_every == 0 or is_last:
-            final_eval = evaluate(engine, eval_loader, config.eval_batches)
+            final_eval = evaluate(engine, eval_stream, config.eval_batches)
             sink.log(step, {"eval_loss": final_eval, "eval_ppl": perplexity(final_eval)})
             sink.message(
                 f"step {step}: held-out loss {final_eval:.4f}, perplexity {perplexity(final_eval):.2f}"
             )
-            window_start = time.perf_counter()  # evaluation time is not training throughput
-    return TrainResult(
-        steps=config.max_steps,
-        tokens=total_tokens,
-        wall_time_s=time.perf_counter() - start,
-        initial_eval_loss=initial_eval,
-        final_eval_loss=final_eval,
+            window.start_s = time.perf_counter()  # evaluation time is not training throughput
+    return TrainResult(config.max_steps, total_tokens, time.perf_counter() - start, initial_eval, final_eval)
+
+
+def log_window(
+    engine: Any, window: Window, step: int, own_grad_norm: float | None, tokens_before: int, sink: MetricsSink
+) -> int:
+    """Reduce the window over ranks, log it, reset it; returns the real tokens it held (all ranks)."""
+    loss_total, micro_total, real, padded = all_ranks_sum(
+        [window.loss_sum, window.micro_steps, window.real_tokens, window.padded_tokens], engine.device
     )
+    elapsed_s = time.perf_counter() - window.start_s
+    grad_norm = own_grad_norm if own_grad_norm is not None else engine.get_global_grad_norm()
+    sink.log(
+        step,
+        {
+            "loss": loss_total / micro_total,
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": real / elapsed_s,
+            "padding_frac": 1.0 - real / max(padded, 1),
+            "tokens_seen": tokens_before + int(real),
+        },
+    )
+    window.reset()
+    return int(real)

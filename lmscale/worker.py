@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from lmscale.engine import select_accelerator
@@ -22,8 +23,8 @@ import torch  # noqa: E402
 from lmscale import engine as ds_engine  # noqa: E402
 from lmscale.checkpoint import save_checkpoint  # noqa: E402
 from lmscale.config import Config, config_to_yaml, load_config  # noqa: E402
-from lmscale.data import prepare_data  # noqa: E402
-from lmscale.data.batches import make_loader  # noqa: E402
+from lmscale.data import PreparedData, prepare_data  # noqa: E402
+from lmscale.data.batches import BatchSettings, BatchStream  # noqa: E402
 from lmscale.ds_config import resolve  # noqa: E402
 from lmscale.errors import ConfigError, LmscaleError  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
@@ -62,6 +63,25 @@ def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: b
     (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
 
 
+def batch_streams(
+    config: Config, data: PreparedData, rank: int, world_size: int
+) -> tuple[BatchStream, BatchStream]:
+    """This rank's training batches (shuffled each epoch) and held-out batches (fixed)."""
+    settings = BatchSettings(
+        batching=config.data.batching,
+        max_tokens_per_batch=config.data.max_tokens_per_batch,
+        micro_batch_size=config.train.micro_batch_size,
+        max_seq_len=config.data.max_seq_len,
+        num_workers=config.data.num_workers,
+    )
+    pad_id = data.tokenizer.pad_token_id
+    train_stream = BatchStream(data.train, settings, rank, world_size, config.seed, pad_id)
+    eval_stream = BatchStream(
+        data.eval, replace(settings, num_workers=0), rank, world_size, config.seed, pad_id, shuffle=False
+    )
+    return train_stream, eval_stream
+
+
 def run(config_path: str | None, overrides: list[str], force: bool = False) -> None:
     """Train one rank of the job described by the config and the launcher's environment."""
     if "WORLD_SIZE" not in os.environ:
@@ -90,19 +110,15 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     )
     optimizer = build_optimizer(model, config.train, cpu_offload=config.zero.offload == "cpu")
     engine = ds_engine.build_engine(model, optimizer, build_scheduler(optimizer, config.train), ds_config)
-    pad_id = data.tokenizer.pad_token_id
-    loader_args = {
-        "pad_id": pad_id,
-        "rank": rank,
-        "world_size": world_size,
-        "seed": config.seed,
-        "num_workers": config.data.num_workers,
-    }
-    train_loader = make_loader(data.train, config.train.micro_batch_size, shuffle=True, **loader_args)
-    eval_loader = make_loader(data.eval, config.train.micro_batch_size, shuffle=False, **loader_args)
+    train_stream, eval_stream = batch_streams(config, data, rank, world_size)
     sink = MetricsSink(config, output_dir, config.train.max_steps, enabled=is_rank_zero)
-    result = train(engine, train_loader, eval_loader, config.train, sink)
-    checkpoint = save_checkpoint(engine, output_dir, result.steps, {"tokens_seen": result.tokens})
+    result = train(engine, train_stream, eval_stream, config.train, sink)
+    checkpoint = save_checkpoint(
+        engine,
+        output_dir,
+        result.steps,
+        {"tokens_seen": result.tokens, "data_position": train_stream.state_dict()},
+    )
     summary = {
         "steps": result.steps,
         "tokens": result.tokens,

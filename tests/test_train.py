@@ -15,6 +15,7 @@ QUICK = [
     "data.max_seq_len=64",
     "data.vocab_size=1024",
     "train.micro_batch_size=16",
+    "data.max_tokens_per_batch=1024",
     "train.max_steps=80",
     "train.warmup_steps=8",
     "train.lr=3e-3",
@@ -29,7 +30,7 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_learned(run_dir, world_size, micro_batch_size=16):
+def assert_learned(run_dir, world_size):
     records = read_metrics(run_dir)
     evals = [r for r in records if "eval_loss" in r]
     train = [r for r in records if "loss" in r]
@@ -39,9 +40,10 @@ def assert_learned(run_dir, world_size, micro_batch_size=16):
     for record in train:
         assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"}
         assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
-    # every rank's real tokens are counted: 80 steps x rows x <=64 tokens x ranks
-    most = 80 * micro_batch_size * 64 * world_size
+    # every rank's real tokens are counted: 80 steps x <=1024 tokens (16 rows x 64, or the budget) x ranks
+    most = 80 * 1024 * world_size
     assert 0.8 * most < train[-1]["tokens_seen"] <= most
+    assert all(0 <= r["padding_frac"] < 0.2 for r in train)
     assert (run_dir / "checkpoints" / "step_00000080").is_dir()
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
 
@@ -55,6 +57,7 @@ def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
         f"data.cache_dir={cache_dir}",
         "wandb.mode=offline",
         *QUICK,
+        "data.batching=pad",  # the naive baseline: fixed rows padded to max_seq_len
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out perplexity:" in result.stdout
@@ -108,6 +111,6 @@ def test_deepspeed_launcher_runs_the_entry_script(tmp_path, cache_dir):
     ]  # the JSON's 16 is adopted
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_learned(out, world_size=2, micro_batch_size=16)
+    assert_learned(out, world_size=2)
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] is True

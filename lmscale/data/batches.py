@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
+
+from lmscale.data.bucketing import FILLER, EpochPlan, plan_epoch
 
 IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
 TOKENIZE_VERSION = "1"  # bump when tokenize_documents changes what it writes, to invalidate caches
@@ -53,49 +58,120 @@ def tokenize_documents(documents: Dataset, tokenizer: PreTrainedTokenizerBase, m
     )
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a list of sequences to the longest; labels are the inputs with padding ignored."""
-    longest = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    for row, example in enumerate(examples):
-        ids = example["input_ids"]
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+def collate(rows: list[list[int]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad sequences to the longest (or to `pad_to`); labels are the inputs with padding ignored.
+
+    An empty `rows` (a filler batch) becomes one padding row with no targets, so the rank still runs
+    a forward pass in step with the others but adds nothing to the loss.
+    """
+    width = max([len(r) for r in rows] + [pad_to or 0, 1])
+    input_ids = torch.full((max(len(rows), 1), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    if not rows:
+        attention_mask[0, 0] = 1  # an all-masked row would give NaN attention; its label stays ignored
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class Collator:
-    """Picklable collate function for DataLoader worker processes."""
+class EpochBatches(torch.utils.data.Dataset):
+    """Item g is this rank's collated batch of group g of an epoch plan, with the counts the loop needs."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(
+        self, sequences: Dataset, plan: EpochPlan, rank: int, pad_id: int, pad_to: int | None
+    ) -> None:
+        self.sequences = sequences.select_columns(["input_ids"])
+        self.plan, self.rank, self.pad_id, self.pad_to = plan, rank, pad_id, pad_to
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return collate(examples, self.pad_id)
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, group: int) -> dict[str, torch.Tensor | int]:
+        indices = [int(i) for i in self.plan.groups[group][self.rank] if i != FILLER]
+        rows = self.sequences[indices]["input_ids"] if indices else []
+        batch = collate(rows, self.pad_id, self.pad_to)
+        real_tokens = sum(len(r) for r in rows)
+        return {
+            **batch,
+            "real_tokens": real_tokens,
+            "padded_tokens": batch["input_ids"].numel(),
+            "group_targets": int(self.plan.group_targets[group]),
+        }
 
 
-def make_loader(
-    sequences: Dataset,
-    micro_batch_size: int,
-    pad_id: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    shuffle: bool,
-    num_workers: int,
-) -> DataLoader:
-    """A DataLoader over this rank's shard of `sequences` (call `sampler.set_epoch` each epoch)."""
-    sampler = DistributedSampler(
-        sequences, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle
-    )
-    return DataLoader(
-        sequences.with_format(columns=["input_ids"]),
-        batch_size=micro_batch_size,
-        sampler=sampler,
-        collate_fn=Collator(pad_id),
-        num_workers=num_workers,
-        drop_last=shuffle,
-        persistent_workers=num_workers > 0,
-    )
+@dataclass
+class BatchSettings:
+    batching: str  # "bucket" or "pad"
+    max_tokens_per_batch: int
+    micro_batch_size: int
+    max_seq_len: int
+    num_workers: int
+
+
+class BatchStream:
+    """This rank's batches, epoch after epoch, resumable at any batch from (seed, epoch, cursor).
+
+    Resuming recomputes the epoch's plan (a pure function of the lengths, seed and epoch) and starts
+    at the cursor: nothing before it is loaded or iterated.
+    """
+
+    def __init__(
+        self,
+        sequences: Dataset,
+        settings: BatchSettings,
+        rank: int,
+        world_size: int,
+        seed: int,
+        pad_id: int,
+        shuffle: bool = True,
+    ) -> None:
+        self.sequences, self.settings, self.rank, self.world_size = sequences, settings, rank, world_size
+        self.seed, self.pad_id, self.shuffle = seed, pad_id, shuffle
+        # Lengths were stored at tokenization time: reading the column is all start-up costs.
+        self.lengths = np.asarray(sequences.data.column("length").to_numpy(), dtype=np.int64)
+        self.epoch, self.cursor = 0, 0
+
+    def plan(self, epoch: int) -> EpochPlan:
+        s = self.settings
+        if s.batching == "bucket":
+            return plan_epoch(
+                self.lengths,
+                self.world_size,
+                self.seed,
+                epoch,
+                max_tokens=s.max_tokens_per_batch,
+                shuffle=self.shuffle,
+            )
+        return plan_epoch(
+            self.lengths, self.world_size, self.seed, epoch, rows=s.micro_batch_size, shuffle=self.shuffle
+        )
+
+    def loader(self, epoch: int, start: int, stop: int | None = None) -> DataLoader:
+        plan = self.plan(epoch)
+        pad_to = self.settings.max_seq_len if self.settings.batching == "pad" else None
+        batches = EpochBatches(self.sequences, plan, self.rank, self.pad_id, pad_to)
+        workers = self.settings.num_workers
+        return DataLoader(
+            batches,
+            batch_size=None,
+            sampler=range(start, len(plan) if stop is None else stop),
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            for batch in self.loader(self.epoch, self.cursor):
+                self.cursor += (
+                    1  # counted as consumed once handed out, so a checkpoint after it resumes past it
+                )
+                yield batch
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]

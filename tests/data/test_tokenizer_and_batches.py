@@ -29,10 +29,17 @@ def test_split_into_sequences_keeps_every_token():
 
 
 def test_collate_pads_and_ignores_padding():
-    batch = collate([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}], pad_id=0)
+    batch = collate([[5, 6, 7], [8]], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert collate([[5, 6]], pad_id=0, pad_to=4)["input_ids"].tolist() == [[5, 6, 0, 0]]
+
+
+def test_filler_batch_has_no_targets():
+    batch = collate([], pad_id=0)
+    assert batch["input_ids"].shape == (1, 1)
+    assert (batch["labels"] == IGNORE_INDEX).all()
 
 
 def test_tokenizer_round_trips_code_and_is_cached(tmp_path):

@@ -1,0 +1,109 @@
+"""Epoch plans: which sequences go into which batch on which rank, as pure functions of (lengths, seed, epoch).
+
+Written by hand because no library does this well: HF's `group_by_length` keeps a fixed number of
+rows per batch (so long rows still dominate the padding) and sorts at start-up on every run.
+
+A plan is a list of *groups*; group g holds one batch per rank, so every rank runs the same number of
+forward passes (ZeRO-3 needs that: its parameter all-gathers are collectives). Across all ranks every
+sequence appears in exactly one batch per epoch. A batch is an array of dataset indices; index
+FILLER stands for a one-row batch with no targets, used only when a plan cannot otherwise be
+divided evenly among ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FILLER = -1
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    groups: list[list[np.ndarray]]  # groups[g][rank] -> indices of that rank's batch
+    group_targets: np.ndarray  # target tokens (length - 1 per sequence) summed over the group's batches
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch])
+
+
+def _largest_fitting_end(sorted_lengths: np.ndarray, start: int, max_tokens: int) -> int:
+    """Largest end with (end - start) rows x longest row <= max_tokens; lengths ascend, so binary search."""
+    low, high = start + 1, len(sorted_lengths)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if (mid - start) * sorted_lengths[mid - 1] <= max_tokens:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def length_buckets(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of similar-length sequences, each as many rows as fit `max_tokens` padded tokens."""
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(lengths[order], kind="stable")]  # ascending length, random order among equals
+    sorted_lengths = lengths[order]
+    batches, start = [], 0
+    while start < len(order):
+        end = _largest_fitting_end(sorted_lengths, start, max_tokens)
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+def fixed_batches(count: int, rows: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random batches of `rows` sequences (the last one may be short): the `pad` baseline."""
+    order = rng.permutation(count)
+    return [order[i : i + rows] for i in range(0, count, rows)]
+
+
+def divide_among_ranks(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
+    """Make the batch count a multiple of world_size without dropping or repeating a sequence.
+
+    Splits the batches with the most rows (neighbours stay neighbours, so groups stay balanced);
+    only when no batch has two rows left does it add filler batches.
+    """
+    batches = list(batches)
+    while len(batches) % world_size:
+        sizes = np.array([len(b) for b in batches])
+        widest = int(sizes.argmax()) if len(sizes) else 0
+        if not len(sizes) or sizes[widest] < 2:
+            batches += [np.array([FILLER])] * (world_size - len(batches) % world_size)
+            break
+        half = len(batches[widest]) // 2
+        batches[widest : widest + 1] = [batches[widest][:half], batches[widest][half:]]
+    return batches
+
+
+def plan_epoch(
+    lengths: np.ndarray,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    max_tokens: int | None = None,
+    rows: int | None = None,
+    shuffle: bool = True,
+) -> EpochPlan:
+    """Plan one epoch: length buckets under a token budget (`max_tokens`), or fixed `rows` per batch."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rng = _epoch_rng(seed, epoch)
+    if max_tokens is not None:
+        batches = length_buckets(lengths, max_tokens, rng)
+    else:
+        batches = fixed_batches(len(lengths), rows, rng)
+    batches = divide_among_ranks(batches, world_size)
+    # Consecutive batches have similar lengths, so a group's ranks do similar work and none waits long.
+    groups = [batches[i : i + world_size] for i in range(0, len(batches), world_size)]
+    if shuffle:
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    padded_lengths = np.append(lengths, 1)  # FILLER (-1) reads the 1 at the end: one token, no target
+    targets = np.array(
+        [sum(int((padded_lengths[b] - 1).sum()) for b in group) for group in groups], dtype=np.int64
+    )
+    return EpochPlan(groups=groups, group_targets=targets)
