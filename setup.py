@@ -21,6 +21,7 @@ setup(
         "PyYAML>=6.0",
         "tqdm>=4.66",
         "filelock>=3.12",
+        "datasketch>=1.6",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],

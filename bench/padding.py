@@ -22,15 +22,27 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, fl
     out = workdir / mode
     budget = args.rows * args.max_seq_len
     overrides = [
-        f"output_dir={out}", f"data.batching={mode}", f"data.max_seq_len={args.max_seq_len}",
-        f"data.max_tokens_per_batch={budget}", f"train.micro_batch_size={args.rows}",
-        f"train.max_steps={args.steps}", "train.warmup_steps=2", "train.log_every=5",
-        f"train.eval_every={args.steps}", "train.eval_batches=2", "wandb.mode=disabled", "data.num_workers=1",
+        f"output_dir={out}",
+        f"data.batching={mode}",
+        f"data.max_seq_len={args.max_seq_len}",
+        f"data.max_tokens_per_batch={budget}",
+        f"train.micro_batch_size={args.rows}",
+        f"train.max_steps={args.steps}",
+        "train.warmup_steps=2",
+        "train.log_every=5",
+        f"train.eval_every={args.steps}",
+        "train.eval_batches=2",
+        "wandb.mode=disabled",
+        "data.num_workers=1",
     ]
     if args.data_path:
         overrides.append(f"data.path={args.data_path}")
-    subprocess.run([sys.executable, "-m", "lmscale.cli", "train", *overrides], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "lmscale.cli", "train", *overrides],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r][1:]  # the first window includes start-up
     return {
@@ -41,7 +53,9 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-path", default=None, help="data.path to measure (default: the embedded corpus)")
+    parser.add_argument(
+        "--data-path", default=None, help="data.path to measure (default: the embedded corpus)"
+    )
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=4, help="pad mode rows; the budget is rows x max_seq_len")
     parser.add_argument("--steps", type=int, default=40)
@@ -51,7 +65,9 @@ def main() -> None:
     print(f"{'mode':8} {'padding_frac':>13} {'useful tokens/s':>16}")
     for mode, figures in results.items():
         print(f"{mode:8} {figures['padding_frac']:13.3%} {figures['tokens_per_s']:16.0f}")
-    print(f"ratio bucket/pad useful tokens/s: {results['bucket']['tokens_per_s'] / results['pad']['tokens_per_s']:.2f}")
+    print(
+        f"ratio bucket/pad useful tokens/s: {results['bucket']['tokens_per_s'] / results['pad']['tokens_per_s']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,12 +27,43 @@ class ModelConfig(Section):
     path: str | None = Field(None, description="Local HF model directory to start from (pretrained weights).")
 
 
+class SourceConfig(Section):
+    path: str = Field(..., description="A data source, in any form data.path accepts.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in the training mixture.")
+
+
 class DataConfig(Section):
     path: str | None = Field(
         None,
-        description="Text file, directory of .txt/.py/.md files, or .jsonl; unset = the embedded stdlib corpus.",
+        description="Text file, directory, .jsonl/.json, .parquet, .csv, or a save_to_disk directory; "
+        "unset = the embedded stdlib corpus.",
     )
-    text_field: str = Field("text", description="Field holding the document text in jsonl files.")
+    glob: str | None = Field(None, description="Files of a directory data.path to read, e.g. '**/*.txt'.")
+    text_field: str = Field(
+        "text", description="Field holding the document text in jsonl/parquet/csv/disk data."
+    )
+    sources: list[SourceConfig] = Field(
+        [], description="Several sources mixed by weight ([{path, weight}]), instead of data.path."
+    )
+    eval_path: str | None = Field(None, description="Held-out data; unset = a data.eval_fraction split.")
+    eval_fraction: float = Field(0.02, gt=0, lt=0.5, description="Share of documents held out (fixed split).")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="A malformed jsonl line: stop with its line number, or skip it and count it."
+    )
+    clean: bool = Field(True, description="Clean documents (the steps below) before tokenizing.")
+    strip_html: bool = Field(
+        True, description="Remove HTML tags, comments, scripts and styles; unescape entities."
+    )
+    nfkc: bool = Field(True, description="Unicode NFKC normalisation.")
+    normalize_whitespace: bool = Field(
+        True, description="CRLF to LF, no trailing spaces, at most two blank lines (indentation is kept)."
+    )
+    min_chars: int = Field(20, ge=0, description="Drop documents shorter than this after cleaning.")
+    dedup: bool = Field(True, description="Drop exact duplicate documents (by content hash).")
+    near_dedup: bool = Field(False, description="Drop near-duplicate documents (MinHash LSH).")
+    near_dedup_threshold: float = Field(
+        0.85, gt=0, lt=1, description="Estimated Jaccard similarity that counts as a near duplicate."
+    )
     max_seq_len: int = Field(
         256, ge=8, description="Longest training sequence in tokens; longer documents are split."
     )
@@ -42,28 +73,50 @@ class DataConfig(Section):
     tokenizer: str | None = Field(
         None, description="Local HF tokenizer directory; unset = train one on the corpus."
     )
-    eval_fraction: float = Field(
-        0.02, gt=0, lt=0.5, description="Share of documents held out for evaluation."
+    num_proc: int = Field(
+        1, ge=1, description="Processes for cleaning and tokenization (datasets.map num_proc)."
     )
     cache_dir: str = Field(
         "~/.cache/lmscale", description="Where tokenizers and tokenized datasets are cached."
     )
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank.")
-    batching: Literal["bucket", "pad"] = Field(
+    batching: Literal["bucket", "pack", "pad"] = Field(
         "bucket",
-        description="bucket: length-grouped batches under a token budget; pad: fixed rows padded to max_seq_len.",
+        description="bucket: length-grouped batches under a token budget; pack: documents concatenated into "
+        "max_seq_len rows; pad: train.micro_batch_size rows padded to max_seq_len.",
     )
     max_tokens_per_batch: int = Field(
-        4096, ge=1, description="bucket mode: padded tokens (rows x longest row) per micro-batch per rank."
+        4096, ge=1, description="bucket/pack: padded tokens (rows x longest row) per micro-batch per rank."
     )
+    seq_len_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps over which the sequence-length cap grows from seq_len_start to max_seq_len.",
+    )
+    seq_len_start: int = Field(64, ge=8, description="Sequence-length cap at step 0 of the warm-up.")
 
     @model_validator(mode="after")
-    def _check_budget(self) -> DataConfig:
-        if self.batching == "bucket" and self.max_tokens_per_batch < self.max_seq_len:
-            raise ValueError(
+    def _check_data(self) -> DataConfig:
+        problems = []
+        if self.batching != "pad" and self.max_tokens_per_batch < self.max_seq_len:
+            problems.append(
                 f"data.max_tokens_per_batch={self.max_tokens_per_batch} is below data.max_seq_len={self.max_seq_len}: "
                 "raise the budget or lower max_seq_len so the longest sequence fits"
             )
+        if self.sources and self.path:
+            problems.append(
+                "data.path and data.sources are both set: use data.sources alone to mix several sources"
+            )
+        if self.seq_len_warmup_steps and self.batching == "pack":
+            problems.append(
+                "data.seq_len_warmup_steps does not apply to data.batching=pack: use bucket or pad"
+            )
+        if self.seq_len_warmup_steps and self.seq_len_start > self.max_seq_len:
+            problems.append(
+                f"data.seq_len_start={self.seq_len_start} exceeds data.max_seq_len={self.max_seq_len}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

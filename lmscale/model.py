@@ -82,9 +82,15 @@ def build_model(
                 f"model.path={path} has vocab_size {config.vocab_size} but the tokenizer has {vocab_size}: "
                 "use the model's own tokenizer (data.tokenizer=<model dir>)"
             )
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = preset_config(preset, vocab_size, max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        config = preset_config(
+            preset, vocab_size, max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Training never decodes: no KV cache (it costs memory, and HF ignores packed position ids when one exists).
+    model.config.use_cache = False
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

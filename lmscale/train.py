@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,10 +13,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmscale.config import TrainConfig
-from lmscale.data.batches import IGNORE_INDEX, BatchStream
+from lmscale.data.batches import IGNORE_INDEX, BatchStream, truncate_batch
 from lmscale.logging import MetricsSink
 
-MODEL_INPUTS = ("input_ids", "attention_mask")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
 
 
 @dataclass
@@ -37,7 +37,7 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def forward_summed_loss(engine: Any, batch: dict) -> torch.Tensor:
-    inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS}
+    inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
     logits = engine(**inputs).logits
     return summed_token_loss(logits, batch["labels"].to(engine.device, non_blocking=True))
 
@@ -120,10 +120,22 @@ def train_step(
     return own_grad_norm
 
 
+def no_length_cap(step: int) -> int | None:
+    return None
+
+
 def train(
-    engine: Any, train_stream: BatchStream, eval_stream: BatchStream, config: TrainConfig, sink: MetricsSink
+    engine: Any,
+    train_stream: BatchStream,
+    eval_stream: BatchStream,
+    config: TrainConfig,
+    sink: MetricsSink,
+    length_cap: Callable[[int], int | None] = no_length_cap,
 ) -> TrainResult:
-    """Run `config.max_steps` optimizer steps, logging every `log_every` and evaluating every `eval_every`."""
+    """Run `config.max_steps` optimizer steps, logging every `log_every` and evaluating every `eval_every`.
+
+    `length_cap(step)` is the sequence-length warm-up: rows are cut to it while it is not None.
+    """
     world_size = dist.get_world_size()
     batches: Iterator[dict] = iter(train_stream)
     initial_eval = final_eval = evaluate(engine, eval_stream, config.eval_batches)
@@ -137,6 +149,9 @@ def train(
         is_last = step == config.max_steps
         is_log_step = step % config.log_every == 0 or is_last
         micro_batches = [next(batches) for _ in range(config.grad_accum_steps)]
+        cap = length_cap(step - 1)
+        if cap is not None:
+            micro_batches = [truncate_batch(b, cap) for b in micro_batches]
         own_grad_norm = train_step(engine, micro_batches, world_size, window, is_log_step)
         sink.advance()
         if is_log_step:

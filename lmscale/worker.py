@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from lmscale.engine import select_accelerator
@@ -24,7 +25,7 @@ from lmscale import engine as ds_engine  # noqa: E402
 from lmscale.checkpoint import save_checkpoint  # noqa: E402
 from lmscale.config import Config, config_to_yaml, load_config  # noqa: E402
 from lmscale.data import PreparedData, prepare_data  # noqa: E402
-from lmscale.data.batches import BatchSettings, BatchStream  # noqa: E402
+from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap  # noqa: E402
 from lmscale.ds_config import resolve  # noqa: E402
 from lmscale.errors import ConfigError, LmscaleError  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
@@ -61,6 +62,20 @@ def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: b
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     (output_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
     (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+
+
+def check_packing_support(batching: str) -> None:
+    """Say plainly when packed documents would attend to each other (older transformers)."""
+    if batching != "pack":
+        return
+    import transformers.masking_utils as masking
+
+    if hasattr(masking, "find_packed_sequence_indices"):
+        log.info("data: packing with per-document position ids; documents attend only within themselves")
+    else:
+        log.warning(
+            "data: this transformers version ignores packed position ids: packed documents attend across boundaries"
+        )
 
 
 def batch_streams(
@@ -110,9 +125,16 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     )
     optimizer = build_optimizer(model, config.train, cpu_offload=config.zero.offload == "cpu")
     engine = ds_engine.build_engine(model, optimizer, build_scheduler(optimizer, config.train), ds_config)
+    check_packing_support(config.data.batching)
     train_stream, eval_stream = batch_streams(config, data, rank, world_size)
     sink = MetricsSink(config, output_dir, config.train.max_steps, enabled=is_rank_zero)
-    result = train(engine, train_stream, eval_stream, config.train, sink)
+    length_cap = partial(
+        seq_len_cap,
+        start=config.data.seq_len_start,
+        max_seq_len=config.data.max_seq_len,
+        warmup_steps=config.data.seq_len_warmup_steps,
+    )
+    result = train(engine, train_stream, eval_stream, config.train, sink, length_cap)
     checkpoint = save_checkpoint(
         engine,
         output_dir,

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmscale.config import DataConfig
 from lmscale.data.batches import tokenize_documents
+from lmscale.data.cleaning import clean_documents
 from lmscale.data.sources import load_documents
 from lmscale.data.tokenizer import local_tokenizer, trained_tokenizer
 from lmscale.errors import ConfigError
@@ -26,8 +27,34 @@ class PreparedData:
     tokenizer: PreTrainedTokenizerBase
 
 
+def clean_splits(config: DataConfig, cache_dir: str) -> tuple[Dataset, Dataset]:
+    """Loaded and cleaned (train, held-out) documents; an empty split is an error."""
+    train_docs, eval_docs = load_documents(config, cache_dir)
+    is_code = config.path is None and not config.sources  # the embedded stdlib corpus
+    train_docs = clean_documents(train_docs, config, "train", is_code)
+    eval_docs = clean_documents(eval_docs, config, "eval", is_code)
+    for split, docs in (("training", train_docs), ("held-out", eval_docs)):
+        if len(docs) == 0:
+            raise ConfigError(
+                f"the {split} data is empty after cleaning: check the data path, or lower data.min_chars / set data.clean=false"
+            )
+    return train_docs, eval_docs
+
+
+def choose_tokenizer(
+    config: DataConfig, tokenizer_path: str | None, train_docs: Dataset, cache_dir: str
+) -> PreTrainedTokenizerBase:
+    """data.tokenizer, else the pretrained model's own, else a BPE trained on the training documents."""
+    if config.tokenizer:
+        return local_tokenizer(config.tokenizer, "data.tokenizer")
+    if tokenizer_path:
+        return local_tokenizer(tokenizer_path, "model.path")
+    return trained_tokenizer(train_docs, config.vocab_size, cache_dir)
+
+
 def prepare_data(config: DataConfig, tokenizer_path: str | None = None) -> PreparedData:
-    """Load, tokenize and cache the corpus.
+    """Load, tokenize and cache the corpus; `tokenizer_path` (a pretrained model's directory) is used
+    when `data.tokenizer` is unset.
 
     Every rank calls this before the process group exists; a file lock lets the first rank do the
     work while the others wait and then read the cache, so no rank sits in a collective with a timeout.
@@ -40,16 +67,10 @@ def prepare_data(config: DataConfig, tokenizer_path: str | None = None) -> Prepa
             f"data.cache_dir={config.cache_dir} cannot be created ({exc.strerror}): choose a writable path"
         ) from None
     with FileLock(str(cache_dir / "prepare.lock")):
-        train_docs, eval_docs = load_documents(
-            config.path, config.text_field, config.eval_fraction, str(cache_dir)
-        )
-        tokenizer_dir = config.tokenizer or tokenizer_path
-        if tokenizer_dir:
-            tokenizer = local_tokenizer(tokenizer_dir)
-        else:
-            tokenizer = trained_tokenizer(train_docs, config.vocab_size, str(cache_dir))
-        train = tokenize_documents(train_docs, tokenizer, config.max_seq_len)
-        held_out = tokenize_documents(eval_docs, tokenizer, config.max_seq_len)
+        train_docs, eval_docs = clean_splits(config, str(cache_dir))
+        tokenizer = choose_tokenizer(config, tokenizer_path, train_docs, str(cache_dir))
+        train = tokenize_documents(train_docs, tokenizer, config.max_seq_len, config.num_proc, "train")
+        held_out = tokenize_documents(eval_docs, tokenizer, config.max_seq_len, config.num_proc, "eval")
     if len(train) == 0 or len(held_out) == 0:
         raise ConfigError(f"data.path={config.path} gives no training or held-out sequences: add more text")
     log.info(

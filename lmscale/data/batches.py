@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +16,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lmscale.data.bucketing import FILLER, EpochPlan, plan_epoch
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
 TOKENIZE_VERSION = "1"  # bump when tokenize_documents changes what it writes, to invalidate caches
@@ -34,7 +38,21 @@ def split_into_sequences(token_ids: list[int], max_seq_len: int) -> list[list[in
     return [p for p in pieces if len(p) >= 2]
 
 
-def tokenize_documents(documents: Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> Dataset:
+def _cached(dataset: Dataset, fingerprint: str) -> bool:
+    """Whether `datasets` already holds the result of a map with this fingerprint next to `dataset`."""
+    if not dataset.cache_files:
+        return False
+    directory = Path(dataset.cache_files[0]["filename"]).parent
+    return any(directory.glob(f"cache-{fingerprint}*.arrow"))
+
+
+def tokenize_documents(
+    documents: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    num_proc: int = 1,
+    split: str = "train",
+) -> Dataset:
     """Tokenize (EOS after each document), split long documents, store each sequence's length.
 
     The `datasets` cache is keyed by an explicit fingerprint of (documents, tokenizer, max_seq_len), so a
@@ -43,6 +61,10 @@ def tokenize_documents(documents: Dataset, tokenizer: PreTrainedTokenizerBase, m
     eos = tokenizer.eos_token_id
     key = f"{documents._fingerprint}-{_tokenizer_digest(tokenizer)}-{max_seq_len}-{TOKENIZE_VERSION}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    if _cached(documents, fingerprint):
+        log.info("data/%s: tokenized sequences found in the cache; nothing to tokenize", split)
+    else:
+        log.info("data/%s: tokenizing %d documents", split, len(documents))
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         encoded = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
@@ -52,6 +74,7 @@ def tokenize_documents(documents: Dataset, tokenizer: PreTrainedTokenizerBase, m
     return documents.map(
         encode,
         batched=True,
+        num_proc=num_proc if len(documents) >= 2 * num_proc else 1,
         remove_columns=documents.column_names,
         new_fingerprint=fingerprint,
         desc="tokenizing",
@@ -76,34 +99,93 @@ def collate(rows: list[list[int]], pad_id: int, pad_to: int | None = None) -> di
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_packed(rows: list[list[list[int]]], pad_id: int, width: int) -> dict[str, torch.Tensor]:
+    """Rows of whole documents laid end to end, with per-document position ids and no attention mask.
+
+    HF models (transformers >= 4.54) read restarting position ids as document boundaries and attend
+    within each document only; the first token of each document is not a target, since its only
+    context would be the previous document.
+    """
+    input_ids = torch.full((max(len(rows), 1), width), pad_id, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(input_ids.size(0), 1)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, pieces in enumerate(rows):
+        offset = 0
+        for ids in pieces:
+            ids_tensor = torch.as_tensor(ids, dtype=torch.long)
+            end = offset + len(ids)
+            input_ids[row, offset:end] = ids_tensor
+            position_ids[row, offset:end] = torch.arange(len(ids))
+            labels[row, offset + 1 : end] = ids_tensor[1:]
+            offset = end
+        position_ids[row, offset:] = torch.arange(width - offset)  # the padding tail is a block of its own
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
 class EpochBatches(torch.utils.data.Dataset):
     """Item g is this rank's collated batch of group g of an epoch plan, with the counts the loop needs."""
 
     def __init__(
-        self, sequences: Dataset, plan: EpochPlan, rank: int, pad_id: int, pad_to: int | None
+        self,
+        sequences: Dataset,
+        lengths: np.ndarray,
+        plan: EpochPlan,
+        rank: int,
+        pad_id: int,
+        pad_to: int | None,
     ) -> None:
         self.sequences = sequences.select_columns(["input_ids"])
-        self.plan, self.rank, self.pad_id, self.pad_to = plan, rank, pad_id, pad_to
+        self.lengths, self.plan, self.rank, self.pad_id, self.pad_to = lengths, plan, rank, pad_id, pad_to
 
     def __len__(self) -> int:
         return len(self.plan)
 
+    def _rows(self, row_ids: list[int]) -> list[list[int]]:
+        return list(self.sequences[row_ids]["input_ids"]) if row_ids else []
+
     def __getitem__(self, group: int) -> dict[str, torch.Tensor | int]:
-        indices = [int(i) for i in self.plan.groups[group][self.rank] if i != FILLER]
-        rows = self.sequences[indices]["input_ids"] if indices else []
-        batch = collate(rows, self.pad_id, self.pad_to)
-        real_tokens = sum(len(r) for r in rows)
+        row_ids = [int(r) for r in self.plan.groups[group][self.rank] if r != FILLER]
+        if self.plan.packed_rows is None:
+            batch = collate(self._rows(row_ids), self.pad_id, self.pad_to)
+        else:
+            pieces = [self._rows([int(i) for i in self.plan.packed_rows[r]]) for r in row_ids]
+            batch = collate_packed(pieces, self.pad_id, self.pad_to)
+        members = [self.plan.row_sequences(int(r)) for b in self.plan.groups[group] for r in b if r != FILLER]
+        own = [self.plan.row_sequences(r) for r in row_ids]
         return {
             **batch,
-            "real_tokens": real_tokens,
+            "real_tokens": int(sum(self.lengths[m].sum() for m in own)),
             "padded_tokens": batch["input_ids"].numel(),
             "group_targets": int(self.plan.group_targets[group]),
+            # every rank's sequence lengths in this group: the loop recounts targets under a length cap
+            "group_lengths": torch.as_tensor(np.concatenate(members) if members else np.zeros(0, np.int64)),
         }
+
+
+def seq_len_cap(step: int, start: int, max_seq_len: int, warmup_steps: int) -> int | None:
+    """Sequence-length warm-up: the cap grows linearly from `start` to max_seq_len (a multiple of 8); None after."""
+    if warmup_steps == 0 or step >= warmup_steps:
+        return None
+    cap = start + (max_seq_len - start) * step / warmup_steps
+    return min(max_seq_len, max(8, int(cap) // 8 * 8))
+
+
+def truncate_batch(batch: dict, cap: int) -> dict:
+    """Cut every row to `cap` tokens and recount what the loop measures (bucket and pad batches only)."""
+    cut = {k: batch[k][:, :cap] for k in ("input_ids", "attention_mask", "labels")}
+    lengths = batch["group_lengths"]
+    return {
+        **batch,
+        **cut,
+        "real_tokens": int(cut["attention_mask"].sum()),
+        "padded_tokens": cut["input_ids"].numel(),
+        "group_targets": int((lengths.clamp(max=cap) - 1).clamp(min=0).sum()),
+    }
 
 
 @dataclass
 class BatchSettings:
-    batching: str  # "bucket" or "pad"
+    batching: str  # "bucket", "pack" or "pad"
     max_tokens_per_batch: int
     micro_batch_size: int
     max_seq_len: int
@@ -135,23 +217,22 @@ class BatchStream:
 
     def plan(self, epoch: int) -> EpochPlan:
         s = self.settings
-        if s.batching == "bucket":
-            return plan_epoch(
-                self.lengths,
-                self.world_size,
-                self.seed,
-                epoch,
-                max_tokens=s.max_tokens_per_batch,
-                shuffle=self.shuffle,
-            )
         return plan_epoch(
-            self.lengths, self.world_size, self.seed, epoch, rows=s.micro_batch_size, shuffle=self.shuffle
+            self.lengths,
+            self.world_size,
+            self.seed,
+            epoch,
+            mode=s.batching,
+            max_tokens=s.max_tokens_per_batch,
+            rows=s.micro_batch_size,
+            max_seq_len=s.max_seq_len,
+            shuffle=self.shuffle,
         )
 
     def loader(self, epoch: int, start: int, stop: int | None = None) -> DataLoader:
         plan = self.plan(epoch)
-        pad_to = self.settings.max_seq_len if self.settings.batching == "pad" else None
-        batches = EpochBatches(self.sequences, plan, self.rank, self.pad_id, pad_to)
+        pad_to = self.settings.max_seq_len if self.settings.batching in ("pad", "pack") else None
+        batches = EpochBatches(self.sequences, self.lengths, plan, self.rank, self.pad_id, pad_to)
         workers = self.settings.num_workers
         return DataLoader(
             batches,

@@ -21,8 +21,13 @@ FILLER = -1
 
 @dataclass(frozen=True)
 class EpochPlan:
-    groups: list[list[np.ndarray]]  # groups[g][rank] -> indices of that rank's batch
+    groups: list[list[np.ndarray]]  # groups[g][rank] -> that rank's batch: row ids
     group_targets: np.ndarray  # target tokens (length - 1 per sequence) summed over the group's batches
+    packed_rows: list[np.ndarray] | None = None  # pack mode: row id -> sequences concatenated in that row
+
+    def row_sequences(self, row: int) -> np.ndarray:
+        """The sequence indices of a row (one sequence per row unless packed)."""
+        return self.packed_rows[row] if self.packed_rows is not None else np.array([row])
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -63,6 +68,20 @@ def fixed_batches(count: int, rows: int, rng: np.random.Generator) -> list[np.nd
     return [order[i : i + rows] for i in range(0, count, rows)]
 
 
+def pack_rows(lengths: np.ndarray, max_seq_len: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Concatenate sequences, in random order, into rows of at most max_seq_len tokens (next fit, no splits)."""
+    rows, current, used = [], [], 0
+    for index in rng.permutation(len(lengths)):
+        if current and used + lengths[index] > max_seq_len:
+            rows.append(np.array(current))
+            current, used = [], 0
+        current.append(index)
+        used += int(lengths[index])
+    if current:
+        rows.append(np.array(current))
+    return rows
+
+
 def divide_among_ranks(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
     """Make the batch count a multiple of world_size without dropping or repeating a sequence.
 
@@ -86,15 +105,25 @@ def plan_epoch(
     world_size: int,
     seed: int,
     epoch: int,
-    max_tokens: int | None = None,
-    rows: int | None = None,
+    mode: str = "bucket",
+    max_tokens: int = 4096,
+    rows: int = 1,
+    max_seq_len: int = 0,
     shuffle: bool = True,
 ) -> EpochPlan:
-    """Plan one epoch: length buckets under a token budget (`max_tokens`), or fixed `rows` per batch."""
+    """Plan one epoch.
+
+    bucket: length buckets of at most `max_tokens` padded tokens; pad: `rows` random sequences per batch;
+    pack: sequences concatenated into rows of `max_seq_len`, `max_tokens // max_seq_len` rows per batch.
+    """
     lengths = np.asarray(lengths, dtype=np.int64)
     rng = _epoch_rng(seed, epoch)
-    if max_tokens is not None:
+    packed = None
+    if mode == "bucket":
         batches = length_buckets(lengths, max_tokens, rng)
+    elif mode == "pack":
+        packed = pack_rows(lengths, max_seq_len, rng)
+        batches = fixed_batches(len(packed), max(1, max_tokens // max_seq_len), rng)
     else:
         batches = fixed_batches(len(lengths), rows, rng)
     batches = divide_among_ranks(batches, world_size)
@@ -102,8 +131,7 @@ def plan_epoch(
     groups = [batches[i : i + world_size] for i in range(0, len(batches), world_size)]
     if shuffle:
         groups = [groups[i] for i in rng.permutation(len(groups))]
-    padded_lengths = np.append(lengths, 1)  # FILLER (-1) reads the 1 at the end: one token, no target
-    targets = np.array(
-        [sum(int((padded_lengths[b] - 1).sum()) for b in group) for group in groups], dtype=np.int64
-    )
-    return EpochPlan(groups=groups, group_targets=targets)
+    row_targets = (lengths - 1) if packed is None else np.array([int((lengths[r] - 1).sum()) for r in packed])
+    row_targets = np.append(row_targets, 0)  # FILLER (-1) reads this 0: a filler row has no targets
+    targets = np.array([sum(int(row_targets[b].sum()) for b in group) for group in groups], dtype=np.int64)
+    return EpochPlan(groups=groups, group_targets=targets, packed_rows=packed)

@@ -1,21 +1,39 @@
-"""Where documents come from: the embedded stdlib corpus, or local text / directories / jsonl via `datasets`."""
+"""Where documents come from: the embedded stdlib corpus, or local files loaded with `datasets`.
+
+Every source becomes a `Dataset` with one `text` column, one row per document.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import (
+    Dataset,
+    DatasetDict,
+    concatenate_datasets,
+    interleave_datasets,
+    load_dataset,
+    load_from_disk,
+)
 
+from lmscale.config import DataConfig
 from lmscale.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
+LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # The held-out split must not move when the run's seed changes, so it has a seed of its own.
 SPLIT_SEED = 0
 # Test suites and GUI demos are left out of the embedded corpus: they are repetitive and
 # unlike the library code a user would expect the demo model to learn.
 EMBEDDED_EXCLUDED_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo"}
 EMBEDDED_EVAL_EVERY = 40  # every 40th file (sorted by path) is held out: a fixed split on every machine
+BAD_LINES_SHOWN = 5
 
 
 def stdlib_root() -> Path:
@@ -42,67 +60,172 @@ def embedded_corpus_files() -> tuple[list[str], list[str]]:
     return train, held_out
 
 
-def _load_text_files(files: dict[str, list[str]], sample_by: str, cache_dir: str) -> DatasetDict:
-    return load_dataset("text", data_files=files, sample_by=sample_by, cache_dir=cache_dir)
-
-
-def _directory_files(path: Path) -> list[str]:
-    files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+def _directory_files(path: Path, pattern: str | None) -> list[str]:
+    candidates = path.glob(pattern) if pattern else path.rglob("*")
+    files = sorted(str(p) for p in candidates if p.is_file() and (pattern or p.suffix in TEXT_SUFFIXES))
     if not files:
-        raise ConfigError(
-            f"data.path={path} holds no {'/'.join(TEXT_SUFFIXES)} files: add text files or point data.path elsewhere"
-        )
+        wanted = f"files matching data.glob={pattern!r}" if pattern else f"{'/'.join(TEXT_SUFFIXES)} files"
+        raise ConfigError(f"data.path={path} holds no {wanted}: fix data.glob or point data.path elsewhere")
     return files
 
 
-def _load_jsonl(path: Path, text_field: str, cache_dir: str) -> Dataset:
+def malformed_json_lines(path: Path) -> list[int]:
+    """1-based numbers of the non-blank lines of a jsonl file that are not JSON objects."""
+    bad = []
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                if not isinstance(json.loads(line), dict):
+                    bad.append(number)
+            except json.JSONDecodeError:
+                bad.append(number)
+    return bad
+
+
+def _good_json_records(path: str, text_field: str, version: str) -> Iterator[dict]:
+    """Records of the well-formed lines only (`version` keys the datasets cache to the file's state)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and text_field in record:
+                yield {text_field: record[text_field]}
+
+
+def _load_json(path: Path, config: DataConfig, cache_dir: str) -> Dataset:
     try:
-        dataset = load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+        return load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as exc:  # datasets wraps the JSON parser's error in several layers
+        bad = malformed_json_lines(path)
+        if not bad:
+            raise ConfigError(
+                f"data.path={path} could not be read as json ({type(exc).__name__}): check the file"
+            ) from None
+    shown = ", ".join(str(n) for n in bad[:BAD_LINES_SHOWN]) + (", ..." if len(bad) > BAD_LINES_SHOWN else "")
+    if config.on_bad_record == "error":
         raise ConfigError(
-            f"data.path={path} is not valid jsonl ({type(exc).__name__}): fix or remove the bad lines"
+            f"data.path={path} has {len(bad)} malformed line(s) (line {shown}): fix them, or set data.on_bad_record=skip"
+        )
+    log.warning("data: skipped %d malformed line(s) of %s (line %s)", len(bad), path, shown)
+    stat = path.stat()
+    return Dataset.from_generator(
+        _good_json_records,
+        gen_kwargs={
+            "path": str(path),
+            "text_field": config.text_field,
+            "version": f"{stat.st_size}-{stat.st_mtime_ns}",
+        },
+        cache_dir=cache_dir,
+    )
+
+
+def _load_from_disk(path: Path) -> Dataset:
+    try:
+        loaded = load_from_disk(str(path))
+    except Exception as exc:  # a damaged save_to_disk directory fails in many ways
+        raise ConfigError(
+            f"data.path={path} is not a readable save_to_disk dataset ({type(exc).__name__})"
         ) from None
-    if text_field not in dataset.column_names:
+    if isinstance(loaded, DatasetDict):
+        if "train" not in loaded:
+            raise ConfigError(
+                f"data.path={path} holds splits {list(loaded)} but no 'train': save the training split as 'train'"
+            )
+        loaded = loaded["train"]
+    return loaded
+
+
+def _text_column(dataset: Dataset, field: str, source: Path) -> Dataset:
+    if field not in dataset.column_names:
         raise ConfigError(
-            f"data.path={path} has no field {text_field!r} (fields: {', '.join(dataset.column_names)}): "
+            f"data.path={source} has no field {field!r} (fields: {', '.join(dataset.column_names)}): "
             "set data.text_field to the field holding the text"
         )
-    return (
-        dataset.select_columns([text_field]).rename_column(text_field, "text")
-        if text_field != "text"
-        else dataset
+    dataset = dataset.select_columns([field])
+    if field != "text":
+        dataset = dataset.rename_column(field, "text")
+    return dataset.filter(
+        lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]], batched=True
     )
+
+
+def load_source(path: str, config: DataConfig, cache_dir: str, key: str = "data.path") -> Dataset:
+    """One source as a `text` dataset: file type chosen by suffix; a directory is text files or save_to_disk."""
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise ConfigError(f"{key}={path} does not exist: fix the path, or unset it for the embedded corpus")
+    if source.is_dir() and (
+        (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists()
+    ):
+        return _text_column(_load_from_disk(source), config.text_field, source)
+    if source.is_dir():
+        files = _directory_files(source, config.glob)
+        return load_dataset("text", data_files={"train": files}, sample_by="document", cache_dir=cache_dir)[
+            "train"
+        ]
+    if source.suffix in (".jsonl", ".json"):
+        return _text_column(_load_json(source, config, cache_dir), config.text_field, source)
+    if source.suffix in LOADERS:
+        try:
+            dataset = load_dataset(
+                LOADERS[source.suffix], data_files=str(source), split="train", cache_dir=cache_dir
+            )
+        except Exception as exc:  # pyarrow/pandas parser errors
+            raise ConfigError(
+                f"data.path={source} could not be read ({type(exc).__name__}): check the file"
+            ) from None
+        return _text_column(dataset, config.text_field, source)
+    # A single text file: blank-line separated paragraphs are the documents.
+    return load_dataset(
+        "text", data_files={"train": [str(source)]}, sample_by="paragraph", cache_dir=cache_dir
+    )["train"]
 
 
 def _split(dataset: Dataset, eval_fraction: float, source: str) -> tuple[Dataset, Dataset]:
     if len(dataset) < 2:
         raise ConfigError(
-            f"data.path={source} holds {len(dataset)} document(s); at least 2 are needed for a held-out split"
+            f"data path {source} holds {len(dataset)} document(s); at least 2 are needed for a held-out split"
         )
     parts = dataset.train_test_split(test_size=eval_fraction, seed=SPLIT_SEED)
     return parts["train"], parts["test"]
 
 
-def load_documents(
-    path: str | None, text_field: str, eval_fraction: float, cache_dir: str
-) -> tuple[Dataset, Dataset]:
-    """(train, eval) datasets with one `text` column, one row per document."""
+def _embedded(cache_dir: str) -> tuple[Dataset, Dataset]:
+    train_files, eval_files = embedded_corpus_files()
+    files = {"train": train_files, "eval": eval_files}
+    splits = load_dataset("text", data_files=files, sample_by="document", cache_dir=cache_dir)
+    return splits["train"], splits["eval"]
+
+
+def _mix(parts: list[Dataset], weights: list[float]) -> Dataset:
+    if len(parts) == 1:
+        return parts[0]
+    # datasets' own mixing: draws by weight until every source has been seen once, so a small source
+    # with a large weight is repeated rather than a large one cut short.
+    total = sum(weights)
+    return interleave_datasets(
+        parts, probabilities=[w / total for w in weights], seed=SPLIT_SEED, stopping_strategy="all_exhausted"
+    )
+
+
+def load_documents(config: DataConfig, cache_dir: str) -> tuple[Dataset, Dataset]:
+    """(train, eval) datasets with one `text` column, one row per document, before cleaning."""
     datasets_cache = str(Path(cache_dir) / "datasets")
-    if path is None:
-        train_files, eval_files = embedded_corpus_files()
-        splits = _load_text_files({"train": train_files, "eval": eval_files}, "document", datasets_cache)
-        return splits["train"], splits["eval"]
-    source = Path(path).expanduser()
-    if not source.exists():
-        raise ConfigError(
-            f"data.path={path} does not exist: fix the path, or unset it for the embedded corpus"
-        )
-    if source.is_dir():
-        dataset = _load_text_files({"train": _directory_files(source)}, "document", datasets_cache)["train"]
-    elif source.suffix in (".jsonl", ".json"):
-        dataset = _load_jsonl(source, text_field, datasets_cache)
-    else:
-        # A single text file: blank-line separated paragraphs are the documents.
-        dataset = _load_text_files({"train": [str(source)]}, "paragraph", datasets_cache)["train"]
-    dataset = dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
-    return _split(dataset, eval_fraction, path)
+    if config.path is None and not config.sources:
+        return _embedded(datasets_cache)
+    sources = config.sources or [{"path": config.path, "weight": 1.0}]
+    pairs = [(s["path"], s["weight"]) if isinstance(s, dict) else (s.path, s.weight) for s in sources]
+    key = "data.sources" if config.sources else "data.path"
+    loaded = [load_source(path, config, datasets_cache, key) for path, _ in pairs]
+    if config.eval_path:
+        held_out = load_source(config.eval_path, config, datasets_cache, "data.eval_path")
+        return _mix(loaded, [w for _, w in pairs]), held_out
+    splits = [
+        _split(dataset, config.eval_fraction, path) for dataset, (path, _) in zip(loaded, pairs, strict=True)
+    ]
+    train = _mix([t for t, _ in splits], [w for _, w in pairs])
+    return train, concatenate_datasets([e for _, e in splits])

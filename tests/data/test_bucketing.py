@@ -50,7 +50,7 @@ def test_buckets_cut_padding_and_vary_rows():
 
 
 def test_fixed_rows_plan_keeps_every_sequence():
-    plan = plan_epoch(np.full(10, 8), world_size=3, seed=0, epoch=0, rows=4)
+    plan = plan_epoch(np.full(10, 8), world_size=3, seed=0, epoch=0, mode="pad", rows=4)
     assert sorted(all_indices(plan)) == list(range(10))
     assert all(len(g) == 3 for g in plan.groups)
 
@@ -60,3 +60,16 @@ def test_filler_only_when_no_batch_can_be_split():
     assert [b.tolist() for b in batches] == [[0], [1], [2], [FILLER]]
     batches = divide_among_ranks([np.array([0, 1]), np.array([2])], world_size=3)
     assert [b.tolist() for b in batches] == [[0], [1], [2]]  # split, no filler
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=lengths_strategy, world_size=st.integers(1, 3), seed=st.integers(0, 9))
+def test_pack_plan_properties(lengths, world_size, seed):
+    lengths = np.array(lengths)
+    plan = plan_epoch(lengths, world_size, seed, epoch=0, mode="pack", max_tokens=256, max_seq_len=64)
+    rows = [r for g in plan.groups for b in g for r in b if r != FILLER]
+    sequences = sorted(int(i) for r in rows for i in plan.row_sequences(r))
+    assert sequences == list(range(len(lengths)))  # each sequence once, none split or dropped
+    assert all(lengths[plan.row_sequences(r)].sum() <= 64 for r in rows)
+    assert all(len(b) <= 256 // 64 for g in plan.groups for b in g)
+    assert plan.group_targets.sum() == (lengths - 1).sum()

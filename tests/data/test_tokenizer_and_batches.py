@@ -75,7 +75,7 @@ def test_prepare_data_second_run_uses_the_cache(tmp_path):
     assert cached_files  # tokenized sequences were written to the datasets cache
     second = prepare_data(config)
     assert sorted((tmp_path / "c").rglob("cache-*.arrow")) == cached_files  # nothing new was tokenized
-    assert first.train["input_ids"] == second.train["input_ids"]
+    assert list(first.train["input_ids"]) == list(second.train["input_ids"])
     assert len(first.eval) > 0
     assert all(s[-1] == first.tokenizer.eos_token_id or len(s) == 32 for s in first.train["input_ids"])
     assert torch.tensor(first.train["length"]).max() <= 32
