@@ -94,6 +94,17 @@ class DataConfig(Section):
         description="Steps over which the sequence-length cap grows from seq_len_start to max_seq_len.",
     )
     seq_len_start: int = Field(64, ge=8, description="Sequence-length cap at step 0 of the warm-up.")
+    streaming: bool = Field(
+        False,
+        description="Stream the corpus (larger than memory): tokenize on the fly, bucket inside a shuffle buffer.",
+    )
+    shuffle_buffer: int = Field(
+        10000, ge=1, description="streaming: sequences per shuffle/bucketing buffer per rank."
+    )
+    streaming_eval_docs: int = Field(
+        500, ge=1, description="streaming: held-out documents kept for evaluation."
+    )
+    tokenizer_docs: int = Field(20000, ge=1, description="streaming: documents the BPE is trained on.")
 
     @model_validator(mode="after")
     def _check_data(self) -> DataConfig:
@@ -114,6 +125,14 @@ class DataConfig(Section):
         if self.seq_len_warmup_steps and self.seq_len_start > self.max_seq_len:
             problems.append(
                 f"data.seq_len_start={self.seq_len_start} exceeds data.max_seq_len={self.max_seq_len}"
+            )
+        if self.streaming and self.near_dedup:
+            problems.append(
+                "data.near_dedup needs the whole corpus and does not stream: set data.near_dedup=false"
+            )
+        if self.streaming and self.batching == "pack":
+            problems.append(
+                "data.batching=pack does not stream yet: use data.batching=bucket with data.streaming"
             )
         if problems:
             raise ValueError("; ".join(problems))

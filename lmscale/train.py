@@ -104,7 +104,11 @@ def train_step(
     (known from the epoch plan, no communication needed) and multiplied by ranks x accumulation
     steps, which DeepSpeed's gradient averaging and accumulation scaling divide out again.
     """
-    step_targets = max(sum(b["group_targets"] for b in micro_batches), 1)
+    if "group_targets" in micro_batches[0]:
+        step_targets = sum(b["group_targets"] for b in micro_batches)
+    else:  # streamed batches: each rank knows only its own, so add them up (one tiny collective a step)
+        step_targets = all_ranks_sum([sum(b["local_targets"] for b in micro_batches)], engine.device)[0]
+    step_targets = max(step_targets, 1)
     scale = world_size * len(micro_batches) / step_targets
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):

@@ -26,6 +26,7 @@ from lmscale.checkpoint import save_checkpoint  # noqa: E402
 from lmscale.config import Config, config_to_yaml, load_config  # noqa: E402
 from lmscale.data import PreparedData, prepare_data  # noqa: E402
 from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap  # noqa: E402
+from lmscale.data.streaming import StreamingBatches, StreamSettings  # noqa: E402
 from lmscale.ds_config import resolve  # noqa: E402
 from lmscale.errors import ConfigError, LmscaleError  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
@@ -80,7 +81,7 @@ def check_packing_support(batching: str) -> None:
 
 def batch_streams(
     config: Config, data: PreparedData, rank: int, world_size: int
-) -> tuple[BatchStream, BatchStream]:
+) -> tuple[BatchStream | StreamingBatches, BatchStream]:
     """This rank's training batches (shuffled each epoch) and held-out batches (fixed)."""
     settings = BatchSettings(
         batching=config.data.batching,
@@ -90,7 +91,13 @@ def batch_streams(
         num_workers=config.data.num_workers,
     )
     pad_id = data.tokenizer.pad_token_id
-    train_stream = BatchStream(data.train, settings, rank, world_size, config.seed, pad_id)
+    if config.data.streaming:
+        stream_settings = StreamSettings(
+            settings, config.data.shuffle_buffer, config.data.dedup, config.seed, rank
+        )
+        train_stream = StreamingBatches(data.train, data.tokenizer, stream_settings)
+    else:
+        train_stream = BatchStream(data.train, settings, rank, world_size, config.seed, pad_id)
     eval_stream = BatchStream(
         data.eval, replace(settings, num_workers=0), rank, world_size, config.seed, pad_id, shuffle=False
     )
@@ -106,7 +113,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     config, ds_config = resolve_config(config_path, overrides, int(os.environ["WORLD_SIZE"]))
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, force)
-    data = prepare_data(config.data, tokenizer_path=config.model.path)
+    data = prepare_data(config.data, config.model.path, ds_engine.rank(), int(os.environ["WORLD_SIZE"]))
     ds_engine.init_distributed()  # every rank has its data now: nothing slow happens inside a collective
     world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if is_rank_zero:

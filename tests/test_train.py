@@ -69,7 +69,15 @@ def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize(
-    "zero", ["zero.stage=1", "zero.stage=2", "zero.stage=3", "zero.stage=2 zero.offload=cpu"]
+    "zero",
+    [
+        "zero.stage=1",
+        "zero.stage=2",
+        "zero.stage=3",
+        "zero.stage=2 zero.offload=cpu",
+        # streamed corpus: each rank buckets its own shard inside a shuffle buffer
+        "zero.stage=2 data.streaming=true data.shuffle_buffer=300 data.tokenizer_docs=300",
+    ],
 )
 def test_two_cpu_ranks_learn_under_zero(tmp_path, cache_dir, zero):
     out = tmp_path / "run"

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
@@ -14,6 +14,7 @@ from lmscale.config import DataConfig
 from lmscale.data.batches import tokenize_documents
 from lmscale.data.cleaning import clean_documents
 from lmscale.data.sources import load_documents
+from lmscale.data.streaming import rank_shard, sample_fingerprint, stream_documents
 from lmscale.data.tokenizer import local_tokenizer, trained_tokenizer
 from lmscale.errors import ConfigError
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedData:
-    train: Dataset
+    train: Dataset | IterableDataset  # an IterableDataset of this rank's shard when streaming
     eval: Dataset
     tokenizer: PreTrainedTokenizerBase
 
@@ -42,17 +43,39 @@ def clean_splits(config: DataConfig, cache_dir: str) -> tuple[Dataset, Dataset]:
 
 
 def choose_tokenizer(
-    config: DataConfig, tokenizer_path: str | None, train_docs: Dataset, cache_dir: str
+    config: DataConfig,
+    tokenizer_path: str | None,
+    train_docs: Dataset,
+    cache_dir: str,
+    corpus_key: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """data.tokenizer, else the pretrained model's own, else a BPE trained on the training documents."""
     if config.tokenizer:
         return local_tokenizer(config.tokenizer, "data.tokenizer")
     if tokenizer_path:
         return local_tokenizer(tokenizer_path, "model.path")
-    return trained_tokenizer(train_docs, config.vocab_size, cache_dir)
+    return trained_tokenizer(train_docs, config.vocab_size, cache_dir, corpus_key)
 
 
-def prepare_data(config: DataConfig, tokenizer_path: str | None = None) -> PreparedData:
+def prepare_streaming_data(
+    config: DataConfig, tokenizer_path: str | None, cache_dir: Path, rank: int, world_size: int
+) -> PreparedData:
+    """The streaming pipeline: nothing is tokenized up front but the held-out set."""
+    documents = stream_documents(config)
+    with FileLock(str(cache_dir / "prepare.lock")):
+        sample = documents.tokenizer_sample
+        tokenizer = choose_tokenizer(
+            config, tokenizer_path, sample, str(cache_dir), sample_fingerprint(sample)
+        )
+    held_out = tokenize_documents(documents.eval, tokenizer, config.max_seq_len, 1, "eval")
+    return PreparedData(
+        train=rank_shard(documents.train, rank, world_size), eval=held_out, tokenizer=tokenizer
+    )
+
+
+def prepare_data(
+    config: DataConfig, tokenizer_path: str | None = None, rank: int = 0, world_size: int = 1
+) -> PreparedData:
     """Load, tokenize and cache the corpus; `tokenizer_path` (a pretrained model's directory) is used
     when `data.tokenizer` is unset.
 
@@ -66,6 +89,8 @@ def prepare_data(config: DataConfig, tokenizer_path: str | None = None) -> Prepa
         raise ConfigError(
             f"data.cache_dir={config.cache_dir} cannot be created ({exc.strerror}): choose a writable path"
         ) from None
+    if config.streaming:
+        return prepare_streaming_data(config, tokenizer_path, cache_dir, rank, world_size)
     with FileLock(str(cache_dir / "prepare.lock")):
         train_docs, eval_docs = clean_splits(config, str(cache_dir))
         tokenizer = choose_tokenizer(config, tokenizer_path, train_docs, str(cache_dir))

@@ -173,14 +173,12 @@ def seq_len_cap(step: int, start: int, max_seq_len: int, warmup_steps: int) -> i
 def truncate_batch(batch: dict, cap: int) -> dict:
     """Cut every row to `cap` tokens and recount what the loop measures (bucket and pad batches only)."""
     cut = {k: batch[k][:, :cap] for k in ("input_ids", "attention_mask", "labels")}
-    lengths = batch["group_lengths"]
-    return {
-        **batch,
-        **cut,
-        "real_tokens": int(cut["attention_mask"].sum()),
-        "padded_tokens": cut["input_ids"].numel(),
-        "group_targets": int((lengths.clamp(max=cap) - 1).clamp(min=0).sum()),
-    }
+    counts = {"real_tokens": int(cut["attention_mask"].sum()), "padded_tokens": cut["input_ids"].numel()}
+    if "group_lengths" in batch:
+        counts["group_targets"] = int((batch["group_lengths"].clamp(max=cap) - 1).clamp(min=0).sum())
+    else:  # streamed: only this rank's targets are known
+        counts["local_targets"] = int((cut["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return {**batch, **cut, **counts}
 
 
 @dataclass

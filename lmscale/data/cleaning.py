@@ -80,6 +80,8 @@ def fingerprint(*parts: object) -> str:
 
 def exact_dedup(documents: Dataset, num_proc: int) -> Dataset:
     """Keep the first of each set of identical documents."""
+    if len(documents) == 0:
+        return documents
     hashes = documents.map(
         lambda batch: {"hash": [content_hash(t) for t in batch["text"]]},
         batched=True,

@@ -37,9 +37,14 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=PAD, bos_token=EOS)
 
 
-def trained_tokenizer(documents: Dataset, vocab_size: int, cache_dir: str) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `documents`, or reuse the one cached for the same corpus and size."""
-    directory = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{documents._fingerprint}"
+def trained_tokenizer(
+    documents: Dataset, vocab_size: int, cache_dir: str, corpus_key: str | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `documents`, or reuse the one cached for the same corpus and size.
+
+    The cache key is the documents' datasets fingerprint unless `corpus_key` names the corpus.
+    """
+    directory = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{corpus_key or documents._fingerprint}"
     if (directory / "tokenizer.json").is_file():
         log.info("tokenizer: reusing %s", directory)
         return PreTrainedTokenizerFast.from_pretrained(str(directory))
@@ -51,17 +56,18 @@ def trained_tokenizer(documents: Dataset, vocab_size: int, cache_dir: str) -> Pr
     return tokenizer
 
 
-def local_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """Load an HF tokenizer directory, giving it an EOS and a PAD token when it lacks them."""
+def local_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
+    """Load an HF tokenizer directory (named by config `key` in errors), adding a PAD token if it lacks one."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # transformers raises several types for a bad directory
         raise ConfigError(
-            f"data.tokenizer={path} does not load ({type(exc).__name__}): point it at a tokenizer directory"
+            f"{key}={path} holds no loadable tokenizer ({type(exc).__name__}): save one there with "
+            "save_pretrained, or set data.tokenizer to a tokenizer directory"
         ) from None
     if tokenizer.eos_token is None:
         raise ConfigError(
-            f"data.tokenizer={path} has no EOS token: add one (eos_token) to its tokenizer_config.json"
+            f"{key}={path}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json"
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

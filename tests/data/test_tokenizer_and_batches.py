@@ -1,12 +1,22 @@
 import json
+import logging
 
+import pytest
 import torch
 from datasets import Dataset
 
 from lmscale.config import DataConfig
 from lmscale.data import prepare_data
-from lmscale.data.batches import IGNORE_INDEX, collate, split_into_sequences, tokenize_documents
+from lmscale.data.batches import (
+    IGNORE_INDEX,
+    BatchSettings,
+    BatchStream,
+    collate,
+    split_into_sequences,
+    tokenize_documents,
+)
 from lmscale.data.tokenizer import trained_tokenizer
+from lmscale.errors import ConfigError
 
 
 def small_corpus(tmp_path, n=60):
@@ -79,3 +89,54 @@ def test_prepare_data_second_run_uses_the_cache(tmp_path):
     assert len(first.eval) > 0
     assert all(s[-1] == first.tokenizer.eos_token_id or len(s) == 32 for s in first.train["input_ids"])
     assert torch.tensor(first.train["length"]).max() <= 32
+
+
+def test_second_run_says_it_used_the_cache(tmp_path, caplog):
+    config = DataConfig(
+        path=str(small_corpus(tmp_path)), vocab_size=300, max_seq_len=32, cache_dir=str(tmp_path / "c")
+    )
+    with caplog.at_level(logging.INFO):
+        prepare_data(config)
+    assert "tokenizing" in caplog.text and "found in the cache" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        prepare_data(config)
+    assert "data/train: tokenized sequences found in the cache; nothing to tokenize" in caplog.text
+    assert "tokenizer: reusing" in caplog.text
+
+
+def test_empty_after_cleaning_and_bad_tokenizer_dir_name_the_fix(tmp_path):
+    path = tmp_path / "short.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"x{i}"}) for i in range(10)))
+    with pytest.raises(ConfigError, match="empty after cleaning.*data.min_chars"):
+        prepare_data(DataConfig(path=str(path), cache_dir=str(tmp_path / "c")))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(ConfigError, match="data.tokenizer=.* holds no loadable tokenizer"):
+        prepare_data(
+            DataConfig(
+                path=str(small_corpus(tmp_path)),
+                tokenizer=str(tmp_path / "tok"),
+                cache_dir=str(tmp_path / "c"),
+            )
+        )
+
+
+def test_stream_resumes_mid_epoch_with_exactly_the_unseen_batches(tmp_path):
+    config = DataConfig(
+        path=str(small_corpus(tmp_path, n=200)), vocab_size=300, max_seq_len=32, cache_dir=str(tmp_path / "c")
+    )
+    data = prepare_data(config)
+    settings = BatchSettings(
+        batching="bucket", max_tokens_per_batch=96, micro_batch_size=4, max_seq_len=32, num_workers=0
+    )
+    stream = BatchStream(data.train, settings, rank=0, world_size=1, seed=3, pad_id=0)
+    per_epoch = len(stream.plan(0))
+    batches = iter(stream)
+    seen = [next(batches)["input_ids"].tolist() for _ in range(per_epoch + 3)]  # into the second epoch
+    resumed = BatchStream(data.train, settings, rank=0, world_size=1, seed=3, pad_id=0)
+    state = {"seed": 3, "epoch": 0, "cursor": 5, "world_size": 1}
+    resumed.load_state_dict(state)
+    rest = [b["input_ids"].tolist() for _, b in zip(range(per_epoch - 5 + 3), resumed, strict=False)]
+    assert rest == seen[5:]
+    assert resumed.state_dict() == {"seed": 3, "epoch": 1, "cursor": 3, "world_size": 1}
