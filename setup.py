@@ -20,11 +20,14 @@ setup(
         "pydantic>=2.6",
         "PyYAML>=6.0",
         "tqdm>=4.66",
+        "rich>=13",
+        "matplotlib>=3.7",
         "filelock>=3.12",
         "datasketch>=1.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["lmscale=lmscale.cli:main"]},
 )

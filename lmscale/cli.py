@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--nproc", type=int, default=1, help="ranks per node (GPUs, or CPU processes)")
     launch.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines) for several nodes")
     launch.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    report = commands.add_parser(
+        "report", help="print a run's summary and write PNG plots next to metrics.jsonl"
+    )
+    report.add_argument("run_dir", help="the output_dir of an lmscale run")
     return parser
 
 
@@ -66,9 +70,20 @@ def _launch(args: argparse.Namespace) -> int:
     return launch.run_deepspeed(command)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from lmscale.logging import print_summary_table
+    from lmscale.report import report
+
+    summary, plots = report(args.run_dir)
+    print_summary_table(summary)
+    for path in plots:
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "launch": _launch}
+    handlers = {"train": _train, "launch": _launch, "report": _report}
     try:
         return handlers[args.command](args)
     except LmscaleError as exc:

@@ -201,6 +201,21 @@ class WandbConfig(Section):
     )
     project: str = Field("lmscale", description="W&B project name.")
     name: str | None = Field(None, description="W&B run name; unset = the output_dir's name.")
+    group: str | None = Field(
+        None, description="W&B group, to see related runs (a sweep, a seed study) together."
+    )
+
+
+class MetricsConfig(Section):
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Per-device peak TFLOP/s for MFU/HFU; unset = looked up from the GPU's name."
+    )
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = Field(
+        False, description="Also write TensorBoard event files to <output_dir>/tensorboard."
+    )
 
 
 class Config(Section):
@@ -218,6 +233,8 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     zero: ZeroConfig = ZeroConfig()
     wandb: WandbConfig = WandbConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,18 @@ class MetricsSink:
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.wandb_run = None
+        self.tensorboard = None
         self.bar = None
         self.shown: dict[str, str] = {}
+        self.history: dict[str, list[float]] = {}  # for the end-of-run summary
         if not enabled:
             return
         if config.wandb.mode != "disabled":
             self.wandb_run = _start_wandb(config, output_dir)
+        if config.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
         self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -55,10 +62,12 @@ class MetricsSink:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
-        self.shown.update(
-            {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "tokens_per_s", "eval_ppl")}
-        )
+            self.wandb_run.log(record)  # "step" is the x-axis (define_metric), not W&B's own counter
+        for key, value in metrics.items():
+            self.history.setdefault(key, []).append(value)
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar(key, value, step)
+        self.shown.update({SHOWN[k]: f"{v:.4g}" for k, v in metrics.items() if k in SHOWN})
         self.bar.set_postfix(self.shown, refresh=False)
 
     def advance(self, steps: int = 1) -> None:
@@ -70,10 +79,25 @@ class MetricsSink:
         if self.enabled:
             tqdm.write(f"lmscale: {text}", file=sys.stderr)
 
-    def close(self, summary: dict[str, Any]) -> None:
+    def summary(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The run's summary: `result` plus best eval loss and mean throughput/MFU from the history."""
+        summary = dict(result)
+        if self.history.get("eval_loss"):
+            summary["best_eval_loss"] = min(self.history["eval_loss"])
+        for key in ("tokens_per_s", "mfu"):
+            if self.history.get(key):
+                summary[f"mean_{key}"] = sum(self.history[key]) / len(self.history[key])
+        return summary
+
+    def close(self, result: dict[str, Any]) -> None:
+        """Print the summary table, store the summary in W&B and close the run."""
         if not self.enabled:
             return
         self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        summary = self.summary(result)
+        print_summary_table(summary)
         if self.wandb_run is not None:
             self.wandb_run.summary.update(summary)
             directory = self.wandb_run.dir
@@ -83,14 +107,55 @@ class MetricsSink:
                 log.info("W&B run saved offline; upload it with: wandb sync %s", Path(directory).parent)
 
 
+SHOWN = {"loss": "loss", "tokens_per_s": "tok/s", "mfu": "mfu", "eval_ppl": "eval_ppl"}
+SUMMARY_ROWS = [
+    ("steps", "steps", "{:,}"),
+    ("tokens", "tokens", "{:,}"),
+    ("wall_time_s", "wall time", "{:.0f} s"),
+    ("mean_tokens_per_s", "mean tokens/s", "{:,.0f}"),
+    ("mean_mfu", "mean MFU", "{:.1%}"),
+    ("eval_loss", "final eval loss", "{:.4f}"),
+    ("eval_ppl", "final eval perplexity", "{:.2f}"),
+    ("best_eval_loss", "best eval loss", "{:.4f}"),
+    ("checkpoint", "checkpoint", "{}"),
+]
+
+
+def print_summary_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lmscale run summary", show_header=False)
+    for key, label, fmt in SUMMARY_ROWS:
+        if key in summary:
+            table.add_row(label, fmt.format(summary[key]))
+    Console(stderr=True).print(table)
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """The run's W&B id, kept in the run dir so a resumed run continues the same W&B run."""
+    path = output_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    run_id = secrets.token_hex(8)
+    path.write_text(run_id + "\n", encoding="utf-8")
+    return run_id
+
+
 def _start_wandb(config: Config, output_dir: Path) -> Any:
     import wandb
 
-    return wandb.init(
+    run = wandb.init(
         project=config.wandb.project,
         name=config.wandb.name or output_dir.name,
+        group=config.wandb.group,
         mode=config.wandb.mode,
         dir=str(output_dir),
+        id=wandb_run_id(output_dir),
+        resume="allow",
         config=config.model_dump(mode="json"),
         settings=wandb.Settings(quiet=True),
     )
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lmscale.config import TrainConfig
 from lmscale.data.batches import IGNORE_INDEX, BatchStream, truncate_batch
 from lmscale.logging import MetricsSink
+from lmscale.metrics import ThroughputModel
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
 
@@ -83,14 +84,27 @@ class Window:
     """What happened since the last logged step, kept on the host (and the loss on the device)."""
 
     loss_sum: torch.Tensor
+    steps: int = 0
     micro_steps: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
+    sequences: int = 0
+    sum_sq_len: int = 0
+    data_wait_s: float = 0.0
     start_s: float = 0.0
+
+    def add(self, batch: dict) -> None:
+        self.real_tokens += batch["real_tokens"]
+        self.padded_tokens += batch["padded_tokens"]
+        self.sequences += batch["sequences"]
+        self.sum_sq_len += batch["sum_sq_len"]
 
     def reset(self) -> None:
         self.loss_sum.zero_()
-        self.micro_steps = self.real_tokens = self.padded_tokens = 0
+        self.steps = self.micro_steps = self.real_tokens = self.padded_tokens = self.sequences = (
+            self.sum_sq_len
+        ) = 0
+        self.data_wait_s = 0.0
         self.start_s = time.perf_counter()
 
 
@@ -112,8 +126,7 @@ def train_step(
     scale = world_size * len(micro_batches) / step_targets
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):
-        window.real_tokens += batch["real_tokens"]
-        window.padded_tokens += batch["padded_tokens"]
+        window.add(batch)
         loss = forward_summed_loss(engine, batch) * scale
         engine.backward(loss)
         if log_grad_norm and index == len(micro_batches) - 1:
@@ -135,10 +148,12 @@ def train(
     config: TrainConfig,
     sink: MetricsSink,
     length_cap: Callable[[int], int | None] = no_length_cap,
+    throughput: ThroughputModel | None = None,
 ) -> TrainResult:
     """Run `config.max_steps` optimizer steps, logging every `log_every` and evaluating every `eval_every`.
 
     `length_cap(step)` is the sequence-length warm-up: rows are cut to it while it is not None.
+    `throughput` turns logged token counts into TFLOP/s, MFU and HFU.
     """
     world_size = dist.get_world_size()
     batches: Iterator[dict] = iter(train_stream)
@@ -152,14 +167,17 @@ def train(
     for step in range(1, config.max_steps + 1):
         is_last = step == config.max_steps
         is_log_step = step % config.log_every == 0 or is_last
+        wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(config.grad_accum_steps)]
+        window.data_wait_s += time.perf_counter() - wait_start  # a data stall shows here, not in compute
+        window.steps += 1
         cap = length_cap(step - 1)
         if cap is not None:
             micro_batches = [truncate_batch(b, cap) for b in micro_batches]
         own_grad_norm = train_step(engine, micro_batches, world_size, window, is_log_step)
         sink.advance()
         if is_log_step:
-            total_tokens += log_window(engine, window, step, own_grad_norm, total_tokens, sink)
+            total_tokens += log_window(engine, window, step, own_grad_norm, total_tokens, sink, throughput)
         if step % config.eval_every == 0 or is_last:
             final_eval = evaluate(engine, eval_stream, config.eval_batches)
             sink.log(step, {"eval_loss": final_eval, "eval_ppl": perplexity(final_eval)})
@@ -170,25 +188,71 @@ def train(
     return TrainResult(config.max_steps, total_tokens, time.perf_counter() - start, initial_eval, final_eval)
 
 
+def memory_figures(device: torch.device) -> dict[str, float]:
+    """This rank's memory: the GPU's peak allocated/reserved, or the process's resident set on a CPU."""
+    if device.type == "cuda":
+        return {
+            "memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
+    import psutil
+
+    return {"memory_rss_gb": psutil.Process().memory_info().rss / 2**30}
+
+
+def loss_scale(engine: Any) -> float | None:
+    """The fp16 dynamic loss scale, wherever this DeepSpeed optimizer keeps it."""
+    if not engine.fp16_enabled():
+        return None
+    optimizer = engine.optimizer
+    scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
+    return float(scale) if scale is not None else None
+
+
 def log_window(
-    engine: Any, window: Window, step: int, own_grad_norm: float | None, tokens_before: int, sink: MetricsSink
+    engine: Any,
+    window: Window,
+    step: int,
+    own_grad_norm: float | None,
+    tokens_before: int,
+    sink: MetricsSink,
+    throughput: ThroughputModel | None,
 ) -> int:
     """Reduce the window over ranks, log it, reset it; returns the real tokens it held (all ranks)."""
-    loss_total, micro_total, real, padded = all_ranks_sum(
-        [window.loss_sum, window.micro_steps, window.real_tokens, window.padded_tokens], engine.device
+    world_size = dist.get_world_size()
+    loss_total, micro_total, real, padded, sequences, sum_sq_len, data_wait_s = all_ranks_sum(
+        [
+            window.loss_sum,
+            window.micro_steps,
+            window.real_tokens,
+            window.padded_tokens,
+            window.sequences,
+            window.sum_sq_len,
+            window.data_wait_s,
+        ],
+        engine.device,
     )
     elapsed_s = time.perf_counter() - window.start_s
     grad_norm = own_grad_norm if own_grad_norm is not None else engine.get_global_grad_norm()
-    sink.log(
-        step,
-        {
-            "loss": loss_total / micro_total,
-            "lr": engine.get_lr()[0],
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": real / elapsed_s,
-            "padding_frac": 1.0 - real / max(padded, 1),
-            "tokens_seen": tokens_before + int(real),
-        },
-    )
+    metrics = {
+        "loss": loss_total / micro_total,
+        "lr": engine.get_lr()[0],
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": real / elapsed_s,
+        "tokens_per_s_per_device": real / elapsed_s / world_size,
+        "samples_per_s": sequences / elapsed_s,
+        "padding_frac": 1.0 - real / max(padded, 1),
+        "step_time_s": elapsed_s / window.steps,
+        "data_wait_s": data_wait_s / world_size / window.steps,
+        "tokens_seen": tokens_before + int(real),
+        "skipped_steps": int(engine.skipped_steps),
+    }
+    if throughput is not None:
+        metrics.update(throughput.figures(int(real), int(sum_sq_len), elapsed_s, world_size))
+    scale = loss_scale(engine)
+    if scale is not None:
+        metrics["loss_scale"] = scale
+    metrics.update(memory_figures(engine.device))
+    sink.log(step, metrics)
     window.reset()
     return int(real)

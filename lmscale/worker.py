@@ -30,6 +30,7 @@ from lmscale.data.streaming import StreamingBatches, StreamSettings  # noqa: E40
 from lmscale.ds_config import resolve  # noqa: E402
 from lmscale.errors import ConfigError, LmscaleError  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
+from lmscale.metrics import ThroughputModel, model_shape, peak_tflops  # noqa: E402
 from lmscale.model import build_model, count_parameters  # noqa: E402
 from lmscale.optim import build_optimizer, build_scheduler  # noqa: E402
 from lmscale.train import perplexity, train  # noqa: E402
@@ -60,9 +61,19 @@ def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: b
     output_dir.mkdir(parents=True, exist_ok=True)
     if forced:  # --force replaces the old run whole, so no stale checkpoint or metric survives
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (output_dir / "wandb_run_id").unlink(missing_ok=True)
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     (output_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
     (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+
+
+def throughput_model(config: Config, model: torch.nn.Module) -> ThroughputModel:
+    """FLOPs accounting for this model on this device (MFU/HFU only where a peak is known)."""
+    device_name = torch.cuda.get_device_name() if ds_engine.has_gpu() else None
+    peak = peak_tflops(device_name, config.metrics.peak_tflops)
+    if peak is None:
+        log.info("metrics: no peak TFLOP/s known for this device; set metrics.peak_tflops to log MFU/HFU")
+    return ThroughputModel(model_shape(model.config), activation_checkpointing=False, peak_tflops=peak)
 
 
 def check_packing_support(batching: str) -> None:
@@ -141,7 +152,9 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         max_seq_len=config.data.max_seq_len,
         warmup_steps=config.data.seq_len_warmup_steps,
     )
-    result = train(engine, train_stream, eval_stream, config.train, sink, length_cap)
+    result = train(
+        engine, train_stream, eval_stream, config.train, sink, length_cap, throughput_model(config, model)
+    )
     checkpoint = save_checkpoint(
         engine,
         output_dir,

@@ -1,6 +1,8 @@
 """Real training runs: debug mode in one process, and 2 CPU ranks through the deepspeed launcher."""
 
 import json
+import re
+import subprocess
 import sys
 
 import pytest
@@ -38,14 +40,47 @@ def assert_learned(run_dir, world_size):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.7, evals
     assert train[-1]["loss"] < train[0]["loss"] - 0.5, train
     for record in train:
-        assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"}
-        assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
+        assert set(record) >= {
+            "step",
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "tokens_per_s_per_device",
+            "samples_per_s",
+            "tflops_per_device",
+            "step_time_s",
+            "data_wait_s",
+            "memory_rss_gb",
+            "skipped_steps",
+            "padding_frac",
+            "tokens_seen",
+        }
+        assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0 and record["tflops_per_device"] > 0
+        assert record["tokens_per_s_per_device"] == pytest.approx(record["tokens_per_s"] / world_size)
+        assert 0 <= record["data_wait_s"] < record["step_time_s"]
+        assert record["skipped_steps"] == 0
     # every rank's real tokens are counted: 80 steps x <=1024 tokens (16 rows x 64, or the budget) x ranks
     most = 80 * 1024 * world_size
     assert 0.8 * most < train[-1]["tokens_seen"] <= most
     assert all(0 <= r["padding_frac"] < 0.2 for r in train)
     assert (run_dir / "checkpoints" / "step_00000080").is_dir()
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+def wandb_history(run_dir):
+    """The history W&B recorded offline, read back with W&B's own transaction-log reader."""
+    (log_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    text = subprocess.run(
+        ["wandb", "leet", "inspect", str(log_file)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    rows = []
+    for record in text.split("# record ")[1:]:
+        if ": history" in record.splitlines()[0]:
+            keys = re.findall(r'nested_key:\s+"([^"]+)"', record)
+            values = re.findall(r'value_json:\s+"([^"]*)"', record)
+            rows.append(dict(zip(keys, values, strict=False)))
+    return rows
 
 
 def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
@@ -56,16 +91,39 @@ def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
         f"output_dir={out}",
         f"data.cache_dir={cache_dir}",
         "wandb.mode=offline",
+        "logging.tensorboard=true",
+        "metrics.peak_tflops=1.5",  # a CPU has no known peak: given one, MFU and HFU are logged
         *QUICK,
         "data.batching=pad",  # the naive baseline: fixed rows padded to max_seq_len
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out perplexity:" in result.stdout
+    assert "lmscale run summary" in result.stderr and "wandb sync" in result.stderr
     assert_learned(out, world_size=1)
+    train = [r for r in read_metrics(out) if "loss" in r]
+    assert all(
+        0 < r["mfu"] == pytest.approx(r["tflops_per_device"] / 1.5) and r["hfu"] == r["mfu"] for r in train
+    )
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 80 and saved["zero"]["stage"] == 0
     assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 16
-    assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "the offline W&B run was written"
+
+    history = wandb_history(out)
+    logged = [row for row in history if "loss" in row]
+    assert [int(row["step"]) for row in logged] == [r["step"] for r in train]
+    assert float(logged[-1]["loss"]) == pytest.approx(train[-1]["loss"])
+    assert any("eval_loss" in row for row in history)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    assert list(out.glob(f"wandb/offline-run-*-{run_id}"))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in train]
+
+    report = run_lmscale("report", str(out))
+    assert report.returncode == 0 and (out / "loss.png").stat().st_size > 5000
 
 
 @pytest.mark.parametrize(

@@ -151,10 +151,16 @@ class EpochBatches(torch.utils.data.Dataset):
             pieces = [self._rows([int(i) for i in self.plan.packed_rows[r]]) for r in row_ids]
             batch = collate_packed(pieces, self.pad_id, self.pad_to)
         members = [self.plan.row_sequences(int(r)) for b in self.plan.groups[group] for r in b if r != FILLER]
-        own = [self.plan.row_sequences(r) for r in row_ids]
+        own = (
+            self.lengths[np.concatenate([self.plan.row_sequences(r) for r in row_ids])]
+            if row_ids
+            else np.zeros(0, int)
+        )
         return {
             **batch,
-            "real_tokens": int(sum(self.lengths[m].sum() for m in own)),
+            "real_tokens": int(own.sum()),
+            "sequences": len(own),
+            "sum_sq_len": int((own**2).sum()),  # attention FLOPs follow each sequence's own length
             "padded_tokens": batch["input_ids"].numel(),
             "group_targets": int(self.plan.group_targets[group]),
             # every rank's sequence lengths in this group: the loop recounts targets under a length cap
@@ -173,7 +179,12 @@ def seq_len_cap(step: int, start: int, max_seq_len: int, warmup_steps: int) -> i
 def truncate_batch(batch: dict, cap: int) -> dict:
     """Cut every row to `cap` tokens and recount what the loop measures (bucket and pad batches only)."""
     cut = {k: batch[k][:, :cap] for k in ("input_ids", "attention_mask", "labels")}
-    counts = {"real_tokens": int(cut["attention_mask"].sum()), "padded_tokens": cut["input_ids"].numel()}
+    row_lengths = cut["attention_mask"].sum(dim=1)
+    counts = {
+        "real_tokens": int(row_lengths.sum()),
+        "padded_tokens": cut["input_ids"].numel(),
+        "sum_sq_len": int((row_lengths**2).sum()),
+    }
     if "group_lengths" in batch:
         counts["group_targets"] = int((batch["group_lengths"].clamp(max=cap) - 1).clamp(min=0).sum())
     else:  # streamed: only this rank's targets are known

@@ -184,6 +184,8 @@ class BufferedBuckets(torch.utils.data.IterableDataset):
             yield {
                 **batch,
                 "real_tokens": int(lengths[batches[index]].sum()),
+                "sequences": len(rows),
+                "sum_sq_len": int((lengths[batches[index]] ** 2).sum()),
                 "padded_tokens": batch["input_ids"].numel(),
                 "local_targets": int((lengths[batches[index]] - 1).sum()),
             }
