@@ -54,7 +54,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from lmscale import launch, worker
+    from lmscale import launch, rundir, worker
+    from lmscale.checkpoint import find_resume_checkpoint
     from lmscale.logging import configure_console
 
     configure_console(is_rank_zero=True)
@@ -63,7 +64,10 @@ def _launch(args: argparse.Namespace) -> int:
         raise LmscaleError(f"--nproc {args.nproc} must be at least 1")
     # Validate here, once, so a bad config fails before any rank starts.
     config, _ = worker.resolve_config(config_path, overrides, world_size=args.nproc)
-    worker.check_output_dir(Path(config.output_dir), args.force)
+    rundir.check_output_dir(Path(config.output_dir), args.force, config.train.resume)
+    if not args.force:
+        rundir.check_resume_compatible(Path(config.output_dir), config)
+        find_resume_checkpoint(Path(config.output_dir), config.train.resume)
     command = launch.deepspeed_command(
         args.nproc, config_path, overrides, args.hostfile, args.force, args.master_port or free_port()
     )

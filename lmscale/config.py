@@ -165,6 +165,16 @@ class TrainConfig(Section):
     )
     eval_batches: int = Field(20, ge=1, description="Micro-batches per rank in one evaluation.")
     log_every: int = Field(10, ge=1, description="Write metrics every N steps.")
+    save_every: int = Field(
+        100, ge=1, description="Save a checkpoint every N steps (and at the end, and on a stop signal)."
+    )
+    keep_last: int = Field(
+        2, ge=2, description="Complete checkpoints kept (at least 2, so one survives a crash mid-save)."
+    )
+    resume: str = Field(
+        "auto",
+        description="auto: continue from the newest complete checkpoint in output_dir; none; or a checkpoint path.",
+    )
 
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainConfig:

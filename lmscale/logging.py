@@ -37,7 +37,9 @@ def configure_console(is_rank_zero: bool) -> None:
 class MetricsSink:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors it to W&B and the bar."""
 
-    def __init__(self, config: Config, output_dir: Path, total_steps: int, enabled: bool) -> None:
+    def __init__(
+        self, config: Config, output_dir: Path, total_steps: int, enabled: bool, initial_step: int = 0
+    ) -> None:
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.wandb_run = None
@@ -53,7 +55,14 @@ class MetricsSink:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +26,10 @@ class TrainResult:
     steps: int
     tokens: int
     wall_time_s: float
-    initial_eval_loss: float
+    initial_eval_loss: float  # NaN when resumed
     final_eval_loss: float
+    checkpoint: Path | None
+    stopped_by: str | None  # None when training reached max_steps
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -141,51 +144,87 @@ def no_length_cap(step: int) -> int | None:
     return None
 
 
+@dataclass
+class LoopHooks:
+    """What the loop calls out to, so it never builds or saves anything itself."""
+
+    save: Callable[
+        [int, int, float, bool], Path
+    ]  # (step, tokens_seen, best eval loss, is it this step's) -> path
+    stop_requested: Callable[[], bool]  # agreed across ranks (a collective)
+    length_cap: Callable[[int], int | None] = no_length_cap  # sequence-length warm-up
+    throughput: ThroughputModel | None = None  # token counts -> TFLOP/s, MFU, HFU
+
+
+@dataclass
+class LoopStart:
+    """Where the loop begins: step 0, or a resumed checkpoint's position."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_eval_loss: float = math.inf
+
+
 def train(
     engine: Any,
     train_stream: BatchStream,
     eval_stream: BatchStream,
     config: TrainConfig,
     sink: MetricsSink,
-    length_cap: Callable[[int], int | None] = no_length_cap,
-    throughput: ThroughputModel | None = None,
+    hooks: LoopHooks,
+    start: LoopStart | None = None,
 ) -> TrainResult:
-    """Run `config.max_steps` optimizer steps, logging every `log_every` and evaluating every `eval_every`.
-
-    `length_cap(step)` is the sequence-length warm-up: rows are cut to it while it is not None.
-    `throughput` turns logged token counts into TFLOP/s, MFU and HFU.
-    """
+    """Train to `config.max_steps`: log every `log_every`, evaluate every `eval_every`, save every `save_every`,
+    and stop early (with a checkpoint) when a stop signal is agreed."""
+    start = start or LoopStart()
     world_size = dist.get_world_size()
     batches: Iterator[dict] = iter(train_stream)
-    initial_eval = final_eval = evaluate(engine, eval_stream, config.eval_batches)
-    sink.log(0, {"eval_loss": initial_eval, "eval_ppl": perplexity(initial_eval)})
-    sink.message(f"untrained held-out loss {initial_eval:.4f}, perplexity {perplexity(initial_eval):.1f}")
+    initial_eval = final_eval = math.nan
+    if start.step == 0:
+        initial_eval = final_eval = evaluate(engine, eval_stream, config.eval_batches)
+        sink.log(0, {"eval_loss": initial_eval, "eval_ppl": perplexity(initial_eval)})
+        sink.message(f"untrained held-out loss {initial_eval:.4f}, perplexity {perplexity(initial_eval):.1f}")
     # The loss stays on the device between log steps: reading it every step would force a sync.
     window = Window(loss_sum=torch.zeros((), dtype=torch.float64, device=engine.device))
     window.reset()
-    start, total_tokens = time.perf_counter(), 0
-    for step in range(1, config.max_steps + 1):
+    started_s, tokens_seen, best_eval = time.perf_counter(), start.tokens_seen, start.best_eval_loss
+    step, stopped_by, checkpoint = start.step, None, None
+    while step < config.max_steps:
+        step += 1
         is_last = step == config.max_steps
         is_log_step = step % config.log_every == 0 or is_last
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(config.grad_accum_steps)]
         window.data_wait_s += time.perf_counter() - wait_start  # a data stall shows here, not in compute
         window.steps += 1
-        cap = length_cap(step - 1)
+        cap = hooks.length_cap(step - 1)
         if cap is not None:
             micro_batches = [truncate_batch(b, cap) for b in micro_batches]
         own_grad_norm = train_step(engine, micro_batches, world_size, window, is_log_step)
         sink.advance()
-        if is_log_step:
-            total_tokens += log_window(engine, window, step, own_grad_norm, total_tokens, sink, throughput)
+        stop = hooks.stop_requested()
+        if is_log_step or stop:
+            tokens_seen += log_window(
+                engine, window, step, own_grad_norm, tokens_seen, sink, hooks.throughput
+            )
+        is_best = False
         if step % config.eval_every == 0 or is_last:
             final_eval = evaluate(engine, eval_stream, config.eval_batches)
+            is_best, best_eval = final_eval < best_eval, min(best_eval, final_eval)
             sink.log(step, {"eval_loss": final_eval, "eval_ppl": perplexity(final_eval)})
             sink.message(
                 f"step {step}: held-out loss {final_eval:.4f}, perplexity {perplexity(final_eval):.2f}"
             )
             window.start_s = time.perf_counter()  # evaluation time is not training throughput
-    return TrainResult(config.max_steps, total_tokens, time.perf_counter() - start, initial_eval, final_eval)
+        if step % config.save_every == 0 or is_last or stop:
+            checkpoint = hooks.save(step, tokens_seen, best_eval, is_best)
+            window.start_s = time.perf_counter()
+        if stop:
+            stopped_by = "a stop signal"
+            break
+    return TrainResult(
+        step, tokens_seen, time.perf_counter() - started_s, initial_eval, final_eval, checkpoint, stopped_by
+    )
 
 
 def memory_figures(device: torch.device) -> dict[str, float]:

@@ -7,9 +7,8 @@ through `launcher/train.py` (or `python -m lmscale.worker`).
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
-import shutil
 import sys
 from dataclasses import replace
 from functools import partial
@@ -22,49 +21,26 @@ select_accelerator()  # before anything imports deepspeed
 import torch  # noqa: E402
 
 from lmscale import engine as ds_engine  # noqa: E402
-from lmscale.checkpoint import save_checkpoint  # noqa: E402
-from lmscale.config import Config, config_to_yaml, load_config  # noqa: E402
+from lmscale.checkpoint import find_resume_checkpoint, load_checkpoint, mark_best, save_checkpoint  # noqa: E402
+from lmscale.config import Config, load_config  # noqa: E402
 from lmscale.data import PreparedData, prepare_data  # noqa: E402
 from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap  # noqa: E402
 from lmscale.data.streaming import StreamingBatches, StreamSettings  # noqa: E402
 from lmscale.ds_config import resolve  # noqa: E402
-from lmscale.errors import ConfigError, LmscaleError  # noqa: E402
+from lmscale.errors import LmscaleError  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops  # noqa: E402
 from lmscale.model import build_model, count_parameters  # noqa: E402
 from lmscale.optim import build_optimizer, build_scheduler  # noqa: E402
-from lmscale.train import perplexity, train  # noqa: E402
-
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
-
-
-def check_output_dir(output_dir: Path, force: bool) -> None:
-    """Never overwrite a run: an output_dir that already holds one is an error unless --force."""
-    existing = [name for name in RUN_MARKERS if (output_dir / name).exists()]
-    if existing and not force:
-        raise ConfigError(
-            f"output_dir={output_dir} already holds a run ({', '.join(existing)}): "
-            "choose a new output_dir=..., or pass --force to replace it"
-        )
-    probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"output_dir={output_dir} is not writable: choose a directory you can write to")
+from lmscale.rundir import check_output_dir, check_resume_compatible, truncate_metrics, write_run_files  # noqa: E402
+from lmscale.signals import StopRequest  # noqa: E402
+from lmscale.train import LoopHooks, LoopStart, perplexity, train  # noqa: E402
 
 
 def resolve_config(config_path: str | None, overrides: list[str], world_size: int) -> tuple[Config, dict]:
     """Load, validate and reconcile the config for `world_size` ranks; raises ConfigError on any problem."""
     config, explicit = load_config(config_path, overrides)
     return resolve(config, explicit, world_size, ds_engine.has_gpu())
-
-
-def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: bool) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if forced:  # --force replaces the old run whole, so no stale checkpoint or metric survives
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-        (output_dir / "wandb_run_id").unlink(missing_ok=True)
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-    (output_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
-    (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
 
 
 def throughput_model(config: Config, model: torch.nn.Module) -> ThroughputModel:
@@ -115,6 +91,44 @@ def batch_streams(
     return train_stream, eval_stream
 
 
+def resume_point(
+    engine, train_stream, output_dir: Path, checkpoint: Path | None, is_rank_zero: bool
+) -> LoopStart:
+    """Load the checkpoint to resume from (if any) and return where the loop starts."""
+    if checkpoint is None:
+        return LoopStart()
+    state = load_checkpoint(engine, checkpoint)
+    if state["data_position"].get("streaming"):
+        log.warning("resume: a streamed corpus starts its stream over; exact data position is not restored")
+    else:
+        train_stream.load_state_dict(state["data_position"])
+    if is_rank_zero:
+        truncate_metrics(output_dir, state["step"])
+    log.info("resume: continuing from %s (step %d)", checkpoint, state["step"])
+    return LoopStart(
+        step=state["step"],
+        tokens_seen=state["tokens_seen"],
+        best_eval_loss=state.get("best_eval_loss", math.inf),
+    )
+
+
+def checkpoint_saver(engine, train_stream, output_dir: Path, config: Config, is_rank_zero: bool):
+    """The loop's save hook: an atomic checkpoint with the data position and the best eval loss so far."""
+
+    def save(step: int, tokens_seen: int, best_eval_loss: float, is_best: bool) -> Path:
+        state = {
+            "tokens_seen": tokens_seen,
+            "data_position": train_stream.state_dict(),
+            "best_eval_loss": best_eval_loss,
+        }
+        path = save_checkpoint(engine, output_dir, step, state, config.train.keep_last)
+        if is_best and is_rank_zero:
+            mark_best(output_dir, step)
+        return path
+
+    return save
+
+
 def run(config_path: str | None, overrides: list[str], force: bool = False) -> None:
     """Train one rank of the job described by the config and the launcher's environment."""
     if "WORLD_SIZE" not in os.environ:
@@ -123,10 +137,14 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     configure_console(is_rank_zero)
     config, ds_config = resolve_config(config_path, overrides, int(os.environ["WORLD_SIZE"]))
     output_dir = Path(config.output_dir)
-    check_output_dir(output_dir, force)
+    check_output_dir(output_dir, force, config.train.resume)
+    if not force:
+        check_resume_compatible(output_dir, config)
+    checkpoint = None if force else find_resume_checkpoint(output_dir, config.train.resume)
     data = prepare_data(config.data, config.model.path, ds_engine.rank(), int(os.environ["WORLD_SIZE"]))
     ds_engine.init_distributed()  # every rank has its data now: nothing slow happens inside a collective
     world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    torch.distributed.barrier()  # every rank has checked the run dir before rank 0 writes to it
     if is_rank_zero:
         write_run_files(config, ds_config, output_dir, force)
         data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
@@ -145,37 +163,60 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     engine = ds_engine.build_engine(model, optimizer, build_scheduler(optimizer, config.train), ds_config)
     check_packing_support(config.data.batching)
     train_stream, eval_stream = batch_streams(config, data, rank, world_size)
-    sink = MetricsSink(config, output_dir, config.train.max_steps, enabled=is_rank_zero)
-    length_cap = partial(
-        seq_len_cap,
-        start=config.data.seq_len_start,
-        max_seq_len=config.data.max_seq_len,
-        warmup_steps=config.data.seq_len_warmup_steps,
+    start = resume_point(engine, train_stream, output_dir, checkpoint, is_rank_zero)
+    stop = StopRequest()
+    stop.install()
+    hooks = LoopHooks(
+        save=checkpoint_saver(engine, train_stream, output_dir, config, is_rank_zero),
+        stop_requested=stop.agreed,
+        length_cap=partial(
+            seq_len_cap,
+            start=config.data.seq_len_start,
+            max_seq_len=config.data.max_seq_len,
+            warmup_steps=config.data.seq_len_warmup_steps,
+        ),
+        throughput=throughput_model(config, model),
     )
-    result = train(
-        engine, train_stream, eval_stream, config.train, sink, length_cap, throughput_model(config, model)
+    sink = MetricsSink(
+        config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step
     )
-    checkpoint = save_checkpoint(
-        engine,
-        output_dir,
-        result.steps,
-        {"tokens_seen": result.tokens, "data_position": train_stream.state_dict()},
-    )
+    result = train(engine, train_stream, eval_stream, config.train, sink, hooks, start)
+    if result.stopped_by:
+        result.stopped_by = stop.signal_name
+    finish(result, sink, is_rank_zero, start)
+
+
+def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart) -> None:
+    """Summary table, W&B summary, and the closing line."""
     summary = {
         "steps": result.steps,
         "tokens": result.tokens,
         "wall_time_s": round(result.wall_time_s, 1),
-        "tokens_per_s": round(result.tokens / max(result.wall_time_s, 1e-9)),
         "eval_loss": result.final_eval_loss,
         "eval_ppl": perplexity(result.final_eval_loss),
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(result.checkpoint),
     }
     sink.close(summary)
-    if is_rank_zero:
+    if not is_rank_zero:
+        return
+    if result.stopped_by:
         print(
-            f"held-out perplexity: {perplexity(result.final_eval_loss):.2f} "
-            f"(untrained: {perplexity(result.initial_eval_loss):.1f}) after {result.steps} steps, "
-            f"{result.tokens:,} tokens in {result.wall_time_s:.0f} s; checkpoint {checkpoint}"
+            f"stopped by {result.stopped_by} at step {result.steps}; checkpoint {result.checkpoint}; "
+            "run the same command again to resume"
+        )
+    elif result.checkpoint is None:
+        print(
+            f"nothing to do: the run in this output_dir already reached step {start.step} (train.max_steps)"
+        )
+    else:
+        untrained = (
+            ""
+            if math.isnan(result.initial_eval_loss)
+            else f" (untrained: {perplexity(result.initial_eval_loss):.1f})"
+        )
+        print(
+            f"held-out perplexity: {perplexity(result.final_eval_loss):.2f}{untrained} after {result.steps} steps, "
+            f"{result.tokens:,} tokens in {result.wall_time_s:.0f} s; checkpoint {result.checkpoint}"
         )
 
 

@@ -36,10 +36,33 @@ def test_existing_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("precious: true\n")
-    result = run_lmscale("train", f"output_dir={out}")
-    assert_one_line_error(result, "already holds a run", "--force")
+    result = run_lmscale("train", f"output_dir={out}", "train.resume=none")
+    assert_one_line_error(result, "already holds a run", "train.resume=none", "--force")
+    result = run_lmscale("train", f"output_dir={out}")  # resume: auto, but this is no lmscale run
+    assert_one_line_error(result, "not an lmscale run's", "--force")
     assert (out / "config.yaml").read_text() == "precious: true\n"
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_resuming_with_another_model_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("model:\n  preset: tiny-llama\ndata:\n  max_seq_len: 256\n")
+    result = run_lmscale("train", f"output_dir={out}", "model.preset=tiny-gpt2")
+    assert_one_line_error(result, "model.preset='tiny-gpt2' (the run has 'tiny-llama')")
+
+
+def test_resume_path_that_does_not_exist(tmp_path):
+    result = run_lmscale(
+        "train",
+        f"output_dir={tmp_path / 'run'}",
+        f"train.resume={tmp_path / 'nope'}",
+        "train.max_steps=40",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.vocab_size=300",
+    )
+    assert_one_line_error(result, "train.resume=", "does not exist")
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_recipe_and_data(tmp_path):

@@ -249,6 +249,9 @@ class BatchStream:
             sampler=range(start, len(plan) if stop is None else stop),
             num_workers=workers,
             prefetch_factor=4 if workers else None,
+            # Its own generator: creating an iterator must not draw from the global RNG, which dropout
+            # uses, or a resumed run would see different dropout masks than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def __iter__(self) -> Iterator[dict]:

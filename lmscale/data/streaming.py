@@ -241,7 +241,12 @@ class StreamingBatches:
         self.num_workers = min(settings.batch.num_workers, max(1, documents.num_shards))
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers))
+        generator = torch.Generator().manual_seed(
+            self.dataset.settings.seed
+        )  # keeps the global RNG untouched
+        return iter(
+            DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, generator=generator)
+        )
 
     def state_dict(self) -> dict:
         # Streams restart from their beginning: exact mid-stream resume is not supported yet.

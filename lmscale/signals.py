@@ -1,0 +1,47 @@
+"""Preemption: SIGTERM/SIGUSR1 (and a first Ctrl-C) ask every rank to stop at the next step boundary.
+
+The stop is agreed over a CPU (gloo) process group, so checking it never waits on the GPU; all ranks
+then save the same checkpoint together and exit 0. A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopRequest:
+    """Collects stop signals for this process and agrees on them with the other ranks."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.group: Any = None
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
+        # A CPU group for the flag: agreeing on it must not synchronise with a GPU stream.
+        self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.signal_name is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+        self.signal_name = name
+        log.warning("received %s: saving a checkpoint at the end of this step, then stopping", name)
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank has been asked to stop (a collective: call on all ranks)."""
+        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "a stop request on another rank"
+        return bool(flag.item())

@@ -1,0 +1,83 @@
+"""Exact resume: a 2-rank job killed with SIGKILL after a checkpoint continues the same loss curve."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+STEPS, SAVE_AT = 16, 8
+ARGS = [
+    "data.max_seq_len=64",
+    "data.vocab_size=1024",
+    "data.max_tokens_per_batch=1024",
+    f"train.max_steps={STEPS}",
+    "train.warmup_steps=2",
+    "train.eval_every=8",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    f"train.save_every={SAVE_AT}",
+    "data.num_workers=1",
+    "wandb.mode=disabled",
+    "precision=bf16",
+]
+
+
+def launch(out, cache_dir, zero):
+    command = [
+        sys.executable,
+        "-m",
+        "lmscale.cli",
+        "launch",
+        "--nproc",
+        "2",
+        f"output_dir={out}",
+        f"data.cache_dir={cache_dir}",
+        f"zero.stage={zero}",
+        *ARGS,
+    ]
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def losses(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps), "steps went backwards in metrics.jsonl"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_sigkill_then_resume_continues_the_same_curve(tmp_path, cache_dir, zero):
+    reference = launch(tmp_path / "reference", cache_dir, zero)
+    output = reference.communicate(timeout=900)[0]
+    assert reference.returncode == 0, output[-3000:]
+
+    out = tmp_path / "killed"
+    job = launch(out, cache_dir, zero)
+    marker = out / "checkpoints" / f"step_{SAVE_AT:08d}" / "COMPLETE"
+    deadline = time.time() + 900
+    while not marker.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), job.communicate()[0][-3000:]
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both ranks, wherever they are
+    job.wait()
+    assert max(losses(out)) < STEPS, "the job finished before it could be killed"
+
+    resumed = launch(out, cache_dir, zero)
+    output = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"resume: continuing from {out / 'checkpoints'}" in output
+    expected, got = losses(tmp_path / "reference"), losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    # bitwise: same data order, same RNG, same reductions (gloo on CPU is deterministic)
+    assert [got[s] for s in range(SAVE_AT + 1, STEPS + 1)] == [
+        expected[s] for s in range(SAVE_AT + 1, STEPS + 1)
+    ]
