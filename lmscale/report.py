@@ -14,7 +14,11 @@ PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "lr.png": ("Learning rate", "lr", ("lr",)),
     "tokens_per_s.png": ("Throughput", "real tokens/s (all ranks)", ("tokens_per_s",)),
     "padding_frac.png": ("Padding", "padding / all tokens", ("padding_frac",)),
-    "memory.png": ("Memory (rank 0)", "GiB", ("memory_allocated_gb", "memory_reserved_gb", "memory_rss_gb")),
+    "memory.png": (
+        "Memory (largest rank)",
+        "GiB",
+        ("memory_allocated_gb", "memory_reserved_gb", "memory_rss_gb"),
+    ),
 }
 
 

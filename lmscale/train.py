@@ -239,6 +239,13 @@ def memory_figures(device: torch.device) -> dict[str, float]:
     return {"memory_rss_gb": psutil.Process().memory_info().rss / 2**30}
 
 
+def largest_over_ranks(figures: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each figure's maximum over all ranks (the rank closest to running out is the one that matters)."""
+    values = torch.tensor(list(figures.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return dict(zip(figures, values.tolist(), strict=True))
+
+
 def loss_scale(engine: Any) -> float | None:
     """The fp16 dynamic loss scale, wherever this DeepSpeed optimizer keeps it."""
     if not engine.fp16_enabled():
@@ -291,7 +298,7 @@ def log_window(
     scale = loss_scale(engine)
     if scale is not None:
         metrics["loss_scale"] = scale
-    metrics.update(memory_figures(engine.device))
+    metrics.update(largest_over_ranks(memory_figures(engine.device), engine.device))
     sink.log(step, metrics)
     window.reset()
     return int(real)
