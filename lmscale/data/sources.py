@@ -60,7 +60,7 @@ def embedded_corpus_files() -> tuple[list[str], list[str]]:
     return train, held_out
 
 
-def _directory_files(path: Path, pattern: str | None) -> list[str]:
+def directory_files(path: Path, pattern: str | None) -> list[str]:
     candidates = path.glob(pattern) if pattern else path.rglob("*")
     files = sorted(str(p) for p in candidates if p.is_file() and (pattern or p.suffix in TEXT_SUFFIXES))
     if not files:
@@ -123,7 +123,7 @@ def _load_json(path: Path, config: DataConfig, cache_dir: str) -> Dataset:
     )
 
 
-def _load_from_disk(path: Path) -> Dataset:
+def load_disk_dataset(path: Path) -> Dataset:
     try:
         loaded = load_from_disk(str(path))
     except Exception as exc:  # a damaged save_to_disk directory fails in many ways
@@ -161,9 +161,9 @@ def load_source(path: str, config: DataConfig, cache_dir: str, key: str = "data.
     if source.is_dir() and (
         (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists()
     ):
-        return _text_column(_load_from_disk(source), config.text_field, source)
+        return _text_column(load_disk_dataset(source), config.text_field, source)
     if source.is_dir():
-        files = _directory_files(source, config.glob)
+        files = directory_files(source, config.glob)
         return load_dataset("text", data_files={"train": files}, sample_by="document", cache_dir=cache_dir)[
             "train"
         ]

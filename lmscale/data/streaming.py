@@ -26,7 +26,13 @@ from lmscale.config import DataConfig
 from lmscale.data.batches import BatchSettings, collate, split_into_sequences
 from lmscale.data.bucketing import fixed_batches, length_buckets
 from lmscale.data.cleaning import clean_text, content_hash
-from lmscale.data.sources import LOADERS, SPLIT_SEED, _directory_files, _load_from_disk, embedded_corpus_files
+from lmscale.data.sources import (
+    LOADERS,
+    SPLIT_SEED,
+    directory_files,
+    embedded_corpus_files,
+    load_disk_dataset,
+)
 from lmscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,9 +69,9 @@ def stream_source(path: str | None, config: DataConfig) -> IterableDataset:
     if source.is_dir() and (
         (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists()
     ):
-        return _text_stream(_load_from_disk(source).to_iterable_dataset(), config.text_field, path)
+        return _text_stream(load_disk_dataset(source).to_iterable_dataset(), config.text_field, path)
     if source.is_dir():
-        files = _directory_files(source, config.glob)
+        files = directory_files(source, config.glob)
         return load_dataset("text", data_files=files, sample_by="document", streaming=True, split="train")
     if source.suffix in LOADERS:
         stream = load_dataset(LOADERS[source.suffix], data_files=str(source), streaming=True, split="train")
