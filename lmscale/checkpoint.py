@@ -168,7 +168,7 @@ def load_checkpoint(engine: Any, checkpoint: Path) -> dict[str, Any]:
         )
     try:
         _, client_state = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except Exception as exc:  # torch/pickle/DeepSpeed raise many types for a damaged or foreign checkpoint
         raise LmscaleError(
             f"{checkpoint} does not fit this model ({type(exc).__name__}): resume with the config it was trained with"
         ) from None

@@ -6,6 +6,7 @@ The launcher glue is ours; process spawning, rendezvous and multi-node fan-out a
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,29 @@ from pathlib import Path
 from lmscale.errors import ConfigError
 
 LAUNCHER_SCRIPT = Path(__file__).resolve().parent.parent / "launcher" / "train.py"
+
+
+HOSTFILE_LINE = re.compile(r"^\S+\s+slots=[1-9]\d*$")
+
+
+def check_hostfile(path: Path) -> None:
+    """A DeepSpeed hostfile: `hostname slots=N` per line (# comments, blank lines allowed); checked up front."""
+    if not path.is_file():
+        raise ConfigError(f"hostfile {path} does not exist: give a file of 'host slots=N' lines")
+    hosts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not HOSTFILE_LINE.match(text):
+            raise ConfigError(
+                f"hostfile {path} line {number} ({text!r}) is not 'host slots=N': fix that line"
+            )
+        hosts.append(text.split()[0])
+    if not hosts:
+        raise ConfigError(f"hostfile {path} names no hosts: add 'host slots=N' lines")
+    if len(set(hosts)) != len(hosts):
+        raise ConfigError(f"hostfile {path} names a host twice: list each host once")
 
 
 def deepspeed_command(
@@ -32,8 +56,7 @@ def deepspeed_command(
         )
     command = [launcher, "--num_gpus", str(nproc), "--master_port", str(master_port)]
     if hostfile:
-        if not Path(hostfile).is_file():
-            raise ConfigError(f"hostfile {hostfile} does not exist: give a file of 'host slots=N' lines")
+        check_hostfile(Path(hostfile))
         command += ["--hostfile", hostfile]
     # From a checkout, run the same script users pass to `deepspeed`; from an installed wheel, the module.
     command += [str(LAUNCHER_SCRIPT)] if LAUNCHER_SCRIPT.is_file() else ["--module", "lmscale.worker"]

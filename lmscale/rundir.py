@@ -31,6 +31,10 @@ def check_output_dir(output_dir: Path, force: bool, resume: str) -> None:
             "choose a new output_dir=..., resume it with train.resume=auto, or pass --force to replace it"
         )
     probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
+    if not probe.is_dir():
+        raise ConfigError(
+            f"output_dir={output_dir} is inside {probe}, which is a file: choose a directory path"
+        )
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"output_dir={output_dir} is not writable: choose a directory you can write to")
 

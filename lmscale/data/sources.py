@@ -97,6 +97,9 @@ def _good_json_records(path: str, text_field: str, version: str) -> Iterator[dic
 
 
 def _load_json(path: Path, config: DataConfig, cache_dir: str) -> Dataset:
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)  # a parse failure is reported below, once, with line numbers
     try:
         return load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as exc:  # datasets wraps the JSON parser's error in several layers
@@ -105,6 +108,8 @@ def _load_json(path: Path, config: DataConfig, cache_dir: str) -> Dataset:
             raise ConfigError(
                 f"data.path={path} could not be read as json ({type(exc).__name__}): check the file"
             ) from None
+    finally:
+        datasets_log.setLevel(level)
     shown = ", ".join(str(n) for n in bad[:BAD_LINES_SHOWN]) + (", ..." if len(bad) > BAD_LINES_SHOWN else "")
     if config.on_bad_record == "error":
         raise ConfigError(

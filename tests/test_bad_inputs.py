@@ -1,0 +1,206 @@
+"""The bad-input catalogue: each case exits non-zero with one line naming the problem and the fix, shows no
+traceback, and leaves an existing run directory exactly as it was."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmscale import cli
+from lmscale.config import Config, config_to_yaml
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Debug mode announces a one-rank job in os.environ; keep that out of the other tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A finished-looking run: its files must not change whatever bad input comes next."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(config_to_yaml(Config(output_dir=str(run))))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+    return run
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def jsonl(tmp_path: Path, name: str, lines: list[str]) -> str:
+    return write(tmp_path, name, "\n".join(lines) + "\n")
+
+
+# (case id, argv after `lmscale` ({run} = the existing run, {fresh} = a new output_dir, files filled in),
+#  fragments the one error line must hold)
+CASES = [
+    ("unknown key", ["train", "{run}", "train.learning_rate=1"], ["train.learning_rate: unknown key"]),
+    ("wrong type", ["train", "{run}", "train.max_steps=many"], ["train.max_steps='many'"]),
+    ("zero stage 5", ["train", "{run}", "zero.stage=5"], ["zero.stage=5"]),
+    ("zero micro batch", ["train", "{run}", "train.micro_batch_size=0"], ["train.micro_batch_size=0"]),
+    (
+        "fp16 without a GPU",
+        ["train", "{run}", "precision=fp16"],
+        ["precision=fp16 needs a GPU", "precision=bf16"],
+    ),
+    ("unknown precision", ["train", "{run}", "precision=fp8"], ["precision='fp8'"]),
+    ("negative lr", ["train", "{run}", "train.lr=-1"], ["train.lr=-1"]),
+    ("warm-up past the end", ["train", "{run}", "train.warmup_steps=500"], ["shorten the warm-up"]),
+    ("offload without ZeRO-2", ["train", "{run}", "zero.offload=cpu", "zero.stage=1"], ["set zero.stage=2"]),
+    ("min_lr above lr", ["train", "{run}", "train.min_lr=1"], ["set min_lr <= lr"]),
+    (
+        "global batch mismatch",
+        ["train", "{run}", "train.global_batch_size=7"],
+        ["global_batch_size=7", "unset"],
+    ),
+    ("override without =", ["train", "{run}", "train.lr"], ["not key=value"]),
+    ("keep_last below 2", ["train", "{run}", "train.keep_last=1"], ["train.keep_last=1"]),
+    ("missing recipe", ["train", "{missing}.yaml"], ["does not exist"]),
+    ("malformed recipe", ["train", "{bad_yaml}"], ["line 3 is not valid YAML"]),
+    ("recipe that is a list", ["train", "{list_yaml}"], ["must hold a mapping"]),
+    (
+        "missing deepspeed json",
+        ["train", "{run}", "deepspeed_config=ds_configs/nope.json"],
+        ["does not exist"],
+    ),
+    ("malformed deepspeed json", ["train", "{run}", "deepspeed_config={bad_json}"], ["is not valid JSON"]),
+    (
+        "json contradicts a set key",
+        ["train", "{run}", "deepspeed_config=ds_configs/zero2_bf16.json", "zero.stage=3"],
+        ["zero.stage=3 but", "says 2"],
+    ),
+    (
+        "json with an optimizer",
+        ["train", "{run}", "deepspeed_config={optimizer_json}"],
+        ["sets optimizer: remove it"],
+    ),
+    ("missing data path", ["train", "{fresh}", "data.path={missing}.txt"], ["data.path=", "does not exist"]),
+    ("budget below max_seq_len", ["train", "{run}", "data.max_tokens_per_batch=100"], ["raise the budget"]),
+    (
+        "path and sources",
+        ["train", "{run}", "data.path=x.txt", "data.sources=[{{path: y.txt}}]"],
+        ["use data.sources alone"],
+    ),
+    (
+        "streaming near-dedup",
+        ["train", "{run}", "data.streaming=true", "data.near_dedup=true"],
+        ["does not stream"],
+    ),
+    (
+        "malformed jsonl",
+        ["train", "{fresh}", "data.path={bad_jsonl}", "data.cache_dir={cache}"],
+        ["line 2", "on_bad_record=skip"],
+    ),
+    (
+        "missing text field",
+        ["train", "{fresh}", "data.path={other_field}", "data.cache_dir={cache}"],
+        ["set data.text_field"],
+    ),
+    (
+        "no files match the glob",
+        ["train", "{fresh}", "data.path={tmp}", "data.glob=*.csv", "data.cache_dir={cache}"],
+        ["fix data.glob"],
+    ),
+    (
+        "empty after cleaning",
+        ["train", "{fresh}", "data.path={tiny_docs}", "data.cache_dir={cache}"],
+        ["empty after cleaning"],
+    ),
+    (
+        "corrupt tokenizer",
+        [
+            "train",
+            "{fresh}",
+            "data.tokenizer={bad_tokenizer}",
+            "data.path={good_jsonl}",
+            "data.cache_dir={cache}",
+        ],
+        ["holds no loadable tokenizer"],
+    ),
+    (
+        "resume path missing",
+        ["train", "{run}", "train.resume={missing}"],
+        ["train.resume=", "does not exist"],
+    ),
+    (
+        "existing run with resume none",
+        ["train", "{run}", "train.resume=none"],
+        ["already holds a run", "--force"],
+    ),
+    (
+        "resume with another model",
+        ["train", "{run}", "model.preset=tiny-llama"],
+        ["model.preset='tiny-llama'"],
+    ),
+    ("output_dir under a file", ["train", "output_dir={good_jsonl}/run"], ["which is a file"]),
+    (
+        "garbled hostfile",
+        ["launch", "--nproc", "2", "{run}", "--hostfile", "{bad_hostfile}"],
+        ["line 2", "host slots=N"],
+    ),
+    ("missing hostfile", ["launch", "{run}", "--hostfile", "{missing}"], ["does not exist"]),
+    ("no ranks", ["launch", "--nproc", "0", "{run}"], ["--nproc 0"]),
+    ("report of no run", ["report", "{tmp}"], ["has no metrics.jsonl"]),
+]
+
+
+@pytest.mark.parametrize(("argv", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path, run_dir, capsys, argv, fragments):
+    files = {
+        "run": f"output_dir={run_dir}",
+        "fresh": f"output_dir={tmp_path / 'fresh'}",  # data problems are found before a new run dir is made
+        "tmp": str(tmp_path),
+        "cache": str(tmp_path / "cache"),
+        "missing": str(tmp_path / "missing"),
+        "bad_yaml": write(tmp_path, "bad.yaml", "train:\n  lr: [1, 2\n"),
+        "list_yaml": write(tmp_path, "list.yaml", "- 1\n- 2\n"),
+        "bad_json": write(tmp_path, "bad.json", '{"zero_optimization": {"stage": 2,}}'),
+        "optimizer_json": write(tmp_path, "opt.json", json.dumps({"optimizer": {"type": "Adam"}})),
+        "bad_jsonl": jsonl(
+            tmp_path, "bad.jsonl", ['{"text": "a fine first line of text"}', '{"text": broken']
+        ),
+        "good_jsonl": jsonl(
+            tmp_path, "good.jsonl", [json.dumps({"text": f"document number {i} " * 4}) for i in range(20)]
+        ),
+        "other_field": jsonl(tmp_path, "other.jsonl", [json.dumps({"body": "x"}), json.dumps({"body": "y"})]),
+        "tiny_docs": jsonl(tmp_path, "tiny.jsonl", [json.dumps({"text": f"x{i}"}) for i in range(10)]),
+        "bad_tokenizer": str(tmp_path / "tokenizer"),
+        "bad_hostfile": write(tmp_path, "hostfile", "node1 slots=2\nnode2 slots two\n"),
+    }
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text("{ truncated")
+    before = snapshot(run_dir)
+    code = cli.main([part.format(**files) for part in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lmscale: error:")]
+    assert code != 0
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert snapshot(run_dir) == before
+    assert not (tmp_path / "fresh").exists()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["output_dir"] == str(run_dir)
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(CASES) >= 25
