@@ -16,13 +16,15 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lmscale-cache")
 
 
-def run_lmscale(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the real `lmscale` CLI in a subprocess, as a user would."""
+def run_lmscale(
+    *args: str, cwd: Path | None = None, timeout: int = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real `lmscale` CLI in a subprocess, as a user would (`env` adds variables)."""
     return subprocess.run(
         [sys.executable, "-m", "lmscale.cli", *args],
         cwd=cwd or REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )

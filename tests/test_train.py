@@ -28,6 +28,9 @@ QUICK = [
 ]
 
 
+SECRET = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API key
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -95,9 +98,12 @@ def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
         "metrics.peak_tflops=1.5",  # a CPU has no known peak: given one, MFU and HFU are logged
         *QUICK,
         "data.batching=pad",  # the naive baseline: fixed rows padded to max_seq_len
+        env={"WANDB_API_KEY": SECRET},  # must never be written anywhere in the run dir
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out perplexity:" in result.stdout
+    leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked, f"the W&B API key was written to {leaked}"
     assert "lmscale run summary" in result.stderr and "wandb sync" in result.stderr
     assert_learned(out, world_size=1)
     train = [r for r in read_metrics(out) if "loss" in r]
