@@ -16,6 +16,22 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lmscale-cache")
 
 
+def tiny_gpt2_config(vocab_size: int):
+    """A two-layer GPT-2 without dropout, so two runs of the same batch give the same numbers."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=32,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+
+
 def run_lmscale(
     *args: str, cwd: Path | None = None, timeout: int = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

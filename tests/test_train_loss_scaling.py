@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import tiny_gpt2_config
 from datasets import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from lmscale.data.batches import BatchSettings, BatchStream, collate
 from lmscale.engine import free_port
@@ -21,17 +22,7 @@ WORLD_SIZE, ACCUMULATION, VOCAB = 2, 2, 64
 
 def tiny_model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(tiny_gpt2_config(VOCAB))
 
 
 def sequences() -> Dataset:

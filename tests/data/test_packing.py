@@ -1,6 +1,7 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from conftest import tiny_gpt2_config
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lmscale.data.batches import IGNORE_INDEX, collate, collate_packed, seq_len_cap, truncate_batch
 from lmscale.train import summed_token_loss
@@ -11,16 +12,7 @@ VOCAB = 50
 def model(family: str, attn: str):
     torch.manual_seed(0)
     if family == "gpt2":
-        config = GPT2Config(
-            vocab_size=VOCAB,
-            n_positions=32,
-            n_layer=2,
-            n_embd=32,
-            n_head=2,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
+        config = tiny_gpt2_config(VOCAB)
     else:
         config = LlamaConfig(
             vocab_size=VOCAB,
