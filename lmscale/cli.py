@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from lmscale.engine import free_port, select_accelerator
 from lmscale.errors import LmscaleError
 
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except LmscaleError as exc:
         if args.debug:
             raise
-        print(f"lmscale: error: {exc}", file=sys.stderr)
+        tqdm.write(f"lmscale: error: {exc}", file=sys.stderr)  # clears an open progress bar line first
         return exc.exit_code
 
 

@@ -165,6 +165,11 @@ class TrainConfig(Section):
     )
     eval_batches: int = Field(20, ge=1, description="Micro-batches per rank in one evaluation.")
     log_every: int = Field(10, ge=1, description="Write metrics every N steps.")
+    max_nonfinite_steps: int = Field(
+        10,
+        ge=1,
+        description="Stop with an error after this many steps in a row skipped for a non-finite loss/gradient.",
+    )
     save_every: int = Field(
         100, ge=1, description="Save a checkpoint every N steps (and at the end, and on a stop signal)."
     )

@@ -140,7 +140,8 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
     ds.setdefault("steps_per_print", 10**9)  # lmscale does its own logging
     ds.setdefault("wall_clock_breakdown", False)
     ds["fp16"] = _fp16_section(ds.get("fp16", {})) if config.precision == "fp16" else {"enabled": False}
-    ds["bf16"] = {"enabled": config.precision == "bf16"}
+    # check_grad_overflow: DeepSpeed skips (and counts) a step whose gradients are not finite, as it does for fp16.
+    ds["bf16"] = {"enabled": config.precision == "bf16", "check_grad_overflow": True}
     ds["zero_optimization"] = _zero_section(config, ds.get("zero_optimization", {}))
     leftover = [key for key, value in ds.items() if value == "auto"]
     if leftover:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lmscale.config import TrainConfig
 from lmscale.data.batches import IGNORE_INDEX, BatchStream, truncate_batch
+from lmscale.errors import LmscaleError
 from lmscale.logging import MetricsSink
 from lmscale.metrics import ThroughputModel
 
@@ -157,6 +158,27 @@ class LoopHooks:
 
 
 @dataclass
+class NonFiniteGuard:
+    """Counts optimizer steps DeepSpeed skipped in a row (non-finite gradients) from its host-side counter."""
+
+    limit: int
+    skipped_before: int = 0
+    in_a_row: int = 0
+
+    def check(self, skipped_total: int, step: int) -> bool:
+        """True when this step was skipped; raises once `limit` steps in a row were."""
+        skipped = skipped_total > self.skipped_before
+        self.skipped_before = skipped_total
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.in_a_row >= self.limit:
+            raise LmscaleError(
+                f"{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient: lower train.lr "
+                "or check the data; the last checkpoint saved before them is kept"
+            )
+        return skipped
+
+
+@dataclass
 class LoopStart:
     """Where the loop begins: step 0, or a resumed checkpoint's position."""
 
@@ -189,6 +211,7 @@ def train(
     window.reset()
     started_s, tokens_seen, best_eval = time.perf_counter(), start.tokens_seen, start.best_eval_loss
     step, stopped_by, checkpoint = start.step, None, None
+    guard = NonFiniteGuard(config.max_nonfinite_steps, skipped_before=int(engine.skipped_steps))
     while step < config.max_steps:
         step += 1
         is_last = step == config.max_steps
@@ -201,6 +224,9 @@ def train(
         if cap is not None:
             micro_batches = [truncate_batch(b, cap) for b in micro_batches]
         own_grad_norm = train_step(engine, micro_batches, world_size, window, is_log_step)
+        skipped = guard.check(int(engine.skipped_steps), step)
+        if skipped:
+            sink.message(f"step {step}: skipped (non-finite loss or gradient)")
         sink.advance()
         stop = hooks.stop_requested()
         if is_log_step or stop:
@@ -216,7 +242,8 @@ def train(
                 f"step {step}: held-out loss {final_eval:.4f}, perplexity {perplexity(final_eval):.2f}"
             )
             window.start_s = time.perf_counter()  # evaluation time is not training throughput
-        if step % config.save_every == 0 or is_last or stop:
+        # No routine checkpoint right after a skipped step: the last one before it stays the newest.
+        if (step % config.save_every == 0 and not skipped) or is_last or stop:
             checkpoint = hooks.save(step, tokens_seen, best_eval, is_best)
             window.start_s = time.perf_counter()
         if stop:

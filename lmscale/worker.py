@@ -19,6 +19,7 @@ from lmscale.engine import select_accelerator
 select_accelerator()  # before anything imports deepspeed
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from lmscale import engine as ds_engine  # noqa: E402
 from lmscale.checkpoint import find_resume_checkpoint, load_checkpoint, mark_best, save_checkpoint  # noqa: E402
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     except LmscaleError as exc:
         if args.debug:
             raise
-        print(f"lmscale: error: {exc}", file=sys.stderr)
+        tqdm.write(f"lmscale: error: {exc}", file=sys.stderr)  # clears an open progress bar line first
         return exc.exit_code
     return 0
 

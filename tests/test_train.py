@@ -186,3 +186,25 @@ def test_deepspeed_launcher_runs_the_entry_script(tmp_path, cache_dir):
     assert_learned(out, world_size=2)
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] is True
+
+
+def test_diverging_run_stops_and_keeps_the_checkpoint_before_it(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    result = run_lmscale(
+        "train",
+        f"output_dir={out}",
+        f"data.cache_dir={cache_dir}",
+        "wandb.mode=disabled",
+        *QUICK,
+        "zero.stage=1",
+        "train.lr=1e30",
+        "train.min_lr=0",
+        "train.warmup_steps=1",
+        "train.save_every=1",
+        "train.max_nonfinite_steps=3",
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lmscale: error:")]
+    assert len(errors) == 1 and "3 steps in a row" in errors[0] and "lower train.lr" in errors[0]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_00000001"]  # saved after the last step that was not skipped
