@@ -298,16 +298,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def dotted_keys(raw: dict[str, Any], prefix: str = "") -> set[str]:
-    """All leaf keys of a nested dict, dotted: the keys a user set explicitly."""
-    keys = set()
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted leaf key: value}; an empty section counts as a leaf."""
+    flat: dict[str, Any] = {}
     for key, value in raw.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            keys |= dotted_keys(value, f"{name}.")
+            flat.update(flatten(value, f"{name}."))
         else:
-            keys.add(name)
-    return keys
+            flat[name] = value
+    return flat
+
+
+def dotted_keys(raw: dict[str, Any]) -> set[str]:
+    """All leaf keys of a nested dict, dotted: the keys a user set explicitly."""
+    return set(flatten(raw))
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -6,11 +6,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from lmscale.config import Config, config_to_yaml
+from lmscale.config import Config, config_to_yaml, flatten
 from lmscale.errors import ConfigError
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
@@ -39,26 +38,16 @@ def check_output_dir(output_dir: Path, force: bool, resume: str) -> None:
         raise ConfigError(f"output_dir={output_dir} is not writable: choose a directory you can write to")
 
 
-def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resume_compatible(output_dir: Path, config: Config) -> None:
     """Resuming with another model or data would silently train something else: refuse, naming the keys."""
     path = output_dir / "config.yaml"
     if not path.is_file():
         return
     try:
-        saved = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        saved = flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError:
         saved = {}
-    ours = _flatten(config.model_dump(mode="json"))
+    ours = flatten(config.model_dump(mode="json"))
     if not set(saved) >= {"model.preset", "data.max_seq_len"}:
         raise ConfigError(
             f"output_dir={output_dir} holds a config.yaml that is not an lmscale run's: choose a new output_dir or pass --force"

@@ -60,7 +60,7 @@ def evaluate(engine: Any, stream: BatchStream, max_batches: int) -> float:
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     targets = 0
-    for batch in stream.loader(epoch=0, start=0, stop=min(max_batches, len(stream.plan(0)))):
+    for batch in stream.loader(epoch=0, start=0, stop=max_batches):
         loss_sum += forward_summed_loss(engine, batch).double()
         targets += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     engine.train()

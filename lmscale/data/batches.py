@@ -239,6 +239,7 @@ class BatchStream:
         )
 
     def loader(self, epoch: int, start: int, stop: int | None = None) -> DataLoader:
+        """Batches `start` to `stop` (at most the epoch's end) of an epoch."""
         plan = self.plan(epoch)
         pad_to = self.settings.max_seq_len if self.settings.batching in ("pad", "pack") else None
         batches = EpochBatches(self.sequences, self.lengths, plan, self.rank, self.pad_id, pad_to)
@@ -246,7 +247,7 @@ class BatchStream:
         return DataLoader(
             batches,
             batch_size=None,
-            sampler=range(start, len(plan) if stop is None else stop),
+            sampler=range(start, len(plan) if stop is None else min(stop, len(plan))),
             num_workers=workers,
             prefetch_factor=4 if workers else None,
             # Its own generator: creating an iterator must not draw from the global RNG, which dropout
