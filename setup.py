@@ -24,6 +24,9 @@ setup(
         "matplotlib>=3.7",
         "filelock>=3.12",
         "datasketch>=1.6",
+        "pytorch-optimizer>=3.0",  # Lion, and LAMB off GPU
+        "sacrebleu>=2.3",
+        "rouge-score>=0.1.2",
     ],
     extras_require={
         "tensorboard": ["tensorboard>=2.14"],

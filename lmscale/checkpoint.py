@@ -17,18 +17,22 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from filelock import FileLock
 
 from lmscale.errors import ConfigError, LmscaleError
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"  # DeepSpeed's rank-count-independent form of a checkpoint, made on demand
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
 
@@ -101,9 +105,10 @@ def save_checkpoint(
             shutil.rmtree(final)
         _fsync_tree(directory / partial_tag)
         os.replace(directory / partial_tag, final)
-        _write_atomically(
-            final / COMPLETE, json.dumps({"step": step, "world_size": dist.get_world_size()}) + "\n"
-        )
+        # The manifest of sizes lets a resume notice a file damaged after the fact (a truncated shard).
+        files = {str(p.relative_to(final)): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
+        meta = {"step": step, "world_size": dist.get_world_size(), "files": files}
+        _write_atomically(final / COMPLETE, json.dumps(meta) + "\n")
         _write_atomically(directory / "latest", tag)  # the pointer moves last
         prune_checkpoints(directory, keep_last)
     dist.barrier()
@@ -141,13 +146,38 @@ def mark_best(output_dir: Path, step: int) -> None:
     _write_atomically(output_dir / "checkpoints" / "best", checkpoint_tag(step))
 
 
+def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
+    """The COMPLETE marker's record: step, world size, and the size of every file written."""
+    try:
+        return json.loads((checkpoint / COMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LmscaleError(
+            f"checkpoint {checkpoint} has an unreadable {COMPLETE} marker: delete {checkpoint} to resume from "
+            "the checkpoint before it"
+        ) from None
+
+
+def verify_checkpoint(checkpoint: Path) -> Path:
+    """Every file the checkpoint was written with is there at its written size (cheap: no file is read)."""
+    for name, size in checkpoint_meta(checkpoint).get("files", {}).items():
+        path = checkpoint / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            found = "is missing" if actual is None else f"has {actual} bytes of the {size} written"
+            raise LmscaleError(
+                f"checkpoint {checkpoint} is damaged: {name} {found}; delete {checkpoint} to resume from the "
+                "checkpoint before it, or set train.resume to another checkpoint"
+            )
+    return checkpoint
+
+
 def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: `auto` = newest complete one in the run dir; `none`; or a path."""
     if resume == "none":
         return None
     if resume == "auto":
         checkpoints = complete_checkpoints(output_dir / "checkpoints")
-        return checkpoints[-1] if checkpoints else None
+        return verify_checkpoint(checkpoints[-1]) if checkpoints else None
     path = Path(resume)
     if not path.is_dir():
         raise ConfigError(f"train.resume={resume} does not exist: give a checkpoint directory, or use auto")
@@ -155,19 +185,77 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
         raise ConfigError(
             f"train.resume={resume} is not a complete lmscale checkpoint (no {COMPLETE} marker): pick another"
         )
-    return path
+    return verify_checkpoint(path)
 
 
-def load_checkpoint(engine: Any, checkpoint: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the client state."""
-    meta = json.loads((checkpoint / COMPLETE).read_text(encoding="utf-8"))
-    if meta["world_size"] != dist.get_world_size():
-        raise LmscaleError(
-            f"{checkpoint} was written by {meta['world_size']} rank(s) but this job has {dist.get_world_size()}: "
-            "resume with the same number of ranks"
+def written_by(checkpoint: Path) -> int:
+    """How many ranks wrote `checkpoint`."""
+    return int(checkpoint_meta(checkpoint)["world_size"])
+
+
+def _conversion_command(checkpoint: Path, output: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(checkpoint),
+        "--output_folder",
+        str(output),
+    ]
+
+
+def ensure_universal(checkpoint: Path, world_size: int) -> Path:
+    """Convert `checkpoint` to DeepSpeed's universal form once (any rank may call; one converts).
+
+    The universal form holds every parameter's fp32 weights and optimizer moments whole, so a job with
+    a different number of ranks can re-partition them. It is written beside the original, atomically.
+    """
+    target = checkpoint / UNIVERSAL
+    with FileLock(str(checkpoint / f"{UNIVERSAL}.lock")):
+        if target.is_dir():
+            return target
+        log.info(
+            "resume: converting %s (%d ranks) to a universal checkpoint for %d rank(s)",
+            checkpoint,
+            written_by(checkpoint),
+            world_size,
         )
+        partial = checkpoint / f"{UNIVERSAL}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        result = subprocess.run(
+            _conversion_command(checkpoint, partial), capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+            raise LmscaleError(
+                f"{checkpoint} (written by {written_by(checkpoint)} ranks) could not be converted for "
+                f"{world_size} rank(s): {last}; resume it on {written_by(checkpoint)} ranks, or convert it "
+                f"yourself: {' '.join(_conversion_command(checkpoint, target)[1:])}"
+            )
+        os.replace(partial, target)
+    return target
+
+
+def needs_universal(checkpoint: Path, world_size: int, zero_stage: int) -> bool:
+    """Partitioned (ZeRO 1-3) states written by another rank count must be re-partitioned."""
+    return zero_stage > 0 and written_by(checkpoint) != world_size
+
+
+def load_checkpoint(engine: Any, checkpoint: Path, seed: int, universal: bool) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG; returns the client state.
+
+    On the rank count that wrote it, everything comes back exactly. On another rank count (elastic
+    resume) ZeRO 1-3 weights and optimizer states come from the universal form (`universal`, see
+    `ensure_universal` and `"load_universal"` in the DeepSpeed config; ZeRO-0 states are whole and
+    load as they are), and each rank's RNG is seeded anew from (seed, step, rank): the old ranks'
+    random streams have no counterpart on the new ones.
+    """
+    elastic = written_by(checkpoint) != dist.get_world_size()
+    directory, tag = (checkpoint, UNIVERSAL) if universal else (checkpoint.parent, checkpoint.name)
     try:
-        _, client_state = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        _, client_state = engine.load_checkpoint(str(directory), tag=tag)
     except Exception as exc:  # torch/pickle/DeepSpeed raise many types for a damaged or foreign checkpoint
         raise LmscaleError(
             f"{checkpoint} does not fit this model ({type(exc).__name__}): resume with the config it was trained with"
@@ -176,5 +264,16 @@ def load_checkpoint(engine: Any, checkpoint: Path) -> dict[str, Any]:
         raise LmscaleError(
             f"{checkpoint} could not be read: it is damaged; remove it to resume from an older one"
         )
-    set_rng_state(torch.load(checkpoint / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
+    if elastic:
+        reseed(seed, client_state["step"], dist.get_rank())
+    else:
+        set_rng_state(torch.load(checkpoint / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
     return client_state
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Fresh, reproducible RNG streams for a rank with no saved state of its own."""
+    derived = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)

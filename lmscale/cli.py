@@ -37,7 +37,35 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="print a run's summary and write PNG plots next to metrics.jsonl"
     )
     report.add_argument("run_dir", help="the output_dir of an lmscale run")
+    _add_tool_commands(commands)
     return parser
+
+
+def _add_tool_commands(commands) -> None:
+    """Commands around a run: see the LR schedule, export, evaluate, generate."""
+    schedule = commands.add_parser("schedule", help="print (and plot) the LR schedule a config gives")
+    schedule.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
+    schedule.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.scheduler=wsd")
+    schedule.add_argument("--plot", help="write the curve to this PNG")
+    export = commands.add_parser("export", help="write a run's checkpoint as an HF save_pretrained model")
+    export.add_argument("run_dir", help="the output_dir of an lmscale run")
+    export.add_argument("--out", required=True, help="directory for the HF model and its tokenizer")
+    export.add_argument("--checkpoint", help="a checkpoint tag (step_N), path, or 'best' (default: newest)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    evaluate = commands.add_parser("eval", help="held-out loss/perplexity/entropy, and BLEU/ROUGE on tasks")
+    evaluate.add_argument("target", help="an exported model directory, or a run's output_dir")
+    evaluate.add_argument("--data", help="evaluate this whole file instead of the run's held-out split")
+    evaluate.add_argument("--tasks", help="jsonl of {prompt, reference} pairs to score with BLEU and ROUGE")
+    evaluate.add_argument("--batches", type=int, help="score only the first N held-out batches")
+    evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    generate = commands.add_parser("generate", help="sample text from an exported model (or a run)")
+    generate.add_argument("target", help="an exported model directory, or a run's output_dir")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=100)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=50, help="0 = off")
+    generate.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    generate.add_argument("--seed", type=int, default=0)
 
 
 def split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -87,9 +115,69 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule(args: argparse.Namespace) -> int:
+    from lmscale.config import load_config
+    from lmscale.schedules import lr_curve, plot_curve
+
+    config_path, overrides = split_config_and_overrides(args)
+    config, _ = load_config(config_path, overrides)
+    curve = lr_curve(config.train)
+    marks = sorted(
+        {0, config.train.warmup_steps, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1}
+    )
+    print(f"{config.train.scheduler} schedule, {len(curve)} steps, warm-up {config.train.warmup_steps}:")
+    for step in marks:
+        print(f"  step {step + 1:>8}: lr {curve[step]:.3e}")
+    if args.plot:
+        plot_curve(curve, config.train.scheduler, Path(args.plot))
+        print(args.plot)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lmscale.export import export
+
+    checkpoint = export(Path(args.run_dir), Path(args.out), args.checkpoint, args.force)
+    print(f"exported {checkpoint} to {args.out}: AutoModelForCausalLM.from_pretrained({args.out!r})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from lmscale.evaluation import evaluate_target
+
+    tasks = Path(args.tasks) if args.tasks else None
+    scores = evaluate_target(Path(args.target), args.data, tasks, args.batches)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        for key, value in scores.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lmscale.inference import Sampling, generate_text, load_for_inference
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling.check()
+    model, tokenizer = load_for_inference(Path(args.target))
+    print(args.prompt + generate_text(model, tokenizer, args.prompt, sampling))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "launch": _launch, "report": _report}
+    handlers = {
+        "train": _train,
+        "launch": _launch,
+        "report": _report,
+        "schedule": _schedule,
+        "export": _export,
+        "eval": _eval,
+        "generate": _generate,
+    }
     try:
         return handlers[args.command](args)
     except LmscaleError as exc:

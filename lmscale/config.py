@@ -25,6 +25,29 @@ class ModelConfig(Section):
         "tiny-gpt2", description="Model shape from lmscale.model.PRESETS, used when `path` is unset."
     )
     path: str | None = Field(None, description="Local HF model directory to start from (pretrained weights).")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped in model.path / its tokenizer (custom architectures); "
+        "off, so a model directory can never execute code unless you say so.",
+    )
+    embedding_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on embeddings; unset = the family's default."
+    )
+    attention_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on attention probabilities; unset = the family's default."
+    )
+    residual_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on residual branches; unset = the family's default."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward: less memory, ~1/3 more compute."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel: eager, sdpa (torch), or flash_attention_2 (GPU, flash-attn)."
+    )
+    sliding_window: int | None = Field(
+        None, ge=1, description="Local attention window in tokens, for families that support it (mistral)."
+    )
 
 
 class SourceConfig(Section):
@@ -139,15 +162,62 @@ class DataConfig(Section):
         return self
 
 
+class EarlyStoppingConfig(Section):
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement; unset = never."
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="An evaluation improves only if eval loss drops by more than this."
+    )
+
+
 class TrainConfig(Section):
     max_steps: int = Field(250, ge=1, description="Optimizer steps to train for.")
-    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
-    min_lr: float = Field(2e-4, ge=0, description="Learning rate at the end of the cosine decay.")
-    warmup_steps: int = Field(25, ge=0, description="Steps of linear warm-up from 0 to `lr`.")
-    weight_decay: float = Field(
-        0.1, ge=0, description="AdamW weight decay (not applied to biases, norms, embeddings)."
+    optimizer: Literal["adamw", "adafactor", "lion", "lamb", "sgd"] = Field(
+        "adamw", description="adamw, adafactor, lion, lamb or sgd (with momentum)."
     )
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW beta1, beta2.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    scheduler: Literal[
+        "constant", "linear", "cosine", "cosine_restarts", "step", "exponential", "piecewise", "cyclic", "wsd"
+    ] = Field("cosine", description="LR shape after the warm-up (see the LR schedules section).")
+    min_lr: float = Field(
+        2e-4, ge=0, description="Floor of linear/cosine/exponential/wsd decays and of cyclic's low point."
+    )
+    warmup_steps: int = Field(25, ge=0, description="Steps of linear warm-up from 0 to `lr`.")
+    restart_period: int = Field(100, ge=1, description="cosine_restarts: steps of the first cycle.")
+    restart_mult: float = Field(
+        1.0, ge=1, description="cosine_restarts: each cycle is this many times longer."
+    )
+    decay_every: int = Field(100, ge=1, description="step: multiply the LR by decay_gamma every N steps.")
+    decay_gamma: float = Field(
+        0.5, gt=0, le=1, description="step: the factor applied every decay_every steps."
+    )
+    lr_points: list[tuple[int, float]] = Field(
+        [], description="piecewise: [[step, lr], ...] in ascending steps, linear in between."
+    )
+    cycle_steps: int = Field(
+        50, ge=1, description="cyclic: steps from the low LR to the peak (half a cycle)."
+    )
+    cycle_mode: Literal["triangular", "triangular2"] = Field(
+        "triangular", description="cyclic: triangular, or triangular2 (the peak halves every cycle)."
+    )
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="wsd: fraction of the post-warm-up steps spent decaying to min_lr."
+    )
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay.")
+    no_weight_decay: list[Literal["bias", "norm", "embedding"]] = Field(
+        ["bias", "norm", "embedding"], description="Parameter kinds exempt from weight decay."
+    )
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Layer-wise LR decay: each layer below the top gets this times the LR of the one above.",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="beta1, beta2 of adamw, lion and lamb.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss.")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     grad_clip: float = Field(
         1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping."
     )
@@ -190,9 +260,22 @@ class TrainConfig(Section):
             problems.append(
                 f"train.warmup_steps={self.warmup_steps} is not below train.max_steps={self.max_steps}: shorten the warm-up"
             )
+        problems += _schedule_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _schedule_problems(train: TrainConfig) -> list[str]:
+    if train.scheduler != "piecewise":
+        return []
+    points = train.lr_points
+    if not points:
+        return ["train.scheduler=piecewise needs train.lr_points: give [[step, lr], ...]"]
+    steps = [step for step, _ in points]
+    if steps != sorted(set(steps)) or any(lr < 0 for _, lr in points):
+        return [f"train.lr_points={[list(p) for p in points]}: steps must ascend and LRs be >= 0"]
+    return []
 
 
 class ZeroConfig(Section):

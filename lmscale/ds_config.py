@@ -143,6 +143,11 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
     # check_grad_overflow: DeepSpeed skips (and counts) a step whose gradients are not finite, as it does for fp16.
     ds["bf16"] = {"enabled": config.precision == "bf16", "check_grad_overflow": True}
     ds["zero_optimization"] = _zero_section(config, ds.get("zero_optimization", {}))
+    if train.optimizer != "adamw":
+        # ZeRO partitions any torch optimizer; DeepSpeed only asks to be told it is not one of its own.
+        ds["zero_allow_untested_optimizer"] = True
+        if config.zero.offload == "cpu":  # it steps on the CPU copy like DeepSpeedCPUAdam would
+            ds["zero_force_ds_cpu_optimizer"] = False
     leftover = [key for key, value in ds.items() if value == "auto"]
     if leftover:
         raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +44,21 @@ def init_distributed() -> None:
 
     backend = "nccl" if has_gpu() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def release_shared_memory_names() -> None:
+    """Unlink this rank's /dev/shm all-reduce buffer, once every rank has mapped every buffer.
+
+    DeepSpeed's CPU all-reduce creates one ~69 MB file per rank in /dev/shm and never removes it, so
+    every CPU job leaked them (until the machine ran out of memory). Each rank maps all buffers inside
+    `init_distributed`; call this after a barrier that follows it. The mappings live on until the
+    processes exit, so nothing changes for the job, and a killed job leaves nothing behind.
+    """
+    if has_gpu():
+        return
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{address}_{port}_{rank()}"):
+        path.unlink(missing_ok=True)
 
 
 def rank() -> int:

@@ -10,10 +10,12 @@ from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
+from lmscale.config import ModelConfig
 from lmscale.errors import ConfigError
 
 
@@ -21,9 +23,11 @@ def _gpt2(layers: int, hidden: int, heads: int) -> dict:
     return {"family": "gpt2", "n_layer": layers, "n_embd": hidden, "n_head": heads}
 
 
-def _llama(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int) -> dict:
+def _llama(
+    layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, family: str = "llama"
+) -> dict:
     return {
-        "family": "llama",
+        "family": family,
         "num_hidden_layers": layers,
         "hidden_size": hidden,
         "num_attention_heads": heads,
@@ -37,6 +41,7 @@ def _llama(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: in
 PRESETS: dict[str, dict] = {
     "tiny-gpt2": _gpt2(layers=4, hidden=256, heads=4),
     "tiny-llama": _llama(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688),
+    "tiny-mistral": _llama(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688, family="mistral"),
     "gpt2-124m": _gpt2(layers=12, hidden=768, heads=12),
     "gpt2-350m": _gpt2(layers=24, hidden=1024, heads=16),
     "llama-1b": _llama(layers=22, hidden=2048, heads=32, kv_heads=4, intermediate=5632),
@@ -55,9 +60,52 @@ def preset_config(
     shape.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=max_seq_len, **shape)
-    return LlamaConfig(
+    config_class = MistralConfig if family == "mistral" else LlamaConfig
+    return config_class(
         vocab_size=vocab_size, max_position_embeddings=max_seq_len, tie_word_embeddings=True, **shape
     )
+
+
+# Each dropout knob and the config attributes that hold it, by family (first one present wins).
+DROPOUT_ATTRIBUTES = {
+    "embedding_dropout": ("embd_pdrop", "embedding_dropout", "emb_dropout"),
+    "attention_dropout": ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob"),
+    "residual_dropout": ("resid_pdrop", "hidden_dropout", "resid_dropout", "hidden_dropout_prob"),
+}
+
+
+def apply_model_options(config: PretrainedConfig, options: ModelConfig) -> None:
+    """Dropout and sliding-window settings onto an HF config; a knob the family lacks is an error."""
+    for knob, attributes in DROPOUT_ATTRIBUTES.items():
+        value = getattr(options, knob)
+        if value is None:
+            continue
+        present = [a for a in attributes if hasattr(config, a)]
+        if not present:
+            raise ConfigError(
+                f"model.{knob}={value}: {config.model_type} models have no such dropout; unset it"
+            )
+        setattr(config, present[0], value)
+    if options.sliding_window is not None:
+        if not hasattr(config, "sliding_window"):
+            raise ConfigError(
+                f"model.sliding_window={options.sliding_window}: {config.model_type} models have no local "
+                "attention; use a family that does (e.g. model.preset=tiny-mistral) or unset it"
+            )
+        config.sliding_window = options.sliding_window
+
+
+def check_attention(implementation: str) -> None:
+    """flash_attention_2 needs a GPU and the flash-attn package; say so before building anything."""
+    if implementation != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not torch.cuda.is_available() or not is_flash_attn_2_available():
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 is not available here (it needs a CUDA GPU and the "
+            "flash-attn package): install flash-attn on a GPU machine, or use sdpa"
+        )
 
 
 def check_model_path(path: str) -> None:
@@ -69,27 +117,45 @@ def check_model_path(path: str) -> None:
 
 
 def build_model(
-    preset: str, path: str | None, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, seed: int
+    options: ModelConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, seed: int
 ) -> torch.nn.Module:
-    """Build the causal LM (fresh weights from the preset, or pretrained from `path`)."""
+    """Build the causal LM (fresh weights from the preset, or pretrained from `options.path`)."""
     torch.manual_seed(seed)
+    check_attention(options.attn_implementation)
     vocab_size = len(tokenizer)
-    if path:
+    if options.path:
+        path = options.path
         check_model_path(path)
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
         if config.vocab_size < vocab_size:
             raise ConfigError(
                 f"model.path={path} has vocab_size {config.vocab_size} but the tokenizer has {vocab_size}: "
                 "use the model's own tokenizer (data.tokenizer=<model dir>)"
             )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        apply_model_options(config, options)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=torch.float32,
+            attn_implementation=options.attn_implementation,
+            trust_remote_code=options.trust_remote_code,
+        )
     else:
         config = preset_config(
-            preset, vocab_size, max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
+            options.preset, vocab_size, max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        apply_model_options(config, options)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation=options.attn_implementation
+        )
     # Training never decodes: no KV cache (it costs memory, and HF ignores packed position ids when one exists).
     model.config.use_cache = False
+    if options.activation_checkpointing:
+        # Non-reentrant checkpointing works with ZeRO-3's parameter gathering and needs no input grads.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

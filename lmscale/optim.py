@@ -1,54 +1,99 @@
-"""Optimizer and learning-rate schedule."""
+"""Optimizers and their parameter groups (weight-decay exemptions, layer-wise LR decay).
+
+Library optimizers throughout: torch's AdamW and SGD, DeepSpeed's fused Adam/LAMB on GPU and
+CPU Adam under ZeRO offload, transformers' Adafactor, and pytorch-optimizer's Lion and LAMB on CPU.
+"""
 
 from __future__ import annotations
 
-import math
+import re
 
 import torch
 
 from lmscale.config import TrainConfig
 
-
-def warmup_cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """LR at optimizer step `step` (0-based): linear warm-up to `lr`, then cosine decay to `min_lr`."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+LAYER_INDEX = re.compile(r"\.(?:h|layers|layer|blocks)\.(\d+)\.")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; biases, norms and embeddings do not (decaying them only hurts)."""
-    decay, no_decay = [], []
-    seen = set()
-    for name, param in model.named_parameters():
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        is_embedding = "wte" in name or "wpe" in name or "embed" in name
-        (no_decay if param.ndim < 2 or is_embedding else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def parameter_kind(module: torch.nn.Module, param_name: str) -> str:
+    """bias, norm, embedding or weight (the kinds weight decay may exempt), told by the owning module."""
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower():
+        return "norm"  # LayerNorm, and the families' own RMSNorm classes
+    return "bias" if param_name == "bias" else "weight"
+
+
+def layer_depth(name: str, num_layers: int, kind: str) -> int:
+    """0 for embeddings, i + 1 for block i, num_layers + 1 for the final norm and head."""
+    match = LAYER_INDEX.search(f".{name}")
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if kind == "embedding" else num_layers + 1
+
+
+def named_parameters_with_kind(model: torch.nn.Module):
+    """(full name, parameter, kind) of each trainable parameter, tied ones once."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                yield f"{module_name}.{param_name}".lstrip("."), param, parameter_kind(module, param_name)
+
+
+def parameter_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
+    """One group per (depth, decays?) with LR scale layer_lr_decay ** (distance from the top).
+
+    Groups are fixed before `deepspeed.initialize` (ZeRO flattens each group's parameters); the
+    schedule multiplies every group's base LR by the same factor, so the ratios hold all run.
+    """
+    config = getattr(model, "config", None)
+    num_layers = getattr(config, "num_hidden_layers", 0)
+    layered = train.layer_lr_decay < 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param, kind in named_parameters_with_kind(model):
+        depth = layer_depth(name, num_layers, kind) if layered else 0
+        decays = kind not in train.no_weight_decay
+        scale = train.layer_lr_decay ** (num_layers + 1 - depth) if layered else 1.0
+        group = groups.setdefault(
+            (depth, decays),
+            {"params": [], "weight_decay": train.weight_decay if decays else 0.0, "lr": train.lr * scale},
+        )
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, cpu_offload: bool) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeed's CPU Adam when ZeRO offloads optimizer states (DeepSpeed requires it), torch's otherwise."""
-    groups = parameter_groups(model, train.weight_decay)
-    if cpu_offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    """The optimizer `train.optimizer` names, over `parameter_groups`."""
+    groups = parameter_groups(model, train)
+    gpu = torch.cuda.is_available()
+    if train.optimizer == "adamw":
+        if cpu_offload:  # ZeRO-Offload steps on the CPU copy; DeepSpeed requires its own CPU Adam there
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=train.lr, betas=train.betas, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, fused=torch.cuda.is_available())
+            return DeepSpeedCPUAdam(groups, lr=train.lr, betas=train.betas, adamw_mode=True)
+        if gpu:
+            from deepspeed.ops.adam import FusedAdam
 
+            return FusedAdam(groups, lr=train.lr, betas=train.betas, adam_w_mode=True)
+        return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas)
+    if train.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, train: TrainConfig
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up + cosine as a LambdaLR, which DeepSpeed steps once per optimizer step."""
+        # A fixed LR driven by lmscale's schedule, not Adafactor's own relative step size.
+        return Adafactor(groups, lr=train.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if train.optimizer == "lion":
+        from pytorch_optimizer import Lion
 
-    def factor(step: int) -> float:
-        return warmup_cosine_lr(step, train.lr, train.min_lr, train.warmup_steps, train.max_steps) / train.lr
+        return Lion(groups, lr=train.lr, betas=train.betas)
+    if train.optimizer == "lamb":
+        if gpu and not cpu_offload:
+            from deepspeed.ops.lamb import FusedLamb
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return FusedLamb(groups, lr=train.lr, betas=train.betas, max_grad_norm=0.0)
+        from pytorch_optimizer import Lamb
+
+        # DeepSpeed clips the global gradient norm; LAMB must not rescale gradients again.
+        return Lamb(groups, lr=train.lr, betas=train.betas, max_grad_norm=0.0)
+    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)

@@ -20,6 +20,7 @@ from lmscale.logging import MetricsSink
 from lmscale.metrics import ThroughputModel
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
+EARLY_STOP = "early stopping"
 
 
 @dataclass
@@ -33,18 +34,24 @@ class TrainResult:
     stopped_by: str | None  # None when training reached max_steps
 
 
-def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def summed_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Next-token cross-entropy summed (not averaged) over the non-ignored targets, in fp32."""
     shifted_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
     return F.cross_entropy(
-        shifted_logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        shifted_logits,
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        label_smoothing=label_smoothing,
     )
 
 
-def forward_summed_loss(engine: Any, batch: dict) -> torch.Tensor:
+def forward_summed_loss(engine: Any, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
     inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
     logits = engine(**inputs).logits
-    return summed_token_loss(logits, batch["labels"].to(engine.device, non_blocking=True))
+    return summed_token_loss(logits, batch["labels"].to(engine.device, non_blocking=True), label_smoothing)
 
 
 def all_ranks_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
@@ -113,7 +120,12 @@ class Window:
 
 
 def train_step(
-    engine: Any, micro_batches: list[dict], world_size: int, window: Window, log_grad_norm: bool
+    engine: Any,
+    micro_batches: list[dict],
+    world_size: int,
+    window: Window,
+    log_grad_norm: bool,
+    label_smoothing: float = 0.0,
 ) -> float | None:
     """One optimizer step over `micro_batches`, the loss averaged over every target token of the step.
 
@@ -131,7 +143,7 @@ def train_step(
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):
         window.add(batch)
-        loss = forward_summed_loss(engine, batch) * scale
+        loss = forward_summed_loss(engine, batch, label_smoothing) * scale
         engine.backward(loss)
         if log_grad_norm and index == len(micro_batches) - 1:
             own_grad_norm = gradient_norm(engine)
@@ -179,6 +191,23 @@ class NonFiniteGuard:
 
 
 @dataclass
+class EarlyStopping:
+    """Stop when `patience` evaluations in a row did not lower the best eval loss by more than `min_delta`."""
+
+    patience: int | None
+    min_delta: float
+    best: float = math.inf
+    stale: int = 0
+
+    def should_stop(self, eval_loss: float) -> bool:
+        if eval_loss < self.best - self.min_delta:
+            self.best, self.stale = eval_loss, 0
+        else:
+            self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
+
+
+@dataclass
 class LoopStart:
     """Where the loop begins: step 0, or a resumed checkpoint's position."""
 
@@ -212,6 +241,7 @@ def train(
     started_s, tokens_seen, best_eval = time.perf_counter(), start.tokens_seen, start.best_eval_loss
     step, stopped_by, checkpoint = start.step, None, None
     guard = NonFiniteGuard(config.max_nonfinite_steps, skipped_before=int(engine.skipped_steps))
+    early = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta, best=best_eval)
     while step < config.max_steps:
         step += 1
         is_last = step == config.max_steps
@@ -223,7 +253,9 @@ def train(
         cap = hooks.length_cap(step - 1)
         if cap is not None:
             micro_batches = [truncate_batch(b, cap) for b in micro_batches]
-        own_grad_norm = train_step(engine, micro_batches, world_size, window, is_log_step)
+        own_grad_norm = train_step(
+            engine, micro_batches, world_size, window, is_log_step, config.label_smoothing
+        )
         skipped = guard.check(int(engine.skipped_steps), step)
         if skipped:
             sink.message(f"step {step}: skipped (non-finite loss or gradient)")
@@ -233,21 +265,24 @@ def train(
             tokens_seen += log_window(
                 engine, window, step, own_grad_norm, tokens_seen, sink, hooks.throughput
             )
-        is_best = False
+        is_best = plateaued = False
         if step % config.eval_every == 0 or is_last:
             final_eval = evaluate(engine, eval_stream, config.eval_batches)
             is_best, best_eval = final_eval < best_eval, min(best_eval, final_eval)
+            plateaued = early.should_stop(final_eval)
             sink.log(step, {"eval_loss": final_eval, "eval_ppl": perplexity(final_eval)})
             sink.message(
                 f"step {step}: held-out loss {final_eval:.4f}, perplexity {perplexity(final_eval):.2f}"
             )
             window.start_s = time.perf_counter()  # evaluation time is not training throughput
         # No routine checkpoint right after a skipped step: the last one before it stays the newest.
-        if (step % config.save_every == 0 and not skipped) or is_last or stop:
+        # With early stopping, every new best is saved, so the best model is a checkpoint to keep.
+        keep_best = is_best and config.early_stopping.patience is not None
+        if (step % config.save_every == 0 and not skipped) or is_last or stop or plateaued or keep_best:
             checkpoint = hooks.save(step, tokens_seen, best_eval, is_best)
             window.start_s = time.perf_counter()
-        if stop:
-            stopped_by = "a stop signal"
+        if stop or plateaued:
+            stopped_by = "a stop signal" if stop else EARLY_STOP
             break
     return TrainResult(
         step, tokens_seen, time.perf_counter() - started_s, initial_eval, final_eval, checkpoint, stopped_by

@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +22,14 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lmscale import engine as ds_engine  # noqa: E402
-from lmscale.checkpoint import find_resume_checkpoint, load_checkpoint, mark_best, save_checkpoint  # noqa: E402
+from lmscale.checkpoint import (  # noqa: E402
+    ensure_universal,
+    find_resume_checkpoint,
+    load_checkpoint,
+    mark_best,
+    needs_universal,
+    save_checkpoint,
+)
 from lmscale.config import Config, load_config  # noqa: E402
 from lmscale.data import PreparedData, prepare_data  # noqa: E402
 from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap  # noqa: E402
@@ -32,10 +39,11 @@ from lmscale.errors import LmscaleError  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops  # noqa: E402
 from lmscale.model import build_model, count_parameters  # noqa: E402
-from lmscale.optim import build_optimizer, build_scheduler  # noqa: E402
+from lmscale.optim import build_optimizer  # noqa: E402
 from lmscale.rundir import check_output_dir, check_resume_compatible, truncate_metrics, write_run_files  # noqa: E402
+from lmscale.schedules import build_scheduler  # noqa: E402
 from lmscale.signals import StopRequest  # noqa: E402
-from lmscale.train import LoopHooks, LoopStart, perplexity, train  # noqa: E402
+from lmscale.train import EARLY_STOP, LoopHooks, LoopStart, perplexity, train  # noqa: E402
 
 
 def resolve_config(config_path: str | None, overrides: list[str], world_size: int) -> tuple[Config, dict]:
@@ -50,7 +58,11 @@ def throughput_model(config: Config, model: torch.nn.Module) -> ThroughputModel:
     peak = peak_tflops(device_name, config.metrics.peak_tflops)
     if peak is None:
         log.info("metrics: no peak TFLOP/s known for this device; set metrics.peak_tflops to log MFU/HFU")
-    return ThroughputModel(model_shape(model.config), activation_checkpointing=False, peak_tflops=peak)
+    return ThroughputModel(
+        model_shape(model.config),
+        activation_checkpointing=config.model.activation_checkpointing,
+        peak_tflops=peak,
+    )
 
 
 def check_packing_support(batching: str) -> None:
@@ -92,13 +104,31 @@ def batch_streams(
     return train_stream, eval_stream
 
 
+@dataclass
+class Resume:
+    checkpoint: Path | None
+    universal: bool  # re-partition ZeRO states written by another rank count
+
+
+def plan_resume(config: Config, ds_config: dict, force: bool, world_size: int) -> Resume:
+    """The checkpoint to resume from; one written by another rank count is converted first (before
+    the process group exists, so a long conversion cannot time out a collective)."""
+    checkpoint = None if force else find_resume_checkpoint(Path(config.output_dir), config.train.resume)
+    universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage)
+    if universal:
+        ensure_universal(checkpoint, world_size)
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return Resume(checkpoint, universal)
+
+
 def resume_point(
-    engine, train_stream, output_dir: Path, checkpoint: Path | None, is_rank_zero: bool
+    engine, train_stream, output_dir: Path, resume: Resume, is_rank_zero: bool, seed: int
 ) -> LoopStart:
     """Load the checkpoint to resume from (if any) and return where the loop starts."""
+    checkpoint = resume.checkpoint
     if checkpoint is None:
         return LoopStart()
-    state = load_checkpoint(engine, checkpoint)
+    state = load_checkpoint(engine, checkpoint, seed, resume.universal)
     if state["data_position"].get("streaming"):
         log.warning("resume: a streamed corpus starts its stream over; exact data position is not restored")
     else:
@@ -106,6 +136,16 @@ def resume_point(
     if is_rank_zero:
         truncate_metrics(output_dir, state["step"])
     log.info("resume: continuing from %s (step %d)", checkpoint, state["step"])
+    written, now = state["data_position"]["world_size"], torch.distributed.get_world_size()
+    if written != now:
+        log.warning(
+            "resume: checkpoint written by %d rank(s), continuing on %d: the epoch's unseen sequences are "
+            "re-planned for %d rank(s) (none skipped or repeated); a step now covers %d ranks' batches",
+            written,
+            now,
+            now,
+            now,
+        )
     return LoopStart(
         step=state["step"],
         tokens_seen=state["tokens_seen"],
@@ -141,17 +181,22 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     check_output_dir(output_dir, force, config.train.resume)
     if not force:
         check_resume_compatible(output_dir, config)
-    checkpoint = None if force else find_resume_checkpoint(output_dir, config.train.resume)
-    data = prepare_data(config.data, config.model.path, ds_engine.rank(), int(os.environ["WORLD_SIZE"]))
+    resume = plan_resume(config, ds_config, force, int(os.environ["WORLD_SIZE"]))
+    data = prepare_data(
+        config.data,
+        config.model.path,
+        ds_engine.rank(),
+        int(os.environ["WORLD_SIZE"]),
+        config.model.trust_remote_code,
+    )
     ds_engine.init_distributed()  # every rank has its data now: nothing slow happens inside a collective
     world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     torch.distributed.barrier()  # every rank has checked the run dir before rank 0 writes to it
+    ds_engine.release_shared_memory_names()  # every rank has mapped every buffer by now
     if is_rank_zero:
         write_run_files(config, ds_config, output_dir, force)
         data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
-    model = build_model(
-        config.model.preset, config.model.path, data.tokenizer, config.data.max_seq_len, config.seed
-    )
+    model = build_model(config.model, data.tokenizer, config.data.max_seq_len, config.seed)
     log.info(
         "model: %s, %.2fM parameters; %d rank(s), ZeRO-%d, %s",
         config.model.path or config.model.preset,
@@ -164,7 +209,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     engine = ds_engine.build_engine(model, optimizer, build_scheduler(optimizer, config.train), ds_config)
     check_packing_support(config.data.batching)
     train_stream, eval_stream = batch_streams(config, data, rank, world_size)
-    start = resume_point(engine, train_stream, output_dir, checkpoint, is_rank_zero)
+    start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config.seed)
     stop = StopRequest()
     stop.install()
     hooks = LoopHooks(
@@ -182,12 +227,12 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step
     )
     result = train(engine, train_stream, eval_stream, config.train, sink, hooks, start)
-    if result.stopped_by:
+    if result.stopped_by and result.stopped_by != EARLY_STOP:
         result.stopped_by = stop.signal_name
-    finish(result, sink, is_rank_zero, start)
+    finish(result, sink, is_rank_zero, start, config)
 
 
-def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart) -> None:
+def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, config: Config) -> None:
     """Summary table, W&B summary, and the closing line."""
     summary = {
         "steps": result.steps,
@@ -200,7 +245,14 @@ def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart) -> N
     sink.close(summary)
     if not is_rank_zero:
         return
-    if result.stopped_by:
+    if result.stopped_by == EARLY_STOP:
+        checkpoints = Path(config.output_dir) / "checkpoints"
+        best = checkpoints / (checkpoints / "best").read_text(encoding="utf-8").strip()
+        print(
+            f"early stopping at step {result.steps}: held-out loss did not improve for "
+            f"{config.train.early_stopping.patience} evaluations; best checkpoint {best}"
+        )
+    elif result.stopped_by:
         print(
             f"stopped by {result.stopped_by} at step {result.steps}; checkpoint {result.checkpoint}; "
             "run the same command again to resume"

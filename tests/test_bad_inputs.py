@@ -50,6 +50,16 @@ def jsonl(tmp_path: Path, name: str, lines: list[str]) -> str:
     return write(tmp_path, name, "\n".join(lines) + "\n")
 
 
+def checkpoint(run_dir: Path, step: int, marker: str) -> str:
+    """A checkpoint of another run whose rank-1 shard lost its tail after it was complete."""
+    path = run_dir / "checkpoints" / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"\0" * 10)
+    files = {"zero_pp_rank_1_mp_rank_00_optim_states.pt": 4096}
+    (path / "COMPLETE").write_text(marker.replace("%s", json.dumps(files)))
+    return str(path)
+
+
 # (case id, argv after `lmscale` ({run} = the existing run, {fresh} = a new output_dir, files filled in),
 #  fragments the one error line must hold)
 CASES = [
@@ -160,6 +170,20 @@ CASES = [
     ("missing hostfile", ["launch", "{run}", "--hostfile", "{missing}"], ["does not exist"]),
     ("no ranks", ["launch", "--nproc", "0", "{run}"], ["--nproc 0"]),
     ("report of no run", ["report", "{tmp}"], ["has no metrics.jsonl"]),
+    (
+        "truncated checkpoint shard",
+        ["train", "{run}", "train.resume={truncated_checkpoint}"],
+        [
+            "is damaged",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt has 10 bytes of the 4096 written",
+            "delete",
+        ],
+    ),
+    (
+        "unreadable checkpoint marker",
+        ["train", "{run}", "train.resume={garbled_checkpoint}"],
+        ["unreadable COMPLETE marker", "delete"],
+    ),
 ]
 
 
@@ -186,6 +210,10 @@ def test_bad_input(tmp_path, run_dir, capsys, argv, fragments):
         "bad_tokenizer": str(tmp_path / "tokenizer"),
         "bad_hostfile": write(tmp_path, "hostfile", "node1 slots=2\nnode2 slots two\n"),
     }
+    files["truncated_checkpoint"] = checkpoint(
+        tmp_path / "other", 4, '{"step": 4, "world_size": 2, "files": %s}'
+    )
+    files["garbled_checkpoint"] = checkpoint(tmp_path / "other", 2, '{"step": 2, "world_')
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "tokenizer.json").write_text("{ truncated")
     before = snapshot(run_dir)

@@ -1,47 +1,61 @@
-import math
-
 import pytest
 import torch
+from conftest import tiny_gpt2_config
 
 from lmscale.config import TrainConfig
-from lmscale.optim import build_scheduler, parameter_groups, warmup_cosine_lr
+from lmscale.optim import build_optimizer, parameter_groups
 
 
-def test_warmup_is_linear_to_peak():
-    values = [warmup_cosine_lr(s, lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100) for s in range(10)]
-    assert values == pytest.approx([(s + 1) / 10 for s in range(10)])
-
-
-def test_cosine_reaches_min_lr_and_its_midpoint():
-    assert warmup_cosine_lr(10, 1.0, 0.1, 10, 110) == pytest.approx(1.0)
-    assert warmup_cosine_lr(60, 1.0, 0.1, 10, 110) == pytest.approx(0.55)
-    assert warmup_cosine_lr(110, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
-    assert warmup_cosine_lr(500, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
-
-
-def test_scheduler_follows_the_pure_function():
-    train = TrainConfig(lr=0.5, min_lr=0.05, warmup_steps=3, max_steps=20)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
-    scheduler = build_scheduler(optimizer, train)
-    seen = []
-    for _ in range(20):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    expected = [warmup_cosine_lr(s, 0.5, 0.05, 3, 20) for s in range(20)]
-    assert seen == pytest.approx(expected)
-    assert not any(math.isnan(v) for v in seen)
+def toy_model():
+    return torch.nn.ModuleDict(
+        {"wte": torch.nn.Embedding(10, 4), "proj": torch.nn.Linear(4, 4), "ln": torch.nn.LayerNorm(4)}
+    )
 
 
 def test_no_decay_on_biases_norms_and_embeddings():
-    model = torch.nn.ModuleDict(
-        {
-            "wte": torch.nn.Embedding(10, 4),
-            "proj": torch.nn.Linear(4, 4),
-            "ln": torch.nn.LayerNorm(4),
-        }
+    decay, no_decay = sorted(
+        parameter_groups(toy_model(), TrainConfig(weight_decay=0.1)), key=lambda g: -g["weight_decay"]
     )
-    decay, no_decay = parameter_groups(model, weight_decay=0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4  # embedding, linear bias, norm weight and bias
+
+
+def test_exemptions_are_configurable():
+    groups = parameter_groups(toy_model(), TrainConfig(weight_decay=0.1, no_weight_decay=["bias"]))
+    decayed = [p.shape for g in groups if g["weight_decay"] for p in g["params"]]
+    # embedding, linear weight, and the norm's weight and bias: only the linear's bias is exempt
+    assert sorted(decayed) == sorted([torch.Size(s) for s in ([10, 4], [4, 4], [4], [4])])
+
+
+def test_layer_lr_decay_gives_lower_layers_geometrically_smaller_lrs():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_gpt2_config(64))  # 2 blocks
+    groups = parameter_groups(model, TrainConfig(lr=1.0, layer_lr_decay=0.5))
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["transformer.ln_f.weight"])] == 1.0  # the top
+    assert lr_of[id(named["transformer.h.1.attn.c_attn.weight"])] == 0.5
+    assert lr_of[id(named["transformer.h.0.mlp.c_fc.weight"])] == 0.25
+    assert lr_of[id(named["transformer.wte.weight"])] == 0.125  # embeddings (tied to the head) at the bottom
+    assert sum(len(g["params"]) for g in groups) == len(named)  # every parameter once
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "lamb", "sgd"])
+def test_every_optimizer_reduces_a_simple_loss(name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    inputs = torch.randn(64, 8)
+    targets = inputs.sum(dim=1, keepdim=True)
+    optimizer = build_optimizer(
+        model, TrainConfig(optimizer=name, lr=1e-2, weight_decay=0.0), cpu_offload=False
+    )
+    first = None
+    for _ in range(100):
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first, (name, first, loss.item())

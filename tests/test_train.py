@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -143,8 +144,13 @@ def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
         "zero.stage=2 data.streaming=true data.shuffle_buffer=300 data.tokenizer_docs=300",
     ],
 )
+def shared_memory_files():
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
 def test_two_cpu_ranks_learn_under_zero(tmp_path, cache_dir, zero):
     out = tmp_path / "run"
+    shared_before = shared_memory_files()
     result = run_lmscale(
         "launch",
         "--nproc",
@@ -160,6 +166,7 @@ def test_two_cpu_ranks_learn_under_zero(tmp_path, cache_dir, zero):
     assert result.returncode == 0, result.stderr[-3000:]
     assert_learned(out, world_size=2)
     assert not (out / "wandb").exists()
+    assert shared_memory_files() <= shared_before  # DeepSpeed's CPU all-reduce buffers are not left behind
 
 
 def test_deepspeed_launcher_runs_the_entry_script(tmp_path, cache_dir):

@@ -48,24 +48,30 @@ def choose_tokenizer(
     train_docs: Dataset,
     cache_dir: str,
     corpus_key: str | None = None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedTokenizerBase:
     """data.tokenizer, else the pretrained model's own, else a BPE trained on the training documents."""
     if config.tokenizer:
-        return local_tokenizer(config.tokenizer, "data.tokenizer")
+        return local_tokenizer(config.tokenizer, "data.tokenizer", trust_remote_code)
     if tokenizer_path:
-        return local_tokenizer(tokenizer_path, "model.path")
+        return local_tokenizer(tokenizer_path, "model.path", trust_remote_code)
     return trained_tokenizer(train_docs, config.vocab_size, cache_dir, corpus_key)
 
 
 def prepare_streaming_data(
-    config: DataConfig, tokenizer_path: str | None, cache_dir: Path, rank: int, world_size: int
+    config: DataConfig,
+    tokenizer_path: str | None,
+    cache_dir: Path,
+    rank: int,
+    world_size: int,
+    trust_remote_code: bool,
 ) -> PreparedData:
     """The streaming pipeline: nothing is tokenized up front but the held-out set."""
     documents = stream_documents(config)
     with FileLock(str(cache_dir / "prepare.lock")):
         sample = documents.tokenizer_sample
         tokenizer = choose_tokenizer(
-            config, tokenizer_path, sample, str(cache_dir), sample_fingerprint(sample)
+            config, tokenizer_path, sample, str(cache_dir), sample_fingerprint(sample), trust_remote_code
         )
     held_out = tokenize_documents(documents.eval, tokenizer, config.max_seq_len, 1, "eval")
     return PreparedData(
@@ -74,10 +80,14 @@ def prepare_streaming_data(
 
 
 def prepare_data(
-    config: DataConfig, tokenizer_path: str | None = None, rank: int = 0, world_size: int = 1
+    config: DataConfig,
+    tokenizer_path: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    trust_remote_code: bool = False,
 ) -> PreparedData:
     """Load, tokenize and cache the corpus; `tokenizer_path` (a pretrained model's directory) is used
-    when `data.tokenizer` is unset.
+    when `data.tokenizer` is unset; `trust_remote_code` lets a tokenizer directory run its own code.
 
     Every rank calls this before the process group exists; a file lock lets the first rank do the
     work while the others wait and then read the cache, so no rank sits in a collective with a timeout.
@@ -90,10 +100,12 @@ def prepare_data(
             f"data.cache_dir={config.cache_dir} cannot be created ({exc.strerror}): choose a writable path"
         ) from None
     if config.streaming:
-        return prepare_streaming_data(config, tokenizer_path, cache_dir, rank, world_size)
+        return prepare_streaming_data(config, tokenizer_path, cache_dir, rank, world_size, trust_remote_code)
     with FileLock(str(cache_dir / "prepare.lock")):
         train_docs, eval_docs = clean_splits(config, str(cache_dir))
-        tokenizer = choose_tokenizer(config, tokenizer_path, train_docs, str(cache_dir))
+        tokenizer = choose_tokenizer(
+            config, tokenizer_path, train_docs, str(cache_dir), trust_remote_code=trust_remote_code
+        )
         train = tokenize_documents(train_docs, tokenizer, config.max_seq_len, config.num_proc, "train")
         held_out = tokenize_documents(eval_docs, tokenizer, config.max_seq_len, config.num_proc, "eval")
     if len(train) == 0 or len(held_out) == 0:
@@ -105,3 +117,12 @@ def prepare_data(
         config.max_seq_len,
     )
     return PreparedData(train=train, eval=held_out, tokenizer=tokenizer)
+
+
+def prepare_held_out(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Only the held-out split, tokenized with `tokenizer` (offline evaluation; nothing is trained)."""
+    cache_dir = Path(config.cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / "prepare.lock")):
+        _, eval_docs = clean_splits(config, str(cache_dir))
+        return tokenize_documents(eval_docs, tokenizer, config.max_seq_len, config.num_proc, "eval")

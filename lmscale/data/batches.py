@@ -15,7 +15,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lmscale.data.bucketing import FILLER, EpochPlan, plan_epoch
+from lmscale.data.bucketing import FILLER, EpochPlan, plan_resumed_epoch
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +223,17 @@ class BatchStream:
         # Lengths were stored at tokenization time: reading the column is all start-up costs.
         self.lengths = np.asarray(sequences.data.column("length").to_numpy(), dtype=np.int64)
         self.epoch, self.cursor = 0, 0
+        # [world_size, cursor] of earlier parts of this epoch that ran on other rank counts
+        self.segments: list[list[int]] = []
 
     def plan(self, epoch: int) -> EpochPlan:
         s = self.settings
-        return plan_epoch(
+        return plan_resumed_epoch(
             self.lengths,
             self.world_size,
             self.seed,
             epoch,
+            self.segments if epoch == self.epoch else [],
             mode=s.batching,
             max_tokens=s.max_tokens_per_batch,
             rows=s.micro_batch_size,
@@ -262,10 +265,22 @@ class BatchStream:
                     1  # counted as consumed once handed out, so a checkpoint after it resumes past it
                 )
                 yield batch
-            self.epoch, self.cursor = self.epoch + 1, 0
+            self.epoch, self.cursor, self.segments = self.epoch + 1, 0, []
 
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor, "world_size": self.world_size}
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "world_size": self.world_size,
+            "segments": self.segments,
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` stopped, also when it was written by a different number of ranks."""
         self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]
+        self.segments = [list(part) for part in state.get("segments", [])]
+        if state["world_size"] != self.world_size:
+            # The groups done so far were planned for the old rank count: plan what they left anew.
+            self.segments.append([state["world_size"], self.cursor])
+            self.cursor = 0

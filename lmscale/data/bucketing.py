@@ -135,3 +135,42 @@ def plan_epoch(
     row_targets = np.append(row_targets, 0)  # FILLER (-1) reads this 0: a filler row has no targets
     targets = np.array([sum(int(row_targets[b].sum()) for b in group) for group in groups], dtype=np.int64)
     return EpochPlan(groups=groups, group_targets=targets, packed_rows=packed)
+
+
+def plan_subset(
+    lengths: np.ndarray, sequence_ids: np.ndarray, world_size: int, seed: int, epoch: int, **kw
+) -> EpochPlan:
+    """`plan_epoch` over only the sequences `sequence_ids`, with batches naming the original indices."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sub = plan_epoch(lengths[sequence_ids], world_size, seed, epoch, **kw)
+    if sub.packed_rows is not None:  # batches name packed rows; the rows name sequences
+        packed = [sequence_ids[row] for row in sub.packed_rows]
+        return EpochPlan(groups=sub.groups, group_targets=sub.group_targets, packed_rows=packed)
+    original = np.append(sequence_ids, FILLER)  # index FILLER (-1) maps to FILLER
+    groups = [[original[batch] for batch in group] for group in sub.groups]
+    return EpochPlan(groups=groups, group_targets=sub.group_targets)
+
+
+def consumed_sequences(plan: EpochPlan, cursor: int) -> np.ndarray:
+    """The sequences the first `cursor` groups of a plan cover, on all ranks."""
+    rows = [
+        plan.row_sequences(int(r)) for group in plan.groups[:cursor] for b in group for r in b if r != FILLER
+    ]
+    return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+
+
+def plan_resumed_epoch(
+    lengths: np.ndarray, world_size: int, seed: int, epoch: int, segments: list[list[int]], **kw
+) -> EpochPlan:
+    """The rest of an epoch whose earlier part ran on other rank counts.
+
+    `segments` lists `[world_size, cursor]` of each earlier part, oldest first: each part planned what
+    was left with its own rank count and consumed its first `cursor` groups. What all parts left is
+    planned for `world_size` ranks, so across a change of rank count no sequence is skipped or repeated.
+    With no segments this is exactly `plan_epoch`.
+    """
+    remaining = np.arange(len(lengths))
+    for part_world_size, part_cursor in segments:
+        part = plan_subset(lengths, remaining, part_world_size, seed, epoch, **kw)
+        remaining = np.setdiff1d(remaining, consumed_sequences(part, part_cursor))
+    return plan_subset(lengths, remaining, world_size, seed, epoch, **kw)

@@ -56,10 +56,10 @@ def trained_tokenizer(
     return tokenizer
 
 
-def local_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
+def local_tokenizer(path: str, key: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load an HF tokenizer directory (named by config `key` in errors), adding a PAD token if it lacks one."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises several types for a bad directory
         raise ConfigError(
             f"{key}={path} holds no loadable tokenizer ({type(exc).__name__}): save one there with "

@@ -2,7 +2,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmscale.data.bucketing import FILLER, divide_among_ranks, plan_epoch
+from lmscale.data.bucketing import (
+    FILLER,
+    consumed_sequences,
+    divide_among_ranks,
+    plan_epoch,
+    plan_resumed_epoch,
+)
 
 lengths_strategy = st.lists(st.integers(min_value=2, max_value=64), min_size=1, max_size=300)
 
@@ -73,3 +79,38 @@ def test_pack_plan_properties(lengths, world_size, seed):
     assert all(lengths[plan.row_sequences(r)].sum() <= 64 for r in rows)
     assert all(len(b) <= 256 // 64 for g in plan.groups for b in g)
     assert plan.group_targets.sum() == (lengths - 1).sum()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=lengths_strategy,
+    rank_counts=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+    fractions=st.lists(st.floats(0, 1), min_size=3, max_size=3),
+    mode=st.sampled_from(["bucket", "pack", "pad"]),
+)
+def test_an_epoch_resumed_on_other_rank_counts_covers_every_sequence_once(
+    lengths, rank_counts, fractions, mode
+):
+    lengths = np.array(lengths)
+    options = {"mode": mode, "max_tokens": 256, "rows": 3, "max_seq_len": 64}
+    segments, seen = [], []
+    for world_size, fraction in zip(rank_counts[:-1], fractions, strict=False):
+        part = plan_resumed_epoch(lengths, world_size, 5, 0, segments, **options)
+        cursor = int(fraction * len(part))
+        seen += consumed_sequences(part, cursor).tolist()
+        segments.append([world_size, cursor])
+    rest = plan_resumed_epoch(lengths, rank_counts[-1], 5, 0, segments, **options)
+    seen += consumed_sequences(rest, len(rest)).tolist()
+    assert sorted(seen) == list(range(len(lengths)))
+    assert all(len(group) == rank_counts[-1] for group in rest.groups)
+
+
+def test_a_resumed_epoch_without_earlier_parts_is_the_plain_plan():
+    lengths = np.random.default_rng(0).integers(2, 64, 200)
+    for mode in ("bucket", "pack", "pad"):
+        plain = plan_epoch(lengths, 2, 1, 3, mode=mode, max_tokens=256, rows=3, max_seq_len=64)
+        resumed = plan_resumed_epoch(lengths, 2, 1, 3, [], mode=mode, max_tokens=256, rows=3, max_seq_len=64)
+        assert [[b.tolist() for b in g] for g in resumed.groups] == [
+            [b.tolist() for b in g] for g in plain.groups
+        ]
+        assert resumed.group_targets.tolist() == plain.group_targets.tolist()

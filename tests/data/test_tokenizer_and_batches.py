@@ -139,4 +139,32 @@ def test_stream_resumes_mid_epoch_with_exactly_the_unseen_batches(tmp_path):
     resumed.load_state_dict(state)
     rest = [b["input_ids"].tolist() for _, b in zip(range(per_epoch - 5 + 3), resumed, strict=False)]
     assert rest == seen[5:]
-    assert resumed.state_dict() == {"seed": 3, "epoch": 1, "cursor": 3, "world_size": 1}
+    assert resumed.state_dict() == {"seed": 3, "epoch": 1, "cursor": 3, "world_size": 1, "segments": []}
+
+
+def test_stream_written_by_two_ranks_resumes_on_one_without_skipping_or_repeating(tmp_path):
+    config = DataConfig(
+        path=str(small_corpus(tmp_path, n=200)), vocab_size=300, max_seq_len=32, cache_dir=str(tmp_path / "c")
+    )
+    data = prepare_data(config)
+    settings = BatchSettings(
+        batching="bucket", max_tokens_per_batch=96, micro_batch_size=4, max_seq_len=32, num_workers=0
+    )
+    ranks = [BatchStream(data.train, settings, rank=r, world_size=2, seed=3, pad_id=0) for r in (0, 1)]
+    done = 4
+    streams = [iter(stream) for stream in ranks]
+    seen = [next(it) for _ in range(done) for it in streams]
+    state = ranks[0].state_dict()
+    assert state["cursor"] == done and state["world_size"] == 2
+
+    alone = BatchStream(data.train, settings, rank=0, world_size=1, seed=3, pad_id=0)
+    alone.load_state_dict(state)
+    assert alone.state_dict()["segments"] == [[2, done]] and alone.cursor == 0
+    batches = iter(alone)
+    rest = [next(batches) for _ in range(len(alone.plan(0)))]
+    next(batches)  # the next epoch is planned for one rank as usual
+    assert alone.state_dict() == {"seed": 3, "epoch": 1, "cursor": 1, "world_size": 1, "segments": []}
+    rows = sum(batch["sequences"] for batch in seen + rest)
+    assert rows == len(data.train)  # every sequence once: none skipped, none repeated
+    tokens = sum(batch["real_tokens"] for batch in seen + rest)
+    assert tokens == int(sum(data.train["length"]))

@@ -1,0 +1,132 @@
+"""`lmscale eval TARGET`: held-out loss, perplexity and prediction entropy of a trained model, and
+BLEU / ROUGE on a jsonl of prompt/reference pairs.
+
+Held-out data is the run's own split (from the exported `lmscale.yaml`, or the run's `config.yaml`)
+unless `--data` names a file, which is then evaluated whole. Scoring uses `sacrebleu` and
+`rouge-score`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmscale.config import Config, build_config
+from lmscale.data import prepare_held_out
+from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
+from lmscale.errors import LmscaleError
+from lmscale.inference import Sampling, generate_text, load_for_inference
+from lmscale.train import summed_token_loss
+
+
+def evaluation_config(target: Path, data: str | None) -> Config:
+    """The data settings of the run that produced `target` (defaults when unknown), with `--data`."""
+    from lmscale.export import RUN_CONFIG
+
+    for name in (RUN_CONFIG, "config.yaml"):
+        if (target / name).is_file():
+            import yaml
+
+            config = build_config(yaml.safe_load((target / name).read_text(encoding="utf-8")))
+            break
+    else:
+        config = Config()
+    if data:
+        # the whole file is the held-out set
+        config = config.model_copy(
+            update={"data": config.data.model_copy(update={"path": data, "eval_path": data})}
+        )
+    return config
+
+
+@torch.no_grad()
+def held_out_scores(
+    model, sequences, config: Config, pad_id: int, max_batches: int | None
+) -> dict[str, float]:
+    """Loss per target token, perplexity, and mean entropy (nats) of the predicted distributions."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # right padding needs no attention mask for a causal LM; skip the hint
+    settings = BatchSettings("bucket", config.data.max_tokens_per_batch, 1, config.data.max_seq_len, 0)
+    stream = BatchStream(sequences, settings, 0, 1, config.seed, pad_id, shuffle=False)
+    loss_sum = entropy_sum = targets = 0.0
+    for batch in stream.loader(0, 0, max_batches):
+        logits = model(input_ids=batch["input_ids"]).logits.float()
+        loss_sum += summed_token_loss(logits, batch["labels"]).item()
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        entropy_sum += entropy[mask].sum().item()
+        targets += mask.sum().item()
+    if not targets:
+        raise LmscaleError("the held-out data has no tokens to score: give --data a file with text")
+    loss = loss_sum / targets
+    return {
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 50.0)),
+        "mean_entropy": entropy_sum / targets,
+        "eval_tokens": int(targets),
+    }
+
+
+def read_tasks(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise LmscaleError(f"--tasks {path} does not exist: give a jsonl of prompt/reference pairs")
+    tasks = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise LmscaleError(f"--tasks {path} line {number} is not JSON: fix or remove that line") from None
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("prompt"), str)
+            or not isinstance(record.get("reference"), str)
+        ):
+            raise LmscaleError(f"--tasks {path} line {number} needs string fields 'prompt' and 'reference'")
+        tasks.append(record)
+    if not tasks:
+        raise LmscaleError(f"--tasks {path} is empty: add prompt/reference lines")
+    return tasks
+
+
+def generation_scores(model, tokenizer, tasks: list[dict[str, str]]) -> dict[str, float]:
+    """Greedy continuations scored against the references: corpus BLEU (sacrebleu) and mean ROUGE F1."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    hypotheses = []
+    for task in tasks:
+        length = max(1, len(tokenizer(task["reference"])["input_ids"]))
+        sampling = Sampling(max_new_tokens=length, temperature=0.0)
+        hypotheses.append(generate_text(model, tokenizer, task["prompt"], sampling).strip())
+    references = [task["reference"] for task in tasks]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    rouge = [scorer.score(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
+    return {
+        "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+        "rouge1": sum(r["rouge1"].fmeasure for r in rouge) / len(rouge),
+        "rougeL": sum(r["rougeL"].fmeasure for r in rouge) / len(rouge),
+        "tasks": len(tasks),
+    }
+
+
+def evaluate_target(
+    target: Path, data: str | None = None, tasks: Path | None = None, max_batches: int | None = None
+) -> dict[str, Any]:
+    """Every score `lmscale eval` reports for a model directory or a run directory."""
+    if not target.is_dir():
+        raise LmscaleError(f"{target} does not exist: pass an exported model directory or a run's output_dir")
+    model, tokenizer = load_for_inference(target)
+    config = evaluation_config(target, data)
+    sequences = prepare_held_out(config.data, tokenizer)
+    scores = held_out_scores(model, sequences, config, tokenizer.pad_token_id, max_batches)
+    if tasks is not None:
+        scores.update(generation_scores(model, tokenizer, read_tasks(tasks)))
+    return scores

@@ -1,0 +1,104 @@
+"""`lmscale export RUN_DIR --out DIR`: a checkpoint of any ZeRO stage as an HF `save_pretrained` model.
+
+ZeRO 1-3 shards are consolidated by DeepSpeed's own `zero_to_fp32` machinery (fp32 master weights,
+whatever the number of ranks); a ZeRO-0 checkpoint holds the whole module and is read directly with
+`torch.load(weights_only=True)`. The model is rebuilt from the run's `config.yaml`, so the exported
+directory loads with `AutoModelForCausalLM.from_pretrained` and carries the run's tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from lmscale.checkpoint import complete_checkpoints, verify_checkpoint
+from lmscale.config import Config, build_config
+from lmscale.data.tokenizer import local_tokenizer
+from lmscale.errors import LmscaleError
+from lmscale.model import build_model
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "lmscale.yaml"  # the run's config, kept beside an exported model for `lmscale eval`
+
+
+def run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise LmscaleError(f"{run_dir} has no config.yaml: pass the output_dir of an lmscale run")
+    return build_config(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
+    """The named checkpoint (a tag, `best`, or a path), else the newest complete one."""
+    directory = run_dir / "checkpoints"
+    if checkpoint == "best":
+        if not (directory / "best").is_file():
+            raise LmscaleError(f"{run_dir} has no best checkpoint marked: export the latest one instead")
+        checkpoint = (directory / "best").read_text(encoding="utf-8").strip()
+    if checkpoint:
+        path = Path(checkpoint) if Path(checkpoint).is_dir() else directory / checkpoint
+        if not (path / "COMPLETE").is_file():
+            raise LmscaleError(
+                f"checkpoint {checkpoint} is not a complete checkpoint of {run_dir}: pick another"
+            )
+        return verify_checkpoint(path)
+    found = complete_checkpoints(directory)
+    if not found:
+        raise LmscaleError(f"{run_dir} has no complete checkpoint: train it first (lmscale train)")
+    return verify_checkpoint(found[-1])
+
+
+def consolidated_weights(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a checkpoint written by any number of ranks."""
+    if zero_stage == 0:
+        states = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
+        return {name: tensor.float() for name, tensor in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):
+    """The run's model with the checkpoint's weights, and the run's tokenizer."""
+    tokenizer = local_tokenizer(str(run_dir / "tokenizer"), "the run's tokenizer")
+    options = config.model.model_copy(update={"activation_checkpointing": False})
+    model = build_model(options, tokenizer, config.data.max_seq_len, config.seed)
+    weights = consolidated_weights(checkpoint, config.zero.stage)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied_keys = getattr(model, "_tied_weights_keys", None) or {}
+    tied = {name for name in missing if name in tied_keys}
+    if unexpected or set(missing) - tied - {"lm_head.weight"}:
+        raise LmscaleError(
+            f"{checkpoint} does not fit the model in {run_dir}/config.yaml (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}): export it with the config it was trained with"
+        )
+    model.tie_weights()
+    model.config.use_cache = True  # the exported model is for inference
+    return model.eval(), tokenizer
+
+
+def export(run_dir: Path, out: Path, checkpoint: str | None = None, force: bool = False) -> Path:
+    """Write the checkpoint as an HF model directory (atomically: `out` appears only when complete)."""
+    if out.exists() and any(out.iterdir()) and not force:
+        raise LmscaleError(f"{out} already exists and is not empty: choose another --out, or pass --force")
+    config = run_config(run_dir)
+    chosen = pick_checkpoint(run_dir, checkpoint)
+    model, tokenizer = load_trained_model(run_dir, chosen, config)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    (partial / RUN_CONFIG).write_text((run_dir / "config.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    log.info("export: %s -> %s", chosen, out)
+    return chosen

@@ -1,0 +1,66 @@
+"""Loading a trained model for inference, and sampling text from it (`lmscale generate`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from lmscale.data.tokenizer import local_tokenizer
+from lmscale.errors import LmscaleError
+
+
+def load_for_inference(target: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """An exported HF model directory, or a run directory (its newest complete checkpoint)."""
+    if (target / "config.json").is_file():
+        tokenizer = local_tokenizer(str(target), str(target))
+        return AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval(), tokenizer
+    if (target / "config.yaml").is_file():
+        from lmscale.export import load_trained_model, pick_checkpoint, run_config
+
+        return load_trained_model(target, pick_checkpoint(target, None), run_config(target))
+    raise LmscaleError(
+        f"{target} is neither a model directory (config.json) nor an lmscale run (config.yaml): "
+        "pass the --out of lmscale export, or a run's output_dir"
+    )
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 100
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = off
+    top_p: float = 0.95  # 1 = off
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise LmscaleError(
+                f"sampling settings {self}: need max_new_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1"
+            )
+
+
+@torch.no_grad()
+def generate_text(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, sampling: Sampling
+) -> str:
+    """The prompt's continuation (without the prompt), sampled by HF `generate`."""
+    sampling.check()
+    torch.manual_seed(sampling.seed)
+    encoded = tokenizer(prompt, return_tensors="pt")
+    inputs = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+    if inputs["input_ids"].shape[1] == 0:
+        raise LmscaleError("the prompt is empty: give --prompt some text")
+    greedy = sampling.temperature == 0
+    output = model.generate(
+        **inputs,
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature,
+        top_k=None if greedy else sampling.top_k,
+        top_p=None if greedy else sampling.top_p,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
