@@ -30,15 +30,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(train)
     launch = commands.add_parser("launch", help="train on several ranks/nodes through the deepspeed launcher")
     _add_run_arguments(launch)
-    launch.add_argument("--nproc", type=int, default=1, help="ranks per node (GPUs, or CPU processes)")
+    launch.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks per node: GPUs or CPU processes (default 1, or the hostfile's slots)",
+    )
     launch.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines) for several nodes")
     launch.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    launch.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help="with --hostfile: start only this node's ranks, no ssh (run on each node)",
+    )
+    launch.add_argument("--master-addr", help="with --node-rank: the address of node 0")
     report = commands.add_parser(
         "report", help="print a run's summary and write PNG plots next to metrics.jsonl"
     )
     report.add_argument("run_dir", help="the output_dir of an lmscale run")
     _add_tool_commands(commands)
+    _add_slurm_commands(commands)
     return parser
+
+
+def _add_slurm_commands(commands) -> None:
+    slurm = commands.add_parser("slurm", help="SLURM batch jobs: submit, status, cancel")
+    actions = slurm.add_subparsers(dest="slurm_command", required=True)
+    submit = actions.add_parser("submit", help="render the sbatch script into the run dir and submit it")
+    submit.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
+    submit.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    submit.add_argument("--nodes", type=int, default=1, help="nodes to allocate")
+    submit.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node = ranks per node")
+    submit.add_argument(
+        "--cpu", action="store_true", help="CPU ranks: request no GPUs (--gpus-per-node ranks each)"
+    )
+    submit.add_argument("--cpus-per-task", type=int, help="CPUs for each node's task (all its ranks)")
+    submit.add_argument("--partition", help="SLURM partition")
+    submit.add_argument("--account", help="SLURM account")
+    submit.add_argument("--time", help="time limit, e.g. 24:00:00")
+    submit.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=120,
+        help="send USR1 this long before the time limit (checkpoint)",
+    )
+    submit.add_argument("--master-port", type=int, help="rendezvous port (default: 20000 + job id % 20000)")
+    submit.add_argument("--job-name", default="lmscale")
+    submit.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    for name, text in (
+        ("status", "the run's job: queued, running, or how it ended"),
+        ("cancel", "scancel the run's job"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("run_dir", help="the output_dir of the submitted run")
 
 
 def _add_tool_commands(commands) -> None:
@@ -90,18 +135,41 @@ def _launch(args: argparse.Namespace) -> int:
 
     configure_console(is_rank_zero=True)
     config_path, overrides = split_config_and_overrides(args)
-    if args.nproc < 1:
-        raise LmscaleError(f"--nproc {args.nproc} must be at least 1")
+    node, world_size = _launch_topology(args)
     # Validate here, once, so a bad config fails before any rank starts.
-    config, _ = worker.resolve_config(config_path, overrides, world_size=args.nproc)
+    config, _ = worker.resolve_config(config_path, overrides, world_size=world_size)
     rundir.check_output_dir(Path(config.output_dir), args.force, config.train.resume)
     if not args.force:
         rundir.check_resume_compatible(Path(config.output_dir), config)
         find_resume_checkpoint(Path(config.output_dir), config.train.resume)
+    if args.master_port is not None and (node is None or node.node_rank == 0):
+        launch.check_port_free(args.master_port)
     command = launch.deepspeed_command(
-        args.nproc, config_path, overrides, args.hostfile, args.force, args.master_port or free_port()
+        args.nproc, config_path, overrides, args.hostfile, args.force, args.master_port or free_port(), node
     )
     return launch.run_deepspeed(command)
+
+
+def _launch_topology(args: argparse.Namespace):
+    """(this node's no-ssh launch or None, total ranks), with the hostfile and flags checked."""
+    from lmscale import launch
+
+    if args.nproc is not None and args.nproc < 1:
+        raise LmscaleError(f"--nproc {args.nproc} must be at least 1")
+    if args.hostfile is None:
+        if args.node_rank is not None:
+            raise LmscaleError("--node-rank needs --hostfile (the list of all nodes, the same file on each)")
+        return None, args.nproc or 1
+    hosts = launch.read_hostfile(Path(args.hostfile))
+    world_size = launch.ranks_in(hosts, args.nproc)
+    if args.node_rank is None:
+        launch.check_reachable(list(hosts))
+        return None, world_size
+    if not 0 <= args.node_rank < len(hosts) or not args.master_addr:
+        raise LmscaleError(
+            f"--node-rank {args.node_rank} needs 0 <= rank < {len(hosts)} (the hostfile's hosts) and --master-addr"
+        )
+    return launch.NodeLaunch(args.node_rank, args.master_addr), world_size
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -167,6 +235,57 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slurm(args: argparse.Namespace) -> int:
+    from lmscale import rundir, slurm
+
+    if args.slurm_command == "status":
+        print(slurm.status(Path(args.run_dir)))
+        return 0
+    if args.slurm_command == "cancel":
+        print(f"cancelled job {slurm.cancel(Path(args.run_dir))}")
+        return 0
+    config_path, overrides = split_config_and_overrides(args)
+    job = slurm.SlurmJob(
+        run_dir=Path("."),
+        config_path=config_path,
+        overrides=overrides,
+        nodes=args.nodes,
+        ranks_per_node=args.gpus_per_node,
+        cpu=args.cpu,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        account=args.account,
+        time=args.time,
+        signal_seconds=args.signal_seconds,
+        master_port=args.master_port,
+        job_name=args.job_name,
+    )
+    job.check()
+    config = _validated_for(job)
+    job.run_dir = Path(config.output_dir).resolve()
+    script = slurm.render(job)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    rundir.check_output_dir(job.run_dir, False, config.train.resume)
+    rundir.check_resume_compatible(job.run_dir, config)
+    job_id = slurm.submit(job, script)
+    print(
+        f"submitted job {job_id}: log {job.run_dir / 'slurm' / (job_id + '.out')}; "
+        f"lmscale slurm status {job.run_dir}"
+    )
+    return 0
+
+
+def _validated_for(job):
+    """The config, checked for the job's rank count (batch sizes) and device (fp16 needs GPUs)."""
+    from lmscale.config import load_config
+    from lmscale.ds_config import resolve
+
+    config, explicit = load_config(job.config_path, job.overrides)
+    return resolve(config, explicit, job.nodes * job.ranks_per_node, has_gpu=not job.cpu)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -177,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": _export,
         "eval": _eval,
         "generate": _generate,
+        "slurm": _slurm,
     }
     try:
         return handlers[args.command](args)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmscale.errors import ConfigError
@@ -20,12 +22,16 @@ LAUNCHER_SCRIPT = Path(__file__).resolve().parent.parent / "launcher" / "train.p
 HOSTFILE_LINE = re.compile(r"^\S+\s+slots=[1-9]\d*$")
 
 
-def check_hostfile(path: Path) -> None:
-    """A DeepSpeed hostfile: `hostname slots=N` per line (# comments, blank lines allowed); checked up front."""
+def read_hostfile(path: Path) -> dict[str, int]:
+    """A DeepSpeed hostfile as {host: slots}: `hostname slots=N` per line (# comments, blank lines allowed)."""
     if not path.is_file():
         raise ConfigError(f"hostfile {path} does not exist: give a file of 'host slots=N' lines")
-    hosts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"hostfile {path} cannot be read ({exc.strerror}): fix its permissions") from None
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
@@ -33,20 +39,75 @@ def check_hostfile(path: Path) -> None:
             raise ConfigError(
                 f"hostfile {path} line {number} ({text!r}) is not 'host slots=N': fix that line"
             )
-        hosts.append(text.split()[0])
+        host, slots = text.split()
+        if host in hosts:
+            raise ConfigError(f"hostfile {path} names a host twice: list each host once")
+        hosts[host] = int(slots.split("=")[1])
     if not hosts:
         raise ConfigError(f"hostfile {path} names no hosts: add 'host slots=N' lines")
-    if len(set(hosts)) != len(hosts):
-        raise ConfigError(f"hostfile {path} names a host twice: list each host once")
+    return hosts
+
+
+def _is_this_host(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0])
+
+
+def check_reachable(hosts: list[str], timeout_s: float = 5.0) -> None:
+    """Every other host resolves and accepts connections on the ssh port, or the launch would hang in ssh."""
+    for host in hosts:
+        if _is_this_host(host):
+            continue
+        try:
+            address = socket.getaddrinfo(host, 22, type=socket.SOCK_STREAM)[0][4]
+        except socket.gaierror:
+            raise ConfigError(
+                f"hostfile host {host} does not resolve: fix the name, or add it to /etc/hosts"
+            ) from None
+        try:
+            with socket.create_connection(address[:2], timeout=timeout_s):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"hostfile host {host} is unreachable over ssh (port 22: {exc.strerror or 'timed out'}): check the "
+                "host, or start one launcher per node without ssh (lmscale launch --node-rank I --master-addr A)"
+            ) from None
+
+
+def ranks_in(hosts: dict[str, int], nproc: int | None) -> int:
+    """Ranks the launcher will start: --nproc per host if given, else each host's slots."""
+    return sum(min(slots, nproc) if nproc else slots for slots in hosts.values())
+
+
+def check_port_free(port: int) -> None:
+    """A rendezvous port already bound here would make rank 0 fail (or hang) after the launch."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            raise ConfigError(
+                f"--master-port {port} is in use on this host: pick another port, or leave it out to get a free one"
+            ) from None
+
+
+@dataclass
+class NodeLaunch:
+    """One node of a multi-node job started by hand on each node (DeepSpeed's --no_ssh mode)."""
+
+    node_rank: int
+    master_addr: str
 
 
 def deepspeed_command(
-    nproc: int,
+    nproc: int | None,
     config_path: str | None,
     overrides: list[str],
     hostfile: str | None,
     force: bool,
     master_port: int,
+    node: NodeLaunch | None = None,
 ) -> list[str]:
     """The `deepspeed` command line that runs the lmscale worker on `nproc` ranks per node."""
     launcher = shutil.which("deepspeed")
@@ -54,10 +115,13 @@ def deepspeed_command(
         raise ConfigError(
             "the `deepspeed` launcher is not on PATH: pip install deepspeed, or activate its environment"
         )
-    command = [launcher, "--num_gpus", str(nproc), "--master_port", str(master_port)]
+    command = [launcher, "--master_port", str(master_port)]
+    if nproc:
+        command += ["--num_gpus", str(nproc)]
     if hostfile:
-        check_hostfile(Path(hostfile))
         command += ["--hostfile", hostfile]
+    if node:
+        command += ["--no_ssh", "--node_rank", str(node.node_rank), "--master_addr", node.master_addr]
     # From a checkout, run the same script users pass to `deepspeed`; from an installed wheel, the module.
     command += [str(LAUNCHER_SCRIPT)] if LAUNCHER_SCRIPT.is_file() else ["--module", "lmscale.worker"]
     if config_path:

@@ -73,8 +73,16 @@ def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: b
         for name in ("metrics.jsonl", "wandb_run_id"):
             (output_dir / name).unlink(missing_ok=True)
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    (output_dir / FINISHED).unlink(missing_ok=True)  # this run is not finished until it says so
     (output_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
     (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+
+
+FINISHED = "finished"  # written when a run ends other than by a stop signal (SLURM requeues otherwise)
+
+
+def mark_finished(output_dir: Path, step: int, reason: str) -> None:
+    (output_dir / FINISHED).write_text(json.dumps({"step": step, "reason": reason}) + "\n", encoding="utf-8")
 
 
 def truncate_metrics(output_dir: Path, last_step: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -364,3 +365,31 @@ def log_window(
     sink.log(step, metrics)
     window.reset()
     return int(real)
+
+
+def parameter_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_agree(engine: Any, zero_stage: int) -> str | None:
+    """Data-parallel replicas must end with the same weights (ZeRO 0-2 keep a full copy on every rank).
+
+    Compared once at the end of a run: a difference means the ranks trained different models (a
+    broken network, a non-deterministic collective), which no loss curve would show.
+    """
+    world_size = dist.get_world_size()
+    if world_size == 1 or zero_stage == 3:
+        return None
+    digests: list[str | None] = [None] * world_size
+    dist.all_gather_object(digests, parameter_digest(engine.module))
+    if len(set(digests)) > 1:
+        raise LmscaleError(
+            f"the {world_size} ranks ended with different parameters ({sorted(set(digests))[0][:12]}...): "
+            "the data-parallel replicas diverged; check the network between nodes and rerun from the last checkpoint"
+        )
+    return digests[0]

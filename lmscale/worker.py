@@ -40,10 +40,16 @@ from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops  # noqa: E402
 from lmscale.model import build_model, count_parameters  # noqa: E402
 from lmscale.optim import build_optimizer  # noqa: E402
-from lmscale.rundir import check_output_dir, check_resume_compatible, truncate_metrics, write_run_files  # noqa: E402
+from lmscale.rundir import (  # noqa: E402
+    check_output_dir,
+    check_resume_compatible,
+    mark_finished,
+    truncate_metrics,
+    write_run_files,
+)
 from lmscale.schedules import build_scheduler  # noqa: E402
 from lmscale.signals import StopRequest  # noqa: E402
-from lmscale.train import EARLY_STOP, LoopHooks, LoopStart, perplexity, train  # noqa: E402
+from lmscale.train import EARLY_STOP, LoopHooks, LoopStart, check_replicas_agree, perplexity, train  # noqa: E402
 
 
 def resolve_config(config_path: str | None, overrides: list[str], world_size: int) -> tuple[Config, dict]:
@@ -227,6 +233,9 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step
     )
     result = train(engine, train_stream, eval_stream, config.train, sink, hooks, start)
+    digest = check_replicas_agree(engine, config.zero.stage)
+    if digest:
+        log.info("parameters identical on all %d ranks (sha256 %s)", world_size, digest[:16])
     if result.stopped_by and result.stopped_by != EARLY_STOP:
         result.stopped_by = stop.signal_name
     finish(result, sink, is_rank_zero, start, config)
@@ -245,6 +254,8 @@ def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, conf
     sink.close(summary)
     if not is_rank_zero:
         return
+    if result.stopped_by in (None, EARLY_STOP):  # not a stop signal: that run goes on when resumed
+        mark_finished(Path(config.output_dir), result.steps, result.stopped_by or "reached train.max_steps")
     if result.stopped_by == EARLY_STOP:
         checkpoints = Path(config.output_dir) / "checkpoints"
         best = checkpoints / (checkpoints / "best").read_text(encoding="utf-8").strip()

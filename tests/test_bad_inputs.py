@@ -168,6 +168,30 @@ CASES = [
         ["line 2", "host slots=N"],
     ),
     ("missing hostfile", ["launch", "{run}", "--hostfile", "{missing}"], ["does not exist"]),
+    (
+        "hostfile host that does not resolve",
+        ["launch", "{run}", "--hostfile", "{unresolvable_hostfile}"],
+        ["no-such-node.invalid does not resolve"],
+    ),
+    (
+        "hostfile host that is unreachable",
+        ["launch", "{run}", "--hostfile", "{unreachable_hostfile}"],
+        ["192.0.2.1 is unreachable over ssh", "--node-rank"],
+    ),
+    (
+        "node rank outside the hostfile",
+        [
+            "launch",
+            "{run}",
+            "--hostfile",
+            "{unreachable_hostfile}",
+            "--node-rank",
+            "2",
+            "--master-addr",
+            "10.0.0.1",
+        ],
+        ["--node-rank 2 needs 0 <= rank < 1"],
+    ),
     ("no ranks", ["launch", "--nproc", "0", "{run}"], ["--nproc 0"]),
     ("report of no run", ["report", "{tmp}"], ["has no metrics.jsonl"]),
     (
@@ -209,6 +233,12 @@ def test_bad_input(tmp_path, run_dir, capsys, argv, fragments):
         "tiny_docs": jsonl(tmp_path, "tiny.jsonl", [json.dumps({"text": f"x{i}"}) for i in range(10)]),
         "bad_tokenizer": str(tmp_path / "tokenizer"),
         "bad_hostfile": write(tmp_path, "hostfile", "node1 slots=2\nnode2 slots two\n"),
+        "unresolvable_hostfile": write(
+            tmp_path, "hostfile2", "localhost slots=1\nno-such-node.invalid slots=1\n"
+        ),
+        "unreachable_hostfile": write(
+            tmp_path, "hostfile3", "192.0.2.1 slots=1\n"
+        ),  # TEST-NET-1: never routed
     }
     files["truncated_checkpoint"] = checkpoint(
         tmp_path / "other", 4, '{"step": 4, "world_size": 2, "files": %s}'
@@ -232,3 +262,17 @@ def test_bad_input(tmp_path, run_dir, capsys, argv, fragments):
 
 def test_the_catalogue_is_large_enough():
     assert len(CASES) >= 25
+
+
+def test_master_port_in_use(tmp_path, run_dir, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        before = snapshot(run_dir)
+        code = cli.main(["launch", "--nproc", "2", "--master-port", str(port), f"output_dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code != 0 and f"--master-port {port} is in use on this host" in err and "Traceback" not in err
+    assert snapshot(run_dir) == before

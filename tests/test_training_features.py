@@ -83,5 +83,7 @@ def test_early_stopping_on_a_plateau_keeps_the_best_checkpoint(tmp_path, cache_d
     assert sorted(evals) == [5, 10, 15]
     best = min(evals, key=evals.get)
     assert (out / "checkpoints" / "best").read_text().strip() == f"step_{best:08d}"
-    assert (out / "checkpoints" / f"step_{best:08d}" / "COMPLETE").is_file()  # the best is kept, whenever it was
+    assert (
+        out / "checkpoints" / f"step_{best:08d}" / "COMPLETE"
+    ).is_file()  # the best is kept, whenever it was
     assert max(r["step"] for r in records(out)) == 15
