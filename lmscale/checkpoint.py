@@ -86,9 +86,18 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    engine: Any, output_dir: Path, step: int, client_state: dict[str, Any], keep_last: int
+    engine: Any,
+    output_dir: Path,
+    step: int,
+    client_state: dict[str, Any],
+    keep_last: int,
+    rank_data_position: dict[str, Any] | None = None,
 ) -> Path:
-    """Save on every rank (DeepSpeed writes each rank's ZeRO shard), atomically; returns the checkpoint dir."""
+    """Save on every rank (DeepSpeed writes each rank's ZeRO shard), atomically; returns the checkpoint dir.
+
+    `rank_data_position` is this rank's own data position when ranks differ (streamed shards); DeepSpeed
+    keeps only rank 0's client state, so it goes into `data_rank<R>.json`.
+    """
     directory = output_dir / "checkpoints"
     tag = checkpoint_tag(step)
     partial_tag = f"{tag}.partial"
@@ -98,6 +107,10 @@ def save_checkpoint(
     state = {**client_state, "step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
     engine.save_checkpoint(str(directory), tag=partial_tag, client_state=state, save_latest=False)
     torch.save(rng_state(), directory / partial_tag / f"rng_rank{rank}.pt")
+    if rank_data_position is not None:
+        (directory / partial_tag / f"data_rank{rank}.json").write_text(
+            json.dumps(rank_data_position), encoding="utf-8"
+        )
     dist.barrier()
     if rank == 0:
         final = directory / tag
@@ -266,8 +279,11 @@ def load_checkpoint(engine: Any, checkpoint: Path, seed: int, universal: bool) -
         )
     if elastic:
         reseed(seed, client_state["step"], dist.get_rank())
-    else:
-        set_rng_state(torch.load(checkpoint / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
+        return client_state
+    set_rng_state(torch.load(checkpoint / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
+    own_data = checkpoint / f"data_rank{dist.get_rank()}.json"
+    if own_data.is_file():
+        client_state["rank_data_position"] = json.loads(own_data.read_text(encoding="utf-8"))
     return client_state
 
 

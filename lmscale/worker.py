@@ -29,6 +29,7 @@ from lmscale.checkpoint import (  # noqa: E402
     mark_best,
     needs_universal,
     save_checkpoint,
+    written_by,
 )
 from lmscale.config import Config, load_config  # noqa: E402
 from lmscale.data import PreparedData, prepare_data  # noqa: E402
@@ -135,15 +136,18 @@ def resume_point(
     if checkpoint is None:
         return LoopStart()
     state = load_checkpoint(engine, checkpoint, seed, resume.universal)
-    if state["data_position"].get("streaming"):
-        log.warning("resume: a streamed corpus starts its stream over; exact data position is not restored")
-    else:
+    if not state["data_position"].get("streaming"):
         train_stream.load_state_dict(state["data_position"])
+    elif not train_stream.load_state_dict(state.get("rank_data_position", {})):
+        log.warning(
+            "resume: the streamed corpus starts over (the checkpoint was written with another rank count or "
+            "data.num_workers, so its stream positions do not apply)"
+        )
     if is_rank_zero:
         truncate_metrics(output_dir, state["step"])
     log.info("resume: continuing from %s (step %d)", checkpoint, state["step"])
-    written, now = state["data_position"]["world_size"], torch.distributed.get_world_size()
-    if written != now:
+    written, now = written_by(checkpoint), torch.distributed.get_world_size()
+    if written != now and not state["data_position"].get("streaming"):
         log.warning(
             "resume: checkpoint written by %d rank(s), continuing on %d: the epoch's unseen sequences are "
             "re-planned for %d rank(s) (none skipped or repeated); a step now covers %d ranks' batches",
@@ -168,7 +172,8 @@ def checkpoint_saver(engine, train_stream, output_dir: Path, config: Config, is_
             "data_position": train_stream.state_dict(),
             "best_eval_loss": best_eval_loss,
         }
-        path = save_checkpoint(engine, output_dir, step, state, config.train.keep_last)
+        own = train_stream.state_dict() if config.data.streaming else None  # streamed shards differ per rank
+        path = save_checkpoint(engine, output_dir, step, state, config.train.keep_last, own)
         if is_best and is_rank_zero:
             mark_best(output_dir, step)
         return path

@@ -29,7 +29,10 @@ ARGS = [
 ]
 
 
-def launch(out, cache_dir, zero):
+STREAMING = ["data.streaming=true", "data.shuffle_buffer=300", "data.tokenizer_docs=300"]
+
+
+def launch(out, cache_dir, zero, extra=()):
     command = [
         sys.executable,
         "-m",
@@ -41,6 +44,7 @@ def launch(out, cache_dir, zero):
         f"data.cache_dir={cache_dir}",
         f"zero.stage={zero}",
         *ARGS,
+        *extra,
     ]
     return subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -54,14 +58,18 @@ def losses(out):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
-def test_sigkill_then_resume_continues_the_same_curve(tmp_path, cache_dir, zero):
-    reference = launch(tmp_path / "reference", cache_dir, zero)
+@pytest.mark.parametrize(
+    ("zero", "extra"),
+    [(1, []), (2, []), (3, []), (2, STREAMING)],
+    ids=["zero1", "zero2", "zero3", "zero2-streaming"],
+)
+def test_sigkill_then_resume_continues_the_same_curve(tmp_path, cache_dir, zero, extra):
+    reference = launch(tmp_path / "reference", cache_dir, zero, extra)
     output = reference.communicate(timeout=900)[0]
     assert reference.returncode == 0, output[-3000:]
 
     out = tmp_path / "killed"
-    job = launch(out, cache_dir, zero)
+    job = launch(out, cache_dir, zero, extra)
     marker = out / "checkpoints" / f"step_{SAVE_AT:08d}" / "COMPLETE"
     deadline = time.time() + 900
     while not marker.exists() and job.poll() is None and time.time() < deadline:
@@ -71,7 +79,7 @@ def test_sigkill_then_resume_continues_the_same_curve(tmp_path, cache_dir, zero)
     job.wait()
     assert max(losses(out)) < STEPS, "the job finished before it could be killed"
 
-    resumed = launch(out, cache_dir, zero)
+    resumed = launch(out, cache_dir, zero, extra)
     output = resumed.communicate(timeout=900)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert f"resume: continuing from {out / 'checkpoints'}" in output

@@ -170,11 +170,16 @@ class StreamSettings:
 class BufferedBuckets(torch.utils.data.IterableDataset):
     """Endless batches of one rank: read documents, tokenize, fill a buffer, bucket it, emit in random order.
 
-    Runs inside DataLoader workers, so tokenization stays off the training loop's thread.
+    Runs inside DataLoader workers, so tokenization stays off the training loop's thread. Every batch
+    carries its worker's position: (epoch, buffer index, documents read before that buffer, batches of it
+    emitted). Buffers start on document boundaries and each has its own RNG, so resuming from a position
+    skips the documents before the buffer (counted and hashed, never tokenized), rebuilds that one
+    buffer, and skips the batches already emitted: the batches that follow are the uninterrupted run's.
     """
 
     def __init__(self, documents: IterableDataset, tokenizer, settings: StreamSettings, pad_id: int) -> None:
         self.documents, self.tokenizer, self.settings, self.pad_id = documents, tokenizer, settings, pad_id
+        self.start: dict[int, list[int]] = {}  # worker id -> position to resume from
 
     def _emit(self, buffer: list[list[int]], rng: np.random.Generator) -> Iterator[dict]:
         batch_settings = self.settings.batch
@@ -201,59 +206,93 @@ class BufferedBuckets(torch.utils.data.IterableDataset):
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [s for ids in encoded for s in split_into_sequences([*ids, eos], max_len)]
 
-    def _epoch(self, rng: np.random.Generator) -> Iterator[dict]:
+    def _buffers(self, skip_documents: int) -> Iterator[tuple[list[list[int]], int]]:
+        """(buffer, documents read before it) of one pass over the shard, from `skip_documents` on."""
         seen: set[str] = set()  # exact duplicates, per epoch and per worker
         texts: list[str] = []
         buffer: list[list[int]] = []
+        read = started_at = 0
         for record in self.documents:
+            read += 1
             if self.settings.dedup:
                 key = content_hash(record["text"])
                 if key in seen:
                     continue
                 seen.add(key)
+            if read <= skip_documents:
+                started_at = read
+                continue
             texts.append(record["text"])
             if len(texts) == TOKENIZE_BATCH:
                 buffer += self._sequences(texts)
                 texts = []
             if len(buffer) >= self.settings.buffer_size:
-                yield from self._emit(buffer, rng)
-                buffer = []
+                yield buffer, started_at
+                buffer, started_at = [], read
         buffer += self._sequences(texts) if texts else []
         if buffer:
-            yield from self._emit(buffer, rng)
+            yield buffer, started_at
+
+    def _epoch(self, worker_id: int, epoch: int, start: list[int] | None) -> Iterator[dict]:
+        index, skip_documents, skip_batches = (start[1], start[2], start[3]) if start else (0, 0, 0)
+        for buffer, documents_before in self._buffers(skip_documents):
+            rng = np.random.default_rng([self.settings.seed, self.settings.rank, worker_id, epoch, index])
+            for emitted, batch in enumerate(self._emit(buffer, rng), start=1):
+                if emitted > skip_batches:
+                    yield {**batch, "stream_position": [worker_id, epoch, index, documents_before, emitted]}
+            index, skip_batches = index + 1, 0
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker else 0
-        epoch = 0
+        start = self.start.get(worker_id)
+        epoch = start[0] if start else 0
         while True:
-            rng = np.random.default_rng([self.settings.seed, self.settings.rank, worker_id, epoch])
             emitted = False
-            for batch in self._epoch(rng):
+            for batch in self._epoch(worker_id, epoch, start):
                 emitted = True
                 yield batch
-            if not emitted:
+            if not emitted and not start:
                 raise ConfigError(
                     f"rank {self.settings.rank}'s share of the streamed corpus is empty: use fewer ranks or more data"
                 )
-            epoch += 1
+            epoch, start = epoch + 1, None
 
 
 class StreamingBatches:
-    """This rank's endless training batches from a stream, through DataLoader workers."""
+    """This rank's endless training batches from a stream, through DataLoader workers, resumable.
+
+    The state is each worker's position (see BufferedBuckets). With one worker (or none) a resumed
+    run sees exactly the batches an uninterrupted one would; with several, each worker's sequence is
+    exact but the round-robin between them restarts at worker 0, so their order within a round may
+    rotate (no batch is skipped or repeated either way).
+    """
 
     def __init__(self, documents: IterableDataset, tokenizer, settings: StreamSettings) -> None:
         self.dataset = BufferedBuckets(documents, tokenizer, settings, tokenizer.pad_token_id)
         self.num_workers = min(settings.batch.num_workers, max(1, documents.num_shards))
+        self.positions: dict[int, list[int]] = {}
 
     def __iter__(self) -> Iterator[dict]:
         generator = torch.Generator().manual_seed(
             self.dataset.settings.seed
         )  # keeps the global RNG untouched
-        return iter(
-            DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, generator=generator)
-        )
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, generator=generator)
+        for batch in loader:
+            worker_id, *position = batch.pop("stream_position")
+            self.positions[int(worker_id)] = [int(v) for v in position]
+            yield batch
 
     def state_dict(self) -> dict:
-        # Streams restart from their beginning: exact mid-stream resume is not supported yet.
-        return {"streaming": True}
+        return {
+            "streaming": True,
+            "num_workers": self.num_workers,
+            "positions": {str(w): p for w, p in sorted({**self.dataset.start, **self.positions}.items())},
+        }
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Resume from `state`; False (the stream starts over) when it was written with other workers."""
+        if state.get("num_workers") != self.num_workers or "positions" not in state:
+            return False
+        self.dataset.start = {int(w): list(p) for w, p in state["positions"].items()}
+        return True

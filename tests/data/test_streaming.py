@@ -7,7 +7,14 @@ import pytest
 from lmscale.config import DataConfig
 from lmscale.data import prepare_data
 from lmscale.data.batches import BatchSettings, split_into_sequences
-from lmscale.data.streaming import BufferedBuckets, StreamSettings, is_held_out, rank_shard, stream_documents
+from lmscale.data.streaming import (
+    BufferedBuckets,
+    StreamingBatches,
+    StreamSettings,
+    is_held_out,
+    rank_shard,
+    stream_documents,
+)
 from lmscale.errors import ConfigError
 
 
@@ -53,7 +60,7 @@ def batches_of_one_epoch(tmp_path, world_size, rank, duplicates=0, budget=256):
         BatchSettings("bucket", budget, 1, 64, 0), buffer_size=50, dedup=True, seed=1, rank=rank
     )
     stream = BufferedBuckets(data.train, data.tokenizer, settings, pad_id=data.tokenizer.pad_token_id)
-    epoch = list(stream._epoch(np.random.default_rng(0)))
+    epoch = list(stream._epoch(worker_id=0, epoch=0, start=None))
     return data, epoch
 
 
@@ -108,3 +115,39 @@ def test_streaming_refuses_what_it_cannot_do(keys, message):
 def test_missing_stream_path_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         stream_documents(DataConfig(path=str(tmp_path / "nope.jsonl"), streaming=True))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streaming_batches_resume_exactly_where_they_stopped(tmp_path, workers):
+    config = DataConfig(
+        path=str(corpus(tmp_path, n=900, duplicates=60)),
+        streaming=True,
+        min_chars=1,
+        vocab_size=300,
+        max_seq_len=64,
+        cache_dir=str(tmp_path / "c"),
+    )
+    data = prepare_data(config)
+    settings = StreamSettings(
+        BatchSettings("bucket", 256, 1, 64, workers), buffer_size=50, dedup=True, seed=1, rank=0
+    )
+    reference = StreamingBatches(data.train, data.tokenizer, settings)
+    uninterrupted = [b["input_ids"].tolist() for b in islice(iter(reference), 400)]  # more than an epoch
+    for stop_at in (7, 180, 333):
+        first = StreamingBatches(data.train, data.tokenizer, settings)
+        consumed = list(islice(iter(first), stop_at))
+        state = json.loads(json.dumps(first.state_dict()))  # as stored in the checkpoint
+        resumed = StreamingBatches(data.train, data.tokenizer, settings)
+        assert resumed.load_state_dict(state)
+        rest = [b["input_ids"].tolist() for b in islice(iter(resumed), 400 - stop_at)]
+        assert [b["input_ids"].tolist() for b in consumed] + rest == uninterrupted, stop_at
+
+
+def test_streaming_state_from_other_workers_starts_over(tmp_path):
+    data, _ = batches_of_one_epoch(tmp_path, world_size=1, rank=0)
+    settings = StreamSettings(
+        BatchSettings("bucket", 256, 1, 64, 0), buffer_size=50, dedup=True, seed=1, rank=0
+    )
+    stream = StreamingBatches(data.train, data.tokenizer, settings)
+    assert not stream.load_state_dict({"streaming": True, "num_workers": 3, "positions": {}})
+    assert not stream.load_state_dict({"streaming": True})
