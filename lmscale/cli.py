@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the output_dir of an lmscale run")
     _add_tool_commands(commands)
     _add_slurm_commands(commands)
+    plan = commands.add_parser(
+        "plan", help="per-GPU memory of ZeRO 0-3 (+offload) for a config, and what fits"
+    )
+    plan.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
+    plan.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    plan.add_argument(
+        "--cpu-mem", type=float, default=512.0, help="GiB of host memory per node (default 512)"
+    )
+    plan.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
 
@@ -235,6 +247,80 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from lmscale.config import load_config
+    from lmscale.plan import GIB, Hardware, largest_token_budget, model_facts, plan_rows, recommend
+
+    if args.gpus < 1 or args.nodes < 1 or args.gpu_mem <= 0 or args.cpu_mem <= 0:
+        raise LmscaleError("--gpus and --nodes must be at least 1, --gpu-mem and --cpu-mem positive")
+    config_path, overrides = split_config_and_overrides(args)
+    config, _ = load_config(config_path, overrides)
+    hardware = Hardware(args.gpus, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB)
+    facts = model_facts(config)
+    rows = plan_rows(facts, config, hardware, config.data.max_tokens_per_batch)
+    best = recommend(rows)
+    if args.json:
+        print(json.dumps([{**row.as_dict(), "recommended": row is best} for row in rows]))
+        return 0
+    _print_plan(facts, config, hardware, rows, best)
+    if best is not None:
+        budget = largest_token_budget(facts, config, hardware, best)
+        offload = " zero.offload=cpu" if best.offload else ""
+        print(
+            f"recommended: zero.stage={best.stage}{offload} data.max_tokens_per_batch={budget} (largest that fits)"
+        )
+    else:
+        print(
+            "nothing fits: add GPUs, turn on model.activation_checkpointing, or lower data.max_tokens_per_batch"
+        )
+    return 0
+
+
+def _print_plan(facts, config, hardware, rows, best) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmscale.plan import GIB
+
+    table = Table(
+        title=f"{facts.params / 1e6:,.1f}M parameters, {hardware.nodes} x {hardware.gpus_per_node} GPUs of "
+        f"{hardware.gpu_mem_bytes / GIB:.0f} GiB, {config.data.max_tokens_per_batch} tokens per micro-batch, "
+        f"{config.precision}",
+        caption="GiB per GPU (host: per node); * = recommended",
+    )
+    for column in (
+        "ZeRO",
+        "offload",
+        "states",
+        "activations",
+        "buffers",
+        "GPU total",
+        "host",
+        "DS est.",
+        "fits",
+    ):
+        table.add_column(column, justify="right")
+    for row in rows:
+        sizes = (
+            row.model_state_bytes,
+            row.activation_bytes,
+            row.buffer_bytes,
+            row.total_bytes,
+            row.cpu_bytes,
+        )
+        estimate = row.deepspeed_estimate_bytes
+        table.add_row(
+            str(row.stage),
+            "cpu" if row.offload else "-",
+            *(f"{value / GIB:.2f}" for value in sizes),
+            "-" if estimate is None else f"{estimate / GIB:.2f}",
+            ("yes *" if row is best else "yes") if row.fits else "no",
+        )
+    Console(width=110).print(table)
+
+
 def _slurm(args: argparse.Namespace) -> int:
     from lmscale import rundir, slurm
 
@@ -297,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": _eval,
         "generate": _generate,
         "slurm": _slurm,
+        "plan": _plan,
     }
     try:
         return handlers[args.command](args)

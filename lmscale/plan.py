@@ -1,0 +1,194 @@
+"""`lmscale plan`: will this job fit? Per-GPU memory for ZeRO 0-3, with and without CPU offload.
+
+Model states follow the ZeRO paper's accounting (Rajbhandari et al., 2020) for Adam in mixed precision:
+2Ψ bytes of 16-bit weights, 2Ψ of 16-bit gradients and 12Ψ of optimizer states (fp32 master weights,
+momentum, variance); stage 1 partitions the 12Ψ over the data-parallel ranks, stage 2 the gradients too,
+stage 3 the weights too; CPU offload moves the optimizer states (and with stage 3 the weights) to host
+memory. In fp32 the weights and gradients take 4Ψ each and the states 8Ψ. DeepSpeed's own estimators
+(`estimate_zero2/3_model_states_mem_needs`) are shown beside stages 2 and 3 as a cross-check.
+
+Activations per token and layer follow Korthikanti et al. (2022): 34·h bytes in 16-bit, plus 5·a·s bytes
+for the attention scores when attention is not fused (eager); with activation checkpointing a layer keeps
+only its input (2·h) and one layer is recomputed at a time. The logits add 6·V bytes per token (16-bit
+logits and their fp32 copy for the loss). The arithmetic is written here by hand: no library computes it
+for a config; the planner is pure functions over numbers, tested against hand-worked figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lmscale.config import Config
+
+GIB = 1024**3
+CUDA_CONTEXT_BYTES = GIB  # CUDA context, kernels and allocator slack, per GPU
+HEADROOM = 0.9  # plan to use at most 90% of a GPU
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    params: int
+    largest_layer_params: int
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+
+
+def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
+    """The configured model's sizes, counted on the meta device (no memory, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmscale.model import apply_model_options, preset_config
+
+    if config.model.path:
+        hf_config = AutoConfig.from_pretrained(
+            config.model.path, trust_remote_code=config.model.trust_remote_code
+        )
+    else:
+        vocab = vocab_size or config.data.vocab_size
+        hf_config = preset_config(config.model.preset, vocab, config.data.max_seq_len, 0, 0)
+    apply_model_options(hf_config, config.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return facts_of(model)
+
+
+def facts_of(model: torch.nn.Module) -> ModelFacts:
+    unique = {id(p): p for p in model.parameters()}.values()
+    largest = max(
+        sum(p.numel() for p in module.parameters(recurse=False))
+        for module in model.modules()
+        if any(True for _ in module.parameters(recurse=False))
+    )
+    c = model.config
+    return ModelFacts(
+        params=sum(p.numel() for p in unique),
+        largest_layer_params=largest,
+        layers=c.num_hidden_layers,
+        hidden=c.hidden_size,
+        heads=c.num_attention_heads,
+        vocab=c.vocab_size,
+    )
+
+
+def model_state_bytes(params: int, stage: int, ranks: int, offload: bool, precision: str) -> tuple[int, int]:
+    """(GPU bytes, CPU bytes) of weights, gradients and optimizer states on one rank."""
+    weight, grad, states = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+    weights = weight * params / (ranks if stage == 3 else 1)
+    grads = grad * params / (ranks if stage >= 2 else 1)
+    optimizer = states * params / (ranks if stage >= 1 else 1)
+    if not offload:
+        return int(weights + grads + optimizer), 0
+    # Offload (stages 2 and 3): optimizer states and their fp32 gradients live on the host;
+    # with stage 3 the weights' partitions too (only the layer being computed is on the GPU).
+    host_weights = weights if stage == 3 else 0
+    return int(weights + grads - host_weights), int(optimizer + host_weights)
+
+
+def activation_bytes_per_token(
+    facts: ModelFacts, seq_len: int, checkpointing: bool, attention: str, precision: str
+) -> float:
+    """Activation bytes one training token keeps for backward (16-bit; doubled in fp32)."""
+    scores = 5 * facts.heads * seq_len if attention == "eager" else 0  # fused kernels keep no s x s scores
+    per_layer = 34 * facts.hidden + scores
+    kept = 2 * facts.hidden * facts.layers + per_layer if checkpointing else per_layer * facts.layers
+    logits = 6 * facts.vocab
+    return (kept + logits) * (2 if precision == "fp32" else 1)
+
+
+def buffer_bytes(params: int, stage: int) -> int:
+    """DeepSpeed's communication buckets (at most the model's size), plus the CUDA context."""
+    bucket_elements = 5 * 10**8  # reduce/all-gather bucket size (elements), DeepSpeed's default
+    buckets = 0 if stage == 0 else 2 * 2 * min(params, bucket_elements)
+    return buckets + CUDA_CONTEXT_BYTES
+
+
+@dataclass
+class PlanRow:
+    stage: int
+    offload: bool
+    model_state_bytes: int
+    activation_bytes: int
+    buffer_bytes: int
+    total_bytes: int
+    cpu_bytes: int
+    fits: bool
+    deepspeed_estimate_bytes: int | None  # DeepSpeed's own model-state estimate (stages 2 and 3)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def deepspeed_estimate(facts: ModelFacts, stage: int, offload: bool, gpus: int, nodes: int) -> int | None:
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(facts.params, gpus, nodes, cpu_offload=offload)[1]
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        return estimate_zero3_model_states_mem_needs(
+            facts.params,
+            facts.largest_layer_params,
+            gpus,
+            nodes,
+            cpu_offload=offload,
+            cpu_offload_params=offload,
+        )[1]
+    return None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus_per_node: int
+    nodes: int = 1
+    gpu_mem_bytes: float = 80 * GIB
+    cpu_mem_bytes: float = 512 * GIB  # per node
+
+
+def plan_rows(facts: ModelFacts, config: Config, hardware: Hardware, tokens: int) -> list[PlanRow]:
+    """Every stage, without and (for 2 and 3) with CPU offload, for `tokens` per micro-batch."""
+    ranks = hardware.gpus_per_node * hardware.nodes
+    per_token = activation_bytes_per_token(
+        facts,
+        config.data.max_seq_len,
+        config.model.activation_checkpointing,
+        config.model.attn_implementation,
+        config.precision,
+    )
+    rows = []
+    for stage, offload in ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)):
+        gpu_states, cpu_states = model_state_bytes(facts.params, stage, ranks, offload, config.precision)
+        activations = int(per_token * tokens)
+        buffers = buffer_bytes(facts.params, stage)
+        total = gpu_states + activations + buffers
+        cpu_total = cpu_states * hardware.gpus_per_node  # every rank of a node offloads to that node's RAM
+        fits = total <= HEADROOM * hardware.gpu_mem_bytes and cpu_total <= HEADROOM * hardware.cpu_mem_bytes
+        estimate = deepspeed_estimate(facts, stage, offload, hardware.gpus_per_node, hardware.nodes)
+        rows.append(
+            PlanRow(stage, offload, gpu_states, activations, buffers, total, cpu_total, fits, estimate)
+        )
+    return rows
+
+
+def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, row: PlanRow) -> int:
+    """The most tokens per micro-batch that keep `row`'s stage within the GPU (a multiple of max_seq_len)."""
+    per_token = activation_bytes_per_token(
+        facts,
+        config.data.max_seq_len,
+        config.model.activation_checkpointing,
+        config.model.attn_implementation,
+        config.precision,
+    )
+    free = HEADROOM * hardware.gpu_mem_bytes - row.model_state_bytes - row.buffer_bytes
+    sequences = int(free // (per_token * config.data.max_seq_len))
+    return max(0, sequences) * config.data.max_seq_len
+
+
+def recommend(rows: list[PlanRow]) -> PlanRow | None:
+    """The first that fits in order of speed: less partitioning and no offload first."""
+    fitting = [row for row in rows if row.fits]
+    return min(fitting, key=lambda row: (row.offload, row.stage)) if fitting else None
