@@ -24,6 +24,7 @@ setup(
         "matplotlib>=3.7",
         "filelock>=3.12",
         "datasketch>=1.6",
+        "psutil>=5.9",
         "pytorch-optimizer>=3.0",  # Lion, and LAMB off GPU
         "sacrebleu>=2.3",
         "rouge-score>=0.1.2",

@@ -259,7 +259,8 @@ def _plan(args: argparse.Namespace) -> int:
     config, _ = load_config(config_path, overrides)
     hardware = Hardware(args.gpus, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB)
     facts = model_facts(config)
-    rows = plan_rows(facts, config, hardware, config.data.max_tokens_per_batch)
+    tokens = config.data.max_tokens_per_batch
+    rows = plan_rows(facts, config, hardware, tokens if isinstance(tokens, int) else config.data.max_seq_len)
     best = recommend(rows)
     if args.json:
         print(json.dumps([{**row.as_dict(), "recommended": row is best} for row in rows]))

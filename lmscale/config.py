@@ -108,8 +108,10 @@ class DataConfig(Section):
         description="bucket: length-grouped batches under a token budget; pack: documents concatenated into "
         "max_seq_len rows; pad: train.micro_batch_size rows padded to max_seq_len.",
     )
-    max_tokens_per_batch: int = Field(
-        4096, ge=1, description="bucket/pack: padded tokens (rows x longest row) per micro-batch per rank."
+    max_tokens_per_batch: int | Literal["auto"] = Field(
+        4096,
+        description="bucket/pack: padded tokens (rows x longest row) per micro-batch per rank; auto = the "
+        "largest that fits (measured on a GPU, planned on CPU).",
     )
     seq_len_warmup_steps: int = Field(
         0,
@@ -132,7 +134,15 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _check_data(self) -> DataConfig:
         problems = []
-        if self.batching != "pad" and self.max_tokens_per_batch < self.max_seq_len:
+        if isinstance(self.max_tokens_per_batch, int) and self.max_tokens_per_batch < 1:
+            problems.append(
+                f"data.max_tokens_per_batch={self.max_tokens_per_batch} must be positive, or auto"
+            )
+        elif (
+            self.batching != "pad"
+            and self.max_tokens_per_batch != "auto"
+            and self.max_tokens_per_batch < self.max_seq_len
+        ):
             problems.append(
                 f"data.max_tokens_per_batch={self.max_tokens_per_batch} is below data.max_seq_len={self.max_seq_len}: "
                 "raise the budget or lower max_seq_len so the longest sequence fits"

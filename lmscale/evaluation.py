@@ -51,7 +51,11 @@ def held_out_scores(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # right padding needs no attention mask for a causal LM; skip the hint
-    settings = BatchSettings("bucket", config.data.max_tokens_per_batch, 1, config.data.max_seq_len, 0)
+    budget = config.data.max_tokens_per_batch
+    budget = (
+        budget if isinstance(budget, int) else 8 * config.data.max_seq_len
+    )  # inference needs less than training
+    settings = BatchSettings("bucket", budget, 1, config.data.max_seq_len, 0)
     stream = BatchStream(sequences, settings, 0, 1, config.seed, pad_id, shuffle=False)
     loss_sum = entropy_sum = targets = 0.0
     for batch in stream.loader(0, 0, max_batches):

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lmscale import engine as ds_engine  # noqa: E402
+from lmscale.budget import auto_token_budget  # noqa: E402
 from lmscale.checkpoint import (  # noqa: E402
     ensure_universal,
     find_resume_checkpoint,
@@ -216,6 +217,8 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         config.zero.stage,
         config.precision,
     )
+    if config.data.max_tokens_per_batch == "auto":
+        config.data.max_tokens_per_batch = auto_token_budget(config, model, world_size)
     optimizer = build_optimizer(model, config.train, cpu_offload=config.zero.offload == "cpu")
     engine = ds_engine.build_engine(model, optimizer, build_scheduler(optimizer, config.train), ds_config)
     check_packing_support(config.data.batching)
