@@ -253,6 +253,7 @@ class BatchStream:
             sampler=range(start, len(plan) if stop is None else min(stop, len(plan))),
             num_workers=workers,
             prefetch_factor=4 if workers else None,
+            pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
             # Its own generator: creating an iterator must not draw from the global RNG, which dropout
             # uses, or a resumed run would see different dropout masks than an uninterrupted one.
             generator=torch.Generator().manual_seed(self.seed),

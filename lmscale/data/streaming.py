@@ -277,7 +277,13 @@ class StreamingBatches:
         generator = torch.Generator().manual_seed(
             self.dataset.settings.seed
         )  # keeps the global RNG untouched
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, generator=generator)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            generator=generator,
+            pin_memory=torch.cuda.is_available(),
+        )
         for batch in loader:
             worker_id, *position = batch.pop("stream_position")
             self.positions[int(worker_id)] = [int(v) for v in position]
