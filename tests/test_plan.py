@@ -105,7 +105,7 @@ def test_plan_command_prints_json_rows():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 3])  # ZeRO-2 writes the same optimizer shards as ZeRO-1
 def test_predicted_partitions_match_what_two_ranks_write(tmp_path, cache_dir, stage):
     """Each rank's optimizer shard holds its fp32 weights and Adam moments: 12 psi / N bytes predicted."""
     out = tmp_path / "run"

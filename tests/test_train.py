@@ -32,6 +32,10 @@ QUICK = [
 SECRET = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API key
 
 
+def shared_memory_files():
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -144,10 +148,6 @@ def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
         "zero.stage=2 data.streaming=true data.shuffle_buffer=300 data.tokenizer_docs=300",
     ],
 )
-def shared_memory_files():
-    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-
-
 def test_two_cpu_ranks_learn_under_zero(tmp_path, cache_dir, zero):
     out = tmp_path / "run"
     shared_before = shared_memory_files()
