@@ -1,0 +1,189 @@
+"""lmscale vs HF Trainer (DeepSpeed integration), side by side in one run, on the same everything.
+
+Same tiny GPT-2 config, same tokenizer (trained once by lmscale), same real variable-length data
+(paragraphs of the standard library, tokenized once), one epoch each (so the same real tokens),
+the same DeepSpeed ZeRO-2 bf16 set-up on the same 2 CPU ranks, the same LR, warm-up and cosine decay.
+lmscale batches by length under a token budget; HF Trainer pads each batch to its longest row, with
+random batches and with `group_by_length`, at the batch size that gives the same real tokens per
+step. Prints real tokens/s for each, the ratios, and the held-out loss of each trained model (scored
+by the same `lmscale eval` on the same held-out file). Usage:
+
+    python bench/vs_hf_trainer.py [--paragraphs 6000] [--max-seq-len 256] [--budget 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = 1234
+
+
+def write_corpus(directory: Path, paragraphs: int) -> tuple[Path, Path]:
+    """Train and held-out jsonl of stdlib paragraphs (the embedded corpus's own train/held-out files)."""
+    from lmscale.data.sources import embedded_corpus_files
+
+    def blocks(files: list[str], limit: int) -> list[str]:
+        found = []
+        for name in files:
+            for block in Path(name).read_text(encoding="utf-8", errors="replace").split("\n\n"):
+                if len(block.strip()) >= 40:
+                    found.append(block)
+                if len(found) == limit:
+                    return found
+        return found
+
+    train_files, held_out_files = embedded_corpus_files()
+    paths = (directory / "train.jsonl", directory / "eval.jsonl")
+    for path, texts in zip(
+        paths, (blocks(train_files, paragraphs), blocks(held_out_files, 600)), strict=True
+    ):
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return paths
+
+
+def lmscale_args(args, workdir: Path, train: Path, held_out: Path) -> list[str]:
+    return [
+        "model.preset=tiny-gpt2",
+        f"data.path={train}",
+        f"data.eval_path={held_out}",
+        f"data.cache_dir={workdir / 'cache'}",
+        f"data.vocab_size={args.vocab}",
+        f"data.max_seq_len={args.max_seq_len}",
+        f"data.max_tokens_per_batch={args.budget}",
+        "data.num_workers=1",
+        f"seed={SEED}",
+        "precision=bf16",
+        "zero.stage=2",
+        f"train.lr={args.lr}",
+        "train.min_lr=0",
+        f"train.warmup_steps={args.warmup}",
+        "wandb.mode=disabled",
+    ]
+
+
+def prepare(args, workdir: Path, train: Path, held_out: Path):
+    """Tokenize once with lmscale's pipeline; the HF side reads the same sequences and tokenizer."""
+    from lmscale.config import load_config
+    from lmscale.data import prepare_data
+    from lmscale.data.bucketing import plan_epoch
+    from lmscale.model import preset_config
+
+    config, _ = load_config(None, lmscale_args(args, workdir, train, held_out))
+    data = prepare_data(config.data)
+    data.tokenizer.save_pretrained(str(workdir / "tokenizer"))
+    data.train.save_to_disk(str(workdir / "sequences"))
+    tokenizer = data.tokenizer
+    model_config = preset_config(
+        "tiny-gpt2", len(tokenizer), args.max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    model_config.save_pretrained(str(workdir / "model_config"))
+    lengths = np.asarray(data.train["length"])
+    steps = len(plan_epoch(lengths, 2, SEED, 0, max_tokens=args.budget))  # one epoch on 2 ranks
+    return lengths, steps
+
+
+def run(command: list[str]) -> str:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
+
+
+def held_out_loss(target: Path, held_out: Path) -> float:
+    output = run(
+        [sys.executable, "-m", "lmscale.cli", "eval", str(target), "--data", str(held_out), "--json"]
+    )
+    return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])["eval_loss"]
+
+
+def run_lmscale(args, workdir: Path, train: Path, held_out: Path, steps: int) -> dict:
+    out = workdir / "lmscale"
+    overrides = [
+        *lmscale_args(args, workdir, train, held_out),
+        f"output_dir={out}",
+        f"train.max_steps={steps}",
+    ]
+    overrides += [
+        f"train.eval_every={steps}",
+        "train.eval_batches=1",
+        f"train.save_every={steps}",
+        f"train.log_every={steps}",
+    ]
+    output = run([sys.executable, "-m", "lmscale.cli", "launch", "--nproc", "2", *overrides])
+    match = re.search(r"after \d+ steps, ([\d,]+) tokens in ([\d.]+) s", output)
+    tokens, seconds = int(match.group(1).replace(",", "")), float(match.group(2))
+    return {"tokens": tokens, "seconds": seconds, "eval_loss": held_out_loss(out, held_out)}
+
+
+def run_hf(args, workdir: Path, held_out: Path, batch_size: int, group_by_length: bool) -> dict:
+    out = workdir / ("hf-grouped" if group_by_length else "hf-random")
+    command = [
+        shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", str(REPO / "bench" / "hf_trainer_worker.py"),
+        "--sequences", str(workdir / "sequences"), "--tokenizer", str(workdir / "tokenizer"),
+        "--model-config", str(workdir / "model_config"), "--out", str(out), "--batch-size", str(batch_size),
+        "--lr", str(args.lr), "--warmup-steps", str(args.warmup), "--seed", str(SEED),
+    ]  # fmt: skip
+    if group_by_length:
+        command.append("--group-by-length")
+    output = run(command)
+    figures = json.loads([line for line in output.splitlines() if line.startswith('{"real_tokens"')][-1])
+    return {
+        "tokens": figures["real_tokens"],
+        "seconds": figures["train_runtime_s"],
+        "eval_loss": held_out_loss(out / "model", held_out),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paragraphs", type=int, default=6000)
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--budget", type=int, default=2048, help="lmscale tokens per micro-batch per rank")
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        train, held_out = write_corpus(workdir, args.paragraphs)
+        lengths, steps = prepare(args, workdir, train, held_out)
+        # HF rows per batch that carry the same real tokens per step as lmscale's budget (one epoch each)
+        batch_size = max(1, round(lengths.sum() / (2 * steps) / lengths.mean()))
+        print(
+            f"{len(lengths)} sequences, {int(lengths.sum()):,} real tokens (mean {lengths.mean():.0f}, max "
+            f"{lengths.max()}); 2 CPU ranks, ZeRO-2 bf16; lmscale budget {args.budget} tokens = {steps} steps; "
+            f"HF Trainer {batch_size} rows per device"
+        )
+        started = time.time()
+        results = {
+            "lmscale (bucket)": run_lmscale(args, workdir, train, held_out, steps),
+            "hf_trainer (random)": run_hf(args, workdir, held_out, batch_size, group_by_length=False),
+            "hf_trainer (group_by_length)": run_hf(args, workdir, held_out, batch_size, group_by_length=True),
+        }
+        print(f"{'setup':<30}{'real tokens':>12}{'seconds':>10}{'real tokens/s':>15}{'held-out loss':>15}")
+        for name, r in results.items():
+            r["tokens_per_s"] = r["tokens"] / r["seconds"]
+            print(
+                f"{name:<30}{r['tokens']:>12,}{r['seconds']:>10.1f}{r['tokens_per_s']:>15.0f}{r['eval_loss']:>15.4f}"
+            )
+        ours = results["lmscale (bucket)"]["tokens_per_s"]
+        for name in ("hf_trainer (random)", "hf_trainer (group_by_length)"):
+            print(f"ratio lmscale/{name}: {ours / results[name]['tokens_per_s']:.2f}")
+        best = max(results[n]["tokens_per_s"] for n in results if n.startswith("hf_trainer"))
+        print(f"(whole benchmark {time.time() - started:.0f} s)")
+        print(f"ratio lmscale/hf_trainer: {ours / best:.2f}")
+
+
+if __name__ == "__main__":
+    main()
