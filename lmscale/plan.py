@@ -149,16 +149,22 @@ class Hardware:
     cpu_mem_bytes: float = 512 * GIB  # per node
 
 
+def configured_activation_bytes(facts: ModelFacts, config: Config) -> float:
+    """Activation bytes per token for the config's sequence length, checkpointing, attention, precision."""
+    model = config.model
+    return activation_bytes_per_token(
+        facts,
+        config.data.max_seq_len,
+        model.activation_checkpointing,
+        model.attn_implementation,
+        config.precision,
+    )
+
+
 def plan_rows(facts: ModelFacts, config: Config, hardware: Hardware, tokens: int) -> list[PlanRow]:
     """Every stage, without and (for 2 and 3) with CPU offload, for `tokens` per micro-batch."""
     ranks = hardware.gpus_per_node * hardware.nodes
-    per_token = activation_bytes_per_token(
-        facts,
-        config.data.max_seq_len,
-        config.model.activation_checkpointing,
-        config.model.attn_implementation,
-        config.precision,
-    )
+    per_token = configured_activation_bytes(facts, config)
     rows = []
     for stage, offload in ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)):
         gpu_states, cpu_states = model_state_bytes(facts.params, stage, ranks, offload, config.precision)
@@ -176,13 +182,7 @@ def plan_rows(facts: ModelFacts, config: Config, hardware: Hardware, tokens: int
 
 def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, row: PlanRow) -> int:
     """The most tokens per micro-batch that keep `row`'s stage within the GPU (a multiple of max_seq_len)."""
-    per_token = activation_bytes_per_token(
-        facts,
-        config.data.max_seq_len,
-        config.model.activation_checkpointing,
-        config.model.attn_implementation,
-        config.precision,
-    )
+    per_token = configured_activation_bytes(facts, config)
     free = HEADROOM * hardware.gpu_mem_bytes - row.model_state_bytes - row.buffer_bytes
     sequences = int(free // (per_token * config.data.max_seq_len))
     return max(0, sequences) * config.data.max_seq_len

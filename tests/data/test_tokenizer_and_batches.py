@@ -122,14 +122,19 @@ def test_empty_after_cleaning_and_bad_tokenizer_dir_name_the_fix(tmp_path):
         )
 
 
-def test_stream_resumes_mid_epoch_with_exactly_the_unseen_batches(tmp_path):
+def small_bucketed_data(tmp_path):
+    """200 small documents tokenized, and bucket settings of 96 tokens per batch."""
     config = DataConfig(
         path=str(small_corpus(tmp_path, n=200)), vocab_size=300, max_seq_len=32, cache_dir=str(tmp_path / "c")
     )
-    data = prepare_data(config)
     settings = BatchSettings(
         batching="bucket", max_tokens_per_batch=96, micro_batch_size=4, max_seq_len=32, num_workers=0
     )
+    return prepare_data(config), settings
+
+
+def test_stream_resumes_mid_epoch_with_exactly_the_unseen_batches(tmp_path):
+    data, settings = small_bucketed_data(tmp_path)
     stream = BatchStream(data.train, settings, rank=0, world_size=1, seed=3, pad_id=0)
     per_epoch = len(stream.plan(0))
     batches = iter(stream)
@@ -143,13 +148,7 @@ def test_stream_resumes_mid_epoch_with_exactly_the_unseen_batches(tmp_path):
 
 
 def test_stream_written_by_two_ranks_resumes_on_one_without_skipping_or_repeating(tmp_path):
-    config = DataConfig(
-        path=str(small_corpus(tmp_path, n=200)), vocab_size=300, max_seq_len=32, cache_dir=str(tmp_path / "c")
-    )
-    data = prepare_data(config)
-    settings = BatchSettings(
-        batching="bucket", max_tokens_per_batch=96, micro_batch_size=4, max_seq_len=32, num_workers=0
-    )
+    data, settings = small_bucketed_data(tmp_path)
     ranks = [BatchStream(data.train, settings, rank=r, world_size=2, seed=3, pad_id=0) for r in (0, 1)]
     done = 4
     streams = [iter(stream) for stream in ranks]
