@@ -28,6 +28,7 @@ setup(
         "pytorch-optimizer>=3.0",  # Lion, and LAMB off GPU
         "sacrebleu>=2.3",
         "rouge-score>=0.1.2",
+        "optuna>=4.0",  # sweeps: TPE, grid, random, median pruning
     ],
     extras_require={
         "tensorboard": ["tensorboard>=2.14"],

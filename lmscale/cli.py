@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the output_dir of an lmscale run")
     _add_tool_commands(commands)
     _add_slurm_commands(commands)
+    sweep = commands.add_parser(
+        "sweep", help="hyperparameter search: grid, random or Bayesian, each trial a real run"
+    )
+    sweep.add_argument("spec", help="the sweep's YAML (base, method, trials, metric, overrides, space)")
     plan = commands.add_parser(
         "plan", help="per-GPU memory of ZeRO 0-3 (+offload) for a config, and what fits"
     )
@@ -322,6 +326,13 @@ def _print_plan(facts, config, hardware, rows, best) -> None:
     Console(width=110).print(table)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from lmscale.sweep import run_sweep
+
+    run_sweep(Path(args.spec))
+    return 0
+
+
 def _slurm(args: argparse.Namespace) -> int:
     from lmscale import rundir, slurm
 
@@ -385,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _generate,
         "slurm": _slurm,
         "plan": _plan,
+        "sweep": _sweep,
     }
     try:
         return handlers[args.command](args)
