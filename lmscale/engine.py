@@ -61,6 +61,19 @@ def release_shared_memory_names() -> None:
         path.unlink(missing_ok=True)
 
 
+def shutdown_distributed() -> None:
+    """Tear the process groups down while every rank is still here.
+
+    Left to interpreter exit, gloo's threads were sometimes destroyed while still joinable, which
+    aborted a rank ("terminate called without an active exception") after a successful run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -247,6 +247,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     if result.stopped_by and result.stopped_by != EARLY_STOP:
         result.stopped_by = stop.signal_name
     finish(result, sink, is_rank_zero, start, config)
+    ds_engine.shutdown_distributed()
 
 
 def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, config: Config) -> None:
