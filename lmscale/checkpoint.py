@@ -92,11 +92,13 @@ def save_checkpoint(
     client_state: dict[str, Any],
     keep_last: int,
     rank_data_position: dict[str, Any] | None = None,
+    adapters_only: bool = False,
 ) -> Path:
     """Save on every rank (DeepSpeed writes each rank's ZeRO shard), atomically; returns the checkpoint dir.
 
     `rank_data_position` is this rank's own data position when ranks differ (streamed shards); DeepSpeed
-    keeps only rank 0's client state, so it goes into `data_rank<R>.json`.
+    keeps only rank 0's client state, so it goes into `data_rank<R>.json`. `adapters_only` (LoRA) leaves
+    the frozen base weights out: they are rebuilt from model.path.
     """
     directory = output_dir / "checkpoints"
     tag = checkpoint_tag(step)
@@ -105,7 +107,13 @@ def save_checkpoint(
     # universal_checkpoint_info lets `deepspeed.checkpoint.ds_to_universal` convert this checkpoint
     # for a different number of ranks later; without it the conversion refuses.
     state = {**client_state, "step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-    engine.save_checkpoint(str(directory), tag=partial_tag, client_state=state, save_latest=False)
+    engine.save_checkpoint(
+        str(directory),
+        tag=partial_tag,
+        client_state=state,
+        save_latest=False,
+        exclude_frozen_parameters=adapters_only,
+    )
     torch.save(rng_state(), directory / partial_tag / f"rng_rank{rank}.pt")
     if rank_data_position is not None:
         (directory / partial_tag / f"data_rank{rank}.json").write_text(
@@ -256,7 +264,9 @@ def needs_universal(checkpoint: Path, world_size: int, zero_stage: int) -> bool:
     return zero_stage > 0 and written_by(checkpoint) != world_size
 
 
-def load_checkpoint(engine: Any, checkpoint: Path, seed: int, universal: bool) -> dict[str, Any]:
+def load_checkpoint(
+    engine: Any, checkpoint: Path, seed: int, universal: bool, adapters_only: bool = False
+) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG; returns the client state.
 
     On the rank count that wrote it, everything comes back exactly. On another rank count (elastic
@@ -268,7 +278,10 @@ def load_checkpoint(engine: Any, checkpoint: Path, seed: int, universal: bool) -
     elastic = written_by(checkpoint) != dist.get_world_size()
     directory, tag = (checkpoint, UNIVERSAL) if universal else (checkpoint.parent, checkpoint.name)
     try:
-        _, client_state = engine.load_checkpoint(str(directory), tag=tag)
+        # An adapters-only checkpoint (LoRA) has no frozen base weights: the model already holds them.
+        _, client_state = engine.load_checkpoint(
+            str(directory), tag=tag, load_module_strict=not adapters_only
+        )
     except Exception as exc:  # torch/pickle/DeepSpeed raise many types for a damaged or foreign checkpoint
         raise LmscaleError(
             f"{checkpoint} does not fit this model ({type(exc).__name__}): resume with the config it was trained with"

@@ -113,6 +113,11 @@ def _add_tool_commands(commands) -> None:
     export.add_argument("--out", required=True, help="directory for the HF model and its tokenizer")
     export.add_argument("--checkpoint", help="a checkpoint tag (step_N), path, or 'best' (default: newest)")
     export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA runs: fold the adapter into the base and write a whole model",
+    )
     evaluate = commands.add_parser("eval", help="held-out loss/perplexity/entropy, and BLEU/ROUGE on tasks")
     evaluate.add_argument("target", help="an exported model directory, or a run's output_dir")
     evaluate.add_argument("--data", help="evaluate this whole file instead of the run's held-out split")
@@ -221,8 +226,10 @@ def _schedule(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from lmscale.export import export
 
-    checkpoint = export(Path(args.run_dir), Path(args.out), args.checkpoint, args.force)
-    print(f"exported {checkpoint} to {args.out}: AutoModelForCausalLM.from_pretrained({args.out!r})")
+    checkpoint = export(Path(args.run_dir), Path(args.out), args.checkpoint, args.force, args.merge)
+    adapter = (Path(args.out) / "adapter_config.json").is_file()
+    loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
+    print(f"exported {checkpoint} to {args.out}: {loader}.from_pretrained({args.out!r})")
     return 0
 
 

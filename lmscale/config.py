@@ -65,6 +65,21 @@ class DataConfig(Section):
     text_field: str = Field(
         "text", description="Field holding the document text in jsonl/parquet/csv/disk data."
     )
+    format: Literal["text", "prompt_completion", "chat"] = Field(
+        "text",
+        description="text: documents; prompt_completion / chat: instruction records whose loss covers "
+        "only the completion (the prompt is masked).",
+    )
+    prompt_field: str = Field("prompt", description="prompt_completion: field holding the prompt.")
+    completion_field: str = Field(
+        "completion", description="prompt_completion: field holding the completion (the target)."
+    )
+    messages_field: str = Field(
+        "messages", description="chat: field holding the [{role, content}] list; the last one is the target."
+    )
+    label_field: str = Field(
+        "label", description="finetune.task=classification: field holding each document's class."
+    )
     sources: list[SourceConfig] = Field(
         [], description="Several sources mixed by weight ([{path, weight}]), instead of data.path."
     )
@@ -163,6 +178,8 @@ class DataConfig(Section):
             problems.append(
                 "data.near_dedup needs the whole corpus and does not stream: set data.near_dedup=false"
             )
+        if self.format != "text":
+            problems += _instruction_problems(self)
         if self.streaming and self.batching == "pack":
             problems.append(
                 "data.batching=pack does not stream yet: use data.batching=bucket with data.streaming"
@@ -170,6 +187,19 @@ class DataConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _instruction_problems(data: DataConfig) -> list[str]:
+    """Instruction records are bucketed whole: no packing, streaming or length warm-up cuts them."""
+    problems = []
+    for key, value, allowed in (
+        ("batching", data.batching, "bucket or pad"),
+        ("streaming", data.streaming, "false"),
+        ("seq_len_warmup_steps", data.seq_len_warmup_steps, "0"),
+    ):
+        if (key == "batching" and value == "pack") or (key != "batching" and value):
+            problems.append(f"data.{key}={value} does not apply to data.format={data.format}: use {allowed}")
+    return problems
 
 
 class EarlyStoppingConfig(Section):
@@ -303,6 +333,42 @@ class ZeroConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="Rank of the low-rank update matrices.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt (e.g. [q_proj, v_proj]); unset = peft's default for the family.",
+    )
+
+
+class UnfreezeConfig(Section):
+    every_steps: int = Field(..., ge=1, description="Steps between one layer joining training and the next.")
+    start_from: Literal["top", "bottom"] = Field(
+        "top",
+        description="top: the head and top block train first and lower layers join; bottom: the reverse.",
+    )
+
+
+class FinetuneConfig(Section):
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm",
+        description="causal_lm: next-token loss; classification: a sequence-classification head on data.label_field.",
+    )
+    num_labels: int | None = Field(
+        None, ge=2, description="classification: number of classes; unset = the distinct labels in the data."
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="LoRA adapters via peft ({r, alpha, dropout, target_modules}); unset = full fine-tuning.",
+    )
+    unfreeze: UnfreezeConfig | None = Field(
+        None,
+        description="Gradual unfreezing ({every_steps, start_from}); unset = every layer trains from step 0.",
+    )
+
+
 class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = Field(
         "offline", description="W&B mode; offline needs no account."
@@ -340,9 +406,27 @@ class Config(Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     zero: ZeroConfig = ZeroConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     wandb: WandbConfig = WandbConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _check_task(self) -> Config:
+        if self.finetune.task == "classification" and self.data.format != "text":
+            raise ValueError(
+                f"finetune.task=classification reads data.text_field and data.label_field, so data.format must "
+                f"be text (got {self.data.format})"
+            )
+        if self.finetune.task == "classification" and self.data.batching == "pack":
+            raise ValueError(
+                "finetune.task=classification classifies whole documents: use data.batching=bucket"
+            )
+        if self.finetune.task == "classification" and (self.data.streaming or self.data.seq_len_warmup_steps):
+            raise ValueError(
+                "finetune.task=classification needs data.streaming=false and data.seq_len_warmup_steps=0"
+            )
+        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

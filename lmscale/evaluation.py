@@ -20,7 +20,8 @@ from lmscale.data import prepare_held_out
 from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
 from lmscale.errors import LmscaleError
 from lmscale.inference import Sampling, generate_text, load_for_inference
-from lmscale.train import summed_token_loss
+from lmscale.rundir import read_labels
+from lmscale.train import summed_loss, summed_token_loss
 
 
 def evaluation_config(target: Path, data: str | None) -> Config:
@@ -58,6 +59,8 @@ def held_out_scores(
     settings = BatchSettings("bucket", budget, 1, config.data.max_seq_len, 0)
     stream = BatchStream(sequences, settings, 0, 1, config.seed, pad_id, shuffle=False)
     loss_sum = entropy_sum = targets = 0.0
+    if "label" in sequences.column_names:
+        return classification_scores(model, stream, max_batches)
     for batch in stream.loader(0, 0, max_batches):
         logits = model(input_ids=batch["input_ids"]).logits.float()
         loss_sum += summed_token_loss(logits, batch["labels"]).item()
@@ -75,6 +78,19 @@ def held_out_scores(
         "mean_entropy": entropy_sum / targets,
         "eval_tokens": int(targets),
     }
+
+
+def classification_scores(model, stream: BatchStream, max_batches: int | None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of a sequence classifier over the held-out documents."""
+    loss_sum = correct = count = 0.0
+    for batch in stream.loader(0, 0, max_batches):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        loss_sum += summed_loss(logits, batch["labels"]).item()
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        count += (batch["labels"] != IGNORE_INDEX).sum().item()
+    if not count:
+        raise LmscaleError("the held-out data has no labelled documents to score: check --data")
+    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count, "eval_documents": int(count)}
 
 
 def read_tasks(path: Path) -> list[dict[str, str]]:
@@ -121,6 +137,18 @@ def generation_scores(model, tokenizer, tasks: list[dict[str, str]]) -> dict[str
     }
 
 
+def read_labels_of(target: Path) -> list[str] | None:
+    """Class names in id order: from a run directory, or from an exported classifier's config."""
+    labels = read_labels(target)
+    config_path = target / "config.json"
+    if labels is None and config_path.is_file():
+        import json
+
+        id2label = json.loads(config_path.read_text(encoding="utf-8")).get("id2label") or {}
+        labels = [id2label[k] for k in sorted(id2label, key=int)] or None
+    return labels
+
+
 def evaluate_target(
     target: Path, data: str | None = None, tasks: Path | None = None, max_batches: int | None = None
 ) -> dict[str, Any]:
@@ -129,7 +157,7 @@ def evaluate_target(
         raise LmscaleError(f"{target} does not exist: pass an exported model directory or a run's output_dir")
     model, tokenizer = load_for_inference(target)
     config = evaluation_config(target, data)
-    sequences = prepare_held_out(config.data, tokenizer)
+    sequences = prepare_held_out(config.data, tokenizer, config.finetune.task, read_labels_of(target))
     scores = held_out_scores(model, sequences, config, tokenizer.pad_token_id, max_batches)
     if tasks is not None:
         scores.update(generation_scores(model, tokenizer, read_tasks(tasks)))

@@ -3,7 +3,10 @@
 ZeRO 1-3 shards are consolidated by DeepSpeed's own `zero_to_fp32` machinery (fp32 master weights,
 whatever the number of ranks); a ZeRO-0 checkpoint holds the whole module and is read directly with
 `torch.load(weights_only=True)`. The model is rebuilt from the run's `config.yaml`, so the exported
-directory loads with `AutoModelForCausalLM.from_pretrained` and carries the run's tokenizer.
+directory loads with `AutoModelForCausalLM.from_pretrained` (or the sequence-classification class)
+and carries the run's tokenizer. A LoRA run exports its adapter (peft's `save_pretrained`, which
+`AutoPeftModelForCausalLM.from_pretrained` loads onto the base in model.path), or with `merge` the
+base with the adapter folded in (`merge_and_unload`), a plain HF model.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from lmscale.config import Config, build_config
 from lmscale.data.tokenizer import local_tokenizer
 from lmscale.errors import LmscaleError
 from lmscale.model import build_model
+from lmscale.rundir import read_labels
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +74,16 @@ def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):
     """The run's model with the checkpoint's weights, and the run's tokenizer."""
     tokenizer = local_tokenizer(str(run_dir / "tokenizer"), "the run's tokenizer")
     options = config.model.model_copy(update={"activation_checkpointing": False})
-    model = build_model(options, tokenizer, config.data.max_seq_len, config.seed)
+    labels = read_labels(run_dir)
+    model = build_model(options, tokenizer, config.data.max_seq_len, config.seed, config.finetune, labels)
     weights = consolidated_weights(checkpoint, config.zero.stage)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied_keys = getattr(model, "_tied_weights_keys", None) or {}
-    tied = {name for name in missing if name in tied_keys}
-    if unexpected or set(missing) - tied - {"lm_head.weight"}:
+    tied = {name for name in missing if name in tied_keys or name.endswith("lm_head.weight")}
+    # A LoRA checkpoint holds only what trained; the frozen base weights came from model.path.
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = trainable if config.finetune.lora is not None else set(missing)
+    if unexpected or (set(missing) & expected) - tied:
         raise LmscaleError(
             f"{checkpoint} does not fit the model in {run_dir}/config.yaml (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}): export it with the config it was trained with"
@@ -85,13 +93,20 @@ def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):
     return model.eval(), tokenizer
 
 
-def export(run_dir: Path, out: Path, checkpoint: str | None = None, force: bool = False) -> Path:
-    """Write the checkpoint as an HF model directory (atomically: `out` appears only when complete)."""
+def export(
+    run_dir: Path, out: Path, checkpoint: str | None = None, force: bool = False, merge: bool = False
+) -> Path:
+    """Write the checkpoint as an HF model directory (atomically: `out` appears only when complete);
+    a LoRA run's adapter alone, or with `merge` the base model with the adapter folded in."""
     if out.exists() and any(out.iterdir()) and not force:
         raise LmscaleError(f"{out} already exists and is not empty: choose another --out, or pass --force")
     config = run_config(run_dir)
+    if merge and config.finetune.lora is None:
+        raise LmscaleError(f"{run_dir} is not a LoRA run (finetune.lora unset): export it without --merge")
     chosen = pick_checkpoint(run_dir, checkpoint)
     model, tokenizer = load_trained_model(run_dir, chosen, config)
+    if merge:
+        model = model.merge_and_unload()
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(str(partial))

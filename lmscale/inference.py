@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lmscale.data.tokenizer import local_tokenizer
 from lmscale.errors import LmscaleError
 
 
 def load_for_inference(target: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """An exported HF model directory, or a run directory (its newest complete checkpoint)."""
+    """An exported HF model directory (a whole model or a LoRA adapter), or a run directory (its newest
+    complete checkpoint)."""
+    if (target / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+        tokenizer = local_tokenizer(str(target), str(target))
+        task = json.loads((target / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+        loader = AutoPeftModelForSequenceClassification if task == "SEQ_CLS" else AutoPeftModelForCausalLM
+        return loader.from_pretrained(str(target), dtype=torch.float32).eval(), tokenizer
     if (target / "config.json").is_file():
         tokenizer = local_tokenizer(str(target), str(target))
-        return AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval(), tokenizer
+        config = AutoConfig.from_pretrained(str(target))
+        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        return loader.from_pretrained(str(target), dtype=torch.float32).eval(), tokenizer
     if (target / "config.yaml").is_file():
         from lmscale.export import load_trained_model, pick_checkpoint, run_config
 

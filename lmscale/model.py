@@ -8,6 +8,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -15,8 +16,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lmscale.config import ModelConfig
+from lmscale.config import FinetuneConfig, ModelConfig
 from lmscale.errors import ConfigError
+from lmscale.finetune import apply_lora, parameter_counts
 
 
 def _gpt2(layers: int, hidden: int, heads: int) -> dict:
@@ -116,15 +118,34 @@ def check_model_path(path: str) -> None:
         )
 
 
+def set_labels(config: PretrainedConfig, labels: list[str], pad_id: int) -> None:
+    """A classification head's size and class names; the pad id tells HF where each row's last token is."""
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    config.pad_token_id = pad_id
+
+
 def build_model(
-    options: ModelConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, seed: int
+    options: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    seed: int,
+    finetune: FinetuneConfig | None = None,
+    labels: list[str] | None = None,
 ) -> torch.nn.Module:
-    """Build the causal LM (fresh weights from the preset, or pretrained from `options.path`)."""
+    """Build the model (fresh weights from the preset, or pretrained from `options.path`): a causal LM,
+    or a sequence classifier over `labels`; with LoRA adapters when `finetune.lora` is set."""
+    finetune = finetune or FinetuneConfig()
     torch.manual_seed(seed)
     check_attention(options.attn_implementation)
     vocab_size = len(tokenizer)
+    classify = finetune.task == "classification"
+    auto_class = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
     if options.path:
-        path = options.path
+        path = str(
+            Path(options.path).expanduser().resolve()
+        )  # recorded in exports (e.g. a LoRA adapter's base)
         check_model_path(path)
         config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
         if config.vocab_size < vocab_size:
@@ -133,7 +154,9 @@ def build_model(
                 "use the model's own tokenizer (data.tokenizer=<model dir>)"
             )
         apply_model_options(config, options)
-        model = AutoModelForCausalLM.from_pretrained(
+        if classify:
+            set_labels(config, labels, tokenizer.pad_token_id)
+        model = auto_class.from_pretrained(
             path,
             config=config,
             dtype=torch.float32,
@@ -145,7 +168,9 @@ def build_model(
             options.preset, vocab_size, max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
         apply_model_options(config, options)
-        model = AutoModelForCausalLM.from_config(
+        if classify:
+            set_labels(config, labels, tokenizer.pad_token_id)
+        model = auto_class.from_config(
             config, dtype=torch.float32, attn_implementation=options.attn_implementation
         )
     # Training never decodes: no KV cache (it costs memory, and HF ignores packed position ids when one exists).
@@ -156,7 +181,16 @@ def build_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if finetune.lora is not None:
+        model = apply_lora(model, finetune.lora, finetune.task)
     return model
+
+
+def describe_parameters(model: torch.nn.Module) -> str:
+    trainable, total = parameter_counts(model)
+    return (
+        f"{trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters ({100 * trainable / total:.2f}%)"
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> int:

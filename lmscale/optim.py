@@ -42,15 +42,13 @@ def named_parameters_with_kind(model: torch.nn.Module):
                 yield f"{module_name}.{param_name}".lstrip("."), param, parameter_kind(module, param_name)
 
 
-def parameter_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
-    """One group per (depth, decays?) with LR scale layer_lr_decay ** (distance from the top).
+def num_layers_of(model: torch.nn.Module) -> int:
+    return getattr(getattr(model, "config", None), "num_hidden_layers", 0)
 
-    Groups are fixed before `deepspeed.initialize` (ZeRO flattens each group's parameters); the
-    schedule multiplies every group's base LR by the same factor, so the ratios hold all run.
-    """
-    config = getattr(model, "config", None)
-    num_layers = getattr(config, "num_hidden_layers", 0)
-    layered = train.layer_lr_decay < 1
+
+def _grouped(model: torch.nn.Module, train: TrainConfig, by_depth: bool) -> dict[tuple[int, bool], dict]:
+    num_layers = num_layers_of(model)
+    layered = train.layer_lr_decay < 1 or by_depth
     groups: dict[tuple[int, bool], dict] = {}
     for name, param, kind in named_parameters_with_kind(model):
         depth = layer_depth(name, num_layers, kind) if layered else 0
@@ -61,12 +59,37 @@ def parameter_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
             {"params": [], "weight_decay": train.weight_decay if decays else 0.0, "lr": train.lr * scale},
         )
         group["params"].append(param)
-    return [groups[key] for key in sorted(groups)]
+    return dict(sorted(groups.items()))
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, cpu_offload: bool) -> torch.optim.Optimizer:
+def parameter_groups(model: torch.nn.Module, train: TrainConfig, by_depth: bool = False) -> list[dict]:
+    """One group per (depth, decays?) with LR scale layer_lr_decay ** (distance from the top);
+    `by_depth` keeps depths apart even without decay (gradual unfreezing switches whole depths).
+
+    Groups are fixed before `deepspeed.initialize` (ZeRO flattens each group's parameters); the
+    schedule multiplies every group's base LR by the same factor, so the ratios hold all run.
+    """
+    return list(_grouped(model, train, by_depth).values())
+
+
+def group_depths(model: torch.nn.Module, train: TrainConfig, by_depth: bool = False) -> list[int]:
+    """The depth of each of `parameter_groups`' groups, in the same order (0 when not layered)."""
+    return [depth for depth, _ in _grouped(model, train, by_depth)]
+
+
+def params_by_depth(model: torch.nn.Module) -> dict[int, list[torch.nn.Parameter]]:
+    """The trainable parameters at each depth."""
+    num_layers, found = num_layers_of(model), {}
+    for name, param, kind in named_parameters_with_kind(model):
+        found.setdefault(layer_depth(name, num_layers, kind), []).append(param)
+    return found
+
+
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, cpu_offload: bool, by_depth: bool = False
+) -> torch.optim.Optimizer:
     """The optimizer `train.optimizer` names, over `parameter_groups`."""
-    groups = parameter_groups(model, train)
+    groups = parameter_groups(model, train, by_depth)
     gpu = torch.cuda.is_available()
     if train.optimizer == "adamw":
         if cpu_offload:  # ZeRO-Offload steps on the CPU copy; DeepSpeed requires its own CPU Adam there

@@ -78,6 +78,19 @@ def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: b
     (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
 
 
+LABELS = "labels.json"  # classification runs: class names in id order, for export and eval
+
+
+def write_labels(output_dir: Path, labels: list[str] | None) -> None:
+    if labels is not None:
+        (output_dir / LABELS).write_text(json.dumps(labels) + "\n", encoding="utf-8")
+
+
+def read_labels(output_dir: Path) -> list[str] | None:
+    path = output_dir / LABELS
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 FINISHED = "finished"  # written when a run ends other than by a stop signal (SLURM requeues otherwise)
 
 

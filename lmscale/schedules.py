@@ -9,6 +9,8 @@ value per step is defined in one place: the LambdaLR that DeepSpeed steps, the u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -96,10 +98,22 @@ def lr_curve(c: TrainConfig) -> list[float]:
     return [lr_at(step, c) for step in range(c.max_steps)]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, c: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    c: TrainConfig,
+    group_gates: list[Callable[[int], bool]] | None = None,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule as a LambdaLR factor of each group's base LR (so layer-wise LR ratios are kept);
-    DeepSpeed steps it once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, c) / c.lr)
+    DeepSpeed steps it once per optimizer step. `group_gates[i](step)` False holds group i at LR 0
+    (a layer gradual unfreezing has not opened yet)."""
+    if group_gates is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, c) / c.lr)
+    factors = [partial(_gated_factor, c=c, gate=gate) for gate in group_gates]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+def _gated_factor(step: int, c: TrainConfig, gate: Callable[[int], bool]) -> float:
+    return lr_at(step, c) / c.lr if gate(step) else 0.0
 
 
 def plot_curve(curve: list[float], name: str, path: Path) -> None:

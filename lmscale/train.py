@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmscale.config import TrainConfig
-from lmscale.data.batches import IGNORE_INDEX, BatchStream, truncate_batch
+from lmscale.data.batches import IGNORE_INDEX, BatchStream, target_count, truncate_batch
 from lmscale.errors import LmscaleError
 from lmscale.logging import MetricsSink
 from lmscale.metrics import ThroughputModel
@@ -49,10 +49,24 @@ def summed_token_loss(
     )
 
 
-def forward_summed_loss(engine: Any, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy summed over the targets: next tokens (labels per token) or classes (one label per row)."""
+    if labels.dim() == 2:
+        return summed_token_loss(logits, labels, label_smoothing)
+    return F.cross_entropy(
+        logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+    )
+
+
+def forward(engine: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of one batch, on the engine's device."""
     inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-    logits = engine(**inputs).logits
-    return summed_token_loss(logits, batch["labels"].to(engine.device, non_blocking=True), label_smoothing)
+    return engine(**inputs).logits, batch["labels"].to(engine.device, non_blocking=True)
+
+
+def forward_summed_loss(engine: Any, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
+    logits, labels = forward(engine, batch)
+    return summed_loss(logits, labels, label_smoothing)
 
 
 def all_ranks_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
@@ -62,18 +76,36 @@ def all_ranks_sum(values: list[float | torch.Tensor], device: torch.device) -> l
     return stacked.tolist()
 
 
+@dataclass
+class Evaluation:
+    loss: float  # mean per target over all ranks
+    accuracy: float | None  # classification only: share of rows whose top class is the label
+
+    def metrics(self) -> dict[str, float]:
+        figures = {"eval_loss": self.loss, "eval_ppl": perplexity(self.loss)}
+        if self.accuracy is not None:
+            figures["eval_accuracy"] = self.accuracy
+        return figures
+
+
 @torch.no_grad()
-def evaluate(engine: Any, stream: BatchStream, max_batches: int) -> float:
-    """Mean held-out loss per target token over all ranks (every rank runs the same number of batches)."""
+def evaluate(engine: Any, stream: BatchStream, max_batches: int) -> Evaluation:
+    """Held-out loss (and accuracy, for classification) over all ranks; every rank runs the same batches."""
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    targets = 0
+    correct = torch.zeros((), dtype=torch.float64, device=engine.device)
+    targets, classifying = 0, False
     for batch in stream.loader(epoch=0, start=0, stop=max_batches):
-        loss_sum += forward_summed_loss(engine, batch).double()
-        targets += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        logits, labels = forward(engine, batch)
+        loss_sum += summed_loss(logits, labels).double()
+        targets += target_count(batch["labels"])
+        if labels.dim() == 1:
+            classifying = True
+            correct += (logits.argmax(dim=-1) == labels).sum().double()  # ignored rows never match -100
     engine.train()
-    total_loss, total_targets = all_ranks_sum([loss_sum, targets], engine.device)
-    return total_loss / max(total_targets, 1)
+    total_loss, total_targets, total_correct = all_ranks_sum([loss_sum, targets, correct], engine.device)
+    accuracy = total_correct / max(total_targets, 1) if classifying else None
+    return Evaluation(total_loss / max(total_targets, 1), accuracy)
 
 
 def gradient_norm(engine: Any) -> float | None:
@@ -168,6 +200,7 @@ class LoopHooks:
     stop_requested: Callable[[], bool]  # agreed across ranks (a collective)
     length_cap: Callable[[int], int | None] = no_length_cap  # sequence-length warm-up
     throughput: ThroughputModel | None = None  # token counts -> TFLOP/s, MFU, HFU
+    before_step: Callable[[int], None] = lambda step: None  # (0-based step) -> e.g. unfreeze layers
 
 
 @dataclass
@@ -233,8 +266,9 @@ def train(
     batches: Iterator[dict] = iter(train_stream)
     initial_eval = final_eval = math.nan
     if start.step == 0:
-        initial_eval = final_eval = evaluate(engine, eval_stream, config.eval_batches)
-        sink.log(0, {"eval_loss": initial_eval, "eval_ppl": perplexity(initial_eval)})
+        evaluation = evaluate(engine, eval_stream, config.eval_batches)
+        initial_eval = final_eval = evaluation.loss
+        sink.log(0, evaluation.metrics())
         sink.message(f"untrained held-out loss {initial_eval:.4f}, perplexity {perplexity(initial_eval):.1f}")
     # The loss stays on the device between log steps: reading it every step would force a sync.
     window = Window(loss_sum=torch.zeros((), dtype=torch.float64, device=engine.device))
@@ -245,6 +279,7 @@ def train(
     early = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta, best=best_eval)
     while step < config.max_steps:
         step += 1
+        hooks.before_step(step - 1)
         is_last = step == config.max_steps
         is_log_step = step % config.log_every == 0 or is_last
         wait_start = time.perf_counter()
@@ -268,10 +303,11 @@ def train(
             )
         is_best = plateaued = False
         if step % config.eval_every == 0 or is_last:
-            final_eval = evaluate(engine, eval_stream, config.eval_batches)
+            evaluation = evaluate(engine, eval_stream, config.eval_batches)
+            final_eval = evaluation.loss
             is_best, best_eval = final_eval < best_eval, min(best_eval, final_eval)
             plateaued = early.should_stop(final_eval)
-            sink.log(step, {"eval_loss": final_eval, "eval_ppl": perplexity(final_eval)})
+            sink.log(step, evaluation.metrics())
             sink.message(
                 f"step {step}: held-out loss {final_eval:.4f}, perplexity {perplexity(final_eval):.2f}"
             )

@@ -38,15 +38,17 @@ from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap  # noqa
 from lmscale.data.streaming import StreamingBatches, StreamSettings  # noqa: E402
 from lmscale.ds_config import resolve  # noqa: E402
 from lmscale.errors import LmscaleError  # noqa: E402
+from lmscale.finetune import Unfreezing, is_joined  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops  # noqa: E402
-from lmscale.model import build_model, count_parameters  # noqa: E402
-from lmscale.optim import build_optimizer  # noqa: E402
+from lmscale.model import build_model, describe_parameters  # noqa: E402
+from lmscale.optim import build_optimizer, group_depths, num_layers_of, params_by_depth  # noqa: E402
 from lmscale.rundir import (  # noqa: E402
     check_output_dir,
     check_resume_compatible,
     mark_finished,
     truncate_metrics,
+    write_labels,
     write_run_files,
 )
 from lmscale.schedules import build_scheduler  # noqa: E402
@@ -130,13 +132,14 @@ def plan_resume(config: Config, ds_config: dict, force: bool, world_size: int) -
 
 
 def resume_point(
-    engine, train_stream, output_dir: Path, resume: Resume, is_rank_zero: bool, seed: int
+    engine, train_stream, output_dir: Path, resume: Resume, is_rank_zero: bool, config: Config
 ) -> LoopStart:
     """Load the checkpoint to resume from (if any) and return where the loop starts."""
     checkpoint = resume.checkpoint
     if checkpoint is None:
         return LoopStart()
-    state = load_checkpoint(engine, checkpoint, seed, resume.universal)
+    adapters_only = config.finetune.lora is not None
+    state = load_checkpoint(engine, checkpoint, config.seed, resume.universal, adapters_only)
     if not state["data_position"].get("streaming"):
         train_stream.load_state_dict(state["data_position"])
     elif not train_stream.load_state_dict(state.get("rank_data_position", {})):
@@ -164,7 +167,9 @@ def resume_point(
     )
 
 
-def checkpoint_saver(engine, train_stream, output_dir: Path, config: Config, is_rank_zero: bool):
+def checkpoint_saver(
+    engine, train_stream, output_dir: Path, config: Config, is_rank_zero: bool, unfreezing: Unfreezing
+):
     """The loop's save hook: an atomic checkpoint with the data position and the best eval loss so far."""
 
     def save(step: int, tokens_seen: int, best_eval_loss: float, is_best: bool) -> Path:
@@ -174,12 +179,38 @@ def checkpoint_saver(engine, train_stream, output_dir: Path, config: Config, is_
             "best_eval_loss": best_eval_loss,
         }
         own = train_stream.state_dict() if config.data.streaming else None  # streamed shards differ per rank
-        path = save_checkpoint(engine, output_dir, step, state, config.train.keep_last, own)
+        adapters_only = config.finetune.lora is not None
+        with unfreezing.everything_trainable():  # a layer not yet unfrozen is still part of the checkpoint
+            path = save_checkpoint(
+                engine, output_dir, step, state, config.train.keep_last, own, adapters_only
+            )
         if is_best and is_rank_zero:
             mark_best(output_dir, step)
         return path
 
     return save
+
+
+def optimization(model: torch.nn.Module, config: Config):
+    """Optimizer, LR schedule and unfreezing schedule; every parameter group exists before
+    `deepspeed.initialize`, and gradual unfreezing gates each depth's group (see lmscale.finetune)."""
+    unfreeze = config.finetune.unfreeze
+    by_depth = unfreeze is not None
+    optimizer = build_optimizer(model, config.train, config.zero.offload == "cpu", by_depth)
+    num_layers = num_layers_of(model)
+    gates = None
+    if by_depth:
+        depths = group_depths(model, config.train, by_depth)
+        gates = [partial(is_joined, depth, num_layers=num_layers, unfreeze=unfreeze) for depth in depths]
+        log.info(
+            "unfreeze: from the %s, one layer every %d steps; all %d layers train from step %d",
+            unfreeze.start_from,
+            unfreeze.every_steps,
+            num_layers,
+            num_layers * unfreeze.every_steps + 1,
+        )
+    unfreezing = Unfreezing(params_by_depth(model), num_layers, unfreeze)
+    return optimizer, build_scheduler(optimizer, config.train, gates), unfreezing
 
 
 def run(config_path: str | None, overrides: list[str], force: bool = False) -> None:
@@ -200,6 +231,8 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         ds_engine.rank(),
         int(os.environ["WORLD_SIZE"]),
         config.model.trust_remote_code,
+        config.finetune.task,
+        config.finetune.num_labels,
     )
     ds_engine.init_distributed()  # every rank has its data now: nothing slow happens inside a collective
     world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -208,26 +241,29 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     if is_rank_zero:
         write_run_files(config, ds_config, output_dir, force)
         data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
-    model = build_model(config.model, data.tokenizer, config.data.max_seq_len, config.seed)
+        write_labels(output_dir, data.labels)
+    model = build_model(
+        config.model, data.tokenizer, config.data.max_seq_len, config.seed, config.finetune, data.labels
+    )
     log.info(
-        "model: %s, %.2fM parameters; %d rank(s), ZeRO-%d, %s",
+        "model: %s, %s; %d rank(s), ZeRO-%d, %s",
         config.model.path or config.model.preset,
-        count_parameters(model) / 1e6,
+        describe_parameters(model),
         world_size,
         config.zero.stage,
         config.precision,
     )
     if config.data.max_tokens_per_batch == "auto":
         config.data.max_tokens_per_batch = auto_token_budget(config, model, world_size)
-    optimizer = build_optimizer(model, config.train, cpu_offload=config.zero.offload == "cpu")
-    engine = ds_engine.build_engine(model, optimizer, build_scheduler(optimizer, config.train), ds_config)
+    optimizer, scheduler, unfreezing = optimization(model, config)
+    engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config)
     check_packing_support(config.data.batching)
     train_stream, eval_stream = batch_streams(config, data, rank, world_size)
-    start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config.seed)
+    start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
     stop = StopRequest()
     stop.install()
     hooks = LoopHooks(
-        save=checkpoint_saver(engine, train_stream, output_dir, config, is_rank_zero),
+        save=checkpoint_saver(engine, train_stream, output_dir, config, is_rank_zero, unfreezing),
         stop_requested=stop.agreed,
         length_cap=partial(
             seq_len_cap,
@@ -236,6 +272,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
             warmup_steps=config.data.seq_len_warmup_steps,
         ),
         throughput=throughput_model(config, model),
+        before_step=unfreezing.apply,
     )
     sink = MetricsSink(
         config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step

@@ -15,6 +15,16 @@ from lmscale.data.batches import tokenize_documents
 from lmscale.data.cleaning import clean_documents
 from lmscale.data.sources import load_documents
 from lmscale.data.streaming import rank_shard, sample_fingerprint, stream_documents
+from lmscale.data.tasks import (
+    TaskFormat,
+    dataset_summary,
+    ensure_chat_template,
+    label_names,
+    load_task_records,
+    task_format,
+    tokenize_records,
+    tokenizer_text,
+)
 from lmscale.data.tokenizer import local_tokenizer, trained_tokenizer
 from lmscale.errors import ConfigError
 
@@ -26,6 +36,7 @@ class PreparedData:
     train: Dataset | IterableDataset  # an IterableDataset of this rank's shard when streaming
     eval: Dataset
     tokenizer: PreTrainedTokenizerBase
+    labels: list[str] | None = None  # classification: class names in id order
 
 
 def clean_splits(config: DataConfig, cache_dir: str) -> tuple[Dataset, Dataset]:
@@ -79,15 +90,40 @@ def prepare_streaming_data(
     )
 
 
+def prepare_task_data(
+    config: DataConfig,
+    fmt: TaskFormat,
+    tokenizer_path: str | None,
+    cache_dir: Path,
+    trust_remote_code: bool,
+    num_labels: int | None,
+) -> PreparedData:
+    """Fine-tuning records (instructions or labelled documents) as sequences with their loss targets."""
+    with FileLock(str(cache_dir / "prepare.lock")):
+        train_records, eval_records = load_task_records(config, fmt, str(cache_dir))
+        corpus = None if (config.tokenizer or tokenizer_path) else tokenizer_text(train_records, fmt)
+        tokenizer = choose_tokenizer(config, tokenizer_path, corpus, str(cache_dir), None, trust_remote_code)
+        if fmt.name == "chat":
+            ensure_chat_template(tokenizer)
+        labels = label_names(train_records, num_labels) if fmt.name == "classification" else None
+        train = tokenize_records(train_records, fmt, tokenizer, config, "train", labels)
+        held_out = tokenize_records(eval_records, fmt, tokenizer, config, "eval", labels)
+    log.info("data/%s: train %s; held-out %s", fmt.name, dataset_summary(train), dataset_summary(held_out))
+    return PreparedData(train=train, eval=held_out, tokenizer=tokenizer, labels=labels)
+
+
 def prepare_data(
     config: DataConfig,
     tokenizer_path: str | None = None,
     rank: int = 0,
     world_size: int = 1,
     trust_remote_code: bool = False,
+    task: str = "causal_lm",
+    num_labels: int | None = None,
 ) -> PreparedData:
     """Load, tokenize and cache the corpus; `tokenizer_path` (a pretrained model's directory) is used
-    when `data.tokenizer` is unset; `trust_remote_code` lets a tokenizer directory run its own code.
+    when `data.tokenizer` is unset; `trust_remote_code` lets a tokenizer directory run its own code;
+    `task` and `data.format` choose fine-tuning records instead of documents.
 
     Every rank calls this before the process group exists; a file lock lets the first rank do the
     work while the others wait and then read the cache, so no rank sits in a collective with a timeout.
@@ -99,6 +135,9 @@ def prepare_data(
         raise ConfigError(
             f"data.cache_dir={config.cache_dir} cannot be created ({exc.strerror}): choose a writable path"
         ) from None
+    fmt = task_format(config, task)
+    if fmt is not None:
+        return prepare_task_data(config, fmt, tokenizer_path, cache_dir, trust_remote_code, num_labels)
     if config.streaming:
         return prepare_streaming_data(config, tokenizer_path, cache_dir, rank, world_size, trust_remote_code)
     with FileLock(str(cache_dir / "prepare.lock")):
@@ -119,10 +158,19 @@ def prepare_data(
     return PreparedData(train=train, eval=held_out, tokenizer=tokenizer)
 
 
-def prepare_held_out(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+def prepare_held_out(
+    config: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str = "causal_lm",
+    labels: list[str] | None = None,
+) -> Dataset:
     """Only the held-out split, tokenized with `tokenizer` (offline evaluation; nothing is trained)."""
     cache_dir = Path(config.cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
+    fmt = task_format(config, task)
     with FileLock(str(cache_dir / "prepare.lock")):
+        if fmt is not None:
+            _, eval_records = load_task_records(config, fmt, str(cache_dir))
+            return tokenize_records(eval_records, fmt, tokenizer, config, "eval", labels)
         _, eval_docs = clean_splits(config, str(cache_dir))
         return tokenize_documents(eval_docs, tokenizer, config.max_seq_len, config.num_proc, "eval")

@@ -20,10 +20,11 @@ from lmscale.data.bucketing import FILLER, EpochPlan, plan_resumed_epoch
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
+TASK_COLUMNS = ("prompt_len", "label")  # per-sequence columns of fine-tuning data (lmscale.data.tasks)
 TOKENIZE_VERSION = "1"  # bump when tokenize_documents changes what it writes, to invalidate caches
 
 
-def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     state = (
         tokenizer.backend_tokenizer.to_str()
         if tokenizer.is_fast
@@ -59,7 +60,7 @@ def tokenize_documents(
     second run with the same inputs reads the cached Arrow file instead of tokenizing again.
     """
     eos = tokenizer.eos_token_id
-    key = f"{documents._fingerprint}-{_tokenizer_digest(tokenizer)}-{max_seq_len}-{TOKENIZE_VERSION}"
+    key = f"{documents._fingerprint}-{tokenizer_digest(tokenizer)}-{max_seq_len}-{TOKENIZE_VERSION}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     if _cached(documents, fingerprint):
         log.info("data/%s: tokenized sequences found in the cache; nothing to tokenize", split)
@@ -81,9 +82,17 @@ def tokenize_documents(
     )
 
 
-def collate(rows: list[list[int]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    rows: list[list[int]],
+    pad_id: int,
+    pad_to: int | None = None,
+    prompt_lens: list[int] | None = None,
+    classes: list[int] | None = None,
+) -> dict[str, torch.Tensor]:
     """Pad sequences to the longest (or to `pad_to`); labels are the inputs with padding ignored.
 
+    `prompt_lens` masks each row's first tokens out of the labels (instruction data: only the completion
+    is a target); `classes` makes the labels one class id per row instead (sequence classification).
     An empty `rows` (a filler batch) becomes one padding row with no targets, so the rank still runs
     a forward pass in step with the others but adds nothing to the loss.
     """
@@ -94,9 +103,20 @@ def collate(rows: list[list[int]], pad_id: int, pad_to: int | None = None) -> di
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    for row, prompt_len in enumerate(prompt_lens or []):
+        labels[row, :prompt_len] = IGNORE_INDEX
+    if classes is not None:
+        labels = torch.full((input_ids.size(0),), IGNORE_INDEX, dtype=torch.long)
+        labels[: len(classes)] = torch.as_tensor(classes, dtype=torch.long)
     if not rows:
         attention_mask[0, 0] = 1  # an all-masked row would give NaN attention; its label stays ignored
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """Loss targets in a batch's labels: next tokens (2-D labels) or class ids (1-D labels)."""
+    targets = labels if labels.dim() == 1 else labels[:, 1:]
+    return int((targets != IGNORE_INDEX).sum())
 
 
 def collate_packed(rows: list[list[list[int]]], pad_id: int, width: int) -> dict[str, torch.Tensor]:
@@ -134,7 +154,9 @@ class EpochBatches(torch.utils.data.Dataset):
         pad_id: int,
         pad_to: int | None,
     ) -> None:
-        self.sequences = sequences.select_columns(["input_ids"])
+        # Fine-tuning data carries a prompt length (masked out of the loss) or a class label per sequence.
+        self.extra = [c for c in TASK_COLUMNS if c in sequences.column_names]
+        self.sequences = sequences.select_columns(["input_ids", *self.extra])
         self.lengths, self.plan, self.rank, self.pad_id, self.pad_to = lengths, plan, rank, pad_id, pad_to
 
     def __len__(self) -> int:
@@ -143,10 +165,22 @@ class EpochBatches(torch.utils.data.Dataset):
     def _rows(self, row_ids: list[int]) -> list[list[int]]:
         return list(self.sequences[row_ids]["input_ids"]) if row_ids else []
 
+    def _collate(self, row_ids: list[int]) -> dict[str, torch.Tensor]:
+        if not self.extra:
+            return collate(self._rows(row_ids), self.pad_id, self.pad_to)
+        records = self.sequences[row_ids] if row_ids else {c: [] for c in ["input_ids", *self.extra]}
+        return collate(
+            list(records["input_ids"]),
+            self.pad_id,
+            self.pad_to,
+            prompt_lens=records.get("prompt_len"),
+            classes=records.get("label"),
+        )
+
     def __getitem__(self, group: int) -> dict[str, torch.Tensor | int]:
         row_ids = [int(r) for r in self.plan.groups[group][self.rank] if r != FILLER]
         if self.plan.packed_rows is None:
-            batch = collate(self._rows(row_ids), self.pad_id, self.pad_to)
+            batch = self._collate(row_ids)
         else:
             pieces = [self._rows([int(i) for i in self.plan.packed_rows[r]]) for r in row_ids]
             batch = collate_packed(pieces, self.pad_id, self.pad_to)
@@ -222,6 +256,11 @@ class BatchStream:
         self.seed, self.pad_id, self.shuffle = seed, pad_id, shuffle
         # Lengths were stored at tokenization time: reading the column is all start-up costs.
         self.lengths = np.asarray(sequences.data.column("length").to_numpy(), dtype=np.int64)
+        self.targets = (
+            np.asarray(sequences.data.column("targets").to_numpy(), dtype=np.int64)
+            if "targets" in sequences.column_names
+            else None
+        )
         self.epoch, self.cursor = 0, 0
         # [world_size, cursor] of earlier parts of this epoch that ran on other rank counts
         self.segments: list[list[int]] = []
@@ -239,6 +278,7 @@ class BatchStream:
             rows=s.micro_batch_size,
             max_seq_len=s.max_seq_len,
             shuffle=self.shuffle,
+            targets=self.targets,
         )
 
     def loader(self, epoch: int, start: int, stop: int | None = None) -> DataLoader:

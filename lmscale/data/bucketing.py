@@ -22,7 +22,9 @@ FILLER = -1
 @dataclass(frozen=True)
 class EpochPlan:
     groups: list[list[np.ndarray]]  # groups[g][rank] -> that rank's batch: row ids
-    group_targets: np.ndarray  # target tokens (length - 1 per sequence) summed over the group's batches
+    group_targets: (
+        np.ndarray
+    )  # loss targets (default: length - 1 per sequence) summed over the group's batches
     packed_rows: list[np.ndarray] | None = None  # pack mode: row id -> sequences concatenated in that row
 
     def row_sequences(self, row: int) -> np.ndarray:
@@ -110,11 +112,13 @@ def plan_epoch(
     rows: int = 1,
     max_seq_len: int = 0,
     shuffle: bool = True,
+    targets: np.ndarray | None = None,
 ) -> EpochPlan:
     """Plan one epoch.
 
     bucket: length buckets of at most `max_tokens` padded tokens; pad: `rows` random sequences per batch;
     pack: sequences concatenated into rows of `max_seq_len`, `max_tokens // max_seq_len` rows per batch.
+    `targets` counts each sequence's loss targets (default length - 1: every next token).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     rng = _epoch_rng(seed, epoch)
@@ -131,7 +135,8 @@ def plan_epoch(
     groups = [batches[i : i + world_size] for i in range(0, len(batches), world_size)]
     if shuffle:
         groups = [groups[i] for i in rng.permutation(len(groups))]
-    row_targets = (lengths - 1) if packed is None else np.array([int((lengths[r] - 1).sum()) for r in packed])
+    per_sequence = lengths - 1 if targets is None else np.asarray(targets, dtype=np.int64)
+    row_targets = per_sequence if packed is None else np.array([int(per_sequence[r].sum()) for r in packed])
     row_targets = np.append(row_targets, 0)  # FILLER (-1) reads this 0: a filler row has no targets
     targets = np.array([sum(int(row_targets[b].sum()) for b in group) for group in groups], dtype=np.int64)
     return EpochPlan(groups=groups, group_targets=targets, packed_rows=packed)
@@ -142,6 +147,8 @@ def plan_subset(
 ) -> EpochPlan:
     """`plan_epoch` over only the sequences `sequence_ids`, with batches naming the original indices."""
     lengths = np.asarray(lengths, dtype=np.int64)
+    if kw.get("targets") is not None:
+        kw = {**kw, "targets": np.asarray(kw["targets"])[sequence_ids]}
     sub = plan_epoch(lengths[sequence_ids], world_size, seed, epoch, **kw)
     if sub.packed_rows is not None:  # batches name packed rows; the rows name sequences
         packed = [sequence_ids[row] for row in sub.packed_rows]

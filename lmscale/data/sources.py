@@ -84,7 +84,7 @@ def malformed_json_lines(path: Path) -> list[int]:
     return bad
 
 
-def _good_json_records(path: str, text_field: str, version: str) -> Iterator[dict]:
+def _good_json_records(path: str, fields: list[str], version: str) -> Iterator[dict]:
     """Records of the well-formed lines only (`version` keys the datasets cache to the file's state)."""
     with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
@@ -92,11 +92,11 @@ def _good_json_records(path: str, text_field: str, version: str) -> Iterator[dic
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and text_field in record:
-                yield {text_field: record[text_field]}
+            if isinstance(record, dict) and all(f in record for f in fields):
+                yield {f: record[f] for f in fields}
 
 
-def _load_json(path: Path, config: DataConfig, cache_dir: str) -> Dataset:
+def _load_json(path: Path, config: DataConfig, cache_dir: str, fields: list[str]) -> Dataset:
     datasets_log = logging.getLogger("datasets")
     level = datasets_log.level
     datasets_log.setLevel(logging.CRITICAL)  # a parse failure is reported below, once, with line numbers
@@ -121,7 +121,7 @@ def _load_json(path: Path, config: DataConfig, cache_dir: str) -> Dataset:
         _good_json_records,
         gen_kwargs={
             "path": str(path),
-            "text_field": config.text_field,
+            "fields": fields,
             "version": f"{stat.st_size}-{stat.st_mtime_ns}",
         },
         cache_dir=cache_dir,
@@ -158,39 +158,58 @@ def _text_column(dataset: Dataset, field: str, source: Path) -> Dataset:
     )
 
 
-def load_source(path: str, config: DataConfig, cache_dir: str, key: str = "data.path") -> Dataset:
-    """One source as a `text` dataset: file type chosen by suffix; a directory is text files or save_to_disk."""
+def is_disk_dataset(source: Path) -> bool:
+    return source.is_dir() and (
+        (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists()
+    )
+
+
+def existing_source(path: str, key: str) -> Path:
     source = Path(path).expanduser()
     if not source.exists():
         raise ConfigError(f"{key}={path} does not exist: fix the path, or unset it for the embedded corpus")
-    if source.is_dir() and (
-        (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists()
-    ):
-        return _text_column(load_disk_dataset(source), config.text_field, source)
+    return source
+
+
+def load_table(source: Path, config: DataConfig, cache_dir: str, fields: list[str]) -> Dataset:
+    """Records of a jsonl/json/parquet/csv file or a save_to_disk directory (all columns)."""
+    if is_disk_dataset(source):
+        return load_disk_dataset(source)
+    if source.suffix in (".jsonl", ".json"):
+        return _load_json(source, config, cache_dir, fields)
+    try:
+        return load_dataset(
+            LOADERS[source.suffix], data_files=str(source), split="train", cache_dir=cache_dir
+        )
+    except Exception as exc:  # pyarrow/pandas parser errors
+        raise ConfigError(
+            f"data.path={source} could not be read ({type(exc).__name__}): check the file"
+        ) from None
+
+
+def is_table(source: Path) -> bool:
+    return is_disk_dataset(source) or (source.is_file() and source.suffix in LOADERS)
+
+
+def load_source(path: str, config: DataConfig, cache_dir: str, key: str = "data.path") -> Dataset:
+    """One source as a `text` dataset: file type chosen by suffix; a directory is text files or save_to_disk."""
+    source = existing_source(path, key)
+    if is_table(source):
+        return _text_column(
+            load_table(source, config, cache_dir, [config.text_field]), config.text_field, source
+        )
     if source.is_dir():
         files = directory_files(source, config.glob)
         return load_dataset("text", data_files={"train": files}, sample_by="document", cache_dir=cache_dir)[
             "train"
         ]
-    if source.suffix in (".jsonl", ".json"):
-        return _text_column(_load_json(source, config, cache_dir), config.text_field, source)
-    if source.suffix in LOADERS:
-        try:
-            dataset = load_dataset(
-                LOADERS[source.suffix], data_files=str(source), split="train", cache_dir=cache_dir
-            )
-        except Exception as exc:  # pyarrow/pandas parser errors
-            raise ConfigError(
-                f"data.path={source} could not be read ({type(exc).__name__}): check the file"
-            ) from None
-        return _text_column(dataset, config.text_field, source)
     # A single text file: blank-line separated paragraphs are the documents.
     return load_dataset(
         "text", data_files={"train": [str(source)]}, sample_by="paragraph", cache_dir=cache_dir
     )["train"]
 
 
-def _split(dataset: Dataset, eval_fraction: float, source: str) -> tuple[Dataset, Dataset]:
+def split_held_out(dataset: Dataset, eval_fraction: float, source: str) -> tuple[Dataset, Dataset]:
     if len(dataset) < 2:
         raise ConfigError(
             f"data path {source} holds {len(dataset)} document(s); at least 2 are needed for a held-out split"
@@ -217,20 +236,24 @@ def _mix(parts: list[Dataset], weights: list[float]) -> Dataset:
     )
 
 
-def load_documents(config: DataConfig, cache_dir: str) -> tuple[Dataset, Dataset]:
-    """(train, eval) datasets with one `text` column, one row per document, before cleaning."""
+def load_documents(config: DataConfig, cache_dir: str, loader=load_source) -> tuple[Dataset, Dataset]:
+    """(train, eval) datasets with one `text` column, one row per document, before cleaning.
+
+    `loader(path, config, cache_dir, key)` reads one source (fine-tuning formats read other fields).
+    """
     datasets_cache = str(Path(cache_dir) / "datasets")
     if config.path is None and not config.sources:
         return _embedded(datasets_cache)
     sources = config.sources or [{"path": config.path, "weight": 1.0}]
     pairs = [(s["path"], s["weight"]) if isinstance(s, dict) else (s.path, s.weight) for s in sources]
     key = "data.sources" if config.sources else "data.path"
-    loaded = [load_source(path, config, datasets_cache, key) for path, _ in pairs]
+    loaded = [loader(path, config, datasets_cache, key) for path, _ in pairs]
     if config.eval_path:
-        held_out = load_source(config.eval_path, config, datasets_cache, "data.eval_path")
+        held_out = loader(config.eval_path, config, datasets_cache, "data.eval_path")
         return _mix(loaded, [w for _, w in pairs]), held_out
     splits = [
-        _split(dataset, config.eval_fraction, path) for dataset, (path, _) in zip(loaded, pairs, strict=True)
+        split_held_out(dataset, config.eval_fraction, path)
+        for dataset, (path, _) in zip(loaded, pairs, strict=True)
     ]
     train = _mix([t for t, _ in splits], [w for _, w in pairs])
     return train, concatenate_datasets([e for _, e in splits])

@@ -1,0 +1,265 @@
+"""Fine-tuning data: instruction records whose loss covers only the completion, and labelled documents.
+
+Records come from jsonl/json/parquet/csv files or `save_to_disk` directories. Each becomes one sequence
+with its `length`, its count of loss `targets` (what the token-mean loss and the bucketing plan need),
+and either a `prompt_len` (tokens masked out of the loss) or a class `label`. Tokenization goes through
+`datasets.map` with an explicit fingerprint, so a second run reads the cache, as for pre-training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lmscale.config import DataConfig
+from lmscale.data.batches import tokenizer_digest
+from lmscale.data.sources import BAD_LINES_SHOWN, existing_source, is_table, load_documents, load_table
+from lmscale.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TASKS_VERSION = "1"  # bump when the tokenization below changes what it writes
+# Used when a tokenizer has no chat template of its own (e.g. one lmscale trained): one line per turn,
+# and the prompt ends where the assistant's answer begins. Saved with the tokenizer, so generation
+# from the fine-tuned model sees the same format.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TaskFormat:
+    name: str  # prompt_completion, chat or classification
+    fields: dict[str, str]  # the column each record field is read from -> its name here
+
+
+def task_format(config: DataConfig, task: str) -> TaskFormat | None:
+    """The fine-tuning record format the config asks for, or None for plain documents."""
+    if task == "classification":
+        return TaskFormat("classification", {config.text_field: "text", config.label_field: "label"})
+    if config.format == "prompt_completion":
+        return TaskFormat(
+            "prompt_completion", {config.prompt_field: "prompt", config.completion_field: "completion"}
+        )
+    if config.format == "chat":
+        return TaskFormat("chat", {config.messages_field: "messages"})
+    return None
+
+
+def record_loader(fmt: TaskFormat, config: DataConfig):
+    """A `load_documents` loader that reads a table source's records with this format's fields."""
+
+    def load(path: str, _config: DataConfig, cache_dir: str, key: str) -> Dataset:
+        source = existing_source(path, key)
+        if not is_table(source):
+            raise ConfigError(
+                f"{key}={path}: {fmt.name} data must be jsonl, json, parquet, csv or a save_to_disk directory"
+            )
+        records = load_table(source, config, cache_dir, list(fmt.fields))
+        missing = [f for f in fmt.fields if f not in records.column_names]
+        if missing:
+            raise ConfigError(
+                f"{key}={path} has no field {', '.join(map(repr, missing))} (fields: "
+                f"{', '.join(records.column_names)}): set data.{_field_key(fmt, missing[0])} to the right field"
+            )
+        records = records.select_columns(list(fmt.fields))
+        return records.rename_columns({k: v for k, v in fmt.fields.items() if k != v})
+
+    return load
+
+
+def _field_key(fmt: TaskFormat, column: str) -> str:
+    name = fmt.fields[column]
+    return {"text": "text_field", "label": "label_field", "prompt": "prompt_field"}.get(name, f"{name}_field")
+
+
+def load_task_records(config: DataConfig, fmt: TaskFormat, cache_dir: str) -> tuple[Dataset, Dataset]:
+    """(train, held-out) records of a fine-tuning format; the embedded corpus has none."""
+    if config.path is None and not config.sources:
+        raise ConfigError(
+            f"{fmt.name} fine-tuning needs data: set data.path to a jsonl/parquet file of your records"
+        )
+    return load_documents(config, cache_dir, loader=record_loader(fmt, config))
+
+
+def tokenizer_text(records: Dataset, fmt: TaskFormat) -> Dataset:
+    """One `text` column of a format's records, to train a tokenizer on when no pretrained one is given."""
+
+    def join(batch: dict) -> dict:
+        if fmt.name == "prompt_completion":
+            return {"text": [f"{p}{c}" for p, c in zip(batch["prompt"], batch["completion"], strict=True)]}
+        if fmt.name == "chat":
+            return {
+                "text": ["\n".join(str(m.get("content", "")) for m in ms or []) for ms in batch["messages"]]
+            }
+        return {"text": [str(t) for t in batch["text"]]}
+
+    return records.map(join, batched=True, remove_columns=records.column_names, desc="tokenizer text")
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        log.info("data: the tokenizer has no chat template; using lmscale's plain 'role: content' lines")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+
+
+def chat_problem(messages) -> str | None:
+    """Why a chat record cannot be trained on, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "messages is not a non-empty list"
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
+        return "every message needs a role and a string content"
+    if messages[-1]["role"] != "assistant":
+        return "the last message must be the assistant's (it is the target)"
+    return None
+
+
+def chat_prompt_and_completion(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """The rendered conversation split where the last (assistant) message begins."""
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    if not whole.startswith(prompt):
+        raise ConfigError(
+            "the tokenizer's chat template renders the conversation without the reply as something other "
+            "than a prefix of the whole: use data.format=prompt_completion, or a tokenizer with a standard template"
+        )
+    return prompt, whole[len(prompt) :]
+
+
+def instruction_sequence(
+    prompt_ids: list[int], completion_ids: list[int], eos: int, max_seq_len: int
+) -> dict | None:
+    """Prompt + completion + EOS cut to max_seq_len, with the prompt masked; None when no target is left."""
+    ids = [*prompt_ids, *completion_ids, eos][:max_seq_len]
+    targets = len(ids) - max(len(prompt_ids), 1)  # position 0 is never a target: nothing precedes it
+    if targets < 1:
+        return None
+    return {"input_ids": ids, "length": len(ids), "targets": targets, "prompt_len": len(prompt_ids)}
+
+
+def encode_instructions(batch: dict, fmt: TaskFormat, tokenizer, max_seq_len: int) -> dict:
+    rows: dict[str, list] = {"input_ids": [], "length": [], "targets": [], "prompt_len": [], "problem": []}
+    count = len(next(iter(batch.values())))
+    for i in range(count):
+        if fmt.name == "chat":
+            problem = chat_problem(batch["messages"][i])
+            prompt, completion = (
+                ("", "") if problem else chat_prompt_and_completion(batch["messages"][i], tokenizer)
+            )
+        else:
+            prompt, completion = batch["prompt"][i], batch["completion"][i]
+            ok = isinstance(prompt, str) and isinstance(completion, str) and completion.strip()
+            problem = None if ok else "prompt and completion must be strings, the completion non-empty"
+        sequence = None
+        if problem is None:
+            encoded = tokenizer([prompt, completion], add_special_tokens=False)["input_ids"]
+            sequence = instruction_sequence(encoded[0], encoded[1], tokenizer.eos_token_id, max_seq_len)
+            if sequence is None:
+                problem = "too long"
+        sequence = sequence or {"input_ids": [], "length": 0, "targets": 0, "prompt_len": 0}
+        for key, value in sequence.items():
+            rows[key].append(value)
+        rows["problem"].append(problem or "")
+    return rows
+
+
+def encode_labelled(batch: dict, tokenizer, max_seq_len: int, label_ids: dict) -> dict:
+    encoded = tokenizer([str(t) for t in batch["text"]], add_special_tokens=False)["input_ids"]
+    ids = [[*e, tokenizer.eos_token_id][:max_seq_len] for e in encoded]
+    labels = [label_ids.get(str(label), -1) for label in batch["label"]]
+    return {
+        "input_ids": ids,
+        "length": [len(i) for i in ids],
+        "targets": [1] * len(ids),
+        "label": labels,
+        "problem": ["" if label >= 0 else "label is not one of the training labels" for label in labels],
+    }
+
+
+def label_names(train: Dataset, num_labels: int | None) -> list[str]:
+    """Class names in id order: integer labels keep their values as ids, other labels are sorted."""
+    values = train.unique("label")
+    if all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values):
+        count = num_labels or max(values) + 1
+        if min(values) < 0 or max(values) >= count:
+            raise ConfigError(
+                f"integer labels must lie in 0..{count - 1} (found {min(values)}..{max(values)}): "
+                "fix the data or finetune.num_labels"
+            )
+        return [str(i) for i in range(count)]
+    names = sorted(str(v) for v in values)
+    if num_labels is not None and num_labels != len(names):
+        raise ConfigError(
+            f"finetune.num_labels={num_labels} but the training data has {len(names)} labels: unset it or fix the data"
+        )
+    return names
+
+
+def check_problems(sequences: Dataset, split: str, on_bad_record: str) -> Dataset:
+    """Stop on (or drop and count) records that could not become a sequence; too-long ones are dropped."""
+    problems = sequences["problem"]
+    too_long = [i for i, p in enumerate(problems) if p == "too long"]
+    bad = [i for i, p in enumerate(problems) if p and p != "too long"]
+    if bad and on_bad_record == "error":
+        shown = ", ".join(str(i) for i in bad[:BAD_LINES_SHOWN])
+        raise ConfigError(
+            f"the {split} data has {len(bad)} unusable record(s) (record {shown}: {problems[bad[0]]}): "
+            "fix them, or set data.on_bad_record=skip"
+        )
+    if bad:
+        log.warning("data/%s: skipped %d unusable record(s) (%s)", split, len(bad), problems[bad[0]])
+    if too_long:
+        log.warning(
+            "data/%s: dropped %d record(s) whose prompt leaves no completion token within data.max_seq_len",
+            split,
+            len(too_long),
+        )
+    if bad or too_long:
+        sequences = sequences.filter(lambda batch: [not p for p in batch["problem"]], batched=True)
+    return sequences.remove_columns("problem")
+
+
+def tokenize_records(
+    records: Dataset,
+    fmt: TaskFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DataConfig,
+    split: str,
+    labels: list[str] | None = None,
+) -> Dataset:
+    """Sequences of a fine-tuning format, cached by (records, tokenizer, format, max_seq_len, labels)."""
+    key = "-".join(
+        [records._fingerprint, tokenizer_digest(tokenizer), fmt.name, str(config.max_seq_len)]
+        + [str(getattr(tokenizer, "chat_template", "")), str(labels), TASKS_VERSION]
+    )
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    if fmt.name == "classification":
+        label_ids = {name: i for i, name in enumerate(labels or [])}
+        encode, kwargs = encode_labelled, {"max_seq_len": config.max_seq_len, "label_ids": label_ids}
+    else:
+        encode, kwargs = encode_instructions, {"fmt": fmt, "max_seq_len": config.max_seq_len}
+    sequences = records.map(
+        encode,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, **kwargs},
+        num_proc=config.num_proc if len(records) >= 2 * config.num_proc else 1,
+        remove_columns=records.column_names,
+        new_fingerprint=fingerprint,
+        desc=f"tokenizing {fmt.name}",
+    )
+    sequences = check_problems(sequences, split, config.on_bad_record)
+    if len(sequences) == 0:
+        raise ConfigError(f"the {split} data has no usable {fmt.name} records: check data.path")
+    return sequences
+
+
+def dataset_summary(sequences: Dataset) -> str:
+    lengths = np.asarray(sequences["length"])
+    targets = np.asarray(sequences["targets"])
+    return f"{len(lengths)} sequences, {int(lengths.sum())} tokens, {int(targets.sum())} loss targets"

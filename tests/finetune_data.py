@@ -1,0 +1,101 @@
+"""Fine-tuning fixtures made from real text: the standard library's functions and their docstrings.
+
+- instruction records: prompt = a function's signature, completion = the first line of its docstring;
+- labelled records: a function's source, labelled by whether it contains a loop;
+- a small "pretrained" GPT-2 saved with `save_pretrained`, with a BPE tokenizer trained on the same code
+  (no hub downloads here, so the tests make the model a user would bring).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+STDLIB = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def documented_functions(limit: int) -> list[tuple[str, str, str]]:
+    """(signature line, first docstring line, source) of stdlib functions, in a fixed order."""
+    found = []
+    for path in sorted(STDLIB.glob("*.py")):
+        source = path.read_text(encoding="utf-8", errors="ignore")
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+            if not doc or not doc.strip():
+                continue
+            signature = source.splitlines()[node.lineno - 1].strip()
+            body = ast.get_source_segment(source, node) or ""
+            found.append((signature, doc.strip().splitlines()[0], body[:600]))
+            if len(found) == limit:
+                return found
+    return found
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def instruction_records(limit: int = 600) -> list[dict]:
+    return [{"prompt": f"{sig}\n", "completion": doc} for sig, doc, _ in documented_functions(limit)]
+
+
+def chat_records(limit: int = 300) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Document {sig}"},
+                {"role": "assistant", "content": doc},
+            ]
+        }
+        for sig, doc, _ in documented_functions(limit)
+    ]
+
+
+def labelled_records(limit: int = 600) -> list[dict]:
+    return [
+        {"text": body, "label": "loop" if ("for " in body or "while " in body) else "straight"}
+        for _, _, body in documented_functions(limit)
+    ]
+
+
+def save_pretrained_model(directory: Path, layers: int = 2, hidden: int = 64) -> Path:
+    """A small GPT-2 and its tokenizer, as `save_pretrained` writes them."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    texts = [body for _, _, body in documented_functions(800)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_layer=layers,
+        n_embd=hidden,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
