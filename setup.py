@@ -29,6 +29,7 @@ setup(
         "sacrebleu>=2.3",
         "rouge-score>=0.1.2",
         "optuna>=4.0",  # sweeps: TPE, grid, random, median pruning
+        "peft>=0.13",  # LoRA adapters
     ],
     extras_require={
         "tensorboard": ["tensorboard>=2.14"],
