@@ -3,7 +3,8 @@
 Search (grid, random, Bayesian TPE) and pruning (median pruner on the metric as it is logged) are
 Optuna's; the study lives in `<output_dir>/optuna.db`, so re-running the same sweep skips finished
 trials. Each trial runs `lmscale train` in `<output_dir>/trial_NNN` (its own run dir, config and
-checkpoints), in W&B group = the sweep's name. Results: `<output_dir>/sweep.csv`, a console table, and
+checkpoints), in W&B group = the sweep's name; `parallel` trials run at once (Optuna threads, each
+starting one process), each on its own share of the GPUs, or of the CPU cores on a machine without one. Results: `<output_dir>/sweep.csv`, a console table, and
 the best trial's whole config as `<output_dir>/best.yaml`.
 """
 
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import queue
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +53,10 @@ class SweepSpec(BaseModel):
     method: Literal["grid", "random", "bayes"] = "bayes"
     trials: int = Field(20, ge=1, description="Trials to run (grid: every combination, at most this many).")
     metric: str = Field("eval_loss", description="Minimised; the last value a trial logged counts.")
+    parallel: int = Field(1, ge=1, description="Trials running at once, each on its own devices.")
+    devices: list[int] | None = Field(
+        None, description="GPU ids shared out among parallel trials (unset: every visible GPU, or none)."
+    )
     overrides: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Parameter]
 
@@ -129,8 +137,41 @@ def metric_values(run_dir: Path, metric: str) -> list[tuple[int, float]]:
     return values
 
 
-def run_trial(trial, spec: SweepSpec, sweep_dir: Path, name: str) -> float:
-    """One real `lmscale train` run; reports the metric as it is logged so weak trials stop early."""
+def device_slots(spec: SweepSpec, gpus: list[int], cores: int) -> list[dict[str, str]]:
+    """The environment of each of `parallel` trial slots: disjoint GPUs, or a share of the CPU cores."""
+    devices = spec.devices if spec.devices is not None else gpus
+    if not devices:
+        threads = str(max(1, cores // spec.parallel))  # trials on one CPU must not oversubscribe its cores
+        return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(spec.parallel)]
+    if len(devices) < spec.parallel:
+        raise ConfigError(
+            f"sweep: parallel={spec.parallel} needs at least that many GPUs, but has {len(devices)} "
+            f"({devices}): lower parallel or list more devices"
+        )
+    share = len(devices) // spec.parallel
+    return [
+        {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in devices[i * share : (i + 1) * share])}
+        for i in range(spec.parallel)
+    ]
+
+
+@contextmanager
+def borrowed(slots: queue.Queue):
+    slot = slots.get()
+    try:
+        yield slot
+    finally:
+        slots.put(slot)
+
+
+def run_trial(trial, spec: SweepSpec, sweep_dir: Path, name: str, slots: queue.Queue) -> float:
+    """One real `lmscale train` run on a free device slot; reports the metric as it is logged so weak
+    trials stop early."""
+    with borrowed(slots) as environment:
+        return _run_trial(trial, spec, sweep_dir, name, environment)
+
+
+def _run_trial(trial, spec: SweepSpec, sweep_dir: Path, name: str, environment: dict[str, str]) -> float:
     import optuna
 
     params = suggest(trial, spec)
@@ -143,7 +184,9 @@ def run_trial(trial, spec: SweepSpec, sweep_dir: Path, name: str) -> float:
     ]
     log_path = sweep_dir / f"trial_{trial.number:03d}.log"
     with log_path.open("w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **environment}
+        )
         reported: set[int] = set()
         while process.poll() is None:
             time.sleep(0.5)
@@ -177,7 +220,10 @@ def sampler_for(spec: SweepSpec):
         return optuna.samplers.GridSampler(grid, seed=0)
     if spec.method == "random":
         return optuna.samplers.RandomSampler(seed=0)
-    return optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, max(2, spec.trials // 2)))
+    # With trials running at once, the constant liar keeps TPE from proposing the same point to each.
+    return optuna.samplers.TPESampler(
+        seed=0, n_startup_trials=min(10, max(2, spec.trials // 2)), constant_liar=spec.parallel > 1
+    )
 
 
 def run_sweep(spec_path: Path) -> Path:
@@ -206,13 +252,23 @@ def run_sweep(spec_path: Path) -> Path:
     if done:
         print(f"sweep: {len(done)} trial(s) already finished in {sweep_dir}; {max(0, remaining)} to run")
     if remaining > 0:
+        slots: queue.Queue = queue.Queue()
+        for slot in device_slots(spec, visible_gpus(), os.cpu_count() or 1):
+            slots.put(slot)
         study.optimize(
-            lambda trial: run_trial(trial, spec, sweep_dir, name),
+            lambda trial: run_trial(trial, spec, sweep_dir, name, slots),
             n_trials=remaining,
+            n_jobs=spec.parallel,
             catch=(RuntimeError,),
         )
     write_results(study, spec, sweep_dir)
     return sweep_dir
+
+
+def visible_gpus() -> list[int]:
+    import torch
+
+    return list(range(torch.cuda.device_count()))
 
 
 def write_results(study, spec: SweepSpec, sweep_dir: Path) -> None:

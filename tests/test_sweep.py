@@ -62,6 +62,25 @@ def test_missing_or_broken_spec_file(tmp_path):
         load_spec(tmp_path / "broken.yaml")
 
 
+def test_parallel_trials_get_disjoint_devices_or_a_share_of_the_cores(tmp_path):
+    from lmscale.sweep import device_slots
+
+    fixed = {"overrides": {"output_dir": str(tmp_path / "sweep"), "train.min_lr": 0.0}}
+    spec = load_spec(write_spec(tmp_path, parallel=2, **fixed))
+    assert device_slots(spec, gpus=[0, 1, 2, 3], cores=8) == [
+        {"CUDA_VISIBLE_DEVICES": "0,1"},
+        {"CUDA_VISIBLE_DEVICES": "2,3"},
+    ]
+    assert device_slots(spec, gpus=[], cores=8) == [{"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}] * 2
+    listed = load_spec(write_spec(tmp_path, parallel=2, devices=[5, 7, 6], **fixed))
+    assert device_slots(listed, gpus=[0], cores=2) == [
+        {"CUDA_VISIBLE_DEVICES": "5"},
+        {"CUDA_VISIBLE_DEVICES": "7"},
+    ]
+    with pytest.raises(ConfigError, match="parallel=3 needs at least that many GPUs, but has 2"):
+        device_slots(load_spec(write_spec(tmp_path, parallel=3, **fixed)), gpus=[0, 1], cores=8)
+
+
 @pytest.mark.slow
 def test_bayesian_sweep_runs_real_trials_picks_the_best_and_resumes(tmp_path, cache_dir):
     spec = write_spec(
@@ -83,6 +102,7 @@ def test_bayesian_sweep_runs_real_trials_picks_the_best_and_resumes(tmp_path, ca
             "train.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-3},
             "train.optimizer": {"type": "choice", "values": ["adamw", "lion"]},
         },
+        parallel=2,  # two trials at a time, one core each
     )
     result = run_lmscale("sweep", str(spec))
     assert result.returncode == 0, result.stderr[-3000:]
