@@ -81,6 +81,11 @@ class Evaluation:
     loss: float  # mean per target over all ranks
     accuracy: float | None  # classification only: share of rows whose top class is the label
 
+    def describe(self) -> str:
+        if self.accuracy is not None:
+            return f"held-out loss {self.loss:.4f}, accuracy {self.accuracy:.3f}"
+        return f"held-out loss {self.loss:.4f}, perplexity {perplexity(self.loss):.2f}"
+
     def metrics(self) -> dict[str, float]:
         figures = {"eval_loss": self.loss, "eval_ppl": perplexity(self.loss)}
         if self.accuracy is not None:
@@ -269,7 +274,7 @@ def train(
         evaluation = evaluate(engine, eval_stream, config.eval_batches)
         initial_eval = final_eval = evaluation.loss
         sink.log(0, evaluation.metrics())
-        sink.message(f"untrained held-out loss {initial_eval:.4f}, perplexity {perplexity(initial_eval):.1f}")
+        sink.message(f"untrained {evaluation.describe()}")
     # The loss stays on the device between log steps: reading it every step would force a sync.
     window = Window(loss_sum=torch.zeros((), dtype=torch.float64, device=engine.device))
     window.reset()
@@ -308,9 +313,7 @@ def train(
             is_best, best_eval = final_eval < best_eval, min(best_eval, final_eval)
             plateaued = early.should_stop(final_eval)
             sink.log(step, evaluation.metrics())
-            sink.message(
-                f"step {step}: held-out loss {final_eval:.4f}, perplexity {perplexity(final_eval):.2f}"
-            )
+            sink.message(f"step {step}: {evaluation.describe()}")
             window.start_s = time.perf_counter()  # evaluation time is not training throughput
         # No routine checkpoint right after a skipped step: the last one before it stays the newest.
         # With early stopping, every new best is saved, so the best model is a checkpoint to keep.
