@@ -280,3 +280,14 @@ def test_finetune_defaults_train_every_layer_of_the_whole_model():
     assert config.finetune == FinetuneConfig()
     assert config.finetune.lora is None and config.finetune.unfreeze is None
     assert config.finetune.task == "causal_lm"
+
+
+def test_merge_is_refused_for_a_run_without_lora(tmp_path):
+    from lmscale.config import Config, config_to_yaml
+    from lmscale.errors import LmscaleError
+    from lmscale.export import export
+
+    (tmp_path / "config.yaml").write_text(config_to_yaml(Config()))
+    with pytest.raises(LmscaleError, match="is not a LoRA run.*export it without --merge"):
+        export(tmp_path, tmp_path / "out", merge=True)
+    assert not (tmp_path / "out").exists()
