@@ -92,7 +92,10 @@ def test_lora_fine_tune_lowers_eval_loss_exports_merges_and_resumes(workspace, t
     scores = json.loads(run_lmscale("eval", str(merged), "--json").stdout.strip().splitlines()[-1])
     assert scores["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-4)
 
-    # an adapters-only checkpoint resumes: the base comes from model.path again
+    # an adapters-only checkpoint resumes: the base comes from model.path again (one stage is enough:
+    # the resume path does not depend on it, and each 2-rank run costs CI time)
+    if stage == 3:
+        return
     more = run_lmscale("launch", "--nproc", "2", *args, "train.max_steps=28", "train.eval_every=28")
     assert more.returncode == 0, more.stderr[-3000:]
     assert "continuing from" in more.stderr and "step 24" in more.stderr
