@@ -179,7 +179,7 @@ class DataConfig(Section):
                 "data.near_dedup needs the whole corpus and does not stream: set data.near_dedup=false"
             )
         if self.format != "text":
-            problems += _instruction_problems(self)
+            problems += whole_record_problems(self, f"data.format={self.format}")
         if self.streaming and self.batching == "pack":
             problems.append(
                 "data.batching=pack does not stream yet: use data.batching=bucket with data.streaming"
@@ -189,16 +189,18 @@ class DataConfig(Section):
         return self
 
 
-def _instruction_problems(data: DataConfig) -> list[str]:
-    """Instruction records are bucketed whole: no packing, streaming or length warm-up cuts them."""
+def whole_record_problems(data: DataConfig, reason: str) -> list[str]:
+    """Fine-tuning records (instructions, labelled documents) are bucketed whole: no packing, streaming
+    or length warm-up may cut or merge them."""
     problems = []
-    for key, value, allowed in (
-        ("batching", data.batching, "bucket or pad"),
-        ("streaming", data.streaming, "false"),
-        ("seq_len_warmup_steps", data.seq_len_warmup_steps, "0"),
-    ):
-        if (key == "batching" and value == "pack") or (key != "batching" and value):
-            problems.append(f"data.{key}={value} does not apply to data.format={data.format}: use {allowed}")
+    if data.batching == "pack":
+        problems.append(f"data.batching=pack does not apply to {reason}: use bucket or pad")
+    if data.streaming:
+        problems.append(f"data.streaming=True does not apply to {reason}: use false")
+    if data.seq_len_warmup_steps:
+        problems.append(
+            f"data.seq_len_warmup_steps={data.seq_len_warmup_steps} does not apply to {reason}: use 0"
+        )
     return problems
 
 
@@ -413,19 +415,16 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_task(self) -> Config:
-        if self.finetune.task == "classification" and self.data.format != "text":
+        if self.finetune.task != "classification":
+            return self
+        if self.data.format != "text":
             raise ValueError(
                 f"finetune.task=classification reads data.text_field and data.label_field, so data.format must "
                 f"be text (got {self.data.format})"
             )
-        if self.finetune.task == "classification" and self.data.batching == "pack":
-            raise ValueError(
-                "finetune.task=classification classifies whole documents: use data.batching=bucket"
-            )
-        if self.finetune.task == "classification" and (self.data.streaming or self.data.seq_len_warmup_steps):
-            raise ValueError(
-                "finetune.task=classification needs data.streaming=false and data.seq_len_warmup_steps=0"
-            )
+        problems = whole_record_problems(self.data, "finetune.task=classification")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

@@ -58,9 +58,9 @@ def held_out_scores(
     )  # inference needs less than training
     settings = BatchSettings("bucket", budget, 1, config.data.max_seq_len, 0)
     stream = BatchStream(sequences, settings, 0, 1, config.seed, pad_id, shuffle=False)
-    loss_sum = entropy_sum = targets = 0.0
     if "label" in sequences.column_names:
         return classification_scores(model, stream, max_batches)
+    loss_sum = entropy_sum = targets = 0.0
     for batch in stream.loader(0, 0, max_batches):
         logits = model(input_ids=batch["input_ids"]).logits.float()
         loss_sum += summed_token_loss(logits, batch["labels"]).item()

@@ -55,12 +55,6 @@ def _is_projection(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's linear layers
 
 
-def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, tied ones once."""
-    unique = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
-
-
 def is_joined(depth: int, step: int, num_layers: int, unfreeze: UnfreezeConfig | None) -> bool:
     """Whether the layer at `depth` trains at optimizer step `step` (0-based).
 
@@ -76,6 +70,7 @@ def is_joined(depth: int, step: int, num_layers: int, unfreeze: UnfreezeConfig |
 
 
 def all_joined_step(num_layers: int, unfreeze: UnfreezeConfig) -> int:
+    """The first 0-based step at which every layer trains."""
     return num_layers * unfreeze.every_steps
 
 

@@ -18,7 +18,7 @@ from transformers import (
 
 from lmscale.config import FinetuneConfig, ModelConfig
 from lmscale.errors import ConfigError
-from lmscale.finetune import apply_lora, parameter_counts
+from lmscale.finetune import apply_lora
 
 
 def _gpt2(layers: int, hidden: int, heads: int) -> dict:
@@ -143,9 +143,8 @@ def build_model(
     classify = finetune.task == "classification"
     auto_class = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
     if options.path:
-        path = str(
-            Path(options.path).expanduser().resolve()
-        )  # recorded in exports (e.g. a LoRA adapter's base)
+        # Absolute, because exports record it (a LoRA adapter names its base model by this path).
+        path = str(Path(options.path).expanduser().resolve())
         check_model_path(path)
         config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
         if config.vocab_size < vocab_size:
@@ -186,13 +185,14 @@ def build_model(
     return model
 
 
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Distinct parameters (tied embeddings counted once); with `trainable_only`, those that train."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad or not trainable_only)
+
+
 def describe_parameters(model: torch.nn.Module) -> str:
-    trainable, total = parameter_counts(model)
+    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
     return (
         f"{trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters ({100 * trainable / total:.2f}%)"
     )
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

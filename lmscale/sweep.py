@@ -4,8 +4,9 @@ Search (grid, random, Bayesian TPE) and pruning (median pruner on the metric as 
 Optuna's; the study lives in `<output_dir>/optuna.db`, so re-running the same sweep skips finished
 trials. Each trial runs `lmscale train` in `<output_dir>/trial_NNN` (its own run dir, config and
 checkpoints), in W&B group = the sweep's name; `parallel` trials run at once (Optuna threads, each
-starting one process), each on its own share of the GPUs, or of the CPU cores on a machine without one. Results: `<output_dir>/sweep.csv`, a console table, and
-the best trial's whole config as `<output_dir>/best.yaml`.
+starting one process), each on its own share of the GPUs, or of the CPU cores on a machine without
+one. Results: `<output_dir>/sweep.csv`, a console table, and the best trial's whole config as
+`<output_dir>/best.yaml`.
 """
 
 from __future__ import annotations

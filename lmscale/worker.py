@@ -38,7 +38,7 @@ from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap  # noqa
 from lmscale.data.streaming import StreamingBatches, StreamSettings  # noqa: E402
 from lmscale.ds_config import resolve  # noqa: E402
 from lmscale.errors import LmscaleError  # noqa: E402
-from lmscale.finetune import Unfreezing, is_joined  # noqa: E402
+from lmscale.finetune import Unfreezing, all_joined_step, is_joined  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops  # noqa: E402
 from lmscale.model import build_model, describe_parameters  # noqa: E402
@@ -207,7 +207,7 @@ def optimization(model: torch.nn.Module, config: Config):
             unfreeze.start_from,
             unfreeze.every_steps,
             num_layers,
-            num_layers * unfreeze.every_steps + 1,
+            all_joined_step(num_layers, unfreeze) + 1,
         )
     unfreezing = Unfreezing(params_by_depth(model), num_layers, unfreeze)
     return optimizer, build_scheduler(optimizer, config.train, gates), unfreezing

@@ -18,7 +18,8 @@ from lmscale.data.tasks import (
     label_names,
 )
 from lmscale.errors import ConfigError
-from lmscale.finetune import Unfreezing, apply_lora, is_joined, parameter_counts
+from lmscale.finetune import Unfreezing, apply_lora, is_joined
+from lmscale.model import count_parameters
 from lmscale.optim import build_optimizer, group_depths, params_by_depth
 from lmscale.schedules import build_scheduler
 from lmscale.train import summed_loss
@@ -247,7 +248,7 @@ def test_classification_batches_carry_one_label_per_row(tmp_path):
 
 def test_lora_leaves_only_the_adapters_trainable():
     model = apply_lora(gpt2(), LoraConfig(r=4), "causal_lm")
-    trainable, total = parameter_counts(model)
+    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) < total / 5

@@ -22,9 +22,8 @@ FILLER = -1
 @dataclass(frozen=True)
 class EpochPlan:
     groups: list[list[np.ndarray]]  # groups[g][rank] -> that rank's batch: row ids
-    group_targets: (
-        np.ndarray
-    )  # loss targets (default: length - 1 per sequence) summed over the group's batches
+    # loss targets (default: length - 1 per sequence) summed over the group's batches
+    group_targets: np.ndarray
     packed_rows: list[np.ndarray] | None = None  # pack mode: row id -> sequences concatenated in that row
 
     def row_sequences(self, row: int) -> np.ndarray:

@@ -36,7 +36,7 @@ PLAIN_CHAT_TEMPLATE = (
 @dataclass(frozen=True)
 class TaskFormat:
     name: str  # prompt_completion, chat or classification
-    fields: dict[str, str]  # the column each record field is read from -> its name here
+    fields: dict[str, str]  # the column each record field is read from -> its name here (= data.<name>_field)
 
 
 def task_format(config: DataConfig, task: str) -> TaskFormat | None:
@@ -52,10 +52,10 @@ def task_format(config: DataConfig, task: str) -> TaskFormat | None:
     return None
 
 
-def record_loader(fmt: TaskFormat, config: DataConfig):
+def record_loader(fmt: TaskFormat):
     """A `load_documents` loader that reads a table source's records with this format's fields."""
 
-    def load(path: str, _config: DataConfig, cache_dir: str, key: str) -> Dataset:
+    def load(path: str, config: DataConfig, cache_dir: str, key: str) -> Dataset:
         source = existing_source(path, key)
         if not is_table(source):
             raise ConfigError(
@@ -66,17 +66,12 @@ def record_loader(fmt: TaskFormat, config: DataConfig):
         if missing:
             raise ConfigError(
                 f"{key}={path} has no field {', '.join(map(repr, missing))} (fields: "
-                f"{', '.join(records.column_names)}): set data.{_field_key(fmt, missing[0])} to the right field"
+                f"{', '.join(records.column_names)}): set data.{fmt.fields[missing[0]]}_field to the right field"
             )
         records = records.select_columns(list(fmt.fields))
         return records.rename_columns({k: v for k, v in fmt.fields.items() if k != v})
 
     return load
-
-
-def _field_key(fmt: TaskFormat, column: str) -> str:
-    name = fmt.fields[column]
-    return {"text": "text_field", "label": "label_field", "prompt": "prompt_field"}.get(name, f"{name}_field")
 
 
 def load_task_records(config: DataConfig, fmt: TaskFormat, cache_dir: str) -> tuple[Dataset, Dataset]:
@@ -85,7 +80,7 @@ def load_task_records(config: DataConfig, fmt: TaskFormat, cache_dir: str) -> tu
         raise ConfigError(
             f"{fmt.name} fine-tuning needs data: set data.path to a jsonl/parquet file of your records"
         )
-    return load_documents(config, cache_dir, loader=record_loader(fmt, config))
+    return load_documents(config, cache_dir, loader=record_loader(fmt))
 
 
 def tokenizer_text(records: Dataset, fmt: TaskFormat) -> Dataset:
