@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import GPT2LMHeadModel
 
 from lmscale.data.batches import BatchSettings, BatchStream, collate
-from lmscale.engine import free_port
+from lmscale.engine import free_port, shutdown_distributed
 from lmscale.train import Window, summed_token_loss, train_step
 
 pytestmark = pytest.mark.slow
@@ -69,6 +69,8 @@ def one_step_on_rank(rank: int, port: int, out_dir: str) -> None:
         torch.save(
             {k: v.detach().clone() for k, v in engine.module.state_dict().items()}, f"{out_dir}/after.pt"
         )
+    # As every lmscale rank does: left to interpreter exit, gloo's threads can abort a rank.
+    shutdown_distributed()
 
 
 def test_bucketed_accumulation_on_two_ranks_equals_one_big_batch(tmp_path):
