@@ -42,6 +42,11 @@ class ModelConfig(Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute each block's activations in backward: less memory, ~1/3 more compute."
     )
+    fused_kernels: bool = Field(
+        True,
+        description="Swap HF's Python-composed tanh-GELU (GPT-2 family) for torch's fused kernel of the same "
+        "function; false keeps HF's modules (bitwise as HF computes).",
+    )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel: eager, sdpa (torch), or flash_attention_2 (GPU, flash-attn)."
     )

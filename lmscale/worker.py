@@ -39,6 +39,7 @@ from lmscale.data.streaming import StreamingBatches, StreamSettings  # noqa: E40
 from lmscale.ds_config import resolve  # noqa: E402
 from lmscale.errors import LmscaleError  # noqa: E402
 from lmscale.finetune import Unfreezing, all_joined_step, is_joined  # noqa: E402
+from lmscale.kernels import describe_fused  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops  # noqa: E402
 from lmscale.model import build_model, describe_parameters  # noqa: E402
@@ -246,9 +247,10 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         config.model, data.tokenizer, config.data.max_seq_len, config.seed, config.finetune, data.labels
     )
     log.info(
-        "model: %s, %s; %d rank(s), ZeRO-%d, %s",
+        "model: %s, %s, %s; %d rank(s), ZeRO-%d, %s",
         config.model.path or config.model.preset,
         describe_parameters(model),
+        describe_fused(model),
         world_size,
         config.zero.stage,
         config.precision,

@@ -1,0 +1,68 @@
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+from transformers.activations import ACT2CLS
+
+from lmscale.config import ModelConfig
+from lmscale.kernels import FUSED_TANH_GELU, describe_fused, fuse_activations
+from lmscale.model import build_model
+
+
+def tiny_gpt2(activation: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, activation_function=activation,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def logits_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    logits = model(input_ids=ids).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_fast", "gelu_accurate"])
+def test_fused_gelu_computes_the_same_function(activation):
+    reference, fused = tiny_gpt2(activation), tiny_gpt2(activation)
+    assert fuse_activations(fused) == 2  # one MLP activation per layer
+    assert all(not isinstance(m, ACT2CLS[activation]) for m in fused.modules())
+    ids = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_grads = logits_and_grads(reference, ids)
+    fused_logits, fused_grads = logits_and_grads(fused, ids)
+    torch.testing.assert_close(fused_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_swapping_leaves_parameters_and_config_alone():
+    reference, fused = tiny_gpt2("gelu_new"), tiny_gpt2("gelu_new")
+    fuse_activations(fused)
+    assert reference.state_dict().keys() == fused.state_dict().keys()
+    assert all(torch.equal(reference.state_dict()[k], v) for k, v in fused.state_dict().items())
+    assert fused.config.activation_function == "gelu_new"  # exports keep the model's own config
+
+
+def test_models_without_composed_gelu_are_untouched():
+    model = tiny_gpt2("gelu")  # exact erf GELU: already one kernel, and not the tanh function
+    assert fuse_activations(model) == 0
+    assert describe_fused(model) == "no fused activations"
+
+
+@pytest.fixture
+def tokenizer():
+    vocab = {f"t{i}": i for i in range(100)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="t1", pad_token="t2"
+    )
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_model_fused_kernels_switch(tokenizer, fused):
+    model = build_model(ModelConfig(preset="tiny-gpt2", fused_kernels=fused), tokenizer, 32, seed=0)
+    layers = model.config.n_layer
+    assert sum(isinstance(m, FUSED_TANH_GELU) for m in model.modules()) == (layers if fused else 0)
+    assert sum(isinstance(m, ACT2CLS["gelu_new"]) for m in model.modules()) == (0 if fused else layers)
