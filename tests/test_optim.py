@@ -59,3 +59,22 @@ def test_every_optimizer_reduces_a_simple_loss(name):
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.5 * first, (name, first, loss.item())
+
+
+def test_adamw_on_cpu_is_fused_and_steps_like_the_reference():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    reference = torch.nn.Linear(8, 8)
+    reference.load_state_dict(model.state_dict())
+    train = TrainConfig(lr=1e-2, weight_decay=0.1)
+    optimizer = build_optimizer(model, train, cpu_offload=False)
+    assert optimizer.defaults["fused"] is True
+    expected = torch.optim.AdamW(parameter_groups(reference, train), lr=1e-2, betas=train.betas)
+    inputs = torch.randn(16, 8)
+    for _ in range(5):
+        for net, opt in ((model, optimizer), (reference, expected)):
+            opt.zero_grad()
+            net(inputs).pow(2).mean().backward()
+            opt.step()
+    for fused, plain in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
