@@ -6,7 +6,9 @@ the same DeepSpeed ZeRO-2 bf16 set-up on the same 2 CPU ranks, the same LR, warm
 lmscale batches by length under a token budget; HF Trainer pads each batch to its longest row, with
 random batches and with `group_by_length`, at the batch size that gives the same real tokens per
 step. Prints real tokens/s for each, the ratios, and the held-out loss of each trained model (scored
-by the same `lmscale eval` on the same held-out file). Usage:
+by the same `lmscale eval` on the same held-out file). A second lmscale run with
+`model.fused_kernels=false` (HF's own GELU modules, as HF Trainer runs them) shows how much of the gap
+is batching and how much the fused kernel. Usage:
 
     python bench/vs_hf_trainer.py [--paragraphs 6000] [--max-seq-len 256] [--budget 2048]
 """
@@ -107,10 +109,13 @@ def held_out_loss(target: Path, held_out: Path) -> float:
     return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])["eval_loss"]
 
 
-def run_lmscale(args, workdir: Path, train: Path, held_out: Path, steps: int) -> dict:
-    out = workdir / "lmscale"
+def run_lmscale(
+    args, workdir: Path, train: Path, held_out: Path, steps: int, fused_kernels: bool = True
+) -> dict:
+    out = workdir / ("lmscale" if fused_kernels else "lmscale-unfused")
     overrides = [
         *lmscale_args(args, workdir, train, held_out),
+        f"model.fused_kernels={str(fused_kernels).lower()}",
         f"output_dir={out}",
         f"train.max_steps={steps}",
     ]
@@ -168,6 +173,7 @@ def main() -> None:
         started = time.time()
         results = {
             "lmscale (bucket)": run_lmscale(args, workdir, train, held_out, steps),
+            "lmscale (bucket, unfused)": run_lmscale(args, workdir, train, held_out, steps, False),
             "hf_trainer (random)": run_hf(args, workdir, held_out, batch_size, group_by_length=False),
             "hf_trainer (group_by_length)": run_hf(args, workdir, held_out, batch_size, group_by_length=True),
         }
@@ -178,7 +184,7 @@ def main() -> None:
                 f"{name:<30}{r['tokens']:>12,}{r['seconds']:>10.1f}{r['tokens_per_s']:>15.0f}{r['eval_loss']:>15.4f}"
             )
         ours = results["lmscale (bucket)"]["tokens_per_s"]
-        for name in ("hf_trainer (random)", "hf_trainer (group_by_length)"):
+        for name in ("lmscale (bucket, unfused)", "hf_trainer (random)", "hf_trainer (group_by_length)"):
             print(f"ratio lmscale/{name}: {ours / results[name]['tokens_per_s']:.2f}")
         best = max(results[n]["tokens_per_s"] for n in results if n.startswith("hf_trainer"))
         print(f"(whole benchmark {time.time() - started:.0f} s)")
