@@ -58,10 +58,12 @@ def losses(out):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+# ZeRO-1 shares ZeRO-2's optimizer class and checkpoint layout in DeepSpeed (stage_1_and_2.py), and
+# lmscale's checkpoint code does not tell them apart: ZeRO-2 stands for both (CI time).
 @pytest.mark.parametrize(
     ("zero", "extra"),
-    [(1, []), (2, []), (3, []), (2, STREAMING)],
-    ids=["zero1", "zero2", "zero3", "zero2-streaming"],
+    [(2, []), (3, []), (2, STREAMING)],
+    ids=["zero2", "zero3", "zero2-streaming"],
 )
 def test_sigkill_then_resume_continues_the_same_curve(tmp_path, cache_dir, zero, extra):
     reference = launch(tmp_path / "reference", cache_dir, zero, extra)
