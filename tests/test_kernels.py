@@ -1,7 +1,8 @@
 import pytest
 import torch
+from conftest import tiny_gpt2_config
 from tokenizers import Tokenizer, models
-from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.activations import ACT2CLS
 
 from lmscale.config import ModelConfig
@@ -11,10 +12,8 @@ from lmscale.model import build_model
 
 def tiny_gpt2(activation: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, activation_function=activation,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
+    config = tiny_gpt2_config(64)
+    config.activation_function = activation
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
