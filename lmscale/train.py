@@ -31,6 +31,8 @@ class TrainResult:
     wall_time_s: float
     initial_eval_loss: float  # NaN when resumed
     final_eval_loss: float
+    initial_eval_accuracy: float | None  # classification only; None for language models and when resumed
+    final_eval_accuracy: float | None
     checkpoint: Path | None
     stopped_by: str | None  # None when training reached max_steps
 
@@ -270,9 +272,11 @@ def train(
     world_size = dist.get_world_size()
     batches: Iterator[dict] = iter(train_stream)
     initial_eval = final_eval = math.nan
+    initial_accuracy = final_accuracy = None
     if start.step == 0:
         evaluation = evaluate(engine, eval_stream, config.eval_batches)
         initial_eval = final_eval = evaluation.loss
+        initial_accuracy = final_accuracy = evaluation.accuracy
         sink.log(0, evaluation.metrics())
         sink.message(f"untrained {evaluation.describe()}")
     # The loss stays on the device between log steps: reading it every step would force a sync.
@@ -309,7 +313,7 @@ def train(
         is_best = plateaued = False
         if step % config.eval_every == 0 or is_last:
             evaluation = evaluate(engine, eval_stream, config.eval_batches)
-            final_eval = evaluation.loss
+            final_eval, final_accuracy = evaluation.loss, evaluation.accuracy
             is_best, best_eval = final_eval < best_eval, min(best_eval, final_eval)
             plateaued = early.should_stop(final_eval)
             sink.log(step, evaluation.metrics())
@@ -325,7 +329,15 @@ def train(
             stopped_by = "a stop signal" if stop else EARLY_STOP
             break
     return TrainResult(
-        step, tokens_seen, time.perf_counter() - started_s, initial_eval, final_eval, checkpoint, stopped_by
+        step,
+        tokens_seen,
+        time.perf_counter() - started_s,
+        initial_eval,
+        final_eval,
+        initial_accuracy,
+        final_accuracy,
+        checkpoint,
+        stopped_by,
     )
 
 

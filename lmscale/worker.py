@@ -299,6 +299,8 @@ def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, conf
         "eval_ppl": perplexity(result.final_eval_loss),
         "checkpoint": str(result.checkpoint),
     }
+    if result.final_eval_accuracy is not None:
+        summary["eval_accuracy"] = result.final_eval_accuracy
     sink.close(summary)
     if not is_rank_zero:
         return
@@ -321,15 +323,27 @@ def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, conf
             f"nothing to do: the run in this output_dir already reached step {start.step} (train.max_steps)"
         )
     else:
+        print(
+            f"{closing_figure(result)} after {result.steps} steps, {result.tokens:,} tokens in "
+            f"{result.wall_time_s:.0f} s; checkpoint {result.checkpoint}"
+        )
+
+
+def closing_figure(result) -> str:
+    """Held-out accuracy for a classifier (its exp(loss) means nothing to a reader), perplexity otherwise."""
+    if result.final_eval_accuracy is not None:
         untrained = (
             ""
-            if math.isnan(result.initial_eval_loss)
-            else f" (untrained: {perplexity(result.initial_eval_loss):.1f})"
+            if result.initial_eval_accuracy is None
+            else f" (untrained: {result.initial_eval_accuracy:.3f})"
         )
-        print(
-            f"held-out perplexity: {perplexity(result.final_eval_loss):.2f}{untrained} after {result.steps} steps, "
-            f"{result.tokens:,} tokens in {result.wall_time_s:.0f} s; checkpoint {result.checkpoint}"
-        )
+        return f"held-out accuracy: {result.final_eval_accuracy:.3f}{untrained}"
+    untrained = (
+        ""
+        if math.isnan(result.initial_eval_loss)
+        else f" (untrained: {perplexity(result.initial_eval_loss):.1f})"
+    )
+    return f"held-out perplexity: {perplexity(result.final_eval_loss):.2f}{untrained}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -162,6 +162,8 @@ def test_classification_head_learns_and_exports(workspace, tmp_path):
     evals = eval_losses(run)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[-1]["eval_accuracy"] > 0.6
+    assert f"held-out accuracy: {evals[-1]['eval_accuracy']:.3f} (untrained: " in result.stdout
+    assert "perplexity" not in result.stdout.splitlines()[-1]
     exported = tmp_path / "hf"
     assert run_lmscale("export", str(run), "--out", str(exported)).returncode == 0
     from transformers import AutoModelForSequenceClassification
