@@ -391,8 +391,27 @@ def _validated_for(job):
     return resolve(config, explicit, job.nodes * job.ranks_per_node, has_gpu=not job.cpu)[0]
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may stand before or after the flags.
+
+    argparse ends a positional list at the first flag, so overrides after one come back unparsed;
+    they join the others in the order given (a later value of a key still wins).
+    """
+    parser = build_parser()
+    args, unparsed = parser.parse_known_args(argv)
+    if unparsed and hasattr(args, "overrides") and all(is_override(token) for token in unparsed):
+        args.overrides = [*args.overrides, *unparsed]
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
+    return args
+
+
+def is_override(token: str) -> bool:
+    return "=" in token and not token.startswith("-")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     handlers = {
         "train": _train,
         "launch": _launch,

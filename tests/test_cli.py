@@ -3,6 +3,9 @@
 import pytest
 from conftest import run_lmscale
 
+from lmscale.cli import parse_args, split_config_and_overrides
+from lmscale.config import load_config
+
 
 def assert_one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr
@@ -80,3 +83,19 @@ def test_missing_recipe_and_data(tmp_path):
 def test_debug_flag_shows_the_traceback(tmp_path):
     result = run_lmscale("--debug", "train", f"output_dir={tmp_path}", "zero.stage=9")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_overrides_may_follow_the_flags_and_keep_their_order():
+    args = parse_args(["launch", "train.lr=1e-3", "--nproc", "2", "zero.stage=2", "--force", "train.lr=2e-3"])
+    assert args.nproc == 2 and args.force
+    config_path, overrides = split_config_and_overrides(args)
+    assert config_path is None and overrides == ["train.lr=1e-3", "zero.stage=2", "train.lr=2e-3"]
+    config, _ = load_config(config_path, overrides)
+    assert config.train.lr == 2e-3 and config.zero.stage == 2  # the later value wins
+
+
+def test_a_stray_word_after_the_flags_is_still_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["plan", "zero.stage=2", "--gpus", "2", "oops"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: oops" in capsys.readouterr().err
