@@ -18,7 +18,7 @@ from transformers.activations import ACT2CLS
 
 # transformers' names for the tanh-approximated GELU written out in Python ops.
 TANH_GELU_NAMES = ("gelu_new", "gelu_fast", "gelu_accurate")
-FUSED_TANH_GELU = ACT2CLS["gelu_pytorch_tanh"]  # GELUTanh (PytorchGELUTanh before transformers 4.5x)
+FUSED_TANH_GELU = ACT2CLS["gelu_pytorch_tanh"]  # GELUTanh (PytorchGELUTanh in older transformers)
 
 
 def _composed_tanh_gelu_classes() -> tuple[type, ...]:

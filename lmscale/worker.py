@@ -54,7 +54,15 @@ from lmscale.rundir import (  # noqa: E402
 )
 from lmscale.schedules import build_scheduler  # noqa: E402
 from lmscale.signals import StopRequest  # noqa: E402
-from lmscale.train import EARLY_STOP, LoopHooks, LoopStart, check_replicas_agree, perplexity, train  # noqa: E402
+from lmscale.train import (  # noqa: E402
+    EARLY_STOP,
+    LoopHooks,
+    LoopStart,
+    TrainResult,
+    check_replicas_agree,
+    perplexity,
+    train,
+)
 
 
 def resolve_config(config_path: str | None, overrides: list[str], world_size: int) -> tuple[Config, dict]:
@@ -289,7 +297,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     ds_engine.shutdown_distributed()
 
 
-def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, config: Config) -> None:
+def finish(result: TrainResult, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, config: Config) -> None:
     """Summary table, W&B summary, and the closing line."""
     summary = {
         "steps": result.steps,
@@ -329,7 +337,7 @@ def finish(result, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, conf
         )
 
 
-def closing_figure(result) -> str:
+def closing_figure(result: TrainResult) -> str:
     """Held-out accuracy for a classifier (its exp(loss) means nothing to a reader), perplexity otherwise."""
     if result.final_eval_accuracy is not None:
         untrained = (
