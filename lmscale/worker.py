@@ -297,7 +297,9 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     ds_engine.shutdown_distributed()
 
 
-def finish(result: TrainResult, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, config: Config) -> None:
+def finish(
+    result: TrainResult, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, config: Config
+) -> None:
     """Summary table, W&B summary, and the closing line."""
     summary = {
         "steps": result.steps,
