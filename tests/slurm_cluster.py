@@ -86,24 +86,50 @@ class SlurmCluster:
                 process.kill()
         if self.munged_started:
             subprocess.run(["pkill", "-x", "munged"], check=False)
+            _wait_for(lambda: not _munged_running(), 15)
 
 
 def _missing_tools() -> list[str]:
     return [
-        tool for tool in ("munged", "slurmctld", "slurmd", "sbatch", "squeue") if shutil.which(tool) is None
+        tool
+        for tool in ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue")
+        if shutil.which(tool) is None
     ]
 
 
+def _munge_answers() -> bool:
+    return subprocess.run(["munge", "-n"], capture_output=True).returncode == 0
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _munged_running() -> bool:
+    return subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0
+
+
 def _start_munge() -> bool:
-    """Start munged unless one runs; True if this call started it."""
-    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
+    """Make munged answer; True if this call started it.
+
+    Asks munge itself rather than looking for a process: a munged that an earlier cluster's stop() is
+    still shutting down would otherwise be taken for a live one, and every daemon would fail to authenticate.
+    """
+    if _munge_answers():
         return False
+    _wait_for(lambda: not _munged_running(), 15)
     key = Path("/etc/munge/munge.key")
     if not key.is_file():
         subprocess.run(["mungekey", "--create"], check=False, capture_output=True)
     Path("/run/munge").mkdir(parents=True, exist_ok=True)
     subprocess.run(["chown", "munge:munge", "/run/munge"], check=False, capture_output=True)
     subprocess.run(["munged", "--force"], check=False, capture_output=True)
+    _wait_for(_munge_answers, 15)
     return True
 
 

@@ -51,13 +51,25 @@ def submit(cluster, out, cache_dir):
     return job_id
 
 
-def wait_until(condition, what, timeout=900):
+def wait_until(condition, what, timeout=600, explain=lambda: ""):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if condition():
             return
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{explain()}")
+
+
+def slurm_view(cluster, out, job_id):
+    """What SLURM and the job say, for a failure message: the job, the node, the daemons' and job's logs."""
+    job = cluster.run("scontrol", "show", "job", job_id, check=False)
+    node = cluster.run("sinfo", "-N", "-h", "-o", "%N %T %E", check=False)
+    parts = [f"scontrol show job:\n{job.stdout}{job.stderr}", f"sinfo: {node.stdout}{node.stderr}"]
+    for log in (cluster.root / "slurmctld.log", cluster.root / "slurmd.log"):
+        tail = log.read_text(errors="replace").splitlines()[-40:] if log.is_file() else []
+        parts.append(f"{log.name} (tail):\n" + "\n".join(tail))
+    parts.append("job log (tail):\n" + log_of(out, job_id)[-4000:])
+    return "\n".join(parts)
 
 
 def losses(out):
@@ -76,7 +88,11 @@ def log_of(out, job_id):
 def uninterrupted(cluster, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("slurm-run") / "run"
     job_id = submit(cluster, out, cache_dir)
-    wait_until(lambda: not cluster.queued(job_id), f"job {job_id} to leave the queue")
+    wait_until(
+        lambda: not cluster.queued(job_id),
+        f"job {job_id} to leave the queue",
+        explain=lambda: slurm_view(cluster, out, job_id),
+    )
     return out, job_id
 
 
@@ -97,10 +113,17 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, uninter
     out = tmp_path / "run"
     job_id = submit(cluster, out, cache_dir)
     marker = out / "checkpoints" / "step_00000004" / "COMPLETE"
-    wait_until(marker.exists, "the first checkpoint")
+    explain = lambda: slurm_view(cluster, out, job_id)  # noqa: E731
+    # Each wait has its own share of pytest's 900 s, so a stuck job fails with SLURM's view of it.
+    wait_until(marker.exists, "the first checkpoint", timeout=240, explain=explain)
     # What --signal=USR1@N does before a time limit: USR1 to every process of the job's steps.
     cluster.run("scancel", "--signal=USR1", job_id)
-    wait_until(lambda: "requeueing job" in log_of(out, job_id), "the job to requeue itself")
+    wait_until(
+        lambda: "requeueing job" in log_of(out, job_id),
+        "the job to requeue itself",
+        timeout=120,
+        explain=explain,
+    )
     # SLURM holds a requeued job for about two minutes before it may start again; do not wait for that here.
     wait_until(
         lambda: (
@@ -108,11 +131,14 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, uninter
             == 0
         ),
         "the requeued job",
+        timeout=60,
+        explain=explain,
     )
     wait_until(
-        lambda: not cluster.queued(job_id) and "run finished" in log_of(out, job_id), "the resumed job"
+        lambda: not cluster.queued(job_id), "the resumed job to leave the queue", timeout=420, explain=explain
     )
     log = log_of(out, job_id)
+    assert "run finished" in log, explain()
     assert "stopped by SIGUSR1" in log and "resume: continuing from" in log, log[-3000:]
     expected, got = losses(uninterrupted[0]), losses(out)
     assert sorted(got) == list(range(1, 25))
