@@ -73,7 +73,11 @@ class SlurmCluster:
         )
 
     def queued(self, job_id: str) -> bool:
-        return bool(self.run("squeue", "-h", "-j", job_id, check=False).stdout.strip())
+        return bool(self.state(job_id))
+
+    def state(self, job_id: str) -> str:
+        """The job's state as squeue shows it (PENDING, RUNNING, ...), or "" once it has left the queue."""
+        return self.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip()
 
     def stop(self) -> None:
         self.run("scancel", "--user=root", check=False)

@@ -115,7 +115,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, uninter
     marker = out / "checkpoints" / "step_00000004" / "COMPLETE"
     explain = lambda: slurm_view(cluster, out, job_id)  # noqa: E731
     # Each wait has its own share of pytest's 900 s, so a stuck job fails with SLURM's view of it.
-    wait_until(marker.exists, "the first checkpoint", timeout=240, explain=explain)
+    wait_until(marker.exists, "the first checkpoint", timeout=180, explain=explain)
     # What --signal=USR1@N does before a time limit: USR1 to every process of the job's steps.
     cluster.run("scancel", "--signal=USR1", job_id)
     wait_until(
@@ -124,16 +124,18 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, uninter
         timeout=120,
         explain=explain,
     )
-    # SLURM holds a requeued job for about two minutes before it may start again; do not wait for that here.
+    # SLURM holds a requeued job for about two minutes before it may start again; shorten that hold here,
+    # but only once the job is back to PENDING (the requeue sets the hold over any earlier update), and
+    # not to "now": slurmd refuses a launch whose credential is from the second the old one was revoked
+    # in ("Job credential revoked"), which fails the job instead of resuming it.
     wait_until(
-        lambda: (
-            cluster.run("scontrol", "update", f"JobId={job_id}", "EligibleTime=now", check=False).returncode
-            == 0
-        ),
-        "the requeued job",
-        timeout=60,
+        lambda: cluster.state(job_id) == "PENDING",
+        "the job to be back in the queue",
+        timeout=120,
         explain=explain,
     )
+    update = cluster.run("scontrol", "update", f"JobId={job_id}", "EligibleTime=now+5", check=False)
+    assert update.returncode == 0, update.stderr + explain()
     wait_until(
         lambda: not cluster.queued(job_id), "the resumed job to leave the queue", timeout=420, explain=explain
     )
