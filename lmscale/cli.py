@@ -290,6 +290,10 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainable_part(facts) -> str:
+    return f" ({facts.trainable_params / 1e6:,.2f}M trainable)" if facts.frozen_params else ""
+
+
 def _print_plan(facts, config, hardware, rows, best) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -297,7 +301,8 @@ def _print_plan(facts, config, hardware, rows, best) -> None:
     from lmscale.plan import GIB
 
     table = Table(
-        title=f"{facts.params / 1e6:,.1f}M parameters, {hardware.nodes} x {hardware.gpus_per_node} GPUs of "
+        title=f"{facts.params / 1e6:,.1f}M parameters{_trainable_part(facts)}, {hardware.nodes} x "
+        f"{hardware.gpus_per_node} GPUs of "
         f"{hardware.gpu_mem_bytes / GIB:.0f} GiB, {config.data.max_tokens_per_batch} tokens per micro-batch, "
         f"{config.precision}",
         caption="GiB per GPU (host: per node); * = recommended",

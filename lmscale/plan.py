@@ -4,8 +4,10 @@ Model states follow the ZeRO paper's accounting (Rajbhandari et al., 2020) for A
 2Ψ bytes of 16-bit weights, 2Ψ of 16-bit gradients and 12Ψ of optimizer states (fp32 master weights,
 momentum, variance); stage 1 partitions the 12Ψ over the data-parallel ranks, stage 2 the gradients too,
 stage 3 the weights too; CPU offload moves the optimizer states (and with stage 3 the weights) to host
-memory. In fp32 the weights and gradients take 4Ψ each and the states 8Ψ. DeepSpeed's own estimators
-(`estimate_zero2/3_model_states_mem_needs`) are shown beside stages 2 and 3 as a cross-check.
+memory. In fp32 the weights and gradients take 4Ψ each and the states 8Ψ. Frozen parameters (LoRA's
+base model) have weights but neither gradients nor optimizer states. DeepSpeed's own estimators
+(`estimate_zero2/3_model_states_mem_needs`, which assume every parameter trains) are shown beside
+stages 2 and 3 as a cross-check when every parameter trains.
 
 Activations per token and layer follow Korthikanti et al. (2022): 34·h bytes in 16-bit, plus 5·a·s bytes
 for the attention scores when attention is not fused (eager); with activation checkpointing a layer keeps
@@ -35,12 +37,18 @@ class ModelFacts:
     hidden: int
     heads: int
     vocab: int
+    frozen_params: int = 0  # weights only: no gradients, no optimizer states (LoRA's base model)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.params - self.frozen_params
 
 
 def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
-    """The configured model's sizes, counted on the meta device (no memory, no weights)."""
+    """The configured model's sizes (with its LoRA adapters), counted on the meta device (no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lmscale.finetune import apply_lora
     from lmscale.model import apply_model_options, preset_config
 
     if config.model.path:
@@ -53,6 +61,8 @@ def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
     apply_model_options(hf_config, config.model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
+        if config.finetune.lora is not None:
+            model = apply_lora(model, config.finetune.lora, "causal_lm")
     return facts_of(model)
 
 
@@ -66,6 +76,7 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
     c = model.config
     return ModelFacts(
         params=sum(p.numel() for p in unique),
+        frozen_params=sum(p.numel() for p in unique if not p.requires_grad),
         largest_layer_params=largest,
         layers=c.num_hidden_layers,
         hidden=c.hidden_size,
@@ -74,12 +85,18 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
     )
 
 
-def model_state_bytes(params: int, stage: int, ranks: int, offload: bool, precision: str) -> tuple[int, int]:
-    """(GPU bytes, CPU bytes) of weights, gradients and optimizer states on one rank."""
+def model_state_bytes(
+    params: int, stage: int, ranks: int, offload: bool, precision: str, trainable: int | None = None
+) -> tuple[int, int]:
+    """(GPU bytes, CPU bytes) of weights, gradients and optimizer states on one rank.
+
+    Every parameter has a weight; only the `trainable` ones (default: all) have gradients and states.
+    """
+    trainable = params if trainable is None else trainable
     weight, grad, states = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
     weights = weight * params / (ranks if stage == 3 else 1)
-    grads = grad * params / (ranks if stage >= 2 else 1)
-    optimizer = states * params / (ranks if stage >= 1 else 1)
+    grads = grad * trainable / (ranks if stage >= 2 else 1)
+    optimizer = states * trainable / (ranks if stage >= 1 else 1)
     if not offload:
         return int(weights + grads + optimizer), 0
     # Offload (stages 2 and 3): optimizer states and their fp32 gradients live on the host;
@@ -123,6 +140,8 @@ class PlanRow:
 
 
 def deepspeed_estimate(facts: ModelFacts, stage: int, offload: bool, gpus: int, nodes: int) -> int | None:
+    if facts.frozen_params:  # DeepSpeed's estimators count states for every parameter: not comparable
+        return None
     if stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -167,9 +186,11 @@ def plan_rows(facts: ModelFacts, config: Config, hardware: Hardware, tokens: int
     per_token = configured_activation_bytes(facts, config)
     rows = []
     for stage, offload in ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)):
-        gpu_states, cpu_states = model_state_bytes(facts.params, stage, ranks, offload, config.precision)
+        gpu_states, cpu_states = model_state_bytes(
+            facts.params, stage, ranks, offload, config.precision, facts.trainable_params
+        )
         activations = int(per_token * tokens)
-        buffers = buffer_bytes(facts.params, stage)
+        buffers = buffer_bytes(facts.trainable_params, stage)  # buckets carry what trains
         total = gpu_states + activations + buffers
         cpu_total = cpu_states * hardware.gpus_per_node  # every rank of a node offloads to that node's RAM
         fits = total <= HEADROOM * hardware.gpu_mem_bytes and cpu_total <= HEADROOM * hardware.cpu_mem_bytes

@@ -63,6 +63,22 @@ def test_one_billion_llama_fp32_and_bf16():
     assert model_state_bytes(TINYLLAMA_1B, 3, 8, False, "bf16") == (2_200_096_768, 0)
 
 
+def test_lora_keeps_states_for_the_adapters_only():
+    from lmscale.config import LoraConfig
+    from lmscale.finetune import apply_lora
+
+    with torch.device("meta"):
+        model = apply_lora(AutoModelForCausalLM.from_config(GPT2Config()), LoraConfig(r=8), "causal_lm")
+    facts = facts_of(model)
+    adapters = 12 * 8 * (768 + 3 * 768)  # r x (in + out) for each layer's c_attn (768 -> 2304)
+    assert (facts.trainable_params, facts.frozen_params) == (adapters, GPT2_124M)
+    # every weight in 16-bit; gradients (2) and fp32 weights + Adam moments (12) for the adapters only
+    assert model_state_bytes(facts.params, 0, 1, False, "bf16", facts.trainable_params) == (
+        2 * (GPT2_124M + adapters) + 14 * adapters,
+        0,
+    )
+
+
 def test_activation_bytes_per_token_by_hand():
     gpt2 = ModelFacts(params=GPT2_124M, largest_layer_params=0, layers=12, hidden=768, heads=12, vocab=50257)
     # eager: 12 x (34 x 768 + 5 x 12 x 1024) + 6 x 50257 = 1,050,624 + 301,542
@@ -102,6 +118,15 @@ def test_plan_command_prints_json_rows():
     ]
     assert {"model_state_bytes", "activation_bytes", "total_bytes", "fits"} <= set(rows[0])
     assert sum(r["recommended"] for r in rows) == 1
+
+
+def test_plan_command_sizes_a_lora_run_by_its_adapters():
+    full, lora = (
+        json.loads(run_lmscale("plan", "configs/gpt2-124m.yaml", "--gpus", "1", "--json", *extra).stdout)
+        for extra in ([], ["finetune.lora.r=8"])
+    )
+    assert lora[0]["model_state_bytes"] < full[0]["model_state_bytes"] / 7  # 2 bytes per weight, not 16
+    assert all(row["deepspeed_estimate_bytes"] is None for row in lora)  # DeepSpeed's assume all train
 
 
 @pytest.mark.slow
