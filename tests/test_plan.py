@@ -130,7 +130,7 @@ def test_plan_command_sizes_a_lora_run_by_its_adapters():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])  # ZeRO-2 writes the same optimizer shards as ZeRO-1
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_predicted_partitions_match_what_two_ranks_write(tmp_path, cache_dir, stage):
     """Each rank's optimizer shard holds its fp32 weights and Adam moments: 12 psi / N bytes predicted."""
     out = tmp_path / "run"
