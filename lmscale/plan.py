@@ -67,7 +67,9 @@ def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
 
 
 def facts_of(model: torch.nn.Module) -> ModelFacts:
-    unique = {id(p): p for p in model.parameters()}.values()
+    from lmscale.model import count_parameters
+
+    params = count_parameters(model)
     largest = max(
         sum(p.numel() for p in module.parameters(recurse=False))
         for module in model.modules()
@@ -75,8 +77,8 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
     )
     c = model.config
     return ModelFacts(
-        params=sum(p.numel() for p in unique),
-        frozen_params=sum(p.numel() for p in unique if not p.requires_grad),
+        params=params,
+        frozen_params=params - count_parameters(model, trainable_only=True),
         largest_layer_params=largest,
         layers=c.num_hidden_layers,
         hidden=c.hidden_size,
