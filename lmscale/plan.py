@@ -118,11 +118,18 @@ def activation_bytes_per_token(
     return (kept + logits) * (2 if precision == "fp32" else 1)
 
 
-def buffer_bytes(params: int, stage: int) -> int:
-    """DeepSpeed's communication buckets (at most the model's size), plus the CUDA context."""
+def buffer_bytes(params: int, stage: int, trainable: int | None = None) -> int:
+    """DeepSpeed's 16-bit communication buckets (each at most what it carries), plus the CUDA context.
+
+    The reduce bucket carries gradients (trainable parameters only); the all-gather bucket carries the
+    updated trainable partitions under stages 1-2, and every weight, frozen ones too, under stage 3.
+    """
+    if stage == 0:
+        return CUDA_CONTEXT_BYTES
+    trainable = params if trainable is None else trainable
     bucket_elements = 5 * 10**8  # reduce/all-gather bucket size (elements), DeepSpeed's default
-    buckets = 0 if stage == 0 else 2 * 2 * min(params, bucket_elements)
-    return buckets + CUDA_CONTEXT_BYTES
+    gathered = params if stage == 3 else trainable
+    return 2 * (min(trainable, bucket_elements) + min(gathered, bucket_elements)) + CUDA_CONTEXT_BYTES
 
 
 @dataclass
@@ -192,7 +199,7 @@ def plan_rows(facts: ModelFacts, config: Config, hardware: Hardware, tokens: int
             facts.params, stage, ranks, offload, config.precision, facts.trainable_params
         )
         activations = int(per_token * tokens)
-        buffers = buffer_bytes(facts.trainable_params, stage)  # buckets carry what trains
+        buffers = buffer_bytes(facts.params, stage, facts.trainable_params)
         total = gpu_states + activations + buffers
         cpu_total = cpu_states * hardware.gpus_per_node  # every rank of a node offloads to that node's RAM
         fits = total <= HEADROOM * hardware.gpu_mem_bytes and cpu_total <= HEADROOM * hardware.cpu_mem_bytes

@@ -13,6 +13,7 @@ from lmscale.plan import (
     Hardware,
     ModelFacts,
     activation_bytes_per_token,
+    buffer_bytes,
     facts_of,
     largest_token_budget,
     model_state_bytes,
@@ -77,6 +78,9 @@ def test_lora_keeps_states_for_the_adapters_only():
         2 * (GPT2_124M + adapters) + 14 * adapters,
         0,
     )
+    # buckets: gradients and (ZeRO 1-2) updated partitions are the adapters'; ZeRO-3 gathers every weight
+    assert buffer_bytes(facts.params, 2, adapters) == 2 * 2 * adapters + GIB
+    assert buffer_bytes(facts.params, 3, adapters) == 2 * (adapters + GPT2_124M + adapters) + GIB
 
 
 def test_activation_bytes_per_token_by_hand():
