@@ -125,7 +125,7 @@ def run_lmscale(
         f"train.save_every={steps}",
         f"train.log_every={steps}",
     ]
-    output = run([sys.executable, "-m", "lmscale.cli", "launch", "--nproc", "2", *overrides])
+    output = run([sys.executable, "-m", "lmscale.cli", "launch", "--gpus-per-node", "2", *overrides])
     match = re.search(r"after \d+ steps, ([\d,]+) tokens in ([\d.]+) s", output)
     tokens, seconds = int(match.group(1).replace(",", "")), float(match.group(2))
     return {"tokens": tokens, "seconds": seconds, "eval_loss": held_out_loss(out, held_out)}

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
+from lmscale import __version__
 from lmscale.engine import free_port, select_accelerator
 from lmscale.errors import LmscaleError
+from lmscale.logging import configure_console
 
 select_accelerator()  # before anything imports deepspeed, here or in launched ranks
 
@@ -22,17 +25,39 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing run in output_dir")
 
 
+DEBUG_HELP = "show Python tracebacks for lmscale errors"
+
+
+def _gpus_per_node_argument(parser: argparse.ArgumentParser, old_name: str | None, **kwargs) -> None:
+    """`--gpus-per-node` is the one name for ranks per node in every command; the name a command had
+    before still parses (hidden), so existing scripts keep working."""
+    parser.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, **kwargs)
+    if old_name:
+        parser.add_argument(old_name, dest="gpus_per_node", type=int, help=argparse.SUPPRESS)
+
+
+def _subcommands(parser: argparse.ArgumentParser, dest: str):
+    """Subparsers that all take `--debug` too, so it may stand before or after the subcommand (its
+    default is suppressed there, so an absent one does not reset the main parser's value)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    actions = parser.add_subparsers(dest=dest, required=True)
+    actions.add_parser = partial(actions.add_parser, parents=[common])
+    return actions
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmscale", description="Train transformer LMs on DeepSpeed.")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for lmscale errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--version", action="version", version=f"lmscale {__version__}")
+    commands = _subcommands(parser, "command")
     train = commands.add_parser("train", help="train in this process (debug mode: one GPU, or CPU)")
     _add_run_arguments(train)
     launch = commands.add_parser("launch", help="train on several ranks/nodes through the deepspeed launcher")
     _add_run_arguments(launch)
-    launch.add_argument(
+    _gpus_per_node_argument(
+        launch,
         "--nproc",
-        type=int,
         default=None,
         help="ranks per node: GPUs or CPU processes (default 1, or the hostfile's slots)",
     )
@@ -46,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument("--master-addr", help="with --node-rank: the address of node 0")
     report = commands.add_parser(
-        "report", help="print a run's summary and write PNG plots next to metrics.jsonl"
+        "report", help="print a run's summary and draw its dashboard (report.png) next to metrics.jsonl"
     )
     report.add_argument("run_dir", help="the output_dir of an lmscale run")
+    report.add_argument("--out", help="directory for report.png (default: the run dir)")
     _add_tool_commands(commands)
+    _add_config_commands(commands)
     _add_slurm_commands(commands)
     sweep = commands.add_parser(
         "sweep", help="hyperparameter search: grid, random or Bayesian, each trial a real run"
@@ -60,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
     plan.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    plan.add_argument("--gpus", type=int, required=True, help="GPUs per node")
-    plan.add_argument("--nodes", type=int, default=1)
+    _gpus_per_node_argument(plan, "--gpus", default=None, help="GPUs per node (required)")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     plan.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
     plan.add_argument(
         "--cpu-mem", type=float, default=512.0, help="GiB of host memory per node (default 512)"
@@ -70,14 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_config_commands(commands) -> None:
+    config = commands.add_parser("config", help="every config key with its default, or a resolved config")
+    actions = _subcommands(config, "config_command")
+    actions.add_parser("keys", help="list every key, its default and what it does")
+    show = actions.add_parser("show", help="print the resolved config as YAML")
+    show.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
+    show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+
 def _add_slurm_commands(commands) -> None:
     slurm = commands.add_parser("slurm", help="SLURM batch jobs: submit, status, cancel")
-    actions = slurm.add_subparsers(dest="slurm_command", required=True)
+    actions = _subcommands(slurm, "slurm_command")
     submit = actions.add_parser("submit", help="render the sbatch script into the run dir and submit it")
     submit.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
     submit.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     submit.add_argument("--nodes", type=int, default=1, help="nodes to allocate")
-    submit.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node = ranks per node")
+    _gpus_per_node_argument(submit, None, default=1, help="GPUs per node = ranks per node (default 1)")
     submit.add_argument(
         "--cpu", action="store_true", help="CPU ranks: request no GPUs (--gpus-per-node ranks each)"
     )
@@ -91,8 +127,8 @@ def _add_slurm_commands(commands) -> None:
         default=120,
         help="send USR1 this long before the time limit (checkpoint)",
     )
-    submit.add_argument("--master-port", type=int, help="rendezvous port (default: 20000 + job id % 20000)")
-    submit.add_argument("--job-name", default="lmscale")
+    submit.add_argument("--master-port", type=int, help="rendezvous port (default: 20000 + job id %% 20000)")
+    submit.add_argument("--job-name", default="lmscale", help="SLURM job name (default lmscale)")
     submit.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     for name, text in (
         ("status", "the run's job: queued, running, or how it ended"),
@@ -114,6 +150,11 @@ def _add_tool_commands(commands) -> None:
     export.add_argument("--checkpoint", help="a checkpoint tag (step_N), path, or 'best' (default: newest)")
     export.add_argument("--force", action="store_true", help="replace a non-empty --out")
     export.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="precision of the written weights (default: the run's training precision)",
+    )
+    export.add_argument(
         "--merge",
         action="store_true",
         help="LoRA runs: fold the adapter into the base and write a whole model",
@@ -127,11 +168,13 @@ def _add_tool_commands(commands) -> None:
     generate = commands.add_parser("generate", help="sample text from an exported model (or a run)")
     generate.add_argument("target", help="an exported model directory, or a run's output_dir")
     generate.add_argument("--prompt", required=True, help="text to continue")
-    generate.add_argument("--max-new-tokens", type=int, default=100)
+    generate.add_argument(
+        "--max-new-tokens", type=int, default=100, help="tokens to add, within the model's positions"
+    )
     generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     generate.add_argument("--top-k", type=int, default=50, help="0 = off")
     generate.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
 def split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -166,7 +209,13 @@ def _launch(args: argparse.Namespace) -> int:
     if args.master_port is not None and (node is None or node.node_rank == 0):
         launch.check_port_free(args.master_port)
     command = launch.deepspeed_command(
-        args.nproc, config_path, overrides, args.hostfile, args.force, args.master_port or free_port(), node
+        args.gpus_per_node,
+        config_path,
+        overrides,
+        args.hostfile,
+        args.force,
+        args.master_port or free_port(),
+        node,
     )
     return launch.run_deepspeed(command)
 
@@ -175,14 +224,14 @@ def _launch_topology(args: argparse.Namespace):
     """(this node's no-ssh launch or None, total ranks), with the hostfile and flags checked."""
     from lmscale import launch
 
-    if args.nproc is not None and args.nproc < 1:
-        raise LmscaleError(f"--nproc {args.nproc} must be at least 1")
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise LmscaleError(f"--gpus-per-node {args.gpus_per_node} must be at least 1")
     if args.hostfile is None:
         if args.node_rank is not None:
             raise LmscaleError("--node-rank needs --hostfile (the list of all nodes, the same file on each)")
-        return None, args.nproc or 1
+        return None, args.gpus_per_node or 1
     hosts = launch.read_hostfile(Path(args.hostfile))
-    world_size = launch.ranks_in(hosts, args.nproc)
+    world_size = launch.ranks_in(hosts, args.gpus_per_node)
     if args.node_rank is None:
         launch.check_reachable(list(hosts))
         return None, world_size
@@ -197,10 +246,9 @@ def _report(args: argparse.Namespace) -> int:
     from lmscale.logging import print_summary_table
     from lmscale.report import report
 
-    summary, plots = report(args.run_dir)
+    summary, dashboard = report(args.run_dir, args.out)
     print_summary_table(summary)
-    for path in plots:
-        print(path)
+    print(dashboard)
     return 0
 
 
@@ -226,7 +274,9 @@ def _schedule(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from lmscale.export import export
 
-    checkpoint = export(Path(args.run_dir), Path(args.out), args.checkpoint, args.force, args.merge)
+    checkpoint = export(
+        Path(args.run_dir), Path(args.out), args.checkpoint, args.force, args.merge, args.dtype
+    )
     adapter = (Path(args.out) / "adapter_config.json").is_file()
     loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
     print(f"exported {checkpoint} to {args.out}: {loader}.from_pretrained({args.out!r})")
@@ -263,12 +313,15 @@ def _plan(args: argparse.Namespace) -> int:
 
     from lmscale.config import load_config
     from lmscale.plan import GIB, Hardware, largest_token_budget, model_facts, plan_rows, recommend
+    from lmscale.preflight import preflight
 
-    if args.gpus < 1 or args.nodes < 1 or args.gpu_mem <= 0 or args.cpu_mem <= 0:
-        raise LmscaleError("--gpus and --nodes must be at least 1, --gpu-mem and --cpu-mem positive")
+    if args.gpus_per_node is None:
+        raise LmscaleError("lmscale plan needs --gpus-per-node N: the GPUs of each node to plan for")
+    if args.gpus_per_node < 1 or args.nodes < 1 or args.gpu_mem <= 0 or args.cpu_mem <= 0:
+        raise LmscaleError("--gpus-per-node and --nodes must be at least 1, --gpu-mem and --cpu-mem positive")
     config_path, overrides = split_config_and_overrides(args)
-    config, _ = load_config(config_path, overrides)
-    hardware = Hardware(args.gpus, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB)
+    config = preflight(load_config(config_path, overrides)[0])
+    hardware = Hardware(args.gpus_per_node, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB)
     facts = model_facts(config)
     tokens = config.data.max_tokens_per_batch
     rows = plan_rows(facts, config, hardware, tokens if isinstance(tokens, int) else config.data.max_seq_len)
@@ -338,6 +391,23 @@ def _print_plan(facts, config, hardware, rows, best) -> None:
     Console(width=110).print(table)
 
 
+def _config(args: argparse.Namespace) -> int:
+    import json
+
+    from lmscale.config import config_to_yaml, load_config
+    from lmscale.config_reference import config_keys
+
+    if args.config_command == "keys":
+        keys = config_keys()
+        width = max(len(info.key) for info in keys)
+        for info in keys:
+            print(f"{info.key:<{width}}  {json.dumps(info.default)}  {info.description}")
+        return 0
+    config_path, overrides = split_config_and_overrides(args)
+    print(config_to_yaml(load_config(config_path, overrides)[0]), end="")
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from lmscale.sweep import run_sweep
 
@@ -391,9 +461,10 @@ def _validated_for(job):
     """The config, checked for the job's rank count (batch sizes) and device (fp16 needs GPUs)."""
     from lmscale.config import load_config
     from lmscale.ds_config import resolve
+    from lmscale.preflight import preflight
 
     config, explicit = load_config(job.config_path, job.overrides)
-    return resolve(config, explicit, job.nodes * job.ranks_per_node, has_gpu=not job.cpu)[0]
+    return preflight(resolve(config, explicit, job.nodes * job.ranks_per_node, has_gpu=not job.cpu)[0])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -428,8 +499,11 @@ def main(argv: list[str] | None = None) -> int:
         "slurm": _slurm,
         "plan": _plan,
         "sweep": _sweep,
+        "config": _config,
     }
     try:
+        if args.command not in ("train", "launch"):  # those configure it per rank
+            configure_console(is_rank_zero=True)
         return handlers[args.command](args)
     except LmscaleError as exc:
         if args.debug:

@@ -219,7 +219,19 @@ class EarlyStoppingConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(250, ge=1, description="Optimizer steps to train for.")
+    max_steps: int | None = Field(
+        250,
+        ge=1,
+        description="Optimizer steps to train for (or set max_tokens or epochs instead, and this null).",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Train on about this many real tokens (made into steps from the epoch's plan).",
+    )
+    epochs: float | None = Field(
+        None, gt=0, description="Train for this many passes over the data (may be 0.5)."
+    )
     optimizer: Literal["adamw", "adafactor", "lion", "lamb", "sgd"] = Field(
         "adamw", description="adamw, adafactor, lion, lamb or sgd (with momentum)."
     )
@@ -303,7 +315,14 @@ class TrainConfig(Section):
         problems = []
         if self.min_lr > self.lr:
             problems.append(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}: set min_lr <= lr")
-        if self.warmup_steps >= self.max_steps:
+        lengths = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "epochs": self.epochs}
+        chosen = [f"train.{key}={value}" for key, value in lengths.items() if value is not None]
+        if len(chosen) != 1:
+            problems.append(
+                f"set exactly one of train.max_steps, train.max_tokens, train.epochs (got "
+                f"{', '.join(chosen) or 'none'}): e.g. train.max_steps=null train.max_tokens=100000000"
+            )
+        elif self.max_steps is not None and self.warmup_steps >= self.max_steps:
             problems.append(
                 f"train.warmup_steps={self.warmup_steps} is not below train.max_steps={self.max_steps}: shorten the warm-up"
             )
@@ -499,7 +518,11 @@ def dotted_keys(raw: dict[str, Any]) -> set[str]:
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "config"
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key; remove it or check its spelling (see README, 'Config keys')"
+        from lmscale.config_reference import closest_key
+
+        guess = closest_key(key)
+        hint = f"did you mean {guess}?" if guess else "remove it"
+        return f"{key}: unknown key; {hint} (lmscale config keys lists them all)"
     if error["type"] == "value_error":
         return error["msg"].removeprefix("Value error, ")
     got = error.get("input")

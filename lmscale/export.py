@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from lmscale.checkpoint import complete_checkpoints, verify_checkpoint
 from lmscale.config import Config, build_config
 from lmscale.data.tokenizer import local_tokenizer
 from lmscale.errors import LmscaleError
-from lmscale.model import build_model
+from lmscale.model import build_model, context_length
 from lmscale.rundir import read_labels
 
 log = logging.getLogger(__name__)
@@ -93,13 +94,33 @@ def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):
     return model.eval(), tokenizer
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_readable(directory: Path) -> None:
+    """Files as readable as the others the user writes (some writers create 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def export(
-    run_dir: Path, out: Path, checkpoint: str | None = None, force: bool = False, merge: bool = False
+    run_dir: Path,
+    out: Path,
+    checkpoint: str | None = None,
+    force: bool = False,
+    merge: bool = False,
+    dtype: str | None = None,
 ) -> Path:
     """Write the checkpoint as an HF model directory (atomically: `out` appears only when complete);
-    a LoRA run's adapter alone, or with `merge` the base model with the adapter folded in."""
+    a LoRA run's adapter alone, or with `merge` the base model with the adapter folded in. Weights are
+    written in `dtype` (bf16, fp16, fp32; default: the run's training precision)."""
     if out.exists() and any(out.iterdir()) and not force:
         raise LmscaleError(f"{out} already exists and is not empty: choose another --out, or pass --force")
+    if dtype is not None and dtype not in DTYPES:
+        raise LmscaleError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     config = run_config(run_dir)
     if merge and config.finetune.lora is None:
         raise LmscaleError(f"{run_dir} is not a LoRA run (finetune.lora unset): export it without --merge")
@@ -107,11 +128,17 @@ def export(
     model, tokenizer = load_trained_model(run_dir, chosen, config)
     if merge:
         model = model.merge_and_unload()
+    model = model.to(DTYPES[dtype or config.precision])
+    # The run's tokenizer was never told the model's length (transformers then says 1e30).
+    positions = context_length(model.config)
+    if positions is not None:
+        tokenizer.model_max_length = positions
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(str(partial))
     tokenizer.save_pretrained(str(partial))
     (partial / RUN_CONFIG).write_text((run_dir / "config.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    make_readable(partial)
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

@@ -17,6 +17,7 @@ from transformers import (
 
 from lmscale.data.tokenizer import local_tokenizer
 from lmscale.errors import LmscaleError
+from lmscale.model import context_length
 
 
 def load_for_inference(target: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -60,6 +61,18 @@ class Sampling:
             )
 
 
+def check_context(prompt_tokens: int, max_new_tokens: int, positions: int | None) -> None:
+    """A model has no position past its last: generating beyond it fails deep inside the model."""
+    if positions is None or prompt_tokens + max_new_tokens <= positions:
+        return
+    room = positions - prompt_tokens
+    fix = f"use --max-new-tokens {room} or less" if room > 0 else "shorten the prompt"
+    raise LmscaleError(
+        f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's "
+        f"{positions} positions: {fix}"
+    )
+
+
 @torch.no_grad()
 def generate_text(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, sampling: Sampling
@@ -71,6 +84,7 @@ def generate_text(
     inputs = {k: encoded[k] for k in ("input_ids", "attention_mask")}
     if inputs["input_ids"].shape[1] == 0:
         raise LmscaleError("the prompt is empty: give --prompt some text")
+    check_context(inputs["input_ids"].shape[1], sampling.max_new_tokens, context_length(model.config))
     greedy = sampling.temperature == 0
     output = model.generate(
         **inputs,

@@ -6,6 +6,7 @@ import json
 import logging
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def configure_console(is_rank_zero: bool) -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_warning()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: \r redraws in a log file
 
 
 class MetricsSink:
@@ -55,14 +57,16 @@ class MetricsSink:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
-        self.bar = tqdm(
-            total=total_steps,
-            initial=initial_step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=1.0,
-        )
+        self.progress = ProgressLines(total_steps, initial_step)
+        if sys.stderr.isatty():  # off a terminal (SLURM's %j.out, CI, | tee) a redrawn bar is noise
+            self.bar = tqdm(
+                total=total_steps,
+                initial=initial_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -71,13 +75,17 @@ class MetricsSink:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(record)  # "step" is the x-axis (define_metric), not W&B's own counter
+            # "step" is the x-axis (define_metric), not W&B's own counter
+            self.wandb_run.log({"step": step, **wandb_names(metrics)})
         for key, value in metrics.items():
             self.history.setdefault(key, []).append(value)
             if self.tensorboard is not None:
                 self.tensorboard.add_scalar(key, value, step)
         self.shown.update({SHOWN[k]: f"{v:.4g}" for k, v in metrics.items() if k in SHOWN})
-        self.bar.set_postfix(self.shown, refresh=False)
+        if self.bar is not None:
+            self.bar.set_postfix(self.shown, refresh=False)
+        elif "loss" in metrics:
+            self.message(self.progress.line(step, metrics))
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -102,18 +110,78 @@ class MetricsSink:
         """Print the summary table, store the summary in W&B and close the run."""
         if not self.enabled:
             return
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         summary = self.summary(result)
         print_summary_table(summary)
         if self.wandb_run is not None:
-            self.wandb_run.summary.update(summary)
+            self.wandb_run.summary.update(wandb_summary(summary))
             directory = self.wandb_run.dir
             offline = self.wandb_run.settings.mode == "offline"
             self.wandb_run.finish()
             if offline:
                 log.info("W&B run saved offline; upload it with: wandb sync %s", Path(directory).parent)
+
+
+class ProgressLines:
+    """The progress bar's content as one plain line per logged step, for logs that are files."""
+
+    def __init__(self, total_steps: int, initial_step: int) -> None:
+        self.total_steps = total_steps
+        self.initial_step = initial_step
+        self.started_s = time.perf_counter()
+
+    def eta_s(self, step: int) -> float | None:
+        done = step - self.initial_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.started_s) / done * (self.total_steps - step)
+
+    def line(self, step: int, metrics: dict[str, Any]) -> str:
+        eta = self.eta_s(step)
+        return (
+            f"step {step}/{self.total_steps}: loss {metrics['loss']:.4f}, lr {metrics.get('lr', 0):.3e}, "
+            f"{metrics.get('tokens_per_s', 0):,.0f} tokens/s, ETA {format_duration(eta)}"
+        )
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+PERF_METRICS = {
+    "tokens_per_s",
+    "tokens_per_s_per_device",
+    "samples_per_s",
+    "tflops_per_device",
+    "mfu",
+    "hfu",
+    "step_time_s",
+    "data_wait_s",
+    "padding_frac",
+}
+
+
+def wandb_name(key: str) -> str:
+    """A metric's W&B name, grouped by section (train/, eval/, perf/, memory/); metrics.jsonl keeps
+    the flat key."""
+    if key.startswith("eval_"):
+        return f"eval/{key.removeprefix('eval_')}"
+    if key.startswith("memory_"):
+        return f"memory/{key.removeprefix('memory_')}"
+    if key in PERF_METRICS:
+        return f"perf/{key}"
+    return f"train/{key}"
+
+
+def wandb_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {wandb_name(key): value for key, value in metrics.items()}
 
 
 SHOWN = {"loss": "loss", "tokens_per_s": "tok/s", "mfu": "mfu", "eval_ppl": "eval_ppl"}
@@ -139,6 +207,16 @@ def print_summary_table(summary: dict[str, Any]) -> None:
         if key in summary:
             table.add_row(label, fmt.format(summary[key]))
     Console(stderr=True).print(table)
+
+
+def wandb_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run summary beside the logged metrics: eval/loss is the final one, perf/mean_... the means."""
+    renamed = {"best_eval_loss": "eval/best_loss", "mean_tokens_per_s": "perf/mean_tokens_per_s"}
+    renamed["mean_mfu"] = "perf/mean_mfu"
+    return {
+        renamed.get(key, wandb_name(key) if key.startswith("eval_") else key): value
+        for key, value in summary.items()
+    }
 
 
 def wandb_run_id(output_dir: Path) -> str:

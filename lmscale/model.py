@@ -188,6 +188,15 @@ def build_model(
     return model
 
 
+def context_length(config: PretrainedConfig) -> int | None:
+    """Positions the model has embeddings for (None when the family does not say)."""
+    for attribute in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Distinct parameters (tied embeddings counted once); with `trainable_only`, those that train."""
     unique = {id(p): p for p in model.parameters()}.values()

@@ -1,4 +1,4 @@
-"""`lmscale report RUN_DIR`: the run's summary and PNG plots, read back from metrics.jsonl."""
+"""`lmscale report RUN_DIR`: the run's summary and a dashboard PNG, read back from metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ from typing import Any
 
 from lmscale.errors import LmscaleError
 
-# plot file -> (title, y label, metric keys drawn on it)
-PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "loss.png": ("Loss", "loss (nats/token)", ("loss", "eval_loss")),
-    "lr.png": ("Learning rate", "lr", ("lr",)),
-    "tokens_per_s.png": ("Throughput", "real tokens/s (all ranks)", ("tokens_per_s",)),
-    "padding_frac.png": ("Padding", "padding / all tokens", ("padding_frac",)),
-    "memory.png": (
-        "Memory (largest rank)",
-        "GiB",
-        ("memory_allocated_gb", "memory_reserved_gb", "memory_rss_gb"),
-    ),
-}
+# The dashboard's panels, in reading order: (title, y label, metric keys, y axis starts at zero).
+# Rates and sizes start at zero so a small wobble does not look like a collapse.
+PANELS: list[tuple[str, str, tuple[str, ...], bool]] = [
+    ("Loss by step", "loss (nats/token)", ("loss", "eval_loss"), False),
+    ("Loss by tokens", "loss (nats/token)", ("loss", "eval_loss"), False),
+    ("Learning rate", "lr", ("lr",), True),
+    ("Gradient norm", "global L2 norm (before clipping)", ("grad_norm",), True),
+    ("Throughput", "real tokens/s (all ranks)", ("tokens_per_s",), True),
+    ("Memory (largest rank)", "GiB", ("memory_allocated_gb", "memory_reserved_gb", "memory_rss_gb"), True),
+    ("Step time", "s per optimizer step", ("step_time_s", "data_wait_s"), True),
+    ("Padding", "padding / all tokens", ("padding_frac",), True),
+]
+REPORT = "report.png"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -55,35 +56,87 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def write_plots(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
-    """One PNG per plot in PLOTS that has data, next to metrics.jsonl."""
+def tokens_at(records: list[dict[str, Any]]) -> dict[int, int]:
+    """Tokens seen by each logged step; an evaluation's step takes the nearest logged step at or before it."""
+    seen = sorted((r["step"], r["tokens_seen"]) for r in records if "tokens_seen" in r)
+    result, latest, index = {}, 0, 0
+    for step in sorted({r["step"] for r in records}):
+        while index < len(seen) and seen[index][0] <= step:
+            latest, index = seen[index][1], index + 1
+        result[step] = latest
+    return result
+
+
+def _series(records: list[dict[str, Any]], key: str, x_of) -> list[tuple[float, float]]:
+    return [(x_of(r), r[key]) for r in records if key in r]
+
+
+def _draw_panel(axes, records, panel, x_of, xlabel: str) -> bool:
+    title, ylabel, keys, from_zero = panel
+    drawn = False
+    for key in keys:
+        points = _series(records, key, x_of)
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        marker = "o" if key.startswith("eval_") or len(points) < 30 else None
+        axes.plot(xs, ys, marker=marker, label=key, linestyle="--" if key.startswith("eval_") else "-")
+        drawn = True
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    if from_zero:
+        axes.set_ylim(0, axes.get_ylim()[1] * 1.08)  # headroom: a flat line does not sit on the frame
+    if drawn:
+        axes.legend(loc="best", fontsize="small")
+    else:
+        axes.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axes.transAxes)
+    return drawn
+
+
+def _add_mfu(axes, records: list[dict[str, Any]]) -> None:
+    """MFU on a second axis of the throughput panel (both are rates: both start at zero)."""
+    points = _series(records, "mfu", lambda r: r["step"])
+    if not points:
+        return
+    twin = axes.twinx()
+    xs, ys = zip(*points, strict=True)
+    twin.plot(xs, [100 * y for y in ys], color="tab:red", label="mfu")
+    twin.set_ylabel("MFU (%)")
+    twin.set_ylim(bottom=0)
+    lines = axes.get_lines() + twin.get_lines()
+    axes.legend(lines, [line.get_label() for line in lines], loc="best", fontsize="small")
+
+
+def write_dashboard(records: list[dict[str, Any]], out_dir: Path, title: str) -> Path:
+    """Every panel of PANELS in one PNG, `report.png`."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
-    written = []
-    for filename, (title, ylabel, keys) in PLOTS.items():
-        series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
-        series = {k: points for k, points in series.items() if points}
-        if not series:
-            continue
-        figure, axes = plt.subplots(figsize=(7, 4))
-        for key, points in series.items():
-            steps, values = zip(*points, strict=True)
-            axes.plot(steps, values, marker="o" if len(points) < 30 else None, label=key)
-        axes.set(title=title, xlabel="step", ylabel=ylabel)
-        axes.grid(alpha=0.3)
-        if len(series) > 1:
-            axes.legend()
-        figure.tight_layout()
-        figure.savefig(run_dir / filename, dpi=100)
-        plt.close(figure)
-        written.append(run_dir / filename)
-    return written
+    tokens = tokens_at(records)
+    figure, grid = plt.subplots(2, 4, figsize=(20, 9))
+    for axes, panel in zip(grid.flat, PANELS, strict=True):
+        by_tokens = panel[0] == "Loss by tokens"
+        x_of = (lambda r: tokens[r["step"]]) if by_tokens else (lambda r: r["step"])
+        _draw_panel(axes, records, panel, x_of, "tokens seen" if by_tokens else "step")
+        if by_tokens:
+            axes.xaxis.set_major_formatter(EngFormatter())  # 120k, 3.2G: not 120000
+        if panel[0] == "Throughput":
+            _add_mfu(axes, records)
+    figure.suptitle(title)
+    figure.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
 
 
-def report(run_dir: str) -> tuple[dict[str, Any], list[Path]]:
+def report(run_dir: str, out_dir: str | None = None) -> tuple[dict[str, Any], Path]:
+    """The run's summary, and its dashboard written to `out_dir` (default: the run dir)."""
     directory = Path(run_dir)
     records = read_metrics(directory)
-    return summarize(records), write_plots(records, directory)
+    dashboard = write_dashboard(records, Path(out_dir) if out_dir else directory, str(directory))
+    return summarize(records), dashboard

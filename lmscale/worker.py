@@ -19,6 +19,7 @@ from lmscale.engine import select_accelerator
 select_accelerator()  # before anything imports deepspeed
 
 import torch  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lmscale import engine as ds_engine  # noqa: E402
@@ -32,18 +33,20 @@ from lmscale.checkpoint import (  # noqa: E402
     save_checkpoint,
     written_by,
 )
-from lmscale.config import Config, load_config  # noqa: E402
+from lmscale.config import Config, TrainConfig, load_config  # noqa: E402
 from lmscale.data import PreparedData, prepare_data  # noqa: E402
 from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap  # noqa: E402
+from lmscale.data.epoch import batch_line, step_figures, steps_to_train, stop_key  # noqa: E402
 from lmscale.data.streaming import StreamingBatches, StreamSettings  # noqa: E402
 from lmscale.ds_config import resolve  # noqa: E402
-from lmscale.errors import LmscaleError  # noqa: E402
+from lmscale.errors import ConfigError, LmscaleError  # noqa: E402
 from lmscale.finetune import Unfreezing, all_joined_step, is_joined  # noqa: E402
 from lmscale.kernels import describe_fused  # noqa: E402
 from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops  # noqa: E402
 from lmscale.model import build_model, describe_parameters  # noqa: E402
 from lmscale.optim import build_optimizer, group_depths, num_layers_of, params_by_depth  # noqa: E402
+from lmscale.preflight import preflight  # noqa: E402
 from lmscale.rundir import (  # noqa: E402
     check_output_dir,
     check_resume_compatible,
@@ -66,9 +69,11 @@ from lmscale.train import (  # noqa: E402
 
 
 def resolve_config(config_path: str | None, overrides: list[str], world_size: int) -> tuple[Config, dict]:
-    """Load, validate and reconcile the config for `world_size` ranks; raises ConfigError on any problem."""
+    """Load, validate and reconcile the config for `world_size` ranks, with everything else a run needs
+    checked before anything is written (lmscale.preflight); raises ConfigError on any problem."""
     config, explicit = load_config(config_path, overrides)
-    return resolve(config, explicit, world_size, ds_engine.has_gpu())
+    config, ds_config = resolve(config, explicit, world_size, ds_engine.has_gpu())
+    return preflight(config), ds_config
 
 
 def throughput_model(config: Config, model: torch.nn.Module) -> ThroughputModel:
@@ -222,6 +227,23 @@ def optimization(model: torch.nn.Module, config: Config):
     return optimizer, build_scheduler(optimizer, config.train, gates), unfreezing
 
 
+def settle_training_length(config: Config, train_stream, world_size: int) -> None:
+    """Say what an optimizer step really holds, and turn train.max_tokens / train.epochs into the step
+    count the LR schedule needs (recorded in config.yaml as train.max_steps: what ran)."""
+    epoch = train_stream.epoch_figures() if isinstance(train_stream, BatchStream) else None
+    figures = step_figures(config, epoch, world_size)
+    steps = steps_to_train(config, figures)
+    log.info(batch_line(figures, steps, config))
+    if config.train.max_steps is not None:
+        return
+    settled = {**config.train.model_dump(), "max_steps": steps, "max_tokens": None, "epochs": None}
+    try:
+        config.train = TrainConfig.model_validate(settled)
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{stop_key(config)} comes to {steps} steps: {problem}") from None
+
+
 def run(config_path: str | None, overrides: list[str], force: bool = False) -> None:
     """Train one rank of the job described by the config and the launcher's environment."""
     if "WORLD_SIZE" not in os.environ:
@@ -247,10 +269,6 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     torch.distributed.barrier()  # every rank has checked the run dir before rank 0 writes to it
     ds_engine.release_shared_memory_names()  # every rank has mapped every buffer by now
-    if is_rank_zero:
-        write_run_files(config, ds_config, output_dir, force)
-        data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
-        write_labels(output_dir, data.labels)
     model = build_model(
         config.model, data.tokenizer, config.data.max_seq_len, config.seed, config.finetune, data.labels
     )
@@ -265,10 +283,16 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     )
     if config.data.max_tokens_per_batch == "auto":
         config.data.max_tokens_per_batch = auto_token_budget(config, model, world_size)
-    optimizer, scheduler, unfreezing = optimization(model, config)
-    engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config)
     check_packing_support(config.data.batching)
     train_stream, eval_stream = batch_streams(config, data, rank, world_size)
+    settle_training_length(config, train_stream, world_size)
+    optimizer, scheduler, unfreezing = optimization(model, config)
+    engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config)
+    # Written only now: a model, optimizer or DeepSpeed set-up that fails leaves no run directory behind.
+    if is_rank_zero:
+        write_run_files(config, ds_config, output_dir, force)
+        data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
+        write_labels(output_dir, data.labels)
     start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
     stop = StopRequest()
     stop.install()

@@ -164,7 +164,7 @@ CASES = [
     ("output_dir under a file", ["train", "output_dir={good_jsonl}/run"], ["which is a file"]),
     (
         "garbled hostfile",
-        ["launch", "--nproc", "2", "{run}", "--hostfile", "{bad_hostfile}"],
+        ["launch", "--gpus-per-node", "2", "{run}", "--hostfile", "{bad_hostfile}"],
         ["line 2", "host slots=N"],
     ),
     ("missing hostfile", ["launch", "{run}", "--hostfile", "{missing}"], ["does not exist"]),
@@ -192,8 +192,33 @@ CASES = [
         ],
         ["--node-rank 2 needs 0 <= rank < 1"],
     ),
-    ("no ranks", ["launch", "--nproc", "0", "{run}"], ["--nproc 0"]),
+    ("no ranks", ["launch", "--gpus-per-node", "0", "{run}"], ["--gpus-per-node 0"]),
     ("report of no run", ["report", "{tmp}"], ["has no metrics.jsonl"]),
+    (
+        "unknown preset, before any data work",
+        ["train", "{fresh}", "model.preset=gpt-5", "data.path={missing}"],
+        ["model.preset='gpt-5' is unknown: choose one of tiny-gpt2"],
+    ),
+    (
+        "plan of a model dir without config.json",
+        ["plan", "model.path={tmp}", "--gpus-per-node", "1"],
+        ["has no config.json"],
+    ),
+    (
+        "Hub id not in the cache, offline",
+        ["train", "{fresh}", "model.path=nobody-here/no-such-model"],
+        ["model.path=nobody-here/no-such-model is a Hub id that is not in the Hugging Face cache"],
+    ),
+    (
+        "unknown key",
+        ["train", "{fresh}", "train.lrr=1e-3"],
+        ["train.lrr: unknown key; did you mean train.lr?"],
+    ),
+    (
+        "lengths of training given twice",
+        ["train", "{fresh}", "train.max_tokens=1000"],
+        ["set exactly one of train.max_steps, train.max_tokens, train.epochs", "train.max_steps=null"],
+    ),
     (
         "truncated checkpoint shard",
         ["train", "{run}", "train.resume={truncated_checkpoint}"],
@@ -212,7 +237,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("argv", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(tmp_path, run_dir, capsys, argv, fragments):
+def test_bad_input(tmp_path, run_dir, capsys, offline_hub, argv, fragments):
     files = {
         "run": f"output_dir={run_dir}",
         "fresh": f"output_dir={tmp_path / 'fresh'}",  # data problems are found before a new run dir is made
@@ -260,6 +285,38 @@ def test_bad_input(tmp_path, run_dir, capsys, argv, fragments):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["output_dir"] == str(run_dir)
 
 
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["logging.tensorboard=true"], ["logging.tensorboard=true needs the tensorboard package"]),
+        (["wandb.mode=online"], ["wandb.mode=online but no W&B credentials were found", "wandb login"]),
+    ],
+    ids=["tensorboard not installed", "W&B online without credentials"],
+)
+def test_missing_package_or_credentials_writes_nothing(
+    tmp_path, run_dir, capsys, monkeypatch, argv, fragments
+):
+    """What the config turns on is checked before the run dir is touched (new or existing)."""
+    import lmscale.preflight
+
+    monkeypatch.setattr(lmscale.preflight, "installed", lambda package: package != "tensorboard")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no W&B settings
+    before = snapshot(run_dir)
+    for output_dir in (run_dir, tmp_path / "fresh"):
+        code = cli.main(["train", f"output_dir={output_dir}", *argv])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmscale: error:")]
+        assert code == 2 and len(lines) == 1 and all(f in lines[0] for f in fragments), lines
+    assert snapshot(run_dir) == before and not (tmp_path / "fresh").exists()
+
+
 def test_the_catalogue_is_large_enough():
     assert len(CASES) >= 25
 
@@ -272,7 +329,9 @@ def test_master_port_in_use(tmp_path, run_dir, capsys):
         taken.listen()
         port = taken.getsockname()[1]
         before = snapshot(run_dir)
-        code = cli.main(["launch", "--nproc", "2", "--master-port", str(port), f"output_dir={run_dir}"])
+        code = cli.main(
+            ["launch", "--gpus-per-node", "2", "--master-port", str(port), f"output_dir={run_dir}"]
+        )
     err = capsys.readouterr().err
     assert code != 0 and f"--master-port {port} is in use on this host" in err and "Traceback" not in err
     assert snapshot(run_dir) == before

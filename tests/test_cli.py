@@ -86,8 +86,10 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
 
 def test_overrides_may_follow_the_flags_and_keep_their_order():
-    args = parse_args(["launch", "train.lr=1e-3", "--nproc", "2", "zero.stage=2", "--force", "train.lr=2e-3"])
-    assert args.nproc == 2 and args.force
+    args = parse_args(
+        ["launch", "train.lr=1e-3", "--gpus-per-node", "2", "zero.stage=2", "--force", "train.lr=2e-3"]
+    )
+    assert args.gpus_per_node == 2 and args.force
     config_path, overrides = split_config_and_overrides(args)
     assert config_path is None and overrides == ["train.lr=1e-3", "zero.stage=2", "train.lr=2e-3"]
     config, _ = load_config(config_path, overrides)
@@ -96,6 +98,109 @@ def test_overrides_may_follow_the_flags_and_keep_their_order():
 
 def test_a_stray_word_after_the_flags_is_still_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["plan", "zero.stage=2", "--gpus", "2", "oops"])
+        parse_args(["plan", "zero.stage=2", "--gpus-per-node", "2", "oops"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: oops" in capsys.readouterr().err
+
+
+def every_command(parser=None, prefix=()):
+    """Every (sub)command path of the CLI, e.g. ("slurm", "submit")."""
+    import argparse
+
+    from lmscale.cli import build_parser
+
+    parser = parser or build_parser()
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                paths.append((*prefix, name))
+                paths += every_command(child, (*prefix, name))
+    return paths
+
+
+def test_every_subcommand_has_working_help_on_every_flag(capsys):
+    """`--help` renders for every command (a bare % in a help string used to crash it)."""
+    import argparse
+
+    from lmscale.cli import build_parser, main
+
+    paths = every_command()
+    assert ("slurm", "submit") in paths and ("config", "keys") in paths and len(paths) >= 15
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        assert exit_info.value.code == 0, path
+        assert "usage: lmscale" in capsys.readouterr().out
+    parser = build_parser()
+
+    def undocumented(parser, path=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from undocumented(child, (*path, name))
+            elif action.option_strings and action.help is None:
+                yield (*path, action.option_strings[0])
+
+    assert list(undocumented(parser)) == []
+
+
+def test_version_and_debug_on_either_side_of_the_subcommand(capsys):
+    from lmscale import __version__
+    from lmscale.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"lmscale {__version__}"
+    assert parse_args(["--debug", "plan", "--gpus-per-node", "1"]).debug
+    assert parse_args(["plan", "--gpus-per-node", "1", "--debug"]).debug
+    assert not parse_args(["plan", "--gpus-per-node", "1"]).debug
+
+
+def test_one_name_for_gpus_per_node_and_the_old_names_still_parse():
+    for argv in (["launch"], ["plan"], ["slurm", "submit"]):
+        assert parse_args([*argv, "--gpus-per-node", "4"]).gpus_per_node == 4
+    assert parse_args(["launch", "--nproc", "3"]).gpus_per_node == 3
+    assert parse_args(["plan", "--gpus", "8"]).gpus_per_node == 8
+
+
+def test_config_keys_lists_every_key_with_default_and_description():
+    from lmscale.config_reference import config_keys
+
+    result = run_lmscale("config", "keys")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(config_keys()) >= 100
+    lr = next(line for line in lines if line.startswith("train.lr "))
+    assert "0.002" in lr and "Peak learning rate." in lr
+    assert any(line.startswith("finetune.lora.r ") for line in lines)
+
+
+def test_config_show_prints_the_resolved_config():
+    import yaml
+
+    result = run_lmscale("config", "show", "configs/tiny-cpu.yaml", "train.lr=1e-3", "zero.stage=2")
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert (
+        shown["train"]["lr"] == 1e-3 and shown["zero"]["stage"] == 2 and shown["data"]["max_seq_len"] == 256
+    )
+    assert_one_line_error(
+        run_lmscale("config", "show", "trian.lr=1"), "trian: unknown key; did you mean train?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("unknown", "meant"),
+    [
+        ("train.lrr", "train.lr"),
+        ("data.lr", "train.lr"),
+        ("data.max_seq_length", "data.max_seq_len"),
+        ("zero.offlod", "zero.offload"),
+        ("wandb.nonsense_words", None),
+    ],
+)
+def test_unknown_key_suggests_the_closest(unknown, meant):
+    from lmscale.config_reference import closest_key
+
+    assert closest_key(unknown) == meant

@@ -26,7 +26,7 @@ def records(out):
 
 
 def train(ranks, out, cache_dir, zero, steps):
-    command = ["launch", "--nproc", str(ranks)] if ranks > 1 else ["train"]
+    command = ["launch", "--gpus-per-node", str(ranks)] if ranks > 1 else ["train"]
     result = run_lmscale(
         *command,
         f"output_dir={out}",

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 from conftest import run_lmscale
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def trained_run(tmp_path_factory):
     out = base / "run"
     result = run_lmscale(
         "launch",
-        "--nproc",
+        "--gpus-per-node",
         "2",
         "zero.stage=3",
         "precision=fp32",
@@ -66,6 +67,10 @@ def test_export_round_trip_scores_like_the_trained_model(trained_run, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     assert model.config.model_type == "gpt2"
+    # fp32 training: fp32 weights; every file readable like the user's others; the tokenizer knows the length
+    assert model.dtype == torch.float32
+    assert all(path.stat().st_mode & 0o044 == 0o044 for path in model_dir.iterdir())
+    assert json.loads((model_dir / "tokenizer_config.json").read_text())["model_max_length"] == 64
 
     trained = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     engine_eval = [r["eval_loss"] for r in trained if r.get("step") == 20 and "eval_loss" in r][0]
@@ -92,6 +97,20 @@ def test_eval_scores_generation_tasks_and_generate_samples(trained_run, tmp_path
     result = run_lmscale("generate", str(run), "--prompt", "import ", "--max-new-tokens", "12", "--seed", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("import ") and len(result.stdout.strip()) > len("import ")
+
+
+def test_export_dtype_and_generation_within_the_context(trained_run, tmp_path):
+    _, run = trained_run
+    result = run_lmscale("export", str(run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+    too_long = run_lmscale(
+        "generate", str(tmp_path / "bf16"), "--prompt", "import ", "--max-new-tokens", "300"
+    )
+    assert too_long.returncode == 1 and "Traceback" not in too_long.stderr
+    assert "exceeds the model's 64 positions: use --max-new-tokens" in too_long.stderr
 
 
 def test_export_refuses_to_overwrite(trained_run, tmp_path):

@@ -60,7 +60,7 @@ def test_lora_fine_tune_lowers_eval_loss_exports_merges_and_resumes(workspace, t
         "train.lr=5e-3",
         "train.save_every=12",
     ]
-    result = run_lmscale("launch", "--nproc", "2", *args)
+    result = run_lmscale("launch", "--gpus-per-node", "2", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trainable of" in result.stderr and "(2.6" in result.stderr  # about 2.6% of parameters train
     evals = eval_losses(run)
@@ -96,7 +96,7 @@ def test_lora_fine_tune_lowers_eval_loss_exports_merges_and_resumes(workspace, t
     # the resume path does not depend on it, and each 2-rank run costs CI time)
     if stage == 3:
         return
-    more = run_lmscale("launch", "--nproc", "2", *args, "train.max_steps=28", "train.eval_every=28")
+    more = run_lmscale("launch", "--gpus-per-node", "2", *args, "train.max_steps=28", "train.eval_every=28")
     assert more.returncode == 0, more.stderr[-3000:]
     assert "continuing from" in more.stderr and "step 24" in more.stderr
 
@@ -110,7 +110,7 @@ def test_gradual_unfreezing_trains_only_the_joined_layers_under_zero2(workspace,
         "train.save_every=3",
         "train.keep_last=3",
     ]
-    result = run_lmscale("launch", "--nproc", "2", *args)
+    result = run_lmscale("launch", "--gpus-per-node", "2", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "layer depth 1 joins training" in result.stderr
     from safetensors.torch import load_file

@@ -102,3 +102,30 @@ def test_utilization_is_in_tflops_not_gflops():
     assert mfu == pytest.approx(1000.0 / 989.0)
     assert peak_tflops("cpu", override=2.5) == 2.5
     assert utilization(1e12, 1.0, 1, None) == (1.0, None)
+
+
+def test_wandb_names_are_grouped_and_progress_lines_are_plain():
+    from lmscale.logging import ProgressLines, format_duration, wandb_name, wandb_summary
+
+    assert [wandb_name(k) for k in ("loss", "eval_loss", "tokens_per_s", "mfu", "memory_rss_gb", "lr")] == [
+        "train/loss",
+        "eval/loss",
+        "perf/tokens_per_s",
+        "perf/mfu",
+        "memory/rss_gb",
+        "train/lr",
+    ]
+    assert wandb_summary({"eval_loss": 2.0, "best_eval_loss": 1.5, "steps": 3}) == {
+        "eval/loss": 2.0,
+        "eval/best_loss": 1.5,
+        "steps": 3,
+    }
+    line = ProgressLines(total_steps=100, initial_step=0).line(
+        10, {"loss": 3.21, "lr": 1e-3, "tokens_per_s": 1234.5}
+    )
+    assert (
+        line.startswith("step 10/100: loss 3.2100, lr 1.000e-03, 1,234 tokens/s, ETA ") and "\r" not in line
+    )
+    assert (
+        format_duration(3725) == "1h02m" and format_duration(65) == "1m05s" and format_duration(None) == "?"
+    )

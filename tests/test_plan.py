@@ -109,7 +109,7 @@ def test_recommendation_prefers_no_partitioning_then_no_offload():
 
 
 def test_plan_command_prints_json_rows():
-    result = run_lmscale("plan", "configs/gpt2-124m.yaml", "--gpus", "8", "--json")
+    result = run_lmscale("plan", "configs/gpt2-124m.yaml", "--gpus-per-node", "8", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [(r["stage"], r["offload"]) for r in rows] == [
@@ -126,7 +126,9 @@ def test_plan_command_prints_json_rows():
 
 def test_plan_command_sizes_a_lora_run_by_its_adapters():
     full, lora = (
-        json.loads(run_lmscale("plan", "configs/gpt2-124m.yaml", "--gpus", "1", "--json", *extra).stdout)
+        json.loads(
+            run_lmscale("plan", "configs/gpt2-124m.yaml", "--gpus-per-node", "1", "--json", *extra).stdout
+        )
         for extra in ([], ["finetune.lora.r=8"])
     )
     assert lora[0]["model_state_bytes"] < full[0]["model_state_bytes"] / 7  # 2 bytes per weight, not 16
@@ -139,7 +141,7 @@ def test_predicted_partitions_match_what_two_ranks_write(tmp_path, cache_dir, st
     """Each rank's optimizer shard holds its fp32 weights and Adam moments: 12 psi / N bytes predicted."""
     out = tmp_path / "run"
     result = run_lmscale(
-        "launch", "--nproc", "2", f"zero.stage={stage}", f"output_dir={out}", f"data.cache_dir={cache_dir}",
+        "launch", "--gpus-per-node", "2", f"zero.stage={stage}", f"output_dir={out}", f"data.cache_dir={cache_dir}",
         "data.max_seq_len=64", "data.vocab_size=1024", "data.max_tokens_per_batch=1024", "train.max_steps=1",
         "train.warmup_steps=0", "train.eval_batches=1", "wandb.mode=disabled", "precision=bf16",
     )  # fmt: skip

@@ -27,21 +27,45 @@ def write_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
 
-def test_summary_and_plots(tmp_path):
+def test_summary_and_dashboard(tmp_path):
     write_run(tmp_path)
-    summary, plots = report(str(tmp_path))
+    summary, dashboard = report(str(tmp_path))
     assert summary["steps"] == 100 and summary["tokens"] == 10000
     assert summary["eval_loss"] == 4.0 and summary["best_eval_loss"] == 4.0
     assert summary["mean_tokens_per_s"] == pytest.approx(1055.0) and summary["mean_mfu"] == pytest.approx(0.4)
-    assert sorted(p.name for p in plots) == [
-        "loss.png",
-        "lr.png",
-        "memory.png",
-        "padding_frac.png",
-        "tokens_per_s.png",
-    ]
-    for path in plots:
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert dashboard == tmp_path / "report.png"
+    assert dashboard.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and dashboard.stat().st_size > 50_000
+
+
+def test_dashboard_panels_plot_what_they_name(tmp_path):
+    """Each panel draws its metrics (eval loss at its steps' tokens), rates and sizes from zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmscale.report import PANELS, tokens_at, write_dashboard
+
+    write_run(tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert tokens_at(records)[100] == 10000 and tokens_at(records)[0] == 0
+    saved = []
+    original = plt.Figure.savefig
+    plt.Figure.savefig = lambda figure, *a, **k: (saved.append(figure), original(figure, *a, **k))[1]
+    try:
+        write_dashboard(records, tmp_path / "out", "run")
+    finally:
+        plt.Figure.savefig = original
+    panels = {axes.get_title(): axes for axes in saved[0].axes if axes.get_title()}
+    assert list(panels) == [title for title, *_ in PANELS]
+    by_tokens = panels["Loss by tokens"].get_lines()
+    assert [line.get_label() for line in by_tokens] == ["loss", "eval_loss"]
+    assert list(by_tokens[1].get_xdata()) == [0, 10000]
+    for title, _, _, from_zero in PANELS:
+        if from_zero:
+            assert panels[title].get_ylim()[0] == 0, title
+    assert panels["Throughput"].get_legend() is not None
+    assert "mfu" in [t.get_text() for t in panels["Throughput"].get_legend().get_texts()]
 
 
 def test_summary_without_eval():
@@ -65,5 +89,7 @@ def test_report_command(tmp_path):
     result = run_lmscale("report", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "lmscale run summary" in result.stderr and "best eval loss" in result.stderr
-    assert str(tmp_path / "loss.png") in result.stdout
+    assert str(tmp_path / "report.png") in result.stdout
+    elsewhere = run_lmscale("report", str(tmp_path), "--out", str(tmp_path / "plots"))
+    assert elsewhere.returncode == 0 and (tmp_path / "plots" / "report.png").is_file()
     assert run_lmscale("report", str(tmp_path / "nope")).returncode == 1

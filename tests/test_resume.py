@@ -38,7 +38,7 @@ def launch(out, cache_dir, zero, extra=()):
         "-m",
         "lmscale.cli",
         "launch",
-        "--nproc",
+        "--gpus-per-node",
         "2",
         f"output_dir={out}",
         f"data.cache_dir={cache_dir}",

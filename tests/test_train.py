@@ -119,11 +119,18 @@ def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
     assert saved["train"]["max_steps"] == 80 and saved["zero"]["stage"] == 0
     assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 16
 
-    history = wandb_history(out)
-    logged = [row for row in history if "loss" in row]
+    # Off a terminal the progress is plain lines, one per logged step: no redraws, nothing over 200 characters.
+    assert "\r" not in result.stderr and max(len(line) for line in result.stderr.splitlines()) <= 200
+    progress = [line for line in result.stderr.splitlines() if re.match(r"lmscale: step \d+/80: loss", line)]
+    assert len(progress) == len(train) and "ETA" in progress[-1] and "tokens/s" in progress[-1]
+    assert "lmscale: batch: 1,024 tokens per optimizer step budget" in result.stderr  # pad: 16 rows x 64
+
+    history = wandb_history(out)  # grouped names in W&B; metrics.jsonl keeps flat keys
+    logged = [row for row in history if "train/loss" in row]
     assert [int(row["step"]) for row in logged] == [r["step"] for r in train]
-    assert float(logged[-1]["loss"]) == pytest.approx(train[-1]["loss"])
-    assert any("eval_loss" in row for row in history)
+    assert float(logged[-1]["train/loss"]) == pytest.approx(train[-1]["loss"])
+    assert {"perf/tokens_per_s", "perf/mfu", "memory/rss_gb", "train/lr"} <= set(logged[-1])
+    assert any("eval/loss" in row for row in history)
     run_id = (out / "wandb_run_id").read_text().strip()
     assert list(out.glob(f"wandb/offline-run-*-{run_id}"))
 
@@ -134,7 +141,36 @@ def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
     assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in train]
 
     report = run_lmscale("report", str(out))
-    assert report.returncode == 0 and (out / "loss.png").stat().st_size > 5000
+    assert report.returncode == 0 and (out / "report.png").stat().st_size > 50_000
+
+
+def test_max_tokens_becomes_steps_from_the_epoch_plan(tmp_path, cache_dir):
+    """train.max_tokens is turned into optimizer steps before training (the LR schedule needs them)."""
+    out = tmp_path / "run"
+    quick = [o for o in QUICK if not o.startswith(("train.max_steps", "train.eval_every"))]
+    result = run_lmscale(
+        "train",
+        f"output_dir={out}",
+        f"data.cache_dir={cache_dir}",
+        "wandb.mode=disabled",
+        *quick,
+        "train.max_steps=null",
+        "train.max_tokens=30000",
+        "train.eval_every=1000",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = re.search(
+        r"lmscale: batch: 1,024 tokens per optimizer step budget, ~([\d,]+) real .* "
+        r"([\d,]+) steps \(from train.max_tokens=30000\)",
+        result.stderr,
+    )
+    assert line, result.stderr[-2000:]
+    expected_real, steps = (int(group.replace(",", "")) for group in line.groups())
+    assert abs(steps - 30000 / expected_real) < 1.5  # ceil of the unrounded figure
+    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert saved["max_steps"] == steps and saved["max_tokens"] is None  # what ran
+    tokens_seen = [r for r in read_metrics(out) if "loss" in r][-1]["tokens_seen"]
+    assert 30000 * 0.95 < tokens_seen < 30000 + 1024
 
 
 @pytest.mark.parametrize(
@@ -153,7 +189,7 @@ def test_two_cpu_ranks_learn_under_zero(tmp_path, cache_dir, zero):
     shared_before = shared_memory_files()
     result = run_lmscale(
         "launch",
-        "--nproc",
+        "--gpus-per-node",
         "2",
         str(REPO / "configs" / "tiny-cpu.yaml"),
         *zero.split(),

@@ -44,7 +44,7 @@ def test_every_optimizer_trains_under_zero_on_two_ranks(tmp_path, cache_dir, cas
     out = tmp_path / "run"
     result = run_lmscale(
         "launch",
-        "--nproc",
+        "--gpus-per-node",
         "2",
         "zero.stage=2",
         *SHORT,

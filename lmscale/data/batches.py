@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lmscale.data.bucketing import FILLER, EpochPlan, plan_resumed_epoch
+from lmscale.data.epoch import EpochFigures, epoch_figures
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +266,15 @@ class BatchStream:
         # [world_size, cursor] of earlier parts of this epoch that ran on other rank counts
         self.segments: list[list[int]] = []
 
-    def plan(self, epoch: int) -> EpochPlan:
+    def plan(self, epoch: int, whole: bool = False) -> EpochPlan:
+        """The epoch's plan: what is left of it after earlier rank counts, or with `whole` all of it."""
         s = self.settings
         return plan_resumed_epoch(
             self.lengths,
             self.world_size,
             self.seed,
             epoch,
-            self.segments if epoch == self.epoch else [],
+            self.segments if epoch == self.epoch and not whole else [],
             mode=s.batching,
             max_tokens=s.max_tokens_per_batch,
             rows=s.micro_batch_size,
@@ -281,10 +283,18 @@ class BatchStream:
             targets=self.targets,
         )
 
+    @property
+    def pad_to(self) -> int | None:
+        return self.settings.max_seq_len if self.settings.batching in ("pad", "pack") else None
+
+    def epoch_figures(self) -> EpochFigures:
+        """Sequences, real and padded tokens of a whole epoch (the current one's full plan)."""
+        return epoch_figures(self.plan(self.epoch, whole=True), self.lengths, self.pad_to)
+
     def loader(self, epoch: int, start: int, stop: int | None = None) -> DataLoader:
         """Batches `start` to `stop` (at most the epoch's end) of an epoch."""
         plan = self.plan(epoch)
-        pad_to = self.settings.max_seq_len if self.settings.batching in ("pad", "pack") else None
+        pad_to = self.pad_to
         batches = EpochBatches(self.sequences, self.lengths, plan, self.rank, self.pad_id, pad_to)
         workers = self.settings.num_workers
         return DataLoader(
