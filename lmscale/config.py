@@ -63,10 +63,20 @@ class SourceConfig(Section):
 class DataConfig(Section):
     path: str | None = Field(
         None,
-        description="Text file, directory, .jsonl/.json, .parquet, .csv, or a save_to_disk directory; "
-        "unset = the embedded stdlib corpus.",
+        description="Text file, directory, .jsonl/.json, .parquet, .csv, a save_to_disk directory, or a Hub "
+        "dataset hf://datasets/org/name; unset = the embedded stdlib corpus.",
     )
     glob: str | None = Field(None, description="Files of a directory data.path to read, e.g. '**/*.txt'.")
+    hub_config: str | None = Field(
+        None,
+        description="hf://datasets/... paths: the dataset's configuration (subset); unset = its default.",
+    )
+    hub_split: str = Field(
+        "train", description="hf://datasets/... data.path / data.sources: the split to train on."
+    )
+    hub_eval_split: str = Field(
+        "validation", description="hf://datasets/... data.eval_path: the split held out for evaluation."
+    )
     text_field: str = Field(
         "text", description="Field holding the document text in jsonl/parquet/csv/disk data."
     )

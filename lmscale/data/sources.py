@@ -191,8 +191,55 @@ def is_table(source: Path) -> bool:
     return is_disk_dataset(source) or (source.is_file() and source.suffix in LOADERS)
 
 
+HUB_DATASET = "hf://datasets/"
+
+
+def is_hub_dataset(path: str) -> bool:
+    return path.startswith(HUB_DATASET)
+
+
+def load_hub_dataset(
+    path: str, config: DataConfig, cache_dir: str | None, key: str, streaming: bool = False
+) -> Dataset:
+    """A Hub dataset (`hf://datasets/org/name`), the split named by data.hub_split (data.hub_eval_split for
+    data.eval_path). Online, `datasets` fetches only the files that split needs (or streams them);
+    offline (HF_HUB_OFFLINE) the repository's snapshot in the Hugging Face cache is read as a local one."""
+    from lmscale.preflight import hub_offline
+
+    repo = path.removeprefix(HUB_DATASET).strip("/")
+    split = config.hub_eval_split if key == "data.eval_path" else config.hub_split
+    source = repo
+    if hub_offline():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            source = snapshot_download(repo, repo_type="dataset", local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise ConfigError(
+                f"{key}={path} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it where "
+                f"there is network (hf download {repo} --repo-type dataset), or point {key} at local files"
+            ) from None
+    try:
+        return load_dataset(
+            source,
+            name=config.hub_config,
+            split=split,
+            streaming=streaming,
+            cache_dir=None if streaming else cache_dir,
+        )
+    except Exception as exc:  # unknown split/config, network, repository: datasets raises many kinds
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"{key}={path} (config {config.hub_config}, split {split}) could not be loaded: {reason}"
+        ) from None
+
+
 def load_source(path: str, config: DataConfig, cache_dir: str, key: str = "data.path") -> Dataset:
-    """One source as a `text` dataset: file type chosen by suffix; a directory is text files or save_to_disk."""
+    """One source as a `text` dataset: file type chosen by suffix; a directory is text files or save_to_disk;
+    hf://datasets/... a Hub dataset."""
+    if is_hub_dataset(path):
+        return _text_column(load_hub_dataset(path, config, cache_dir, key), config.text_field, path)
     source = existing_source(path, key)
     if is_table(source):
         return _text_column(

@@ -31,7 +31,9 @@ from lmscale.data.sources import (
     SPLIT_SEED,
     directory_files,
     embedded_corpus_files,
+    is_hub_dataset,
     load_disk_dataset,
+    load_hub_dataset,
 )
 from lmscale.errors import ConfigError
 
@@ -58,11 +60,15 @@ def _text_stream(stream: IterableDataset, field: str, source: str) -> IterableDa
     return stream.rename_column(field, "text") if field != "text" else stream
 
 
-def stream_source(path: str | None, config: DataConfig) -> IterableDataset:
+def stream_source(path: str | None, config: DataConfig, key: str = "data.path") -> IterableDataset:
     """One source as a stream of {"text"} records (None = the embedded corpus's training files)."""
     if path is None:
         files = embedded_corpus_files()[0]
         return load_dataset("text", data_files=files, sample_by="document", streaming=True, split="train")
+    if is_hub_dataset(path):
+        return _text_stream(
+            load_hub_dataset(path, config, None, key, streaming=True), config.text_field, path
+        )
     source = Path(path).expanduser()
     if not source.exists():
         raise ConfigError(f"data path {path} does not exist: fix the path")
@@ -119,7 +125,9 @@ def stream_documents(config: DataConfig) -> StreamingDocuments:
     is_code = config.path is None and not config.sources
     mixed = _clean_stream(_mixed_stream(config), config, is_code)
     if config.eval_path:
-        held_out_stream = _clean_stream(stream_source(config.eval_path, config), config, is_code)
+        held_out_stream = _clean_stream(
+            stream_source(config.eval_path, config, "data.eval_path"), config, is_code
+        )
         train = mixed
     else:
         fraction = config.eval_fraction

@@ -18,7 +18,15 @@ from transformers import PreTrainedTokenizerBase
 
 from lmscale.config import DataConfig
 from lmscale.data.batches import tokenizer_digest
-from lmscale.data.sources import BAD_LINES_SHOWN, existing_source, is_table, load_documents, load_table
+from lmscale.data.sources import (
+    BAD_LINES_SHOWN,
+    existing_source,
+    is_hub_dataset,
+    is_table,
+    load_documents,
+    load_hub_dataset,
+    load_table,
+)
 from lmscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,12 +64,16 @@ def record_loader(fmt: TaskFormat):
     """A `load_documents` loader that reads a table source's records with this format's fields."""
 
     def load(path: str, config: DataConfig, cache_dir: str, key: str) -> Dataset:
-        source = existing_source(path, key)
-        if not is_table(source):
-            raise ConfigError(
-                f"{key}={path}: {fmt.name} data must be jsonl, json, parquet, csv or a save_to_disk directory"
-            )
-        records = load_table(source, config, cache_dir, list(fmt.fields))
+        if is_hub_dataset(path):
+            records = load_hub_dataset(path, config, cache_dir, key)
+        else:
+            source = existing_source(path, key)
+            if not is_table(source):
+                raise ConfigError(
+                    f"{key}={path}: {fmt.name} data must be jsonl, json, parquet, csv, a save_to_disk "
+                    "directory or a Hub dataset"
+                )
+            records = load_table(source, config, cache_dir, list(fmt.fields))
         missing = [f for f in fmt.fields if f not in records.column_names]
         if missing:
             raise ConfigError(
