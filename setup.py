@@ -8,6 +8,16 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lmscale", "lmscale.*"]),
+    # The recipes, DeepSpeed JSONs, sbatch template and launcher script ship inside the package
+    # (lmscale/resources links to the repository's top-level folders), so a wheel install has them.
+    package_data={
+        "lmscale": [
+            "resources/configs/*.yaml",
+            "resources/ds_configs/*.json",
+            "resources/slurm/*.template",
+            "resources/launcher/*.py",
+        ]
+    },
     install_requires=[
         # Users on clusters bring their own CUDA torch; any 2.x from 2.4 on works.
         "torch>=2.4,<3",

@@ -13,6 +13,7 @@ from lmscale import __version__
 from lmscale.engine import free_port, select_accelerator
 from lmscale.errors import LmscaleError
 from lmscale.logging import configure_console
+from lmscale.resources import find_file
 
 select_accelerator()  # before anything imports deepspeed, here or in launched ranks
 
@@ -181,7 +182,9 @@ def split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, li
     """argparse puts a first `key=value` into `config` when no recipe is given; move it back."""
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         return None, [args.config, *args.overrides]
-    return args.config, list(args.overrides)
+    # A shipped recipe's name becomes its path, so launched ranks and sbatch scripts find it too.
+    config = str(find_file(args.config)) if args.config else None
+    return config, list(args.overrides)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmscale.errors import ConfigError
+from lmscale.resources import find_file
 
 
 class Section(BaseModel):
@@ -489,8 +490,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe into a dict (safe_load: a recipe cannot run code)."""
-    path = Path(path)
+    """Read a YAML recipe into a dict (safe_load: a recipe cannot run code); a shipped recipe's name
+    (configs/gpt2-124m.yaml) works from any directory."""
+    path = find_file(path)
     if not path.is_file():
         raise ConfigError(
             f"config file {path} does not exist: pass an existing YAML, e.g. configs/tiny-cpu.yaml"

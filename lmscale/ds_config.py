@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 from lmscale.config import Config, build_config
 from lmscale.errors import ConfigError
+from lmscale.resources import find_file
 
 
 def _json_precision(ds: dict) -> str | None:
@@ -55,10 +55,9 @@ LMSCALE_OWNED_SECTIONS = ("optimizer", "scheduler")
 
 
 def read_deepspeed_json(path: str) -> dict[str, Any]:
-    """Read a DeepSpeed JSON, looked up as given and then relative to the lmscale checkout."""
-    candidates = [Path(path), Path(__file__).resolve().parent.parent / path]
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
+    """Read a DeepSpeed JSON, looked up as given and then among the ones lmscale ships."""
+    found = find_file(path)
+    if not found.is_file():
         raise ConfigError(
             f"deepspeed_config={path} does not exist: use a file from ds_configs/, e.g. ds_configs/zero2_bf16.json"
         )

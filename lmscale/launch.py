@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmscale.errors import ConfigError
+from lmscale.resources import resource
 
-LAUNCHER_SCRIPT = Path(__file__).resolve().parent.parent / "launcher" / "train.py"
+LAUNCHER_SCRIPT = resource("launcher/train.py")
 
 
 HOSTFILE_LINE = re.compile(r"^\S+\s+slots=[1-9]\d*$")
@@ -74,7 +75,7 @@ def check_reachable(hosts: list[str], timeout_s: float = 5.0) -> None:
 
 
 def ranks_in(hosts: dict[str, int], nproc: int | None) -> int:
-    """Ranks the launcher will start: --nproc per host if given, else each host's slots."""
+    """Ranks the launcher will start: --gpus-per-node per host if given, else each host's slots."""
     return sum(min(slots, nproc) if nproc else slots for slots in hosts.values())
 
 

@@ -18,8 +18,9 @@ from string import Template
 
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.launch import LAUNCHER_SCRIPT
+from lmscale.resources import resource
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "lmscale.sbatch.template"
+TEMPLATE = resource("slurm/lmscale.sbatch.template")
 JOB_ID_FILE = "job_id"  # in <run_dir>/slurm/
 # Each job picks its rendezvous port from its id, so jobs sharing a first node do not collide.
 PORT_FROM_JOB_ID = "$((20000 + SLURM_JOB_ID % 20000))"
