@@ -11,6 +11,8 @@ RNG states in `rng_rank<R>.pt`, loaded back with `torch.load(weights_only=True)`
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock
 
+from lmscale import faults
 from lmscale.errors import ConfigError, LmscaleError
 
 log = logging.getLogger(__name__)
@@ -98,42 +101,115 @@ def save_checkpoint(
 
     `rank_data_position` is this rank's own data position when ranks differ (streamed shards); DeepSpeed
     keeps only rank 0's client state, so it goes into `data_rank<R>.json`. `adapters_only` (LoRA) leaves
-    the frozen base weights out: they are rebuilt from model.path.
+    the frozen base weights out: they are rebuilt from model.path. A write that fails on any rank (a full
+    disk) removes the partial checkpoint on every rank and raises, naming the newest intact one.
     """
     directory = output_dir / "checkpoints"
     tag = checkpoint_tag(step)
-    partial_tag = f"{tag}.partial"
+    partial = directory / f"{tag}.partial"
     rank = dist.get_rank()
     # universal_checkpoint_info lets `deepspeed.checkpoint.ds_to_universal` convert this checkpoint
     # for a different number of ranks later; without it the conversion refuses.
     state = {**client_state, "step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-    engine.save_checkpoint(
-        str(directory),
-        tag=partial_tag,
-        client_state=state,
-        save_latest=False,
-        exclude_frozen_parameters=adapters_only,
-    )
-    torch.save(rng_state(), directory / partial_tag / f"rng_rank{rank}.pt")
-    if rank_data_position is not None:
-        (directory / partial_tag / f"data_rank{rank}.json").write_text(
-            json.dumps(rank_data_position), encoding="utf-8"
+    failure = None
+    try:
+        engine.save_checkpoint(
+            str(directory),
+            tag=partial.name,
+            client_state=state,
+            save_latest=False,
+            exclude_frozen_parameters=adapters_only,
         )
-    dist.barrier()
+        torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+        if rank_data_position is not None:
+            (partial / f"data_rank{rank}.json").write_text(json.dumps(rank_data_position), encoding="utf-8")
+        faults.while_saving(step, rank)
+    except OSError as exc:
+        failure = exc
+    if any_rank_failed(failure is not None):  # also the barrier: every rank has written its files
+        abandon_partial(partial, rank, step, directory, failure)
+    checksums = file_checksums(partial, rank, dist.get_world_size())
     if rank == 0:
         final = directory / tag
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
-        _fsync_tree(directory / partial_tag)
-        os.replace(directory / partial_tag, final)
-        # The manifest of sizes lets a resume notice a file damaged after the fact (a truncated shard).
-        files = {str(p.relative_to(final)): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
+        _fsync_tree(partial)
+        os.replace(partial, final)
+        # The manifest lets a resume notice a file damaged after the fact (truncated, or bits changed).
+        files = {
+            name: {"bytes": (final / name).stat().st_size, "blake2b": digest} for name, digest in checksums
+        }
         meta = {"step": step, "world_size": dist.get_world_size(), "files": files}
         _write_atomically(final / COMPLETE, json.dumps(meta) + "\n")
         _write_atomically(directory / "latest", tag)  # the pointer moves last
         prune_checkpoints(directory, keep_last)
     dist.barrier()
     return directory / tag
+
+
+def any_rank_failed(failed: bool) -> bool:
+    """Agree over all ranks whether any failed (a collective: every rank must call it)."""
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group())
+    return bool(flag.item())
+
+
+_CPU_GROUP: Any = None
+
+
+def cpu_group() -> Any:
+    """A gloo group for small host-side agreements (None when the default group is gloo already)."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None and dist.get_backend() != "gloo":
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def abandon_partial(partial: Path, rank: int, step: int, directory: Path, failure: OSError | None) -> None:
+    """A failed save: remove what was written (rank 0, once all have stopped writing) and say what is intact."""
+    dist.barrier(group=cpu_group())
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier(group=cpu_group())
+    intact = complete_checkpoints(directory)
+    kept = (
+        f"the checkpoint of step {checkpoint_step(intact[-1])} is intact"
+        if intact
+        else "no checkpoint is kept"
+    )
+    if failure is not None and failure.errno == errno.ENOSPC:
+        reason = f"no space left on {directory}"
+    elif failure is not None:
+        reason = f"{failure.strerror or failure} writing to {directory}"
+    else:
+        reason = f"another rank could not write to {directory}"
+    raise LmscaleError(
+        f"{reason} while saving step {step}; {kept}: free space (or fix the filesystem) and run the same "
+        "command again to resume from it"
+    )
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(TAG_PATTERN.match(checkpoint.name).group(1))
+
+
+def file_digest(path: Path) -> str:
+    """A 128-bit BLAKE2b of the file (fast, and any corruption changes it)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_checksums(directory: Path, rank: int, world_size: int) -> list[tuple[str, str]]:
+    """(name, checksum) of every file in `directory`, each rank reading its share (all ranks call it);
+    every rank gets the whole list."""
+    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    own = [(name, file_digest(directory / name)) for name in names[rank::world_size]]
+    shares: list[Any] = [None] * world_size
+    dist.all_gather_object(shares, own, group=cpu_group())
+    return sorted(pair for share in shares for pair in share)
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
@@ -178,27 +254,57 @@ def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
         ) from None
 
 
-def verify_checkpoint(checkpoint: Path) -> Path:
-    """Every file the checkpoint was written with is there at its written size (cheap: no file is read)."""
-    for name, size in checkpoint_meta(checkpoint).get("files", {}).items():
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against its manifest (sizes, then checksums), or None.
+
+    Markers written before checksums were recorded hold sizes alone; those are checked by size.
+    """
+    for name, record in checkpoint_meta(checkpoint).get("files", {}).items():
+        expected = record if isinstance(record, int) else record["bytes"]
         path = checkpoint / name
         actual = path.stat().st_size if path.is_file() else None
-        if actual != size:
-            found = "is missing" if actual is None else f"has {actual} bytes of the {size} written"
-            raise LmscaleError(
-                f"checkpoint {checkpoint} is damaged: {name} {found}; delete {checkpoint} to resume from the "
-                "checkpoint before it, or set train.resume to another checkpoint"
-            )
+        if actual != expected:
+            found = "is missing" if actual is None else f"has {actual} bytes of the {expected} written"
+            return f"{name} {found}"
+        if isinstance(record, dict) and file_digest(path) != record["blake2b"]:
+            return f"{name} does not match the checksum it was written with"
+    return None
+
+
+def verify_checkpoint(checkpoint: Path) -> Path:
+    """Every file the checkpoint was written with is there, at its size and checksum; else a one-line error."""
+    damage = checkpoint_damage(checkpoint)
+    if damage:
+        raise LmscaleError(
+            f"checkpoint {checkpoint} is damaged: {damage}; delete {checkpoint} to resume from the "
+            "checkpoint before it, or set train.resume to another checkpoint"
+        )
     return checkpoint
 
 
+def newest_intact(checkpoints: list[Path]) -> Path | None:
+    """The newest checkpoint whose files match its manifest; a damaged newer one is named in a warning."""
+    for checkpoint in reversed(checkpoints):
+        damage = checkpoint_damage(checkpoint)
+        if damage is None:
+            return checkpoint
+        older = [c for c in checkpoints if c.name < checkpoint.name]
+        if not older:
+            raise LmscaleError(
+                f"checkpoint {checkpoint} is damaged ({damage}) and no older one is intact: restore it, or "
+                "pass --force to start the run over"
+            )
+        log.warning("resume: checkpoint %s is damaged (%s); trying %s", checkpoint, damage, older[-1].name)
+    return None
+
+
 def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: `auto` = newest complete one in the run dir; `none`; or a path."""
+    """The checkpoint to resume from: `auto` = newest intact one in the run dir (a damaged newer one is
+    skipped with a warning); `none`; or a path (which must be intact)."""
     if resume == "none":
         return None
     if resume == "auto":
-        checkpoints = complete_checkpoints(output_dir / "checkpoints")
-        return verify_checkpoint(checkpoints[-1]) if checkpoints else None
+        return newest_intact(complete_checkpoints(output_dir / "checkpoints"))
     path = Path(resume)
     if not path.is_dir():
         raise ConfigError(f"train.resume={resume} does not exist: give a checkpoint directory, or use auto")

@@ -199,6 +199,7 @@ def _launch(args: argparse.Namespace) -> int:
     from lmscale import launch, rundir, worker
     from lmscale.checkpoint import find_resume_checkpoint
     from lmscale.logging import configure_console
+    from lmscale.runlock import check_unlocked
 
     configure_console(is_rank_zero=True)
     config_path, overrides = split_config_and_overrides(args)
@@ -206,6 +207,7 @@ def _launch(args: argparse.Namespace) -> int:
     # Validate here, once, so a bad config fails before any rank starts.
     config, _ = worker.resolve_config(config_path, overrides, world_size=world_size)
     rundir.check_output_dir(Path(config.output_dir), args.force, config.train.resume)
+    check_unlocked(Path(config.output_dir))
     if not args.force:
         rundir.check_resume_compatible(Path(config.output_dir), config)
         find_resume_checkpoint(Path(config.output_dir), config.train.resume)
@@ -420,6 +422,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _slurm(args: argparse.Namespace) -> int:
     from lmscale import rundir, slurm
+    from lmscale.runlock import check_unlocked
 
     if args.slurm_command == "status":
         print(slurm.status(Path(args.run_dir)))
@@ -451,6 +454,7 @@ def _slurm(args: argparse.Namespace) -> int:
         print(script, end="")
         return 0
     rundir.check_output_dir(job.run_dir, False, config.train.resume)
+    check_unlocked(job.run_dir)
     rundir.check_resume_compatible(job.run_dir, config)
     job_id = slurm.submit(job, script)
     print(

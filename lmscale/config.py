@@ -316,6 +316,12 @@ class TrainConfig(Section):
     keep_last: int = Field(
         2, ge=2, description="Complete checkpoints kept (at least 2, so one survives a crash mid-save)."
     )
+    hang_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="A rank that completes no step for this long dumps its stacks and exits non-zero; "
+        "unset = 50 x the median step time, at least 900 s.",
+    )
     resume: str = Field(
         "auto",
         description="auto: continue from the newest complete checkpoint in output_dir; none; or a checkpoint path.",

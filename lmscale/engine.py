@@ -39,11 +39,14 @@ def set_single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init_distributed() -> None:
+def init_distributed(hang_timeout_s: float | None = None) -> None:
+    """The process group; its timeout is longer than the hang watchdog's, so that a hang is reported by
+    the watchdog (which says where each rank was) rather than by a collective's timeout."""
     import deepspeed
 
     backend = "nccl" if has_gpu() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
+    timeout = max(PROCESS_GROUP_TIMEOUT, timedelta(seconds=2 * (hang_timeout_s or 0)))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def release_shared_memory_names() -> None:

@@ -10,9 +10,11 @@ from pathlib import Path
 import yaml
 
 from lmscale.config import Config, config_to_yaml, flatten
+from lmscale.data.fingerprint import changed_data, data_fingerprint, read_fingerprint, write_fingerprint
 from lmscale.errors import ConfigError
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
+DATA_FINGERPRINT = "data_fingerprint.json"
 # Keys that may change between a run and its resume (paths to caches, worker counts, the length of training).
 RESUMABLE_CHANGES = {"data.cache_dir", "data.num_workers", "data.num_proc", "train.max_steps"}
 
@@ -65,6 +67,20 @@ def check_resume_compatible(output_dir: Path, config: Config) -> None:
             f"output_dir={output_dir} holds a run with other model/data settings: {'; '.join(changed)}: "
             "resume with the run's settings, choose a new output_dir, or pass --force"
         )
+    check_data_unchanged(output_dir, config)
+
+
+def check_data_unchanged(output_dir: Path, config: Config) -> None:
+    """The data files must be the ones the run started on (same path is not enough: content counts)."""
+    saved = read_fingerprint(output_dir / DATA_FINGERPRINT)
+    if saved is None:
+        return
+    difference = changed_data(saved, data_fingerprint(config.data))
+    if difference:
+        raise ConfigError(
+            f"{difference} since the run in output_dir={output_dir} started: restore it to resume that run, "
+            "or pass --force (or choose another output_dir) to start a new one on the data as it is now"
+        )
 
 
 def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: bool) -> None:
@@ -75,6 +91,8 @@ def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: b
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     (output_dir / FINISHED).unlink(missing_ok=True)  # this run is not finished until it says so
     (output_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
+    if forced or not (output_dir / DATA_FINGERPRINT).is_file():  # a resume keeps the start's fingerprint
+        write_fingerprint(output_dir / DATA_FINGERPRINT, config.data)
     (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lmscale import faults
 from lmscale.config import TrainConfig
 from lmscale.data.batches import IGNORE_INDEX, BatchStream, target_count, truncate_batch
 from lmscale.errors import LmscaleError
@@ -96,8 +98,11 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, stream: BatchStream, max_batches: int) -> Evaluation:
-    """Held-out loss (and accuracy, for classification) over all ranks; every rank runs the same batches."""
+def evaluate(
+    engine: Any, stream: BatchStream, max_batches: int, progress: Callable[[], None] = lambda: None
+) -> Evaluation:
+    """Held-out loss (and accuracy, for classification) over all ranks; every rank runs the same batches.
+    `progress` is called after each batch (the hang watchdog's heartbeat)."""
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     correct = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -109,6 +114,7 @@ def evaluate(engine: Any, stream: BatchStream, max_batches: int) -> Evaluation:
         if labels.dim() == 1:
             classifying = True
             correct += (logits.argmax(dim=-1) == labels).sum().double()  # ignored rows never match -100
+        progress()
     engine.train()
     total_loss, total_targets, total_correct = all_ranks_sum([loss_sum, targets, correct], engine.device)
     accuracy = total_correct / max(total_targets, 1) if classifying else None
@@ -208,6 +214,8 @@ class LoopHooks:
     length_cap: Callable[[int], int | None] = no_length_cap  # sequence-length warm-up
     throughput: ThroughputModel | None = None  # token counts -> TFLOP/s, MFU, HFU
     before_step: Callable[[int], None] = lambda step: None  # (0-based step) -> e.g. unfreeze layers
+    # (steps done, what comes next) -> the hang watchdog's heartbeat; also the fault tests' hook
+    progress: Callable[[int, str], None] = lambda step, phase: None
 
 
 @dataclass
@@ -274,7 +282,10 @@ def train(
     initial_eval = final_eval = math.nan
     initial_accuracy = final_accuracy = None
     if start.step == 0:
-        evaluation = evaluate(engine, eval_stream, config.eval_batches)
+        hooks.progress(0, "evaluation")
+        evaluation = evaluate(
+            engine, eval_stream, config.eval_batches, lambda: hooks.progress(0, "evaluation")
+        )
         initial_eval = final_eval = evaluation.loss
         initial_accuracy = final_accuracy = evaluation.accuracy
         sink.log(0, evaluation.metrics())
@@ -301,6 +312,8 @@ def train(
         own_grad_norm = train_step(
             engine, micro_batches, world_size, window, is_log_step, config.label_smoothing
         )
+        hooks.progress(step, "training step")
+        faults.after_step(step, dist.get_rank())
         skipped = guard.check(int(engine.skipped_steps), step)
         if skipped:
             sink.message(f"step {step}: skipped (non-finite loss or gradient)")
@@ -312,7 +325,10 @@ def train(
             )
         is_best = plateaued = False
         if step % config.eval_every == 0 or is_last:
-            evaluation = evaluate(engine, eval_stream, config.eval_batches)
+            hooks.progress(step, "evaluation")
+            evaluation = evaluate(
+                engine, eval_stream, config.eval_batches, partial(hooks.progress, step, "evaluation")
+            )
             final_eval, final_accuracy = evaluation.loss, evaluation.accuracy
             is_best, best_eval = final_eval < best_eval, min(best_eval, final_eval)
             plateaued = early.should_stop(final_eval)
@@ -323,7 +339,9 @@ def train(
         # With early stopping, every new best is saved, so the best model is a checkpoint to keep.
         keep_best = is_best and config.early_stopping.patience is not None
         if (step % config.save_every == 0 and not skipped) or is_last or stop or plateaued or keep_best:
+            hooks.progress(step, "saving a checkpoint")
             checkpoint = hooks.save(step, tokens_seen, best_eval, is_best)
+            hooks.progress(step, "training step")
             window.start_s = time.perf_counter()
         if stop or plateaued:
             stopped_by = "a stop signal" if stop else EARLY_STOP

@@ -55,6 +55,7 @@ from lmscale.rundir import (  # noqa: E402
     write_labels,
     write_run_files,
 )
+from lmscale.runlock import RunLock, check_unlocked  # noqa: E402
 from lmscale.schedules import build_scheduler  # noqa: E402
 from lmscale.signals import StopRequest  # noqa: E402
 from lmscale.train import (  # noqa: E402
@@ -66,6 +67,7 @@ from lmscale.train import (  # noqa: E402
     perplexity,
     train,
 )
+from lmscale.watchdog import HangWatchdog  # noqa: E402
 
 
 def resolve_config(config_path: str | None, overrides: list[str], world_size: int) -> tuple[Config, dict]:
@@ -253,6 +255,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     config, ds_config = resolve_config(config_path, overrides, int(os.environ["WORLD_SIZE"]))
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, force, config.train.resume)
+    check_unlocked(output_dir)
     if not force:
         check_resume_compatible(output_dir, config)
     resume = plan_resume(config, ds_config, force, int(os.environ["WORLD_SIZE"]))
@@ -265,7 +268,8 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         config.finetune.task,
         config.finetune.num_labels,
     )
-    ds_engine.init_distributed()  # every rank has its data now: nothing slow happens inside a collective
+    # Every rank has its data now: nothing slow happens inside a collective.
+    ds_engine.init_distributed(config.train.hang_timeout_s)
     world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     torch.distributed.barrier()  # every rank has checked the run dir before rank 0 writes to it
     ds_engine.release_shared_memory_names()  # every rank has mapped every buffer by now
@@ -288,12 +292,28 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     settle_training_length(config, train_stream, world_size)
     optimizer, scheduler, unfreezing = optimization(model, config)
     engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config)
-    # Written only now: a model, optimizer or DeepSpeed set-up that fails leaves no run directory behind.
-    if is_rank_zero:
-        write_run_files(config, ds_config, output_dir, force)
-        data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
-        write_labels(output_dir, data.labels)
-    start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
+    lock = RunLock(output_dir)
+    watchdog = HangWatchdog(output_dir, rank, config.train.hang_timeout_s, on_tick=lock.touch)
+    try:
+        # Written only now: a model, optimizer or DeepSpeed set-up that fails leaves no run directory behind.
+        if is_rank_zero:
+            lock.acquire()
+            write_run_files(config, ds_config, output_dir, force)
+            data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
+            write_labels(output_dir, data.labels)
+        watchdog.start()
+        start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
+        train_and_finish(config, engine, (train_stream, eval_stream), unfreezing, model, start, watchdog)
+    finally:
+        watchdog.stop()
+        lock.release()
+    ds_engine.shutdown_distributed()
+
+
+def train_and_finish(config, engine, streams, unfreezing, model, start: LoopStart, watchdog) -> None:
+    """The training loop with its hooks, the replica check, and the closing summary."""
+    train_stream, eval_stream = streams
+    output_dir, is_rank_zero = Path(config.output_dir), ds_engine.rank() == 0
     stop = StopRequest()
     stop.install()
     hooks = LoopHooks(
@@ -307,6 +327,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         ),
         throughput=throughput_model(config, model),
         before_step=unfreezing.apply,
+        progress=watchdog.beat,
     )
     sink = MetricsSink(
         config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step
@@ -314,11 +335,14 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     result = train(engine, train_stream, eval_stream, config.train, sink, hooks, start)
     digest = check_replicas_agree(engine, config.zero.stage)
     if digest:
-        log.info("parameters identical on all %d ranks (sha256 %s)", world_size, digest[:16])
+        log.info(
+            "parameters identical on all %d ranks (sha256 %s)",
+            torch.distributed.get_world_size(),
+            digest[:16],
+        )
     if result.stopped_by and result.stopped_by != EARLY_STOP:
         result.stopped_by = stop.signal_name
     finish(result, sink, is_rank_zero, start, config)
-    ds_engine.shutdown_distributed()
 
 
 def finish(

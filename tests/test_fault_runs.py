@@ -1,0 +1,126 @@
+"""Faults made to really happen in real jobs (LMSCALE_FAULT, lmscale.faults): a dead rank, a hung rank,
+a full disk and a SIGKILL while a checkpoint is written, a corrupt newest checkpoint. Each ends with one
+line and a non-zero exit, leaves the last complete checkpoint intact, and the same command resumes."""
+
+import json
+import time
+
+import pytest
+from conftest import run_lmscale
+
+pytestmark = pytest.mark.slow
+
+ARGS = [
+    "model.preset=tiny-gpt2",
+    "data.max_seq_len=64",
+    "data.vocab_size=1024",
+    "data.max_tokens_per_batch=1024",
+    "train.max_steps=8",
+    "train.warmup_steps=1",
+    "train.eval_every=100",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    "train.save_every=2",
+    "data.num_workers=0",
+    "wandb.mode=disabled",
+    "precision=bf16",
+]
+
+
+def losses(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def latest(out):
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if "lmscale: error:" in line]
+
+
+def test_a_dead_or_hung_rank_ends_the_job_and_the_restart_resumes_exactly(tmp_path, cache_dir):
+    def launch(out, *extra, fault=None):
+        env = {"LMSCALE_FAULT": fault} if fault else {}
+        command = [
+            "launch",
+            "--gpus-per-node",
+            "2",
+            f"output_dir={out}",
+            f"data.cache_dir={cache_dir}",
+            *ARGS,
+        ]
+        started = time.monotonic()
+        return run_lmscale(*command, *extra, env=env, timeout=600), time.monotonic() - started
+
+    reference, reference_s = launch(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = losses(tmp_path / "reference")
+
+    # A rank exits abruptly after step 5: the launcher ends the other rank and exits non-zero.
+    dead = tmp_path / "dead"
+    result, _ = launch(dead, fault="exit@step=5,rank=1")
+    assert result.returncode != 0 and (dead / "checkpoints" / "latest").is_file(), result.stderr[-3000:]
+    assert latest(dead) == "step_00000004" and max(losses(dead)) <= 6
+    resumed, _ = launch(dead)  # the job's lock died with it: no holder blocks the restart
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing from" in resumed.stderr and "step_00000004" in resumed.stderr
+    assert {s: losses(dead)[s] for s in range(5, 9)} == {s: expected[s] for s in range(5, 9)}
+
+    # A rank hangs after step 5: the watchdogs end the job within the timeout, with stacks and one line.
+    hung = tmp_path / "hung"
+    result, hung_s = launch(hung, "train.hang_timeout_s=10", fault="hang@step=5,rank=1")
+    assert result.returncode != 0
+    assert hung_s < reference_s + 10 + 45, (hung_s, reference_s)
+    reports = [line for line in error_lines(result) if "made no progress for" in line]
+    assert reports and "after step 5" in reports[0] and "hang_rank" in reports[0], result.stderr[-3000:]
+    dumps = list(hung.glob("hang_rank*.txt"))
+    assert dumps and any("most recent call first" in d.read_text() for d in dumps)
+    assert latest(hung) == "step_00000004"
+    resumed, _ = launch(hung, "train.hang_timeout_s=10")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {s: losses(hung)[s] for s in range(5, 9)} == {s: expected[s] for s in range(5, 9)}
+
+
+def test_full_disk_kill_mid_save_and_a_corrupt_checkpoint_lose_nothing(tmp_path, cache_dir):
+    out = tmp_path / "run"
+
+    def train(*extra, fault=None):
+        env = {"LMSCALE_FAULT": fault} if fault else {}
+        return run_lmscale(
+            "train", f"output_dir={out}", f"data.cache_dir={cache_dir}", *ARGS, *extra, env=env, timeout=600
+        )
+
+    # The disk fills while step 4 is saved: one line, the partial checkpoint removed, step 2 still latest.
+    result = train(fault="enospc@save,step=4")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = error_lines(result)
+    assert "no space left on" in line and "while saving step 4; the checkpoint of step 2 is intact" in line
+    assert latest(out) == "step_00000002" and not list((out / "checkpoints").glob("*.partial"))
+    result = train()  # space freed: the same command resumes from step 2
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step_00000002 (step 2)" in result.stderr and latest(out) == "step_00000008"
+
+    # SIGKILL inside the write of step 10: the next start uses step 8 and never reads the half-written one.
+    result = train("train.max_steps=10", fault="kill@save,step=10")
+    assert result.returncode == -9 and (out / "checkpoints" / "step_00000010.partial").is_dir()
+    assert latest(out) == "step_00000008"
+    result = train("train.max_steps=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping incomplete" in result.stderr and "step_00000008 (step 8)" in result.stderr
+    assert not list((out / "checkpoints").glob("*.partial"))
+
+    # A shard of the newest checkpoint is corrupted (same size): resume falls back to the one before, with
+    # a warning naming both; asked for by name, it is one line.
+    newest = out / "checkpoints" / "step_00000010"
+    shard = newest / "mp_rank_00_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    explicit = train("train.max_steps=12", f"train.resume={newest}")
+    assert explicit.returncode == 1 and "does not match the checksum" in error_lines(explicit)[0]
+    result = train("train.max_steps=12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step_00000010 is damaged" in result.stderr and "trying step_00000008" in result.stderr
+    assert "step_00000008 (step 8)" in result.stderr and latest(out) == "step_00000012"
