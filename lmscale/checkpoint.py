@@ -31,10 +31,10 @@ from filelock import FileLock
 
 from lmscale import faults
 from lmscale.errors import ConfigError, LmscaleError
+from lmscale.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"  # DeepSpeed's rank-count-independent form of a checkpoint, made on demand
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
@@ -104,7 +104,8 @@ def save_checkpoint(
     the frozen base weights out: they are rebuilt from model.path. A write that fails on any rank (a full
     disk) removes the partial checkpoint on every rank and raises, naming the newest intact one.
     """
-    directory = output_dir / "checkpoints"
+    run = RunDir(output_dir)
+    directory = run.checkpoints
     tag = checkpoint_tag(step)
     partial = directory / f"{tag}.partial"
     rank = dist.get_rank()
@@ -140,8 +141,8 @@ def save_checkpoint(
             name: {"bytes": (final / name).stat().st_size, "blake2b": digest} for name, digest in checksums
         }
         meta = {"step": step, "world_size": dist.get_world_size(), "files": files}
-        _write_atomically(final / COMPLETE, json.dumps(meta) + "\n")
-        _write_atomically(directory / "latest", tag)  # the pointer moves last
+        _write_atomically(RunDir.complete_marker(final), json.dumps(meta) + "\n")
+        _write_atomically(run.latest, tag)  # the pointer moves last
         prune_checkpoints(directory, keep_last)
     dist.barrier()
     return directory / tag
@@ -218,7 +219,7 @@ def complete_checkpoints(directory: Path) -> list[Path]:
         return []
     found = []
     for path in sorted(directory.iterdir()):
-        if path.is_dir() and TAG_PATTERN.match(path.name) and (path / COMPLETE).is_file():
+        if path.is_dir() and TAG_PATTERN.match(path.name) and RunDir.complete_marker(path).is_file():
             found.append(path)
         elif path.is_dir() and (path.name.endswith(".partial") or TAG_PATTERN.match(path.name)):
             log.warning("checkpoint: skipping incomplete %s (the run stopped while writing it)", path)
@@ -228,9 +229,7 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 def prune_checkpoints(directory: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints and the best one (by eval loss), if marked."""
     checkpoints = complete_checkpoints(directory)
-    best = (
-        (directory / "best").read_text(encoding="utf-8").strip() if (directory / "best").is_file() else None
-    )
+    best = RunDir(directory.parent).best_tag()
     for path in checkpoints[:-keep_last]:
         if path.name != best:
             shutil.rmtree(path, ignore_errors=True)
@@ -240,16 +239,16 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
 
 def mark_best(output_dir: Path, step: int) -> None:
     """Record the checkpoint of `step` as the best so far by eval loss (rank 0)."""
-    _write_atomically(output_dir / "checkpoints" / "best", checkpoint_tag(step))
+    _write_atomically(RunDir(output_dir).best, checkpoint_tag(step))
 
 
 def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
     """The COMPLETE marker's record: step, world size, and the size of every file written."""
     try:
-        return json.loads((checkpoint / COMPLETE).read_text(encoding="utf-8"))
+        return json.loads(RunDir.complete_marker(checkpoint).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise LmscaleError(
-            f"checkpoint {checkpoint} has an unreadable {COMPLETE} marker: delete {checkpoint} to resume from "
+            f"checkpoint {checkpoint} has an unreadable {RunDir.complete_marker(checkpoint).name} marker: delete {checkpoint} to resume from "
             "the checkpoint before it"
         ) from None
 
@@ -304,13 +303,14 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        return newest_intact(complete_checkpoints(output_dir / "checkpoints"))
+        return newest_intact(complete_checkpoints(RunDir(output_dir).checkpoints))
     path = Path(resume)
     if not path.is_dir():
         raise ConfigError(f"train.resume={resume} does not exist: give a checkpoint directory, or use auto")
-    if not (path / COMPLETE).is_file():
+    if not RunDir.complete_marker(path).is_file():
         raise ConfigError(
-            f"train.resume={resume} is not a complete lmscale checkpoint (no {COMPLETE} marker): pick another"
+            f"train.resume={resume} is not a complete lmscale checkpoint (no {RunDir.complete_marker(path).name} "
+            "marker): pick another"
         )
     return verify_checkpoint(path)
 

@@ -15,8 +15,6 @@ from lmscale.errors import LmscaleError
 from lmscale.logging import configure_console
 from lmscale.resources import find_file
 
-select_accelerator()  # before anything imports deepspeed, here or in launched ranks
-
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
@@ -494,6 +492,7 @@ def is_override(token: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    select_accelerator()  # before anything imports deepspeed, here or in the ranks a launch starts
     args = parse_args(argv)
     handlers = {
         "train": _train,

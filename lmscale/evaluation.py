@@ -20,19 +20,20 @@ from lmscale.data import prepare_held_out
 from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
 from lmscale.errors import LmscaleError
 from lmscale.inference import Sampling, generate_text, load_for_inference
+from lmscale.loss import summed_loss, summed_token_loss
 from lmscale.rundir import read_labels
-from lmscale.train import summed_loss, summed_token_loss
 
 
 def evaluation_config(target: Path, data: str | None) -> Config:
     """The data settings of the run that produced `target` (defaults when unknown), with `--data`."""
     from lmscale.export import RUN_CONFIG
+    from lmscale.rundir import RunDir
 
-    for name in (RUN_CONFIG, "config.yaml"):
-        if (target / name).is_file():
+    for path in (target / RUN_CONFIG, RunDir(target).config):  # an export's copy, or a run's own
+        if path.is_file():
             import yaml
 
-            config = build_config(yaml.safe_load((target / name).read_text(encoding="utf-8")))
+            config = build_config(yaml.safe_load(path.read_text(encoding="utf-8")))
             break
     else:
         config = Config()

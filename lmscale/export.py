@@ -26,7 +26,7 @@ from lmscale.config import Config, build_config
 from lmscale.data.tokenizer import local_tokenizer
 from lmscale.errors import LmscaleError
 from lmscale.model import build_model, context_length
-from lmscale.rundir import read_labels
+from lmscale.rundir import RunDir, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ RUN_CONFIG = "lmscale.yaml"  # the run's config, kept beside an exported model f
 
 
 def run_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise LmscaleError(f"{run_dir} has no config.yaml: pass the output_dir of an lmscale run")
     return build_config(yaml.safe_load(path.read_text(encoding="utf-8")))
@@ -42,14 +42,14 @@ def run_config(run_dir: Path) -> Config:
 
 def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
     """The named checkpoint (a tag, `best`, or a path), else the newest complete one."""
-    directory = run_dir / "checkpoints"
+    directory = RunDir(run_dir).checkpoints
     if checkpoint == "best":
-        if not (directory / "best").is_file():
+        checkpoint = RunDir(run_dir).best_tag()
+        if checkpoint is None:
             raise LmscaleError(f"{run_dir} has no best checkpoint marked: export the latest one instead")
-        checkpoint = (directory / "best").read_text(encoding="utf-8").strip()
     if checkpoint:
         path = Path(checkpoint) if Path(checkpoint).is_dir() else directory / checkpoint
-        if not (path / "COMPLETE").is_file():
+        if not RunDir.complete_marker(path).is_file():
             raise LmscaleError(
                 f"checkpoint {checkpoint} is not a complete checkpoint of {run_dir}: pick another"
             )
@@ -73,7 +73,7 @@ def consolidated_weights(checkpoint: Path, zero_stage: int) -> dict[str, torch.T
 
 def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):
     """The run's model with the checkpoint's weights, and the run's tokenizer."""
-    tokenizer = local_tokenizer(str(run_dir / "tokenizer"), "the run's tokenizer")
+    tokenizer = local_tokenizer(str(RunDir(run_dir).tokenizer), "the run's tokenizer")
     options = config.model.model_copy(update={"activation_checkpointing": False})
     labels = read_labels(run_dir)
     model = build_model(options, tokenizer, config.data.max_seq_len, config.seed, config.finetune, labels)
@@ -137,7 +137,7 @@ def export(
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(str(partial))
     tokenizer.save_pretrained(str(partial))
-    (partial / RUN_CONFIG).write_text((run_dir / "config.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    (partial / RUN_CONFIG).write_text(RunDir(run_dir).config.read_text(encoding="utf-8"), encoding="utf-8")
     make_readable(partial)
     if out.exists():
         shutil.rmtree(out)

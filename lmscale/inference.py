@@ -18,6 +18,7 @@ from transformers import (
 from lmscale.data.tokenizer import local_tokenizer
 from lmscale.errors import LmscaleError
 from lmscale.model import context_length
+from lmscale.rundir import RunDir
 
 
 def load_for_inference(target: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -36,7 +37,7 @@ def load_for_inference(target: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
         classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
         loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
         return loader.from_pretrained(str(target), dtype=torch.float32).eval(), tokenizer
-    if (target / "config.yaml").is_file():
+    if RunDir(target).config.is_file():
         from lmscale.export import load_trained_model, pick_checkpoint, run_config
 
         return load_trained_model(target, pick_checkpoint(target, None), run_config(target))

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lmscale.config import Config
+from lmscale.rundir import RunDir
 
 log = logging.getLogger("lmscale")
 
@@ -43,7 +44,7 @@ class MetricsSink:
         self, config: Config, output_dir: Path, total_steps: int, enabled: bool, initial_step: int = 0
     ) -> None:
         self.enabled = enabled
-        self.path = output_dir / "metrics.jsonl"
+        self.path = RunDir(output_dir).metrics
         self.wandb_run = None
         self.tensorboard = None
         self.bar = None
@@ -56,7 +57,7 @@ class MetricsSink:
         if config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(RunDir(output_dir).tensorboard))
         self.progress = ProgressLines(total_steps, initial_step)
         if sys.stderr.isatty():  # off a terminal (SLURM's %j.out, CI, | tee) a redrawn bar is noise
             self.bar = tqdm(
@@ -221,7 +222,7 @@ def wandb_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 def wandb_run_id(output_dir: Path) -> str:
     """The run's W&B id, kept in the run dir so a resumed run continues the same W&B run."""
-    path = output_dir / "wandb_run_id"
+    path = RunDir(output_dir).wandb_run_id
     if path.is_file():
         return path.read_text(encoding="utf-8").strip()
     run_id = secrets.token_hex(8)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lmscale.errors import LmscaleError
+from lmscale.rundir import RunDir
 
 # The dashboard's panels, in reading order: (title, y label, metric keys, y axis starts at zero).
 # Rates and sizes start at zero so a small wobble does not look like a collapse.
@@ -20,11 +21,10 @@ PANELS: list[tuple[str, str, tuple[str, ...], bool]] = [
     ("Step time", "s per optimizer step", ("step_time_s", "data_wait_s"), True),
     ("Padding", "padding / all tokens", ("padding_frac",), True),
 ]
-REPORT = "report.png"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise LmscaleError(f"{run_dir} has no metrics.jsonl: pass the output_dir of an lmscale run")
     records = []
@@ -128,7 +128,7 @@ def write_dashboard(records: list[dict[str, Any]], out_dir: Path, title: str) ->
     figure.suptitle(title)
     figure.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / REPORT
+    path = RunDir(out_dir).report
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path

@@ -1,26 +1,118 @@
-"""The run directory: never overwritten by accident, checked before a resume, written by rank 0."""
+"""The run directory: every name in it (RunDir), and the rules around it: never overwritten by
+accident, checked before a resume, written by rank 0.
+
+No other module spells a run directory's file names: they ask a RunDir.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from lmscale.config import Config, config_to_yaml, flatten
-from lmscale.data.fingerprint import changed_data, data_fingerprint, read_fingerprint, write_fingerprint
 from lmscale.errors import ConfigError
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
-DATA_FINGERPRINT = "data_fingerprint.json"
+if TYPE_CHECKING:
+    from lmscale.config import Config
+
 # Keys that may change between a run and its resume (paths to caches, worker counts, the length of training).
 RESUMABLE_CHANGES = {"data.cache_dir", "data.num_workers", "data.num_proc", "train.max_steps"}
 
 
+@dataclass(frozen=True)
+class RunDir:
+    """The files and folders of one run, by what they are."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:  # the resolved lmscale config
+        return self.root / "config.yaml"
+
+    @property
+    def ds_config(self) -> Path:  # the DeepSpeed config the engine was built with
+        return self.root / "ds_config.json"
+
+    @property
+    def metrics(self) -> Path:  # one JSON object per logged step
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def labels(self) -> Path:  # classification: class names in id order, for export and eval
+        return self.root / "labels.json"
+
+    @property
+    def finished(
+        self,
+    ) -> Path:  # written when a run ends other than by a stop signal (SLURM requeues otherwise)
+        return self.root / "finished"
+
+    @property
+    def wandb_run_id(self) -> Path:  # so that a resumed run continues the same W&B run
+        return self.root / "wandb_run_id"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def slurm(self) -> Path:  # the rendered sbatch script, the job id, the job's logs
+        return self.root / "slurm"
+
+    @property
+    def lock(self) -> Path:  # the job training here (lmscale.runlock)
+        return self.root / "lmscale.lock"
+
+    @property
+    def data_fingerprint(self) -> Path:  # the data files as they were at the run's start
+        return self.root / "data_fingerprint.json"
+
+    @property
+    def report(self) -> Path:  # the dashboard `lmscale report` draws
+        return self.root / "report.png"
+
+    def hang_dump(self, rank: int) -> Path:  # every thread's stack of a rank the watchdog ended
+        return self.root / f"hang_rank{rank}.txt"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def latest(self) -> Path:  # the newest complete checkpoint's tag; moved last
+        return self.checkpoints / "latest"
+
+    @property
+    def best(self) -> Path:  # the tag of the checkpoint with the lowest held-out loss
+        return self.checkpoints / "best"
+
+    def best_tag(self) -> str | None:
+        return self.best.read_text(encoding="utf-8").strip() if self.best.is_file() else None
+
+    @staticmethod
+    def complete_marker(checkpoint: Path) -> Path:
+        """A checkpoint counts only with this manifest (step, ranks, every file's size and checksum)."""
+        return checkpoint / "COMPLETE"
+
+    def markers(self) -> list[Path]:
+        """What makes a directory hold a run."""
+        return [self.config, self.metrics, self.checkpoints]
+
+
 def holds_run(output_dir: Path) -> list[str]:
-    return [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    return [path.name for path in RunDir(output_dir).markers() if path.exists()]
 
 
 def check_output_dir(output_dir: Path, force: bool, resume: str) -> None:
@@ -42,7 +134,9 @@ def check_output_dir(output_dir: Path, force: bool, resume: str) -> None:
 
 def check_resume_compatible(output_dir: Path, config: Config) -> None:
     """Resuming with another model or data would silently train something else: refuse, naming the keys."""
-    path = output_dir / "config.yaml"
+    from lmscale.config import flatten
+
+    path = RunDir(output_dir).config
     if not path.is_file():
         return
     try:
@@ -72,7 +166,9 @@ def check_resume_compatible(output_dir: Path, config: Config) -> None:
 
 def check_data_unchanged(output_dir: Path, config: Config) -> None:
     """The data files must be the ones the run started on (same path is not enough: content counts)."""
-    saved = read_fingerprint(output_dir / DATA_FINGERPRINT)
+    from lmscale.data.fingerprint import changed_data, data_fingerprint, read_fingerprint
+
+    saved = read_fingerprint(RunDir(output_dir).data_fingerprint)
     if saved is None:
         return
     difference = changed_data(saved, data_fingerprint(config.data))
@@ -84,41 +180,41 @@ def check_data_unchanged(output_dir: Path, config: Config) -> None:
 
 
 def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: bool) -> None:
+    from lmscale.config import config_to_yaml
+    from lmscale.data.fingerprint import write_fingerprint
+
+    run = RunDir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if forced:  # --force replaces the old run whole, so no stale checkpoint or metric survives
-        for name in ("metrics.jsonl", "wandb_run_id"):
-            (output_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-    (output_dir / FINISHED).unlink(missing_ok=True)  # this run is not finished until it says so
-    (output_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
-    if forced or not (output_dir / DATA_FINGERPRINT).is_file():  # a resume keeps the start's fingerprint
-        write_fingerprint(output_dir / DATA_FINGERPRINT, config.data)
-    (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
-
-
-LABELS = "labels.json"  # classification runs: class names in id order, for export and eval
+        for path in (run.metrics, run.wandb_run_id):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
+    run.finished.unlink(missing_ok=True)  # this run is not finished until it says so
+    run.config.write_text(config_to_yaml(config), encoding="utf-8")
+    if forced or not run.data_fingerprint.is_file():  # a resume keeps the start's fingerprint
+        write_fingerprint(run.data_fingerprint, config.data)
+    run.ds_config.write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
 
 
 def write_labels(output_dir: Path, labels: list[str] | None) -> None:
     if labels is not None:
-        (output_dir / LABELS).write_text(json.dumps(labels) + "\n", encoding="utf-8")
+        RunDir(output_dir).labels.write_text(json.dumps(labels) + "\n", encoding="utf-8")
 
 
 def read_labels(output_dir: Path) -> list[str] | None:
-    path = output_dir / LABELS
+    path = RunDir(output_dir).labels
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-FINISHED = "finished"  # written when a run ends other than by a stop signal (SLURM requeues otherwise)
-
-
 def mark_finished(output_dir: Path, step: int, reason: str) -> None:
-    (output_dir / FINISHED).write_text(json.dumps({"step": step, "reason": reason}) + "\n", encoding="utf-8")
+    RunDir(output_dir).finished.write_text(
+        json.dumps({"step": step, "reason": reason}) + "\n", encoding="utf-8"
+    )
 
 
 def truncate_metrics(output_dir: Path, last_step: int) -> None:
     """Drop records logged after the checkpoint being resumed, so steps never go backwards in metrics.jsonl."""
-    path = output_dir / "metrics.jsonl"
+    path = RunDir(output_dir).metrics
     if not path.is_file():
         return
     kept = []
@@ -128,6 +224,6 @@ def truncate_metrics(output_dir: Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             continue  # a line cut by the crash
-    temporary = path.with_name("metrics.jsonl.tmp")
+    temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(temporary, path)

@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lmscale.errors import ConfigError
+from lmscale.rundir import RunDir
 
-LOCK = "lmscale.lock"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 5 * HEARTBEAT_S  # another host's lock not touched for this long is left over from a dead job
 
@@ -69,7 +69,7 @@ def is_stale(path: Path, holder: Holder | None) -> bool:
 
 def check_unlocked(output_dir: Path) -> None:
     """Refuse an output_dir that a live job holds (reads only: safe on every rank, before any write)."""
-    path = output_dir / LOCK
+    path = RunDir(output_dir).lock
     if not path.exists():
         return
     holder = read_holder(path)
@@ -86,7 +86,7 @@ class RunLock:
     """The held lock of this job's output_dir (rank 0): acquire before writing, touch, release at the end."""
 
     def __init__(self, output_dir: Path) -> None:
-        self.path = output_dir / LOCK
+        self.path = RunDir(output_dir).lock
         self.held = False
 
     def acquire(self) -> None:
@@ -108,7 +108,7 @@ class RunLock:
             return
         check_unlocked(self.path.parent)
         raise ConfigError(
-            f"output_dir={self.path.parent}: could not take {LOCK}; another job is starting there"
+            f"output_dir={self.path.parent}: could not take {self.path.name}; another job is starting there"
         )
 
     def touch(self) -> None:

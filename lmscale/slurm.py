@@ -19,6 +19,7 @@ from string import Template
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.launch import LAUNCHER_SCRIPT
 from lmscale.resources import resource
+from lmscale.rundir import RunDir
 
 TEMPLATE = resource("slurm/lmscale.sbatch.template")
 JOB_ID_FILE = "job_id"  # in <run_dir>/slurm/
@@ -103,7 +104,7 @@ def _tool(name: str) -> str:
 def submit(job: SlurmJob, script: str) -> str:
     """Write the script into the run dir, `sbatch` it, and return the job id."""
     sbatch = _tool("sbatch")
-    slurm_dir = job.run_dir / "slurm"
+    slurm_dir = RunDir(job.run_dir).slurm
     slurm_dir.mkdir(parents=True, exist_ok=True)  # sbatch writes the job's log here
     path = slurm_dir / "lmscale.sbatch"
     path.write_text(script, encoding="utf-8")
@@ -117,7 +118,7 @@ def submit(job: SlurmJob, script: str) -> str:
 
 
 def job_id_of(run_dir: Path) -> str:
-    path = run_dir / "slurm" / JOB_ID_FILE
+    path = RunDir(run_dir).slurm / JOB_ID_FILE
     if not path.is_file():
         raise LmscaleError(
             f"{run_dir} has no SLURM job (no slurm/{JOB_ID_FILE}): submit one with lmscale slurm submit"
@@ -136,7 +137,7 @@ def status(run_dir: Path) -> str:
     )
     if result.returncode == 0 and result.stdout.strip():
         return f"job {result.stdout.strip()}; log {run_dir / 'slurm' / (job_id + '.out')}"
-    finished = run_dir / "finished"
+    finished = RunDir(run_dir).finished
     outcome = f"finished: {finished.read_text().strip()}" if finished.is_file() else "did not finish"
     return f"job {job_id} is no longer queued; the run {outcome}; log {run_dir / 'slurm' / (job_id + '.out')}"
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lmscale.config import Config, config_to_yaml, flatten, load_config
 from lmscale.errors import ConfigError
+from lmscale.rundir import RunDir
 
 
 class Parameter(BaseModel):
@@ -124,7 +125,7 @@ def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
 
 
 def metric_values(run_dir: Path, metric: str) -> list[tuple[int, float]]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     values = []

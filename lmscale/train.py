@@ -13,16 +13,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lmscale import faults
 from lmscale.config import TrainConfig
-from lmscale.data.batches import IGNORE_INDEX, BatchStream, target_count, truncate_batch
+from lmscale.data.batches import BatchStream, target_count, truncate_batch
 from lmscale.errors import LmscaleError
 from lmscale.logging import MetricsSink
+from lmscale.loss import forward, forward_summed_loss, perplexity, summed_loss
 from lmscale.metrics import ThroughputModel
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
 EARLY_STOP = "early stopping"
 
 
@@ -37,40 +36,6 @@ class TrainResult:
     final_eval_accuracy: float | None
     checkpoint: Path | None
     stopped_by: str | None  # None when training reached max_steps
-
-
-def summed_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Next-token cross-entropy summed (not averaged) over the non-ignored targets, in fp32."""
-    shifted_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
-    return F.cross_entropy(
-        shifted_logits,
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-        label_smoothing=label_smoothing,
-    )
-
-
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy summed over the targets: next tokens (labels per token) or classes (one label per row)."""
-    if labels.dim() == 2:
-        return summed_token_loss(logits, labels, label_smoothing)
-    return F.cross_entropy(
-        logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
-    )
-
-
-def forward(engine: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of one batch, on the engine's device."""
-    inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-    return engine(**inputs).logits, batch["labels"].to(engine.device, non_blocking=True)
-
-
-def forward_summed_loss(engine: Any, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
-    logits, labels = forward(engine, batch)
-    return summed_loss(logits, labels, label_smoothing)
 
 
 def all_ranks_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
@@ -130,10 +95,6 @@ def gradient_norm(engine: Any) -> float | None:
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else None
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))  # capped: an untrained model's exp(loss) can overflow
 
 
 @dataclass

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lmscale.rundir import RunDir
+
 log = logging.getLogger(__name__)
 
 FLOOR_S = 900.0  # the automatic timeout is never shorter: first steps, slow evaluations, busy filesystems
@@ -62,7 +64,7 @@ class HangWatchdog:
 
     @property
     def dump_path(self) -> Path:
-        return self.run_dir / f"hang_rank{self.rank}.txt"
+        return RunDir(self.run_dir).hang_dump(self.rank)
 
     def beat(self, step: int, phase: str) -> None:
         """Progress: `phase` is what the rank does next (for the report if it never ends)."""

@@ -14,17 +14,13 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from lmscale.engine import select_accelerator
+import torch
+from pydantic import ValidationError
+from tqdm import tqdm
 
-select_accelerator()  # before anything imports deepspeed
-
-import torch  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from lmscale import engine as ds_engine  # noqa: E402
-from lmscale.budget import auto_token_budget  # noqa: E402
-from lmscale.checkpoint import (  # noqa: E402
+from lmscale import engine as ds_engine
+from lmscale.budget import auto_token_budget
+from lmscale.checkpoint import (
     ensure_universal,
     find_resume_checkpoint,
     load_checkpoint,
@@ -33,21 +29,24 @@ from lmscale.checkpoint import (  # noqa: E402
     save_checkpoint,
     written_by,
 )
-from lmscale.config import Config, TrainConfig, load_config  # noqa: E402
-from lmscale.data import PreparedData, prepare_data  # noqa: E402
-from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap  # noqa: E402
-from lmscale.data.epoch import batch_line, step_figures, steps_to_train, stop_key  # noqa: E402
-from lmscale.data.streaming import StreamingBatches, StreamSettings  # noqa: E402
-from lmscale.ds_config import resolve  # noqa: E402
-from lmscale.errors import ConfigError, LmscaleError  # noqa: E402
-from lmscale.finetune import Unfreezing, all_joined_step, is_joined  # noqa: E402
-from lmscale.kernels import describe_fused  # noqa: E402
-from lmscale.logging import MetricsSink, configure_console, log  # noqa: E402
-from lmscale.metrics import ThroughputModel, model_shape, peak_tflops  # noqa: E402
-from lmscale.model import build_model, describe_parameters  # noqa: E402
-from lmscale.optim import build_optimizer, group_depths, num_layers_of, params_by_depth  # noqa: E402
-from lmscale.preflight import preflight  # noqa: E402
-from lmscale.rundir import (  # noqa: E402
+from lmscale.config import Config, TrainConfig, load_config
+from lmscale.data import PreparedData, prepare_data
+from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap
+from lmscale.data.epoch import batch_line, step_figures, steps_to_train, stop_key
+from lmscale.data.streaming import StreamingBatches, StreamSettings
+from lmscale.ds_config import resolve
+from lmscale.engine import select_accelerator
+from lmscale.errors import ConfigError, LmscaleError
+from lmscale.finetune import Unfreezing, all_joined_step, is_joined
+from lmscale.kernels import describe_fused
+from lmscale.logging import MetricsSink, configure_console, log
+from lmscale.loss import perplexity
+from lmscale.metrics import ThroughputModel, model_shape, peak_tflops
+from lmscale.model import build_model, describe_parameters
+from lmscale.optim import build_optimizer, group_depths, num_layers_of, params_by_depth
+from lmscale.preflight import preflight
+from lmscale.rundir import (
+    RunDir,
     check_output_dir,
     check_resume_compatible,
     mark_finished,
@@ -55,19 +54,18 @@ from lmscale.rundir import (  # noqa: E402
     write_labels,
     write_run_files,
 )
-from lmscale.runlock import RunLock, check_unlocked  # noqa: E402
-from lmscale.schedules import build_scheduler  # noqa: E402
-from lmscale.signals import StopRequest  # noqa: E402
-from lmscale.train import (  # noqa: E402
+from lmscale.runlock import RunLock, check_unlocked
+from lmscale.schedules import build_scheduler
+from lmscale.signals import StopRequest
+from lmscale.train import (
     EARLY_STOP,
     LoopHooks,
     LoopStart,
     TrainResult,
     check_replicas_agree,
-    perplexity,
     train,
 )
-from lmscale.watchdog import HangWatchdog  # noqa: E402
+from lmscale.watchdog import HangWatchdog
 
 
 def resolve_config(config_path: str | None, overrides: list[str], world_size: int) -> tuple[Config, dict]:
@@ -248,6 +246,7 @@ def settle_training_length(config: Config, train_stream, world_size: int) -> Non
 
 def run(config_path: str | None, overrides: list[str], force: bool = False) -> None:
     """Train one rank of the job described by the config and the launcher's environment."""
+    select_accelerator()  # before anything imports deepspeed
     if "WORLD_SIZE" not in os.environ:
         ds_engine.set_single_process_env()
     is_rank_zero = ds_engine.rank() == 0
@@ -299,7 +298,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         if is_rank_zero:
             lock.acquire()
             write_run_files(config, ds_config, output_dir, force)
-            data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
+            data.tokenizer.save_pretrained(str(RunDir(output_dir).tokenizer))
             write_labels(output_dir, data.labels)
         watchdog.start()
         start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
@@ -365,8 +364,8 @@ def finish(
     if result.stopped_by in (None, EARLY_STOP):  # not a stop signal: that run goes on when resumed
         mark_finished(Path(config.output_dir), result.steps, result.stopped_by or "reached train.max_steps")
     if result.stopped_by == EARLY_STOP:
-        checkpoints = Path(config.output_dir) / "checkpoints"
-        best = checkpoints / (checkpoints / "best").read_text(encoding="utf-8").strip()
+        run = RunDir(Path(config.output_dir))
+        best = run.checkpoints / run.best_tag()
         print(
             f"early stopping at step {result.steps}: held-out loss did not improve for "
             f"{config.train.early_stopping.patience} evaluations; best checkpoint {best}"

@@ -204,3 +204,19 @@ def test_unknown_key_suggests_the_closest(unknown, meant):
     from lmscale.config_reference import closest_key
 
     assert closest_key(unknown) == meant
+
+
+def test_importing_lmscale_does_no_work():
+    """No module selects the accelerator or imports deepspeed when imported: commands do, where they start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; import lmscale.cli, lmscale.worker, lmscale.plan, lmscale.export; "
+        "print('deepspeed' in sys.modules, 'DS_ACCELERATOR' in os.environ)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DS_ACCELERATOR"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.stdout.split() == ["False", "False"], result.stderr[-2000:]

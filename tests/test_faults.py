@@ -11,12 +11,13 @@ import time
 import pytest
 
 from lmscale import cli
-from lmscale.checkpoint import COMPLETE, file_digest, find_resume_checkpoint
+from lmscale.checkpoint import file_digest, find_resume_checkpoint
 from lmscale.config import Config, config_to_yaml
 from lmscale.data.fingerprint import changed_data, data_fingerprint
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.faults import Fault, parse_faults
-from lmscale.runlock import LOCK, STALE_AFTER_S, RunLock, check_unlocked
+from lmscale.rundir import RunDir
+from lmscale.runlock import STALE_AFTER_S, RunLock, check_unlocked
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ def live_process():
 
 def write_lock(output_dir, host, pid, age_s=0.0):
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / LOCK
+    path = RunDir(output_dir).lock
     path.write_text(json.dumps({"host": host, "pid": pid, "since": "2026-11-29T10:00:00+00:00"}))
     os.utime(path, (time.time() - age_s, time.time() - age_s))
 
@@ -69,9 +70,9 @@ def test_a_live_holder_blocks_and_a_dead_one_does_not(tmp_path, live_process):
     live_process.wait()
     lock = RunLock(run)
     lock.acquire()  # the holder died (SIGKILL): its lock is left over, not a live job
-    assert json.loads((run / LOCK).read_text())["pid"] == os.getpid()
+    assert json.loads(RunDir(run).lock.read_text())["pid"] == os.getpid()
     lock.release()
-    assert not (run / LOCK).exists()
+    assert not RunDir(run).lock.exists()
 
 
 def test_another_hosts_lock_blocks_while_its_heartbeat_is_fresh(tmp_path):
@@ -107,7 +108,7 @@ def fake_checkpoint(run, step, payload):
             "blake2b": file_digest(path / "mp_rank_00_model_states.pt"),
         }
     }
-    (path / COMPLETE).write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
+    RunDir.complete_marker(path).write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
     return path
 
 

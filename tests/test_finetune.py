@@ -19,10 +19,10 @@ from lmscale.data.tasks import (
 )
 from lmscale.errors import ConfigError
 from lmscale.finetune import Unfreezing, apply_lora, is_joined
+from lmscale.loss import summed_loss
 from lmscale.model import count_parameters
 from lmscale.optim import build_optimizer, group_depths, params_by_depth
 from lmscale.schedules import build_scheduler
-from lmscale.train import summed_loss
 
 
 def gpt2(layers=3):

@@ -3,7 +3,8 @@
 import pytest
 
 from lmscale.errors import LmscaleError
-from lmscale.train import NonFiniteGuard, perplexity
+from lmscale.loss import perplexity
+from lmscale.train import NonFiniteGuard
 
 
 def test_non_finite_guard_counts_skips_in_a_row():

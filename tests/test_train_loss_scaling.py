@@ -13,7 +13,8 @@ from transformers import GPT2LMHeadModel
 
 from lmscale.data.batches import BatchSettings, BatchStream, collate
 from lmscale.engine import free_port, shutdown_distributed
-from lmscale.train import Window, summed_token_loss, train_step
+from lmscale.loss import summed_token_loss
+from lmscale.train import Window, train_step
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from conftest import tiny_gpt2_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lmscale.data.batches import IGNORE_INDEX, collate, collate_packed, seq_len_cap, truncate_batch
-from lmscale.train import summed_token_loss
+from lmscale.loss import summed_token_loss
 
 VOCAB = 50
 
