@@ -194,16 +194,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from lmscale import launch, rundir, worker
+    from lmscale import launch, rundir
     from lmscale.checkpoint import find_resume_checkpoint
+    from lmscale.engine import has_gpu
     from lmscale.logging import configure_console
+    from lmscale.preflight import resolve_run_config
     from lmscale.runlock import check_unlocked
 
     configure_console(is_rank_zero=True)
     config_path, overrides = split_config_and_overrides(args)
     node, world_size = _launch_topology(args)
     # Validate here, once, so a bad config fails before any rank starts.
-    config, _ = worker.resolve_config(config_path, overrides, world_size=world_size)
+    config, _ = resolve_run_config(config_path, overrides, world_size, has_gpu())
     rundir.check_output_dir(Path(config.output_dir), args.force, config.train.resume)
     check_unlocked(Path(config.output_dir))
     if not args.force:
@@ -261,6 +263,11 @@ def _schedule(args: argparse.Namespace) -> int:
 
     config_path, overrides = split_config_and_overrides(args)
     config, _ = load_config(config_path, overrides)
+    if config.train.max_steps is None:
+        raise LmscaleError(
+            "lmscale schedule needs train.max_steps: train.max_tokens and train.epochs become steps only when "
+            "a run plans its data (its 'lmscale: batch:' line says how many); pass train.max_steps=N"
+        )
     curve = lr_curve(config.train)
     marks = sorted(
         {0, config.train.warmup_steps, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1}
@@ -314,16 +321,16 @@ def _generate(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from lmscale.config import load_config
     from lmscale.plan import GIB, Hardware, largest_token_budget, model_facts, plan_rows, recommend
-    from lmscale.preflight import preflight
+    from lmscale.preflight import resolve_run_config
 
     if args.gpus_per_node is None:
         raise LmscaleError("lmscale plan needs --gpus-per-node N: the GPUs of each node to plan for")
     if args.gpus_per_node < 1 or args.nodes < 1 or args.gpu_mem <= 0 or args.cpu_mem <= 0:
         raise LmscaleError("--gpus-per-node and --nodes must be at least 1, --gpu-mem and --cpu-mem positive")
     config_path, overrides = split_config_and_overrides(args)
-    config = preflight(load_config(config_path, overrides)[0])
+    world_size = args.gpus_per_node * args.nodes
+    config = resolve_run_config(config_path, overrides, world_size, has_gpu=True)[0]  # planned for GPUs
     hardware = Hardware(args.gpus_per_node, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB)
     facts = model_facts(config)
     tokens = config.data.max_tokens_per_batch
@@ -464,12 +471,10 @@ def _slurm(args: argparse.Namespace) -> int:
 
 def _validated_for(job):
     """The config, checked for the job's rank count (batch sizes) and device (fp16 needs GPUs)."""
-    from lmscale.config import load_config
-    from lmscale.ds_config import resolve
-    from lmscale.preflight import preflight
+    from lmscale.preflight import resolve_run_config
 
-    config, explicit = load_config(job.config_path, job.overrides)
-    return preflight(resolve(config, explicit, job.nodes * job.ranks_per_node, has_gpu=not job.cpu)[0])
+    world_size = job.nodes * job.ranks_per_node
+    return resolve_run_config(job.config_path, job.overrides, world_size, has_gpu=not job.cpu)[0]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

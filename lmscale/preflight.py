@@ -121,6 +121,20 @@ def wandb_problems(config: Config) -> list[str]:
     ]
 
 
+def resolve_run_config(
+    config_path: str | None, overrides: list[str], world_size: int, has_gpu: bool
+) -> tuple[Config, dict]:
+    """The one config resolution of every command that runs or plans a job: load the recipe with its
+    overrides, validate, reconcile with the DeepSpeed JSON for `world_size` ranks on this kind of device,
+    and check what a run needs before anything is written. Returns (config, DeepSpeed config)."""
+    from lmscale.config import load_config
+    from lmscale.ds_config import resolve
+
+    config, explicit = load_config(config_path, overrides)
+    config, ds_config = resolve(config, explicit, world_size, has_gpu)
+    return preflight(config), ds_config
+
+
 def preflight(config: Config) -> Config:
     """Resolve Hub ids to local snapshots (in place) and check everything above; every problem in one error."""
     if config.model.path:

@@ -29,12 +29,11 @@ from lmscale.checkpoint import (
     save_checkpoint,
     written_by,
 )
-from lmscale.config import Config, TrainConfig, load_config
+from lmscale.config import Config, TrainConfig
 from lmscale.data import PreparedData, prepare_data
 from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap
 from lmscale.data.epoch import batch_line, step_figures, steps_to_train, stop_key
 from lmscale.data.streaming import StreamingBatches, StreamSettings
-from lmscale.ds_config import resolve
 from lmscale.engine import select_accelerator
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.finetune import Unfreezing, all_joined_step, is_joined
@@ -44,7 +43,7 @@ from lmscale.loss import perplexity
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops
 from lmscale.model import build_model, describe_parameters
 from lmscale.optim import build_optimizer, group_depths, num_layers_of, params_by_depth
-from lmscale.preflight import preflight
+from lmscale.preflight import resolve_run_config
 from lmscale.rundir import (
     RunDir,
     check_output_dir,
@@ -66,14 +65,6 @@ from lmscale.train import (
     train,
 )
 from lmscale.watchdog import HangWatchdog
-
-
-def resolve_config(config_path: str | None, overrides: list[str], world_size: int) -> tuple[Config, dict]:
-    """Load, validate and reconcile the config for `world_size` ranks, with everything else a run needs
-    checked before anything is written (lmscale.preflight); raises ConfigError on any problem."""
-    config, explicit = load_config(config_path, overrides)
-    config, ds_config = resolve(config, explicit, world_size, ds_engine.has_gpu())
-    return preflight(config), ds_config
 
 
 def throughput_model(config: Config, model: torch.nn.Module) -> ThroughputModel:
@@ -251,18 +242,19 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         ds_engine.set_single_process_env()
     is_rank_zero = ds_engine.rank() == 0
     configure_console(is_rank_zero)
-    config, ds_config = resolve_config(config_path, overrides, int(os.environ["WORLD_SIZE"]))
+    world_size = int(os.environ["WORLD_SIZE"])
+    config, ds_config = resolve_run_config(config_path, overrides, world_size, ds_engine.has_gpu())
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, force, config.train.resume)
     check_unlocked(output_dir)
     if not force:
         check_resume_compatible(output_dir, config)
-    resume = plan_resume(config, ds_config, force, int(os.environ["WORLD_SIZE"]))
+    resume = plan_resume(config, ds_config, force, world_size)
     data = prepare_data(
         config.data,
         config.model.path,
         ds_engine.rank(),
-        int(os.environ["WORLD_SIZE"]),
+        world_size,
         config.model.trust_remote_code,
         config.finetune.task,
         config.finetune.num_labels,
