@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -20,15 +20,6 @@ from tqdm import tqdm
 
 from lmscale import engine as ds_engine
 from lmscale.budget import auto_token_budget
-from lmscale.checkpoint import (
-    ensure_universal,
-    find_resume_checkpoint,
-    load_checkpoint,
-    mark_best,
-    needs_universal,
-    save_checkpoint,
-    written_by,
-)
 from lmscale.config import Config, TrainConfig
 from lmscale.data import PreparedData, prepare_data
 from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap
@@ -44,12 +35,12 @@ from lmscale.metrics import ThroughputModel, model_shape, peak_tflops
 from lmscale.model import build_model, describe_parameters
 from lmscale.optim import build_optimizer, group_depths, num_layers_of, params_by_depth
 from lmscale.preflight import resolve_run_config
+from lmscale.resume import checkpoint_saver, plan_resume, resume_point
 from lmscale.rundir import (
     RunDir,
     check_output_dir,
     check_resume_compatible,
     mark_finished,
-    truncate_metrics,
     write_labels,
     write_run_files,
 )
@@ -119,83 +110,6 @@ def batch_streams(
     return train_stream, eval_stream
 
 
-@dataclass
-class Resume:
-    checkpoint: Path | None
-    universal: bool  # re-partition ZeRO states written by another rank count
-
-
-def plan_resume(config: Config, ds_config: dict, force: bool, world_size: int) -> Resume:
-    """The checkpoint to resume from; one written by another rank count is converted first (before
-    the process group exists, so a long conversion cannot time out a collective)."""
-    checkpoint = None if force else find_resume_checkpoint(Path(config.output_dir), config.train.resume)
-    universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage)
-    if universal:
-        ensure_universal(checkpoint, world_size)
-        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    return Resume(checkpoint, universal)
-
-
-def resume_point(
-    engine, train_stream, output_dir: Path, resume: Resume, is_rank_zero: bool, config: Config
-) -> LoopStart:
-    """Load the checkpoint to resume from (if any) and return where the loop starts."""
-    checkpoint = resume.checkpoint
-    if checkpoint is None:
-        return LoopStart()
-    adapters_only = config.finetune.lora is not None
-    state = load_checkpoint(engine, checkpoint, config.seed, resume.universal, adapters_only)
-    if not state["data_position"].get("streaming"):
-        train_stream.load_state_dict(state["data_position"])
-    elif not train_stream.load_state_dict(state.get("rank_data_position", {})):
-        log.warning(
-            "resume: the streamed corpus starts over (the checkpoint was written with another rank count or "
-            "data.num_workers, so its stream positions do not apply)"
-        )
-    if is_rank_zero:
-        truncate_metrics(output_dir, state["step"])
-    log.info("resume: continuing from %s (step %d)", checkpoint, state["step"])
-    written, now = written_by(checkpoint), torch.distributed.get_world_size()
-    if written != now and not state["data_position"].get("streaming"):
-        log.warning(
-            "resume: checkpoint written by %d rank(s), continuing on %d: the epoch's unseen sequences are "
-            "re-planned for %d rank(s) (none skipped or repeated); a step now covers %d ranks' batches",
-            written,
-            now,
-            now,
-            now,
-        )
-    return LoopStart(
-        step=state["step"],
-        tokens_seen=state["tokens_seen"],
-        best_eval_loss=state.get("best_eval_loss", math.inf),
-    )
-
-
-def checkpoint_saver(
-    engine, train_stream, output_dir: Path, config: Config, is_rank_zero: bool, unfreezing: Unfreezing
-):
-    """The loop's save hook: an atomic checkpoint with the data position and the best eval loss so far."""
-
-    def save(step: int, tokens_seen: int, best_eval_loss: float, is_best: bool) -> Path:
-        state = {
-            "tokens_seen": tokens_seen,
-            "data_position": train_stream.state_dict(),
-            "best_eval_loss": best_eval_loss,
-        }
-        own = train_stream.state_dict() if config.data.streaming else None  # streamed shards differ per rank
-        adapters_only = config.finetune.lora is not None
-        with unfreezing.everything_trainable():  # a layer not yet unfrozen is still part of the checkpoint
-            path = save_checkpoint(
-                engine, output_dir, step, state, config.train.keep_last, own, adapters_only
-            )
-        if is_best and is_rank_zero:
-            mark_best(output_dir, step)
-        return path
-
-    return save
-
-
 def optimization(model: torch.nn.Module, config: Config):
     """Optimizer, LR schedule and unfreezing schedule; every parameter group exists before
     `deepspeed.initialize`, and gradual unfreezing gates each depth's group (see lmscale.finetune)."""
@@ -249,7 +163,8 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     check_unlocked(output_dir)
     if not force:
         check_resume_compatible(output_dir, config)
-    resume = plan_resume(config, ds_config, force, world_size)
+    resume = plan_resume(config, force, world_size)
+    ds_config = resume.apply_to(ds_config)
     data = prepare_data(
         config.data,
         config.model.path,

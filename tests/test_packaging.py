@@ -1,6 +1,7 @@
 """A normal install (a wheel, no source tree) carries the recipes, DeepSpeed JSONs, sbatch template and
 launcher script, and the commands that use them work from it."""
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,9 @@ SHIPPED = [
 
 
 def run(*command, cwd=None):
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    # Without PYTHONPATH: the installed wheel, not a checkout on the path, must be what runs.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result
 

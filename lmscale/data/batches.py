@@ -327,11 +327,13 @@ class BatchStream:
             "segments": self.segments,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where `state` stopped, also when it was written by a different number of ranks."""
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue where `state` stopped, also when it was written by a different number of ranks;
+        always True (a planned position always applies; streamed ones may not, see StreamingBatches)."""
         self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]
         self.segments = [list(part) for part in state.get("segments", [])]
         if state["world_size"] != self.world_size:
             # The groups done so far were planned for the old rank count: plan what they left anew.
             self.segments.append([state["world_size"], self.cursor])
             self.cursor = 0
+        return True

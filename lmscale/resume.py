@@ -1,0 +1,113 @@
+"""Resuming a run: which checkpoint (converted for another rank count when needed), loading it with the
+data position, and the loop's save hook that writes the next one."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmscale.checkpoint import (
+    ensure_universal,
+    find_resume_checkpoint,
+    load_checkpoint,
+    mark_best,
+    needs_universal,
+    save_checkpoint,
+    written_by,
+)
+from lmscale.config import Config
+from lmscale.finetune import Unfreezing
+from lmscale.rundir import truncate_metrics
+from lmscale.train import LoopStart
+
+log = logging.getLogger("lmscale")
+
+
+@dataclass
+class Resume:
+    checkpoint: Path | None
+    universal: bool  # re-partition ZeRO states written by another rank count
+    ds_config_change: dict = field(default_factory=dict)  # what the DeepSpeed config needs to load it
+
+    def apply_to(self, ds_config: dict) -> dict:
+        """The DeepSpeed config with this resume's change (a new dict)."""
+        merged = dict(ds_config)
+        for section, values in self.ds_config_change.items():
+            merged[section] = {**merged.get(section, {}), **values}
+        return merged
+
+
+def plan_resume(config: Config, force: bool, world_size: int) -> Resume:
+    """The checkpoint to resume from; one written by another rank count is converted first (before
+    the process group exists, so a long conversion cannot time out a collective)."""
+    checkpoint = None if force else find_resume_checkpoint(Path(config.output_dir), config.train.resume)
+    universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage)
+    if not universal:
+        return Resume(checkpoint, universal)
+    ensure_universal(checkpoint, world_size)
+    return Resume(checkpoint, universal, {"checkpoint": {"load_universal": True}})
+
+
+def resume_point(
+    engine, train_stream, output_dir: Path, resume: Resume, is_rank_zero: bool, config: Config
+) -> LoopStart:
+    """Load the checkpoint to resume from (if any) and return where the loop starts."""
+    checkpoint = resume.checkpoint
+    if checkpoint is None:
+        return LoopStart()
+    adapters_only = config.finetune.lora is not None
+    state = load_checkpoint(engine, checkpoint, config.seed, resume.universal, adapters_only)
+    streamed = bool(state["data_position"].get("streaming"))
+    # Planned batches share one position (rank 0's); streamed shards each saved their own.
+    position = state.get("rank_data_position", {}) if streamed else state["data_position"]
+    if not train_stream.load_state_dict(position):
+        log.warning(
+            "resume: the streamed corpus starts over (the checkpoint was written with another rank count or "
+            "data.num_workers, so its stream positions do not apply)"
+        )
+    if is_rank_zero:
+        truncate_metrics(output_dir, state["step"])
+    log.info("resume: continuing from %s (step %d)", checkpoint, state["step"])
+    written, now = written_by(checkpoint), torch.distributed.get_world_size()
+    if written != now and not streamed:
+        log.warning(
+            "resume: checkpoint written by %d rank(s), continuing on %d: the epoch's unseen sequences are "
+            "re-planned for %d rank(s) (none skipped or repeated); a step now covers %d ranks' batches",
+            written,
+            now,
+            now,
+            now,
+        )
+    return LoopStart(
+        step=state["step"],
+        tokens_seen=state["tokens_seen"],
+        best_eval_loss=state.get("best_eval_loss", math.inf),
+    )
+
+
+def checkpoint_saver(
+    engine, train_stream, output_dir: Path, config: Config, is_rank_zero: bool, unfreezing: Unfreezing
+):
+    """The loop's save hook: an atomic checkpoint with the data position and the best eval loss so far."""
+
+    def save(step: int, tokens_seen: int, best_eval_loss: float, is_best: bool) -> Path:
+        state = {
+            "tokens_seen": tokens_seen,
+            "data_position": train_stream.state_dict(),
+            "best_eval_loss": best_eval_loss,
+        }
+        own = train_stream.state_dict() if config.data.streaming else None  # streamed shards differ per rank
+        adapters_only = config.finetune.lora is not None
+        with unfreezing.everything_trainable():  # a layer not yet unfrozen is still part of the checkpoint
+            path = save_checkpoint(
+                engine, output_dir, step, state, config.train.keep_last, own, adapters_only
+            )
+        if is_best and is_rank_zero:
+            mark_best(output_dir, step)
+        return path
+
+    return save
