@@ -43,7 +43,15 @@ setup(
     ],
     extras_require={
         "tensorboard": ["tensorboard>=2.14"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.14"],
+        "eval": ["lm-eval>=0.4.8"],  # lmscale eval --harness, eval.harness_tasks
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "tensorboard>=2.14",
+            "lm-eval>=0.4.8",
+        ],
     },
     entry_points={"console_scripts": ["lmscale=lmscale.cli:main"]},
 )

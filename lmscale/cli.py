@@ -164,6 +164,14 @@ def _add_tool_commands(commands) -> None:
     evaluate.add_argument("--tasks", help="jsonl of {prompt, reference} pairs to score with BLEU and ROUGE")
     evaluate.add_argument("--batches", type=int, help="score only the first N held-out batches")
     evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    evaluate.add_argument(
+        "--harness", help="lm-evaluation-harness task(s), comma-separated (e.g. hellaswag,arc_easy)"
+    )
+    evaluate.add_argument("--include-path", help="with --harness: a directory of your own lm-eval task YAMLs")
+    evaluate.add_argument(
+        "--limit", type=int, help="with --harness: score only the first N documents per task"
+    )
+    evaluate.add_argument("--num-fewshot", type=int, help="with --harness: few-shot examples per prompt")
     generate = commands.add_parser("generate", help="sample text from an exported model (or a run)")
     generate.add_argument("target", help="an exported model directory, or a run's output_dir")
     generate.add_argument("--prompt", required=True, help="text to continue")
@@ -298,6 +306,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from lmscale.evaluation import evaluate_target
 
+    if args.harness:
+        return _eval_harness(args)
     tasks = Path(args.tasks) if args.tasks else None
     scores = evaluate_target(Path(args.target), args.data, tasks, args.batches)
     if args.json:
@@ -305,6 +315,24 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         for key, value in scores.items():
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def _eval_harness(args: argparse.Namespace) -> int:
+    import json
+
+    from lmscale.evaluation import harness_scores
+
+    tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
+    table, saved = harness_scores(Path(args.target), tasks, args.include_path, args.limit, args.num_fewshot)
+    if args.json:
+        print(json.dumps({"harness": table}))
+    else:
+        from lmscale.harness import print_table
+
+        print_table(table)
+    if saved is not None:
+        print(f"lmscale: harness results saved to {saved}", file=sys.stderr)
     return 0
 
 

@@ -435,6 +435,24 @@ class LoggingConfig(Section):
     )
 
 
+class EvalConfig(Section):
+    harness_tasks: list[str] = Field(
+        [],
+        description="lm-evaluation-harness tasks scored during training (at step 0, every harness_every, and the end).",
+    )
+    harness_every: int | None = Field(
+        None, ge=1, description="Steps between harness evaluations; unset = at step 0 and the end only."
+    )
+    harness_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Documents per harness task (unset = all): the harness's time counts against the step.",
+    )
+    harness_include_path: str | None = Field(
+        None, description="A directory of your own lm-eval task YAMLs for eval.harness_tasks."
+    )
+
+
 class Config(Section):
     output_dir: str = Field(
         "runs/tiny-cpu", description="Run directory: config.yaml, metrics.jsonl, checkpoints/."
@@ -453,6 +471,7 @@ class Config(Section):
     wandb: WandbConfig = WandbConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check_task(self) -> Config:

@@ -21,13 +21,12 @@ from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
 from lmscale.errors import LmscaleError
 from lmscale.inference import Sampling, generate_text, load_for_inference
 from lmscale.loss import summed_loss, summed_token_loss
-from lmscale.rundir import read_labels
+from lmscale.rundir import RunDir, read_labels
 
 
 def evaluation_config(target: Path, data: str | None) -> Config:
     """The data settings of the run that produced `target` (defaults when unknown), with `--data`."""
     from lmscale.export import RUN_CONFIG
-    from lmscale.rundir import RunDir
 
     for path in (target / RUN_CONFIG, RunDir(target).config):  # an export's copy, or a run's own
         if path.is_file():
@@ -148,6 +147,31 @@ def read_labels_of(target: Path) -> list[str] | None:
         id2label = json.loads(config_path.read_text(encoding="utf-8")).get("id2label") or {}
         labels = [id2label[k] for k in sorted(id2label, key=int)] or None
     return labels
+
+
+def harness_scores(
+    target: Path, tasks: list[str], include_path: str | None, limit: int | None, num_fewshot: int | None
+) -> tuple[dict[str, dict[str, float]], Path | None]:
+    """lm-evaluation-harness scores of a model directory, an adapter, or a run's newest checkpoint; a run's
+    are also saved in its run dir (eval/harness-step_N.json). Returns (scores, where they were saved)."""
+    from lmscale.harness import check_tasks, run_harness
+
+    if not target.is_dir():
+        raise LmscaleError(f"{target} does not exist: pass an exported model directory or a run's output_dir")
+    if not tasks:
+        raise LmscaleError("--harness needs at least one task name, e.g. --harness hellaswag")
+    check_tasks(tasks, include_path)
+    model, tokenizer = load_for_inference(target)
+    table = run_harness(model, tokenizer, tasks, include_path, limit, num_fewshot)
+    if not RunDir(target).config.is_file():
+        return table, None
+    from lmscale.export import pick_checkpoint
+
+    saved = RunDir(target).harness_results(pick_checkpoint(target, None).name)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    record = {"harness": table, "limit": limit, "num_fewshot": num_fewshot, "include_path": include_path}
+    saved.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return table, saved
 
 
 def evaluate_target(

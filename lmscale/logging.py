@@ -172,6 +172,8 @@ PERF_METRICS = {
 def wandb_name(key: str) -> str:
     """A metric's W&B name, grouped by section (train/, eval/, perf/, memory/); metrics.jsonl keeps
     the flat key."""
+    if "/" in key:  # already grouped (harness/TASK/METRIC)
+        return key
     if key.startswith("eval_"):
         return f"eval/{key.removeprefix('eval_')}"
     if key.startswith("memory_"):

@@ -135,6 +135,19 @@ def resolve_run_config(
     return preflight(config), ds_config
 
 
+def harness_problems(config: Config) -> list[str]:
+    """Harness tasks the config asks for must exist (lm-eval installed, names known) before training starts."""
+    if not config.eval.harness_tasks:
+        return []
+    from lmscale.harness import check_tasks
+
+    try:
+        check_tasks(config.eval.harness_tasks, config.eval.harness_include_path)
+    except ConfigError as exc:
+        return [f"eval.harness_tasks: {exc}"]
+    return []
+
+
 def preflight(config: Config) -> Config:
     """Resolve Hub ids to local snapshots (in place) and check everything above; every problem in one error."""
     if config.model.path:
@@ -142,6 +155,7 @@ def preflight(config: Config) -> Config:
     if config.data.tokenizer:
         config.data.tokenizer = resolve_hub_model(config.data.tokenizer, "data.tokenizer")
     problems = model_problems(config) + package_problems(config) + wandb_problems(config)
+    problems += harness_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
     return config

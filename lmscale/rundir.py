@@ -83,6 +83,9 @@ class RunDir:
     def report(self) -> Path:  # the dashboard `lmscale report` draws
         return self.root / "report.png"
 
+    def harness_results(self, tag: str) -> Path:  # lm-eval scores of checkpoint `tag` (step_N)
+        return self.root / "eval" / f"harness-{tag}.json"
+
     def hang_dump(self, rank: int) -> Path:  # every thread's stack of a rank the watchdog ended
         return self.root / f"hang_rank{rank}.txt"
 

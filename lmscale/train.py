@@ -177,6 +177,8 @@ class LoopHooks:
     before_step: Callable[[int], None] = lambda step: None  # (0-based step) -> e.g. unfreeze layers
     # (steps done, what comes next) -> the hang watchdog's heartbeat; also the fault tests' hook
     progress: Callable[[int, str], None] = lambda step, phase: None
+    # (step, is it the last) -> benchmark metrics to log at that step, or {} (every rank calls it)
+    harness: Callable[[int, bool], dict[str, float]] = lambda step, is_last: {}
 
 
 @dataclass
@@ -251,6 +253,7 @@ def train(
         initial_accuracy = final_accuracy = evaluation.accuracy
         sink.log(0, evaluation.metrics())
         sink.message(f"untrained {evaluation.describe()}")
+        log_harness(0, False, hooks, sink)
     # The loss stays on the device between log steps: reading it every step would force a sync.
     window = Window(loss_sum=torch.zeros((), dtype=torch.float64, device=engine.device))
     window.reset()
@@ -296,6 +299,8 @@ def train(
             sink.log(step, evaluation.metrics())
             sink.message(f"step {step}: {evaluation.describe()}")
             window.start_s = time.perf_counter()  # evaluation time is not training throughput
+        if log_harness(step, is_last, hooks, sink):
+            window.start_s = time.perf_counter()  # nor is benchmark time
         # No routine checkpoint right after a skipped step: the last one before it stays the newest.
         # With early stopping, every new best is saved, so the best model is a checkpoint to keep.
         keep_best = is_best and config.early_stopping.patience is not None
@@ -318,6 +323,16 @@ def train(
         checkpoint,
         stopped_by,
     )
+
+
+def log_harness(step: int, is_last: bool, hooks: LoopHooks, sink: MetricsSink) -> bool:
+    """Run the benchmark hook if this step is one of its steps; True when it ran."""
+    metrics = hooks.harness(step, is_last)
+    if metrics:
+        sink.log(step, metrics)
+        shown = ", ".join(f"{key.removeprefix('harness/')} {value:.4f}" for key, value in metrics.items())
+        sink.message(f"step {step}: {shown}")
+    return bool(metrics)
 
 
 def memory_figures(device: torch.device) -> dict[str, float]:

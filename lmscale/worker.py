@@ -28,6 +28,7 @@ from lmscale.data.streaming import StreamingBatches, StreamSettings
 from lmscale.engine import select_accelerator
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.finetune import Unfreezing, all_joined_step, is_joined
+from lmscale.harness import flat_metrics, run_harness
 from lmscale.kernels import describe_fused
 from lmscale.logging import MetricsSink, configure_console, log
 from lmscale.loss import perplexity
@@ -209,14 +210,45 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
             write_labels(output_dir, data.labels)
         watchdog.start()
         start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
-        train_and_finish(config, engine, (train_stream, eval_stream), unfreezing, model, start, watchdog)
+        streams = (train_stream, eval_stream)
+        train_and_finish(config, engine, streams, unfreezing, model, start, watchdog, data.tokenizer)
     finally:
         watchdog.stop()
         lock.release()
     ds_engine.shutdown_distributed()
 
 
-def train_and_finish(config, engine, streams, unfreezing, model, start: LoopStart, watchdog) -> None:
+def harness_hook(config: Config, engine, tokenizer, watchdog: HangWatchdog):
+    """The loop's benchmark hook: lm-eval on the live model at step 0, every eval.harness_every, and the end.
+
+    Every rank runs the same requests in the same order, so ZeRO-3's per-layer gathers stay matched
+    across ranks (and no rank waits idle in a collective while another scores); rank 0 logs.
+    """
+    settings = config.eval
+    if not settings.harness_tasks:
+        return lambda step, is_last: {}
+
+    def run(step: int, is_last: bool) -> dict[str, float]:
+        due = step == 0 or is_last or (settings.harness_every and step % settings.harness_every == 0)
+        if not due:
+            return {}
+        watchdog.beat(step, "harness evaluation")
+        table = run_harness(
+            engine.module,
+            tokenizer,
+            settings.harness_tasks,
+            settings.harness_include_path,
+            settings.harness_limit,
+        )
+        watchdog.beat(step, "training step")
+        return flat_metrics(table)
+
+    return run
+
+
+def train_and_finish(
+    config, engine, streams, unfreezing, model, start: LoopStart, watchdog, tokenizer
+) -> None:
     """The training loop with its hooks, the replica check, and the closing summary."""
     train_stream, eval_stream = streams
     output_dir, is_rank_zero = Path(config.output_dir), ds_engine.rank() == 0
@@ -234,6 +266,7 @@ def train_and_finish(config, engine, streams, unfreezing, model, start: LoopStar
         throughput=throughput_model(config, model),
         before_step=unfreezing.apply,
         progress=watchdog.beat,
+        harness=harness_hook(config, engine, tokenizer, watchdog),
     )
     sink = MetricsSink(
         config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step

@@ -210,9 +210,19 @@ CASES = [
         ["model.path=nobody-here/no-such-model is a Hub id that is not in the Hugging Face cache"],
     ),
     (
-        "unknown key",
+        "misspelt key gets a suggestion",
         ["train", "{fresh}", "train.lrr=1e-3"],
         ["train.lrr: unknown key; did you mean train.lr?"],
+    ),
+    (
+        "unknown harness task in training",
+        ["train", "{fresh}", "eval.harness_tasks=[no_such_task]"],
+        ["eval.harness_tasks: unknown harness task(s) no_such_task"],
+    ),
+    (
+        "unknown harness task in eval",
+        ["eval", "{tmp}", "--harness", "no_such_task"],
+        ["unknown harness task(s)"],
     ),
     (
         "lengths of training given twice",
