@@ -44,3 +44,13 @@ def run_lmscale(
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+
+
+@pytest.fixture
+def restore_environment():
+    """A command run in-process (debug mode) announces a one-rank job in os.environ; keep that, and any
+    variable a test sets, out of the other tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

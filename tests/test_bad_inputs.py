@@ -3,7 +3,6 @@ traceback, and leaves an existing run directory exactly as it was."""
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,8 @@ from lmscale.config import Config, config_to_yaml
 
 
 @pytest.fixture(autouse=True)
-def restore_environment():
-    """Debug mode announces a one-rank job in os.environ; keep that out of the other tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+def _environment(restore_environment):
+    """Every test here runs commands in-process (see conftest.restore_environment)."""
 
 
 @pytest.fixture

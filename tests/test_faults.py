@@ -21,11 +21,8 @@ from lmscale.runlock import STALE_AFTER_S, RunLock, check_unlocked
 
 
 @pytest.fixture(autouse=True)
-def restore_environment():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+def _environment(restore_environment):
+    """Every test here runs commands in-process (see conftest.restore_environment)."""
 
 
 def test_fault_hooks_parse_and_refuse_typos():

@@ -63,6 +63,15 @@ metric_list:
     return directory
 
 
+def harness_cli(target: Path, tasks: Path) -> dict[str, float]:
+    """`lmscale eval TARGET --harness code_lines --json`: the task's scores."""
+    result = run_lmscale(
+        "eval", str(target), "--harness", "code_lines", "--include-path", str(tasks), "--json", env=OFFLINE
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["harness"]["code_lines"]
+
+
 def test_harness_during_training_from_the_cli_and_by_hand(tmp_path, cache_dir, monkeypatch):
     for name, value in OFFLINE.items():
         monkeypatch.setenv(name, value)
@@ -97,21 +106,14 @@ def test_harness_during_training_from_the_cli_and_by_hand(tmp_path, cache_dir, m
     assert logged[120] >= 0.6 and logged[120] >= logged[0] + 0.08, logged
     assert "\r" not in result.stderr  # the harness's progress bars stay out of the log
 
-    cli = run_lmscale(
-        "eval", str(run), "--harness", "code_lines", "--include-path", str(tasks), "--json", env=OFFLINE
-    )
-    assert cli.returncode == 0, cli.stderr[-3000:]
-    scores = json.loads(cli.stdout.strip().splitlines()[-1])["harness"]["code_lines"]
+    scores = harness_cli(run, tasks)
     assert scores["acc"] == pytest.approx(logged[120], abs=1e-9) and "acc_stderr" in scores
     saved = json.loads((run / "eval" / "harness-step_00000120.json").read_text())
     assert saved["harness"]["code_lines"]["acc"] == scores["acc"]
 
     export = tmp_path / "export"
     assert run_lmscale("export", str(run), "--out", str(export)).returncode == 0
-    exported = run_lmscale(
-        "eval", str(export), "--harness", "code_lines", "--include-path", str(tasks), "--json", env=OFFLINE
-    )
-    assert exported.returncode == 0, exported.stderr[-3000:]
+    exported_acc = harness_cli(export, tasks)["acc"]
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -124,7 +126,6 @@ def test_harness_during_training_from_the_cli_and_by_hand(tmp_path, cache_dir, m
         batch_size=8,
         log_samples=False,
     )
-    exported_acc = json.loads(exported.stdout.strip().splitlines()[-1])["harness"]["code_lines"]["acc"]
     assert exported_acc == pytest.approx(by_hand["results"]["code_lines"]["acc,none"], abs=1e-9)
     assert exported_acc == pytest.approx(scores["acc"], abs=1e-9)
 
@@ -160,8 +161,4 @@ def test_harness_on_the_live_model_under_zero3_on_two_ranks(tmp_path, cache_dir,
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["harness/code_lines/acc"] for r in records if "harness/code_lines/acc" in r}
     assert sorted(logged) == [0, 10]
-    cli = run_lmscale(
-        "eval", str(run), "--harness", "code_lines", "--include-path", str(tasks), "--json", env=OFFLINE
-    )
-    assert cli.returncode == 0, cli.stderr[-3000:]
-    assert json.loads(cli.stdout.strip().splitlines()[-1])["harness"]["code_lines"]["acc"] == logged[10]
+    assert harness_cli(run, tasks)["acc"] == logged[10]
