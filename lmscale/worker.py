@@ -368,7 +368,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         tqdm.write(f"lmscale: error: {exc}", file=sys.stderr)  # clears an open progress bar line first
         return exc.exit_code
+    except RuntimeError as exc:
+        if args.debug or not is_lost_peer(exc):
+            raise
+        tqdm.write(f"lmscale: error: {lost_peer_line(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+# What gloo says when the process at the other end of a collective is gone.
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def is_lost_peer(exc: RuntimeError) -> bool:
+    return any(marker in str(exc) for marker in LOST_PEER)
+
+
+def lost_peer_line(exc: RuntimeError) -> str:
+    detail = next(marker for marker in LOST_PEER if marker in str(exc))
+    return (
+        f"rank {ds_engine.rank()} lost another rank of the job ({detail}): it died or its node is gone, see that "
+        "rank's messages above; run the same command again to resume from the last checkpoint"
+    )
 
 
 if __name__ == "__main__":
