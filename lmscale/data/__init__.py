@@ -11,7 +11,6 @@ from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from lmscale.config import DataConfig
-from lmscale.data.batches import tokenize_documents
 from lmscale.data.cleaning import clean_documents
 from lmscale.data.sources import load_documents
 from lmscale.data.streaming import rank_shard, sample_fingerprint, stream_documents
@@ -25,6 +24,7 @@ from lmscale.data.tasks import (
     tokenize_records,
     tokenizer_text,
 )
+from lmscale.data.tokenize import tokenize_documents
 from lmscale.data.tokenizer import local_tokenizer, trained_tokenizer
 from lmscale.errors import ConfigError
 

@@ -23,7 +23,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from lmscale.config import DataConfig
-from lmscale.data.batches import BatchSettings, collate, split_into_sequences
+from lmscale.data.batches import BatchSettings, collate
 from lmscale.data.bucketing import fixed_batches, length_buckets
 from lmscale.data.cleaning import clean_text, content_hash
 from lmscale.data.sources import (
@@ -35,6 +35,7 @@ from lmscale.data.sources import (
     load_disk_dataset,
     load_hub_dataset,
 )
+from lmscale.data.tokenize import split_into_sequences
 from lmscale.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lmscale.config import DataConfig
-from lmscale.data.batches import tokenizer_digest
 from lmscale.data.sources import (
     BAD_LINES_SHOWN,
     existing_source,
@@ -27,6 +26,7 @@ from lmscale.data.sources import (
     load_hub_dataset,
     load_table,
 )
+from lmscale.data.tokenize import tokenizer_digest
 from lmscale.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import pytest
 
 from lmscale.config import DataConfig
 from lmscale.data import prepare_data
-from lmscale.data.batches import BatchSettings, split_into_sequences
+from lmscale.data.batches import BatchSettings
 from lmscale.data.streaming import (
     BufferedBuckets,
     StreamingBatches,
@@ -15,6 +15,7 @@ from lmscale.data.streaming import (
     rank_shard,
     stream_documents,
 )
+from lmscale.data.tokenize import split_into_sequences
 from lmscale.errors import ConfigError
 
 

@@ -7,14 +7,8 @@ from datasets import Dataset
 
 from lmscale.config import DataConfig
 from lmscale.data import prepare_data
-from lmscale.data.batches import (
-    IGNORE_INDEX,
-    BatchSettings,
-    BatchStream,
-    collate,
-    split_into_sequences,
-    tokenize_documents,
-)
+from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream, collate
+from lmscale.data.tokenize import split_into_sequences, tokenize_documents
 from lmscale.data.tokenizer import trained_tokenizer
 from lmscale.errors import ConfigError
 
