@@ -10,7 +10,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmscale import __version__
-from lmscale.engine import free_port, select_accelerator
 from lmscale.errors import LmscaleError
 from lmscale.logging import configure_console
 from lmscale.resources import find_file
@@ -204,7 +203,7 @@ def _train(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from lmscale import launch, rundir
     from lmscale.checkpoint import find_resume_checkpoint
-    from lmscale.engine import has_gpu
+    from lmscale.engine import free_port, has_gpu
     from lmscale.logging import configure_console
     from lmscale.preflight import resolve_run_config
     from lmscale.runlock import check_unlocked
@@ -525,8 +524,10 @@ def is_override(token: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # first: --help and --version need no torch (it takes most of a second to import)
+    from lmscale.engine import select_accelerator
+
     select_accelerator()  # before anything imports deepspeed, here or in the ranks a launch starts
-    args = parse_args(argv)
     handlers = {
         "train": _train,
         "launch": _launch,
