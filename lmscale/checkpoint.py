@@ -30,6 +30,7 @@ import torch.distributed as dist
 from filelock import FileLock
 
 from lmscale import faults
+from lmscale.engine import any_rank, cpu_group
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.rundir import RunDir
 
@@ -127,7 +128,7 @@ def save_checkpoint(
         faults.while_saving(step, rank)
     except OSError as exc:
         failure = exc
-    if any_rank_failed(failure is not None):  # also the barrier: every rank has written its files
+    if any_rank(failure is not None):  # also the barrier: every rank has written its files
         abandon_partial(partial, rank, step, directory, failure)
     checksums = file_checksums(partial, rank, dist.get_world_size())
     if rank == 0:
@@ -146,24 +147,6 @@ def save_checkpoint(
         prune_checkpoints(directory, keep_last)
     dist.barrier()
     return directory / tag
-
-
-def any_rank_failed(failed: bool) -> bool:
-    """Agree over all ranks whether any failed (a collective: every rank must call it)."""
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group())
-    return bool(flag.item())
-
-
-_CPU_GROUP: Any = None
-
-
-def cpu_group() -> Any:
-    """A gloo group for small host-side agreements (None when the default group is gloo already)."""
-    global _CPU_GROUP
-    if _CPU_GROUP is None and dist.get_backend() != "gloo":
-        _CPU_GROUP = dist.new_group(backend="gloo")
-    return _CPU_GROUP
 
 
 def abandon_partial(partial: Path, rank: int, step: int, directory: Path, failure: OSError | None) -> None:

@@ -64,6 +64,25 @@ def release_shared_memory_names() -> None:
         path.unlink(missing_ok=True)
 
 
+_CPU_GROUP: Any = None
+
+
+def cpu_group() -> Any:
+    """A gloo group for small host-side agreements, so they never wait on a GPU stream (None when the
+    default group is gloo already). Created on first use: every rank must reach that call."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None and torch.distributed.get_backend() != "gloo":
+        _CPU_GROUP = torch.distributed.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (a collective: every rank must call it)."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=cpu_group())
+    return bool(value.item())
+
+
 def shutdown_distributed() -> None:
     """Tear the process groups down while every rank is still here.
 

@@ -214,8 +214,11 @@ def print_summary_table(summary: dict[str, Any]) -> None:
 
 def wandb_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """The run summary beside the logged metrics: eval/loss is the final one, perf/mean_... the means."""
-    renamed = {"best_eval_loss": "eval/best_loss", "mean_tokens_per_s": "perf/mean_tokens_per_s"}
-    renamed["mean_mfu"] = "perf/mean_mfu"
+    renamed = {
+        "best_eval_loss": "eval/best_loss",
+        "mean_tokens_per_s": "perf/mean_tokens_per_s",
+        "mean_mfu": "perf/mean_mfu",
+    }
     return {
         renamed.get(key, wandb_name(key) if key.startswith("eval_") else key): value
         for key, value in summary.items()

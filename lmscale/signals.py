@@ -10,8 +10,7 @@ import logging
 import signal
 from typing import Any
 
-import torch
-import torch.distributed as dist
+from lmscale.engine import any_rank, cpu_group
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +22,11 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        self.group: Any = None
 
     def install(self) -> None:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
-        # A CPU group for the flag: agreeing on it must not synchronise with a GPU stream.
-        self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        cpu_group()  # created here, while every rank is at the same point (agreeing on it uses it)
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -40,8 +37,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank once any rank has been asked to stop (a collective: call on all ranks)."""
-        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if flag.item() and self.signal_name is None:
+        stop = any_rank(self.signal_name is not None)
+        if stop and self.signal_name is None:
             self.signal_name = "a stop request on another rank"
-        return bool(flag.item())
+        return stop
