@@ -51,6 +51,7 @@ setup(
             "ruff>=0.6",
             "tensorboard>=2.14",
             "lm-eval>=0.4.8",
+            "trl>=1.16,<2",  # the DPO parity test's oracle (it calls DPOTrainer._compute_loss of TRL 1.x)
         ],
     },
     entry_points={"console_scripts": ["lmscale=lmscale.cli:main"]},

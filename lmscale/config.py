@@ -81,14 +81,20 @@ class DataConfig(Section):
     text_field: str = Field(
         "text", description="Field holding the document text in jsonl/parquet/csv/disk data."
     )
-    format: Literal["text", "prompt_completion", "chat"] = Field(
+    format: Literal["text", "prompt_completion", "chat", "preference"] = Field(
         "text",
         description="text: documents; prompt_completion / chat: instruction records whose loss covers "
-        "only the completion (the prompt is masked).",
+        "only the completion (the prompt is masked); preference: prompt/chosen/rejected pairs (DPO).",
     )
     prompt_field: str = Field("prompt", description="prompt_completion: field holding the prompt.")
     completion_field: str = Field(
         "completion", description="prompt_completion: field holding the completion (the target)."
+    )
+    chosen_field: str = Field(
+        "chosen", description="preference: field holding the preferred reply (text, or a message list)."
+    )
+    rejected_field: str = Field(
+        "rejected", description="preference: field holding the dispreferred reply (text, or a message list)."
     )
     messages_field: str = Field(
         "messages", description="chat: field holding the [{role, content}] list; the last one is the target."
@@ -394,7 +400,23 @@ class UnfreezeConfig(Section):
     )
 
 
+class DpoConfig(Section):
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull towards the reference model (DPO's beta; IPO's tau)."
+    )
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO's logistic loss; ipo: squared, on per-token log-ratios; hinge: SLiC's hinge.",
+    )
+
+
 class FinetuneConfig(Section):
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: the cross-entropy of the targets; dpo: direct preference optimisation on "
+        "data.format=preference pairs, against the starting model as reference.",
+    )
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     task: Literal["causal_lm", "classification"] = Field(
         "causal_lm",
         description="causal_lm: next-token loss; classification: a sequence-classification head on data.label_field.",
@@ -475,6 +497,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_task(self) -> Config:
+        if self.finetune.method == "dpo" or self.data.format == "preference":
+            problems = dpo_problems(self)
+            if problems:
+                raise ValueError("; ".join(problems))
         if self.finetune.task != "classification":
             return self
         if self.data.format != "text":
@@ -486,6 +512,31 @@ class Config(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def dpo_problems(config: Config) -> list[str]:
+    """DPO trains on whole preference pairs, both replies of a pair side by side in one micro-batch."""
+    data, method = config.data, config.finetune.method
+    if method == "dpo" and data.format != "preference":
+        return [
+            f"finetune.method=dpo trains on preference pairs: set data.format=preference (got {data.format})"
+        ]
+    if method != "dpo":
+        return ["data.format=preference is for DPO: set finetune.method=dpo"]
+    problems = []  # packing, streaming and length warm-up are refused by DataConfig for any record format
+    if config.finetune.task != "causal_lm":
+        problems.append("finetune.method=dpo needs finetune.task=causal_lm")
+    if data.batching == "pad":
+        problems.append("data.batching=pad does not apply to preference pairs: use bucket")
+    budget = data.max_tokens_per_batch
+    if isinstance(budget, int) and budget < 2 * data.max_seq_len:
+        problems.append(
+            f"data.max_tokens_per_batch={budget} cannot hold a pair of data.max_seq_len={data.max_seq_len} "
+            f"replies: raise it to at least {2 * data.max_seq_len}"
+        )
+    if config.train.label_smoothing:
+        problems.append("train.label_smoothing applies to cross-entropy, not DPO: set it to 0")
+    return problems
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

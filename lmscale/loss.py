@@ -4,12 +4,14 @@ however its tokens are spread over micro-batches and ranks; and the forward pass
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lmscale.data.batches import IGNORE_INDEX
+from lmscale.data.batches import IGNORE_INDEX, target_count
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
 
@@ -43,9 +45,30 @@ def forward(engine: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return engine(**inputs).logits, batch["labels"].to(engine.device, non_blocking=True)
 
 
-def forward_summed_loss(engine: Any, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
-    logits, labels = forward(engine, batch)
-    return summed_loss(logits, labels, label_smoothing)
+@dataclass
+class LossParts:
+    """One micro-batch's loss, summed over its targets (tokens, documents or preference pairs), and the
+    figures reported as means over the same targets (accuracy, rewards)."""
+
+    summed: torch.Tensor
+    targets: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+Objective = Callable[[Any, dict], LossParts]  # (engine, batch) -> its loss parts
+
+
+def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
+    """Supervised training: cross-entropy of the next tokens, or of the class (with its accuracy)."""
+
+    def objective(engine: Any, batch: dict) -> LossParts:
+        logits, labels = forward(engine, batch)
+        sums = {}
+        if labels.dim() == 1:  # ignored (filler) rows never match -100
+            sums["accuracy"] = (logits.argmax(dim=-1) == labels).sum()
+        return LossParts(summed_loss(logits, labels, label_smoothing), target_count(batch["labels"]), sums)
+
+    return objective
 
 
 def perplexity(loss: float) -> float:

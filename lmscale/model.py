@@ -77,13 +77,16 @@ DROPOUT_ATTRIBUTES = {
 }
 
 
-def apply_model_options(config: PretrainedConfig, options: ModelConfig) -> None:
-    """Dropout and sliding-window settings onto an HF config; a knob the family lacks is an error."""
+def apply_model_options(config: PretrainedConfig, options: ModelConfig, dropout_off: bool = False) -> None:
+    """Dropout and sliding-window settings onto an HF config; a knob the family lacks is an error.
+    `dropout_off` sets every dropout left unset to 0 (DPO: see build_model)."""
     for knob, attributes in DROPOUT_ATTRIBUTES.items():
         value = getattr(options, knob)
+        present = [a for a in attributes if hasattr(config, a)]
+        if value is None and dropout_off and present:
+            value = 0.0
         if value is None:
             continue
-        present = [a for a in attributes if hasattr(config, a)]
         if not present:
             raise ConfigError(
                 f"model.{knob}={value}: {config.model_type} models have no such dropout; unset it"
@@ -142,6 +145,9 @@ def build_model(
     check_attention(options.attn_implementation)
     vocab_size = len(tokenizer)
     classify = finetune.task == "classification"
+    # DPO compares the policy's log-probabilities with the reference's, computed without dropout: dropout
+    # noise in the policy would bias that ratio, so (as TRL does) it is off unless model.*_dropout says otherwise.
+    dropout_off = finetune.method == "dpo"
     auto_class = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
     if options.path:
         # Absolute, because exports record it (a LoRA adapter names its base model by this path).
@@ -153,7 +159,7 @@ def build_model(
                 f"model.path={path} has vocab_size {config.vocab_size} but the tokenizer has {vocab_size}: "
                 "use the model's own tokenizer (data.tokenizer=<model dir>)"
             )
-        apply_model_options(config, options)
+        apply_model_options(config, options, dropout_off)
         if classify:
             set_labels(config, labels, tokenizer.pad_token_id)
         model = auto_class.from_pretrained(
@@ -167,7 +173,7 @@ def build_model(
         config = preset_config(
             options.preset, vocab_size, max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
-        apply_model_options(config, options)
+        apply_model_options(config, options, dropout_off)
         if classify:
             set_labels(config, labels, tokenizer.pad_token_id)
         model = auto_class.from_config(

@@ -80,6 +80,10 @@ class RunDir:
         return self.root / "data_fingerprint.json"
 
     @property
+    def reference_logps(self) -> Path:  # DPO: the starting model's log-probabilities of every pair's replies
+        return self.root / "reference_logps.npz"
+
+    @property
     def report(self) -> Path:  # the dashboard `lmscale report` draws
         return self.root / "report.png"
 

@@ -6,7 +6,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,10 @@ import torch.distributed as dist
 
 from lmscale import faults
 from lmscale.config import TrainConfig
-from lmscale.data.batches import BatchStream, target_count, truncate_batch
+from lmscale.data.batches import BatchStream, truncate_batch
 from lmscale.errors import LmscaleError
 from lmscale.logging import MetricsSink
-from lmscale.loss import forward, forward_summed_loss, perplexity, summed_loss
+from lmscale.loss import Objective, cross_entropy_objective, perplexity
 from lmscale.metrics import ThroughputModel
 
 EARLY_STOP = "early stopping"
@@ -48,42 +48,60 @@ def all_ranks_sum(values: list[float | torch.Tensor], device: torch.device) -> l
 @dataclass
 class Evaluation:
     loss: float  # mean per target over all ranks
-    accuracy: float | None  # classification only: share of rows whose top class is the label
+    means: dict[str, float]  # the objective's other figures per target: accuracy, pref_accuracy, rewards_*
+
+    @property
+    def accuracy(self) -> float | None:
+        """Classification: share of rows whose top class is the label; DPO: share of pairs ranked right."""
+        return self.means.get("accuracy", self.means.get("pref_accuracy"))
 
     def describe(self) -> str:
+        if "pref_accuracy" in self.means:
+            return (
+                f"held-out DPO loss {self.loss:.4f}, preference accuracy {self.means['pref_accuracy']:.3f}, "
+                f"reward margin {self.means['rewards_margin']:+.3f}"
+            )
         if self.accuracy is not None:
             return f"held-out loss {self.loss:.4f}, accuracy {self.accuracy:.3f}"
         return f"held-out loss {self.loss:.4f}, perplexity {perplexity(self.loss):.2f}"
 
     def metrics(self) -> dict[str, float]:
-        figures = {"eval_loss": self.loss, "eval_ppl": perplexity(self.loss)}
-        if self.accuracy is not None:
-            figures["eval_accuracy"] = self.accuracy
-        return figures
+        figures = {"eval_loss": self.loss}
+        if "pref_accuracy" not in self.means:  # exp of a DPO loss is no perplexity
+            figures["eval_ppl"] = perplexity(self.loss)
+        return figures | {f"eval_{name}": value for name, value in self.means.items()}
+
+
+def add_sums(totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    for name, value in sums.items():
+        totals[name] = totals.get(name, 0) + value.detach().double()
 
 
 @torch.no_grad()
 def evaluate(
-    engine: Any, stream: BatchStream, max_batches: int, progress: Callable[[], None] = lambda: None
+    engine: Any,
+    stream: BatchStream,
+    max_batches: int,
+    objective: Objective,
+    progress: Callable[[], None] = lambda: None,
 ) -> Evaluation:
-    """Held-out loss (and accuracy, for classification) over all ranks; every rank runs the same batches.
-    `progress` is called after each batch (the hang watchdog's heartbeat)."""
+    """Held-out loss (and the objective's other figures) over all ranks; every rank runs the same
+    batches. `progress` is called after each batch (the hang watchdog's heartbeat)."""
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    correct = torch.zeros((), dtype=torch.float64, device=engine.device)
-    targets, classifying = 0, False
+    sums: dict[str, torch.Tensor] = {}
+    targets = 0
     for batch in stream.loader(epoch=0, start=0, stop=max_batches):
-        logits, labels = forward(engine, batch)
-        loss_sum += summed_loss(logits, labels).double()
-        targets += target_count(batch["labels"])
-        if labels.dim() == 1:
-            classifying = True
-            correct += (logits.argmax(dim=-1) == labels).sum().double()  # ignored rows never match -100
+        parts = objective(engine, batch)
+        loss_sum += parts.summed.detach().double()
+        targets += parts.targets
+        add_sums(sums, parts.sums)
         progress()
     engine.train()
-    total_loss, total_targets, total_correct = all_ranks_sum([loss_sum, targets, correct], engine.device)
-    accuracy = total_correct / max(total_targets, 1) if classifying else None
-    return Evaluation(total_loss / max(total_targets, 1), accuracy)
+    names = sorted(sums)  # the same on every rank: every batch of an objective reports the same figures
+    totals = all_ranks_sum([loss_sum, targets, *(sums[n] for n in names)], engine.device)
+    count = max(totals[1], 1)
+    return Evaluation(totals[0] / count, {n: t / count for n, t in zip(names, totals[2:], strict=True)})
 
 
 def gradient_norm(engine: Any) -> float | None:
@@ -110,6 +128,8 @@ class Window:
     sum_sq_len: int = 0
     data_wait_s: float = 0.0
     start_s: float = 0.0
+    targets: int = 0  # this rank's loss targets, the divisor of `sums`
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's figures, on the device
 
     def add(self, batch: dict) -> None:
         self.real_tokens += batch["real_tokens"]
@@ -123,6 +143,8 @@ class Window:
             self.sum_sq_len
         ) = 0
         self.data_wait_s = 0.0
+        self.targets = 0
+        self.sums = {}
         self.start_s = time.perf_counter()
 
 
@@ -132,7 +154,7 @@ def train_step(
     world_size: int,
     window: Window,
     log_grad_norm: bool,
-    label_smoothing: float = 0.0,
+    objective: Objective | None = None,
 ) -> float | None:
     """One optimizer step over `micro_batches`, the loss averaged over every target token of the step.
 
@@ -140,7 +162,9 @@ def train_step(
     unequally. Each micro-batch's summed loss is divided by the step's target count over all ranks
     (known from the epoch plan, no communication needed) and multiplied by ranks x accumulation
     steps, which DeepSpeed's gradient averaging and accumulation scaling divide out again.
+    `objective` defaults to plain cross-entropy.
     """
+    objective = objective or cross_entropy_objective()
     if "group_targets" in micro_batches[0]:
         step_targets = sum(b["group_targets"] for b in micro_batches)
     else:  # streamed batches: each rank knows only its own, so add them up (one tiny collective a step)
@@ -150,8 +174,11 @@ def train_step(
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):
         window.add(batch)
-        loss = forward_summed_loss(engine, batch, label_smoothing) * scale
+        parts = objective(engine, batch)
+        loss = parts.summed * scale
         engine.backward(loss)
+        window.targets += parts.targets
+        add_sums(window.sums, parts.sums)
         if log_grad_norm and index == len(micro_batches) - 1:
             own_grad_norm = gradient_norm(engine)
         engine.step()
@@ -179,6 +206,7 @@ class LoopHooks:
     progress: Callable[[int, str], None] = lambda step, phase: None
     # (step, is it the last) -> benchmark metrics to log at that step, or {} (every rank calls it)
     harness: Callable[[int, bool], dict[str, float]] = lambda step, is_last: {}
+    objective: Objective | None = None  # the loss; None = cross-entropy with train.label_smoothing
 
 
 @dataclass
@@ -241,13 +269,19 @@ def train(
     and stop early (with a checkpoint) when a stop signal is agreed."""
     start = start or LoopStart()
     world_size = dist.get_world_size()
+    train_objective = hooks.objective or cross_entropy_objective(config.label_smoothing)
+    eval_objective = hooks.objective or cross_entropy_objective()
     batches: Iterator[dict] = iter(train_stream)
     initial_eval = final_eval = math.nan
     initial_accuracy = final_accuracy = None
     if start.step == 0:
         hooks.progress(0, "evaluation")
         evaluation = evaluate(
-            engine, eval_stream, config.eval_batches, lambda: hooks.progress(0, "evaluation")
+            engine,
+            eval_stream,
+            config.eval_batches,
+            eval_objective,
+            lambda: hooks.progress(0, "evaluation"),
         )
         initial_eval = final_eval = evaluation.loss
         initial_accuracy = final_accuracy = evaluation.accuracy
@@ -273,9 +307,7 @@ def train(
         cap = hooks.length_cap(step - 1)
         if cap is not None:
             micro_batches = [truncate_batch(b, cap) for b in micro_batches]
-        own_grad_norm = train_step(
-            engine, micro_batches, world_size, window, is_log_step, config.label_smoothing
-        )
+        own_grad_norm = train_step(engine, micro_batches, world_size, window, is_log_step, train_objective)
         hooks.progress(step, "training step")
         faults.after_step(step, dist.get_rank())
         skipped = guard.check(int(engine.skipped_steps), step)
@@ -291,7 +323,11 @@ def train(
         if step % config.eval_every == 0 or is_last:
             hooks.progress(step, "evaluation")
             evaluation = evaluate(
-                engine, eval_stream, config.eval_batches, partial(hooks.progress, step, "evaluation")
+                engine,
+                eval_stream,
+                config.eval_batches,
+                eval_objective,
+                partial(hooks.progress, step, "evaluation"),
             )
             final_eval, final_accuracy = evaluation.loss, evaluation.accuracy
             is_best, best_eval = final_eval < best_eval, min(best_eval, final_eval)
@@ -374,7 +410,8 @@ def log_window(
 ) -> int:
     """Reduce the window over ranks, log it, reset it; returns the real tokens it held (all ranks)."""
     world_size = dist.get_world_size()
-    loss_total, micro_total, real, padded, sequences, sum_sq_len, data_wait_s = all_ranks_sum(
+    names = sorted(window.sums)
+    totals = all_ranks_sum(
         [
             window.loss_sum,
             window.micro_steps,
@@ -383,9 +420,12 @@ def log_window(
             window.sequences,
             window.sum_sq_len,
             window.data_wait_s,
+            window.targets,
+            *(window.sums[n] for n in names),
         ],
         engine.device,
     )
+    loss_total, micro_total, real, padded, sequences, sum_sq_len, data_wait_s, targets = totals[:8]
     elapsed_s = time.perf_counter() - window.start_s
     grad_norm = own_grad_norm if own_grad_norm is not None else engine.get_global_grad_norm()
     metrics = {
@@ -401,6 +441,7 @@ def log_window(
         "tokens_seen": tokens_before + int(real),
         "skipped_steps": int(engine.skipped_steps),
     }
+    metrics.update({n: t / max(targets, 1) for n, t in zip(names, totals[8:], strict=True)})
     if throughput is not None:
         metrics.update(throughput.figures(int(real), int(sum_sq_len), elapsed_s, world_size))
     scale = loss_scale(engine)

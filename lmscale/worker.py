@@ -25,6 +25,7 @@ from lmscale.data import PreparedData, prepare_data
 from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap
 from lmscale.data.epoch import batch_line, step_figures, steps_to_train, stop_key
 from lmscale.data.streaming import StreamingBatches, StreamSettings
+from lmscale.dpo import dpo_objective, load_reference, reference_logps, save_reference, with_reference
 from lmscale.engine import select_accelerator
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.finetune import Unfreezing, all_joined_step, is_joined
@@ -209,6 +210,9 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
             data.tokenizer.save_pretrained(str(RunDir(output_dir).tokenizer))
             write_labels(output_dir, data.labels)
         watchdog.start()
+        if config.finetune.method == "dpo":
+            attach_reference(config, data, engine, resume.checkpoint is not None, watchdog)
+            train_stream, eval_stream = batch_streams(config, data, rank, world_size)
         start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
         streams = (train_stream, eval_stream)
         train_and_finish(config, engine, streams, unfreezing, model, start, watchdog, data.tokenizer)
@@ -216,6 +220,36 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         watchdog.stop()
         lock.release()
     ds_engine.shutdown_distributed()
+
+
+def attach_reference(
+    config: Config, data: PreparedData, engine, resuming: bool, watchdog: HangWatchdog
+) -> None:
+    """DPO: the starting model's log-probabilities of every pair, as columns of the training and held-out
+    pairs; computed before the first step (all ranks), read back from the run dir on a resume."""
+    run = RunDir(Path(config.output_dir))
+    if resuming:
+        tables = load_reference(run.reference_logps)
+    else:
+        log.info("dpo: reference log-probabilities of %d + %d pairs", len(data.train), len(data.eval))
+        tables = {}
+        for split, pairs in (("train", data.train), ("eval", data.eval)):
+            stream = unshuffled_stream(config, pairs, data.tokenizer.pad_token_id)
+            tables[split] = reference_logps(
+                engine, stream, lambda: watchdog.beat(0, "reference log-probabilities")
+            )
+        if ds_engine.rank() == 0:
+            save_reference(run.reference_logps, tables)
+    data.train = with_reference(data.train, tables["train"], "training")
+    data.eval = with_reference(data.eval, tables["eval"], "held-out")
+
+
+def unshuffled_stream(config: Config, sequences, pad_id: int) -> BatchStream:
+    settings = BatchSettings(
+        "bucket", config.data.max_tokens_per_batch, 1, config.data.max_seq_len, num_workers=0
+    )
+    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return BatchStream(sequences, settings, rank, world_size, config.seed, pad_id, shuffle=False)
 
 
 def harness_hook(config: Config, engine, tokenizer, watchdog: HangWatchdog):
@@ -267,6 +301,7 @@ def train_and_finish(
         before_step=unfreezing.apply,
         progress=watchdog.beat,
         harness=harness_hook(config, engine, tokenizer, watchdog),
+        objective=dpo_objective(config.finetune.dpo) if config.finetune.method == "dpo" else None,
     )
     sink = MetricsSink(
         config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step
@@ -296,8 +331,11 @@ def finish(
         "eval_ppl": perplexity(result.final_eval_loss),
         "checkpoint": str(result.checkpoint),
     }
+    accuracy_name = "pref_accuracy" if config.finetune.method == "dpo" else "accuracy"
     if result.final_eval_accuracy is not None:
-        summary["eval_accuracy"] = result.final_eval_accuracy
+        summary[f"eval_{accuracy_name}"] = result.final_eval_accuracy
+    if accuracy_name == "pref_accuracy":
+        del summary["eval_ppl"]
     sink.close(summary)
     if not is_rank_zero:
         return
@@ -321,20 +359,21 @@ def finish(
         )
     else:
         print(
-            f"{closing_figure(result)} after {result.steps} steps, {result.tokens:,} tokens in "
+            f"{closing_figure(result, config.finetune.method)} after {result.steps} steps, {result.tokens:,} tokens in "
             f"{result.wall_time_s:.0f} s; checkpoint {result.checkpoint}"
         )
 
 
-def closing_figure(result: TrainResult) -> str:
-    """Held-out accuracy for a classifier (its exp(loss) means nothing to a reader), perplexity otherwise."""
+def closing_figure(result: TrainResult, method: str = "sft") -> str:
+    """Held-out accuracy for a classifier or DPO (their exp(loss) means nothing to a reader), perplexity otherwise."""
     if result.final_eval_accuracy is not None:
+        name = "preference accuracy" if method == "dpo" else "accuracy"
         untrained = (
             ""
             if result.initial_eval_accuracy is None
             else f" (untrained: {result.initial_eval_accuracy:.3f})"
         )
-        return f"held-out accuracy: {result.final_eval_accuracy:.3f}{untrained}"
+        return f"held-out {name}: {result.final_eval_accuracy:.3f}{untrained}"
     untrained = (
         ""
         if math.isnan(result.initial_eval_loss)

@@ -99,3 +99,12 @@ def save_pretrained_model(directory: Path, layers: int = 2, hidden: int = 64) ->
     GPT2LMHeadModel(config).save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def preference_records(limit: int = 600) -> list[dict]:
+    """Prompt = a signature; chosen = its docstring's first line; rejected = the same words backwards."""
+    return [
+        {"prompt": f"{sig}\n", "chosen": doc, "rejected": " ".join(reversed(doc.split()))}
+        for sig, doc, _ in documented_functions(limit)
+        if len(doc.split()) > 2
+    ]

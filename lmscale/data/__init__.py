@@ -90,6 +90,11 @@ def prepare_streaming_data(
     )
 
 
+def has_message_replies(pairs: Dataset) -> bool:
+    """Whether preference records hold message lists (rendered with a chat template) rather than text."""
+    return len(pairs) > 0 and isinstance(pairs[0]["chosen"], list)
+
+
 def prepare_task_data(
     config: DataConfig,
     fmt: TaskFormat,
@@ -103,7 +108,7 @@ def prepare_task_data(
         train_records, eval_records = load_task_records(config, fmt, str(cache_dir))
         corpus = None if (config.tokenizer or tokenizer_path) else tokenizer_text(train_records, fmt)
         tokenizer = choose_tokenizer(config, tokenizer_path, corpus, str(cache_dir), None, trust_remote_code)
-        if fmt.name == "chat":
+        if fmt.name == "chat" or (fmt.name == "preference" and has_message_replies(train_records)):
             ensure_chat_template(tokenizer)
         labels = label_names(train_records, num_labels) if fmt.name == "classification" else None
         train = tokenize_records(train_records, fmt, tokenizer, config, "train", labels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from lmscale.data.epoch import EpochFigures, epoch_figures
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
-TASK_COLUMNS = ("prompt_len", "label")  # per-sequence columns of fine-tuning data (lmscale.data.tasks)
+# per-sequence columns of fine-tuning data (lmscale.data.tasks, lmscale.data.preferences, lmscale.dpo)
+TASK_COLUMNS = ("prompt_len", "label", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp")
 
 
 def collate(
@@ -49,6 +50,18 @@ def collate(
     if not rows:
         attention_mask[0, 0] = 1  # an all-masked row would give NaN attention; its label stays ignored
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_pairs(records: dict, pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs as one batch: the chosen sequences in the first half of the rows, the rejected in
+    the second (so row i and row i + pairs are one pair), with the reference log-probabilities once known."""
+    chosen, rejected = list(records["input_ids"]), list(records["rejected_ids"])
+    batch = collate(chosen + rejected, pad_id, prompt_lens=list(records["prompt_len"]) * 2)
+    batch["pairs"] = len(chosen)
+    for name in ("ref_chosen_logp", "ref_rejected_logp"):
+        if name in records:
+            batch[name] = torch.as_tensor(records[name], dtype=torch.float32)
+    return batch
 
 
 def target_count(labels: torch.Tensor) -> int:
@@ -107,6 +120,8 @@ class EpochBatches(torch.utils.data.Dataset):
         if not self.extra:
             return collate(self._rows(row_ids), self.pad_id, self.pad_to)
         records = self.sequences[row_ids] if row_ids else {c: [] for c in ["input_ids", *self.extra]}
+        if "rejected_ids" in self.extra:
+            return collate_pairs(records, self.pad_id)
         return collate(
             list(records["input_ids"]),
             self.pad_id,
@@ -114,6 +129,14 @@ class EpochBatches(torch.utils.data.Dataset):
             prompt_lens=records.get("prompt_len"),
             classes=records.get("label"),
         )
+
+    def _own_lengths(self, row_ids: list[int], batch: dict) -> np.ndarray:
+        """The token count of each sequence in this rank's batch."""
+        if "pairs" in batch:  # a pair's planned length is its cost (two rows); count what the rows hold
+            return batch["attention_mask"].sum(dim=1).numpy()[: 2 * batch["pairs"]]
+        if not row_ids:
+            return np.zeros(0, int)
+        return self.lengths[np.concatenate([self.plan.row_sequences(r) for r in row_ids])]
 
     def __getitem__(self, group: int) -> dict[str, torch.Tensor | int]:
         row_ids = [int(r) for r in self.plan.groups[group][self.rank] if r != FILLER]
@@ -123,11 +146,7 @@ class EpochBatches(torch.utils.data.Dataset):
             pieces = [self._rows([int(i) for i in self.plan.packed_rows[r]]) for r in row_ids]
             batch = collate_packed(pieces, self.pad_id, self.pad_to)
         members = [self.plan.row_sequences(int(r)) for b in self.plan.groups[group] for r in b if r != FILLER]
-        own = (
-            self.lengths[np.concatenate([self.plan.row_sequences(r) for r in row_ids])]
-            if row_ids
-            else np.zeros(0, int)
-        )
+        own = self._own_lengths(row_ids, batch)
         return {
             **batch,
             "real_tokens": int(own.sum()),
@@ -226,7 +245,10 @@ class BatchStream:
 
     def epoch_figures(self) -> EpochFigures:
         """Sequences, real and padded tokens of a whole epoch (the current one's full plan)."""
-        return epoch_figures(self.plan(self.epoch, whole=True), self.lengths, self.pad_to)
+        figures = epoch_figures(self.plan(self.epoch, whole=True), self.lengths, self.pad_to)
+        if "tokens" in self.sequences.column_names:  # preference pairs: `length` is a pair's planned cost
+            return replace(figures, real_tokens=int(np.sum(self.sequences.data.column("tokens").to_numpy())))
+        return figures
 
     def loader(self, epoch: int, start: int, stop: int | None = None) -> DataLoader:
         """Batches `start` to `stop` (at most the epoch's end) of an epoch."""

@@ -43,8 +43,9 @@ PLAIN_CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TaskFormat:
-    name: str  # prompt_completion, chat or classification
+    name: str  # prompt_completion, chat, preference or classification
     fields: dict[str, str]  # the column each record field is read from -> its name here (= data.<name>_field)
+    optional: frozenset[str] = frozenset()  # names here a record may lack (a preference pair's prompt)
 
 
 def task_format(config: DataConfig, task: str) -> TaskFormat | None:
@@ -57,6 +58,13 @@ def task_format(config: DataConfig, task: str) -> TaskFormat | None:
         )
     if config.format == "chat":
         return TaskFormat("chat", {config.messages_field: "messages"})
+    if config.format == "preference":
+        fields = {
+            config.prompt_field: "prompt",
+            config.chosen_field: "chosen",
+            config.rejected_field: "rejected",
+        }
+        return TaskFormat("preference", fields, optional=frozenset({"prompt"}))
     return None
 
 
@@ -74,14 +82,17 @@ def record_loader(fmt: TaskFormat):
                     "directory or a Hub dataset"
                 )
             records = load_table(source, config, cache_dir, list(fmt.fields))
-        missing = [f for f in fmt.fields if f not in records.column_names]
+        missing = [
+            f for f in fmt.fields if f not in records.column_names and fmt.fields[f] not in fmt.optional
+        ]
         if missing:
             raise ConfigError(
                 f"{key}={path} has no field {', '.join(map(repr, missing))} (fields: "
                 f"{', '.join(records.column_names)}): set data.{fmt.fields[missing[0]]}_field to the right field"
             )
-        records = records.select_columns(list(fmt.fields))
-        return records.rename_columns({k: v for k, v in fmt.fields.items() if k != v})
+        present = {k: v for k, v in fmt.fields.items() if k in records.column_names}
+        records = records.select_columns(list(present))
+        return records.rename_columns({k: v for k, v in present.items() if k != v})
 
     return load
 
@@ -99,6 +110,10 @@ def tokenizer_text(records: Dataset, fmt: TaskFormat) -> Dataset:
     """One `text` column of a format's records, to train a tokenizer on when no pretrained one is given."""
 
     def join(batch: dict) -> dict:
+        if fmt.name == "preference":
+            from lmscale.data.preferences import preference_text  # it builds on this module
+
+            return {"text": preference_text(batch)}
         if fmt.name == "prompt_completion":
             return {"text": [f"{p}{c}" for p, c in zip(batch["prompt"], batch["completion"], strict=True)]}
         if fmt.name == "chat":
@@ -249,6 +264,10 @@ def tokenize_records(
     if fmt.name == "classification":
         label_ids = {name: i for i, name in enumerate(labels or [])}
         encode, kwargs = encode_labelled, {"max_seq_len": config.max_seq_len, "label_ids": label_ids}
+    elif fmt.name == "preference":
+        from lmscale.data.preferences import encode_preferences  # it builds on this module
+
+        encode, kwargs = encode_preferences, {"max_seq_len": config.max_seq_len}
     else:
         encode, kwargs = encode_instructions, {"fmt": fmt, "max_seq_len": config.max_seq_len}
     sequences = records.map(
@@ -267,6 +286,8 @@ def tokenize_records(
 
 
 def dataset_summary(sequences: Dataset) -> str:
+    if "rejected_ids" in sequences.column_names:
+        return f"{len(sequences)} preference pairs, {int(np.sum(sequences['tokens']))} tokens"
     lengths = np.asarray(sequences["length"])
     targets = np.asarray(sequences["targets"])
     return f"{len(lengths)} sequences, {int(lengths.sum())} tokens, {int(targets.sum())} loss targets"
