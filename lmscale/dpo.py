@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmscale.config import DpoConfig
-from lmscale.data.batches import IGNORE_INDEX, BatchStream
+from lmscale.data.batches import IGNORE_INDEX, Batch, BatchStream
 from lmscale.data.bucketing import FILLER
 from lmscale.errors import LmscaleError
 from lmscale.loss import LossParts, Objective, forward
@@ -109,10 +109,10 @@ def preference_figures(scores: PairScores) -> dict[str, torch.Tensor]:
 def dpo_objective(settings: DpoConfig) -> Objective:
     """The loop's objective for preference pairs: DPO's loss summed over the batch's pairs."""
 
-    def objective(engine: Any, batch: dict) -> LossParts:
+    def objective(engine: Any, batch: Batch) -> LossParts:
         logits, labels = forward(engine, batch)
         logps, targets = sequence_logps(logits, labels)
-        pairs = batch["pairs"]
+        pairs = batch.pairs
         reference = torch.cat([batch[name] for name in REFERENCE_COLUMNS]).to(logps.device)
         # a filler batch (pairs == 0) still sums to a 0 joined to the graph: its backward keeps ZeRO in step
         scores = pair_scores(logps[: 2 * pairs], reference, targets[: 2 * pairs], settings)
@@ -146,7 +146,7 @@ def reference_logps(
         for group, batch in zip(range(len(plan)), stream.loader(0, 0), strict=True):
             logits, labels = forward(engine, batch)
             logps, _ = sequence_logps(logits, labels)
-            pairs = batch["pairs"]
+            pairs = batch.pairs
             rows += [int(r) for r in plan.groups[group][stream.rank] if r != FILLER]
             values += torch.stack([logps[:pairs], logps[pairs : 2 * pairs]], dim=1).tolist()
             progress()

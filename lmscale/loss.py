@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmscale.data.batches import IGNORE_INDEX, target_count
+from lmscale.data.batches import IGNORE_INDEX, Batch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
 
@@ -39,7 +39,7 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
     )
 
 
-def forward(engine: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(engine: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of one batch, on the engine's device."""
     inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
     return engine(**inputs).logits, batch["labels"].to(engine.device, non_blocking=True)
@@ -55,18 +55,18 @@ class LossParts:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-Objective = Callable[[Any, dict], LossParts]  # (engine, batch) -> its loss parts
+Objective = Callable[[Any, Batch], LossParts]  # (engine, batch) -> its loss parts
 
 
 def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
     """Supervised training: cross-entropy of the next tokens, or of the class (with its accuracy)."""
 
-    def objective(engine: Any, batch: dict) -> LossParts:
+    def objective(engine: Any, batch: Batch) -> LossParts:
         logits, labels = forward(engine, batch)
         sums = {}
         if labels.dim() == 1:  # ignored (filler) rows never match -100
             sums["accuracy"] = (logits.argmax(dim=-1) == labels).sum()
-        return LossParts(summed_loss(logits, labels, label_smoothing), target_count(batch["labels"]), sums)
+        return LossParts(summed_loss(logits, labels, label_smoothing), batch.local_targets, sums)
 
     return objective
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from lmscale import faults
 from lmscale.config import TrainConfig
-from lmscale.data.batches import BatchStream, truncate_batch
+from lmscale.data.batches import Batch, BatchStream, step_targets, truncate_batch
 from lmscale.errors import LmscaleError
 from lmscale.logging import MetricsSink
 from lmscale.loss import Objective, cross_entropy_objective, perplexity
@@ -131,11 +131,11 @@ class Window:
     targets: int = 0  # this rank's loss targets, the divisor of `sums`
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's figures, on the device
 
-    def add(self, batch: dict) -> None:
-        self.real_tokens += batch["real_tokens"]
-        self.padded_tokens += batch["padded_tokens"]
-        self.sequences += batch["sequences"]
-        self.sum_sq_len += batch["sum_sq_len"]
+    def add(self, batch: Batch) -> None:
+        self.real_tokens += batch.real_tokens
+        self.padded_tokens += batch.padded_tokens
+        self.sequences += batch.sequences
+        self.sum_sq_len += batch.sum_sq_len
 
     def reset(self) -> None:
         self.loss_sum.zero_()
@@ -150,7 +150,7 @@ class Window:
 
 def train_step(
     engine: Any,
-    micro_batches: list[dict],
+    micro_batches: list[Batch],
     world_size: int,
     window: Window,
     log_grad_norm: bool,
@@ -165,12 +165,12 @@ def train_step(
     `objective` defaults to plain cross-entropy.
     """
     objective = objective or cross_entropy_objective()
-    if "group_targets" in micro_batches[0]:
-        step_targets = sum(b["group_targets"] for b in micro_batches)
-    else:  # streamed batches: each rank knows only its own, so add them up (one tiny collective a step)
-        step_targets = all_ranks_sum([sum(b["local_targets"] for b in micro_batches)], engine.device)[0]
-    step_targets = max(step_targets, 1)
-    scale = world_size * len(micro_batches) / step_targets
+    targets = step_targets(micro_batches)
+    if (
+        targets is None
+    ):  # streamed batches: each rank knows only its own, so add them up (one tiny collective)
+        targets = all_ranks_sum([sum(b.local_targets for b in micro_batches)], engine.device)[0]
+    scale = world_size * len(micro_batches) / max(targets, 1)
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):
         window.add(batch)
@@ -271,7 +271,7 @@ def train(
     world_size = dist.get_world_size()
     train_objective = hooks.objective or cross_entropy_objective(config.label_smoothing)
     eval_objective = hooks.objective or cross_entropy_objective()
-    batches: Iterator[dict] = iter(train_stream)
+    batches: Iterator[Batch] = iter(train_stream)
     initial_eval = final_eval = math.nan
     initial_accuracy = final_accuracy = None
     if start.step == 0:

@@ -113,7 +113,7 @@ def test_both_replies_of_a_pair_share_a_batch_chosen_rows_first(tokenizer):
     for group in range(len(plan)):
         batch = batches[group]
         rows = [int(r) for r in plan.groups[group][0]]
-        n = batch["pairs"]
+        n = batch.pairs
         assert n == len(rows) and batch["input_ids"].size(0) == 2 * n
         assert batch["input_ids"].numel() <= 48  # the budget counts both rows of a pair
         for i, row in enumerate(rows):
@@ -121,8 +121,8 @@ def test_both_replies_of_a_pair_share_a_batch_chosen_rows_first(tokenizer):
             assert batch["input_ids"][i, : len(chosen)].tolist() == chosen
             assert batch["input_ids"][n + i, : len(rejected)].tolist() == rejected
             assert (batch["labels"][i, : pairs[row]["prompt_len"]] == IGNORE_INDEX).all()
-        assert batch["group_targets"] == n  # DPO's loss is a mean over pairs
-        assert batch["real_tokens"] == int(batch["attention_mask"].sum())
+        assert batch.group_targets == n  # DPO's loss is a mean over pairs
+        assert batch.real_tokens == int(batch["attention_mask"].sum())
         seen += n
     assert seen == len(pairs)
 
@@ -164,6 +164,7 @@ def fixed_batch(tokenizer) -> dict:
 @pytest.mark.parametrize("loss", ["sigmoid", "hinge", "ipo"])
 def test_the_loss_equals_trl_dpo_trainer_on_the_same_model_and_batch(tokenizer, tmp_path, loss):
     import trl  # a test extra: TRL is the oracle here, never a dependency of lmscale
+
     model = tiny_model()
     batch = fixed_batch(tokenizer)
     settings = DpoConfig(beta=0.3, loss=loss)
@@ -182,7 +183,7 @@ def test_the_loss_equals_trl_dpo_trainer_on_the_same_model_and_batch(tokenizer, 
         bf16=False,
     )
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
-    pairs = batch["pairs"]
+    pairs = batch.pairs
     # TRL's completion mask marks the reply tokens: exactly where our labels are targets
     completion_mask = (batch["labels"] != IGNORE_INDEX).long()
     inputs = {

@@ -21,6 +21,45 @@ IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
 TASK_COLUMNS = ("prompt_len", "label", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp")
 
 
+@dataclass
+class Batch:
+    """One rank's micro-batch: the tensors the model and the loss read, and the counts the loop measures.
+
+    `batch[name]` is a tensor (input_ids, labels, attention_mask or position_ids, and for preference
+    pairs ref_chosen_logp / ref_rejected_logp); the counts are attributes.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    real_tokens: int  # tokens of real sequences (no padding)
+    padded_tokens: int  # tokens the model computes on (rows x width)
+    sequences: int
+    sum_sq_len: int  # sum of squared sequence lengths: attention FLOPs follow each sequence's own length
+    local_targets: int  # this rank's loss targets
+    # Loss targets of this micro-batch's whole group on all ranks, known from the epoch plan; None when
+    # streamed (each rank then knows only its own, and the loop adds them up).
+    group_targets: int | None = None
+    group_lengths: torch.Tensor | None = None  # every rank's sequence lengths in the group (length warm-up)
+    pairs: int = 0  # preference pairs: rows [0, pairs) are the chosen replies, [pairs, 2 pairs) the rejected
+    stream_position: list[int] | None = None  # streamed: [worker, epoch, buffer, documents, batches]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader (pin_memory=True): page-locked tensors copy to the GPU asynchronously."""
+        return replace(self, tensors={k: v.pin_memory() for k, v in self.tensors.items()})
+
+
+def step_targets(micro_batches: list[Batch]) -> int | None:
+    """Loss targets of a whole optimizer step on all ranks, when the plan knows them (None: streamed)."""
+    if any(b.group_targets is None for b in micro_batches):
+        return None
+    return sum(b.group_targets for b in micro_batches)
+
+
 def collate(
     rows: list[list[int]],
     pad_id: int,
@@ -57,7 +96,6 @@ def collate_pairs(records: dict, pad_id: int) -> dict[str, torch.Tensor]:
     the second (so row i and row i + pairs are one pair), with the reference log-probabilities once known."""
     chosen, rejected = list(records["input_ids"]), list(records["rejected_ids"])
     batch = collate(chosen + rejected, pad_id, prompt_lens=list(records["prompt_len"]) * 2)
-    batch["pairs"] = len(chosen)
     for name in ("ref_chosen_logp", "ref_rejected_logp"):
         if name in records:
             batch[name] = torch.as_tensor(records[name], dtype=torch.float32)
@@ -130,33 +168,35 @@ class EpochBatches(torch.utils.data.Dataset):
             classes=records.get("label"),
         )
 
-    def _own_lengths(self, row_ids: list[int], batch: dict) -> np.ndarray:
+    def _own_lengths(self, row_ids: list[int], tensors: dict) -> np.ndarray:
         """The token count of each sequence in this rank's batch."""
-        if "pairs" in batch:  # a pair's planned length is its cost (two rows); count what the rows hold
-            return batch["attention_mask"].sum(dim=1).numpy()[: 2 * batch["pairs"]]
+        if "rejected_ids" in self.extra:  # a pair's planned length is its cost (two rows): count the rows
+            return tensors["attention_mask"].sum(dim=1).numpy()[: 2 * len(row_ids)]
         if not row_ids:
             return np.zeros(0, int)
         return self.lengths[np.concatenate([self.plan.row_sequences(r) for r in row_ids])]
 
-    def __getitem__(self, group: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, group: int) -> Batch:
         row_ids = [int(r) for r in self.plan.groups[group][self.rank] if r != FILLER]
         if self.plan.packed_rows is None:
-            batch = self._collate(row_ids)
+            tensors = self._collate(row_ids)
         else:
             pieces = [self._rows([int(i) for i in self.plan.packed_rows[r]]) for r in row_ids]
-            batch = collate_packed(pieces, self.pad_id, self.pad_to)
+            tensors = collate_packed(pieces, self.pad_id, self.pad_to)
         members = [self.plan.row_sequences(int(r)) for b in self.plan.groups[group] for r in b if r != FILLER]
-        own = self._own_lengths(row_ids, batch)
-        return {
-            **batch,
-            "real_tokens": int(own.sum()),
-            "sequences": len(own),
-            "sum_sq_len": int((own**2).sum()),  # attention FLOPs follow each sequence's own length
-            "padded_tokens": batch["input_ids"].numel(),
-            "group_targets": int(self.plan.group_targets[group]),
-            # every rank's sequence lengths in this group: the loop recounts targets under a length cap
-            "group_lengths": torch.as_tensor(np.concatenate(members) if members else np.zeros(0, np.int64)),
-        }
+        own = self._own_lengths(row_ids, tensors)
+        pairs = len(row_ids) if "rejected_ids" in self.extra else 0
+        return Batch(
+            tensors,
+            real_tokens=int(own.sum()),
+            padded_tokens=tensors["input_ids"].numel(),
+            sequences=len(own),
+            sum_sq_len=int((own**2).sum()),
+            local_targets=pairs or target_count(tensors["labels"]),
+            group_targets=int(self.plan.group_targets[group]),
+            group_lengths=torch.as_tensor(np.concatenate(members) if members else np.zeros(0, np.int64)),
+            pairs=pairs,
+        )
 
 
 def seq_len_cap(step: int, start: int, max_seq_len: int, warmup_steps: int) -> int | None:
@@ -167,20 +207,22 @@ def seq_len_cap(step: int, start: int, max_seq_len: int, warmup_steps: int) -> i
     return min(max_seq_len, max(8, int(cap) // 8 * 8))
 
 
-def truncate_batch(batch: dict, cap: int) -> dict:
+def truncate_batch(batch: Batch, cap: int) -> Batch:
     """Cut every row to `cap` tokens and recount what the loop measures (bucket and pad batches only)."""
     cut = {k: batch[k][:, :cap] for k in ("input_ids", "attention_mask", "labels")}
     row_lengths = cut["attention_mask"].sum(dim=1)
-    counts = {
-        "real_tokens": int(row_lengths.sum()),
-        "padded_tokens": cut["input_ids"].numel(),
-        "sum_sq_len": int((row_lengths**2).sum()),
-    }
-    if "group_lengths" in batch:
-        counts["group_targets"] = int((batch["group_lengths"].clamp(max=cap) - 1).clamp(min=0).sum())
-    else:  # streamed: only this rank's targets are known
-        counts["local_targets"] = int((cut["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return {**batch, **cut, **counts}
+    group_targets = None
+    if batch.group_lengths is not None:  # streamed batches know only this rank's targets
+        group_targets = int((batch.group_lengths.clamp(max=cap) - 1).clamp(min=0).sum())
+    return replace(
+        batch,
+        tensors={**batch.tensors, **cut},
+        real_tokens=int(row_lengths.sum()),
+        padded_tokens=cut["input_ids"].numel(),
+        sum_sq_len=int((row_lengths**2).sum()),
+        local_targets=target_count(cut["labels"]),
+        group_targets=group_targets,
+    )
 
 
 @dataclass
@@ -268,7 +310,7 @@ class BatchStream:
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         while True:
             for batch in self.loader(self.epoch, self.cursor):
                 self.cursor += (

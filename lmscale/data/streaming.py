@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from lmscale.config import DataConfig
-from lmscale.data.batches import BatchSettings, collate
+from lmscale.data.batches import Batch, BatchSettings, collate
 from lmscale.data.bucketing import fixed_batches, length_buckets
 from lmscale.data.cleaning import clean_text, content_hash
 from lmscale.data.sources import (
@@ -190,7 +190,7 @@ class BufferedBuckets(torch.utils.data.IterableDataset):
         self.documents, self.tokenizer, self.settings, self.pad_id = documents, tokenizer, settings, pad_id
         self.start: dict[int, list[int]] = {}  # worker id -> position to resume from
 
-    def _emit(self, buffer: list[list[int]], rng: np.random.Generator) -> Iterator[dict]:
+    def _emit(self, buffer: list[list[int]], rng: np.random.Generator) -> Iterator[Batch]:
         batch_settings = self.settings.batch
         lengths = np.array([len(s) for s in buffer])
         if batch_settings.batching == "bucket":
@@ -200,15 +200,15 @@ class BufferedBuckets(torch.utils.data.IterableDataset):
         pad_to = batch_settings.max_seq_len if batch_settings.batching == "pad" else None
         for index in rng.permutation(len(batches)):
             rows = [buffer[i] for i in batches[index]]
-            batch = collate(rows, self.pad_id, pad_to)
-            yield {
-                **batch,
-                "real_tokens": int(lengths[batches[index]].sum()),
-                "sequences": len(rows),
-                "sum_sq_len": int((lengths[batches[index]] ** 2).sum()),
-                "padded_tokens": batch["input_ids"].numel(),
-                "local_targets": int((lengths[batches[index]] - 1).sum()),
-            }
+            tensors = collate(rows, self.pad_id, pad_to)
+            yield Batch(
+                tensors,
+                real_tokens=int(lengths[batches[index]].sum()),
+                padded_tokens=tensors["input_ids"].numel(),
+                sequences=len(rows),
+                sum_sq_len=int((lengths[batches[index]] ** 2).sum()),
+                local_targets=int((lengths[batches[index]] - 1).sum()),
+            )
 
     def _sequences(self, texts: list[str]) -> list[list[int]]:
         eos, max_len = self.tokenizer.eos_token_id, self.settings.batch.max_seq_len
@@ -242,16 +242,16 @@ class BufferedBuckets(torch.utils.data.IterableDataset):
         if buffer:
             yield buffer, started_at
 
-    def _epoch(self, worker_id: int, epoch: int, start: list[int] | None) -> Iterator[dict]:
+    def _epoch(self, worker_id: int, epoch: int, start: list[int] | None) -> Iterator[Batch]:
         index, skip_documents, skip_batches = (start[1], start[2], start[3]) if start else (0, 0, 0)
         for buffer, documents_before in self._buffers(skip_documents):
             rng = np.random.default_rng([self.settings.seed, self.settings.rank, worker_id, epoch, index])
             for emitted, batch in enumerate(self._emit(buffer, rng), start=1):
                 if emitted > skip_batches:
-                    yield {**batch, "stream_position": [worker_id, epoch, index, documents_before, emitted]}
+                    yield replace(batch, stream_position=[worker_id, epoch, index, documents_before, emitted])
             index, skip_batches = index + 1, 0
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker else 0
         start = self.start.get(worker_id)
@@ -282,7 +282,7 @@ class StreamingBatches:
         self.num_workers = min(settings.batch.num_workers, max(1, documents.num_shards))
         self.positions: dict[int, list[int]] = {}
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(
             self.dataset.settings.seed
         )  # keeps the global RNG untouched
@@ -294,9 +294,9 @@ class StreamingBatches:
             pin_memory=torch.cuda.is_available(),
         )
         for batch in loader:
-            worker_id, *position = batch.pop("stream_position")
+            worker_id, *position = batch.stream_position
             self.positions[int(worker_id)] = [int(v) for v in position]
-            yield batch
+            yield replace(batch, stream_position=None)
 
     def state_dict(self) -> dict:
         return {

@@ -1,9 +1,11 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_gpt2_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lmscale.data.batches import IGNORE_INDEX, collate, collate_packed, seq_len_cap, truncate_batch
+from lmscale.data.batches import IGNORE_INDEX, Batch, collate, collate_packed, seq_len_cap, truncate_batch
 from lmscale.loss import summed_token_loss
 
 VOCAB = 50
@@ -55,9 +57,21 @@ def test_packed_labels_skip_each_documents_first_token():
 def test_seq_len_warmup_caps_and_recounts():
     assert [seq_len_cap(s, 64, 256, 100) for s in (0, 50, 99)] == [64, 160, 248]
     assert seq_len_cap(100, 64, 256, 100) is None and seq_len_cap(5, 64, 256, 0) is None
-    batch = collate([list(range(1, 11)), [1, 2, 3]], pad_id=0)
-    batch.update(real_tokens=13, padded_tokens=20, group_targets=99, group_lengths=torch.tensor([10, 3, 7]))
+    tensors = collate([list(range(1, 11)), [1, 2, 3]], pad_id=0)
+    batch = Batch(
+        tensors,
+        real_tokens=13,
+        padded_tokens=20,
+        sequences=2,
+        sum_sq_len=109,
+        local_targets=11,
+        group_targets=99,
+        group_lengths=torch.tensor([10, 3, 7]),
+    )
     cut = truncate_batch(batch, 4)
     assert cut["input_ids"].shape == (2, 4)
-    assert cut["real_tokens"] == 7 and cut["padded_tokens"] == 8
-    assert cut["group_targets"] == 3 + 2 + 3  # min(len, 4) - 1 over every rank's sequences
+    assert cut.real_tokens == 7 and cut.padded_tokens == 8 and cut.sum_sq_len == 16 + 9
+    assert cut.local_targets == 3 + 2  # this rank's rows
+    assert cut.group_targets == 3 + 2 + 3  # min(len, 4) - 1 over every rank's sequences
+    streamed = truncate_batch(replace(batch, group_targets=None, group_lengths=None), 4)
+    assert streamed.group_targets is None and streamed.local_targets == 5

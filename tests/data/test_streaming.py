@@ -68,7 +68,7 @@ def batches_of_one_epoch(tmp_path, world_size, rank, duplicates=0, budget=256):
 def test_buffered_buckets_respect_the_budget_and_cover_the_epoch(tmp_path):
     data, epoch = batches_of_one_epoch(tmp_path, world_size=1, rank=0, duplicates=40)
     assert all(b["input_ids"].numel() <= 256 for b in epoch)
-    assert all(0 <= b["padded_tokens"] - b["real_tokens"] for b in epoch)
+    assert all(0 <= b.padded_tokens - b.real_tokens for b in epoch)
     rows_per_batch = [b["input_ids"].shape[0] for b in epoch]
     assert max(rows_per_batch) > 2 * min(rows_per_batch)
     unique_docs = {r["text"] for r in data.train}
@@ -78,8 +78,8 @@ def test_buffered_buckets_respect_the_budget_and_cover_the_epoch(tmp_path):
         for t in unique_docs
     ]
     tokens = sum(len(p) for doc in pieces for p in doc)
-    assert sum(b["real_tokens"] for b in epoch) == tokens  # every unique document once, duplicates dropped
-    assert sum(b["local_targets"] for b in epoch) == int(
+    assert sum(b.real_tokens for b in epoch) == tokens  # every unique document once, duplicates dropped
+    assert sum(b.local_targets for b in epoch) == int(
         sum((b["attention_mask"].sum(1) - 1).sum() for b in epoch)
     )
 

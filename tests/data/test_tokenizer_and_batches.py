@@ -157,7 +157,7 @@ def test_stream_written_by_two_ranks_resumes_on_one_without_skipping_or_repeatin
     rest = [next(batches) for _ in range(len(alone.plan(0)))]
     next(batches)  # the next epoch is planned for one rank as usual
     assert alone.state_dict() == {"seed": 3, "epoch": 1, "cursor": 1, "world_size": 1, "segments": []}
-    rows = sum(batch["sequences"] for batch in seen + rest)
+    rows = sum(batch.sequences for batch in seen + rest)
     assert rows == len(data.train)  # every sequence once: none skipped, none repeated
-    tokens = sum(batch["real_tokens"] for batch in seen + rest)
+    tokens = sum(batch.real_tokens for batch in seen + rest)
     assert tokens == int(sum(data.train["length"]))
