@@ -43,7 +43,7 @@ def run_mode(mode: str, data_path: str | None, args: argparse.Namespace, workdir
         f"data.max_tokens_per_batch={budget}",
         f"train.micro_batch_size={args.rows}",
         f"train.max_steps={args.steps}",
-        "train.warmup_steps=2",
+        "schedule.warmup_steps=2",
         "train.log_every=5",
         f"train.eval_every={args.steps}",
         "train.eval_batches=2",

@@ -67,9 +67,9 @@ def lmscale_args(args, workdir: Path, train: Path, held_out: Path) -> list[str]:
         f"seed={SEED}",
         "precision=bf16",
         "zero.stage=2",
-        f"train.lr={args.lr}",
-        "train.min_lr=0",
-        f"train.warmup_steps={args.warmup}",
+        f"optim.lr={args.lr}",
+        "schedule.min_lr=0",
+        f"schedule.warmup_steps={args.warmup}",
         "wandb.mode=disabled",
     ]
 
@@ -122,7 +122,7 @@ def run_lmscale(
     overrides += [
         f"train.eval_every={steps}",
         "train.eval_batches=1",
-        f"train.save_every={steps}",
+        f"checkpoint.save_every={steps}",
         f"train.log_every={steps}",
     ]
     output = run([sys.executable, "-m", "lmscale.cli", "launch", "--gpus-per-node", "2", *overrides])

@@ -20,7 +20,7 @@ def train_one_step(out: Path, cache: Path, stage: int) -> None:
     subprocess.run(
         [sys.executable, "-m", "lmscale.cli", "launch", "--gpus-per-node", "2", f"zero.stage={stage}", f"output_dir={out}",
          f"data.cache_dir={cache}", "data.max_seq_len=64", "data.vocab_size=1024", "data.max_tokens_per_batch=1024",
-         "train.max_steps=1", "train.warmup_steps=0", "train.eval_batches=1", "wandb.mode=disabled", "precision=bf16"],
+         "train.max_steps=1", "schedule.warmup_steps=0", "train.eval_batches=1", "wandb.mode=disabled", "precision=bf16"],
         cwd=REPO, check=True, capture_output=True,
     )  # fmt: skip
 

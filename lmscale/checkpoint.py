@@ -259,7 +259,7 @@ def verify_checkpoint(checkpoint: Path) -> Path:
     if damage:
         raise LmscaleError(
             f"checkpoint {checkpoint} is damaged: {damage}; delete {checkpoint} to resume from the "
-            "checkpoint before it, or set train.resume to another checkpoint"
+            "checkpoint before it, or set checkpoint.resume to another checkpoint"
         )
     return checkpoint
 
@@ -289,10 +289,12 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
         return newest_intact(complete_checkpoints(RunDir(output_dir).checkpoints))
     path = Path(resume)
     if not path.is_dir():
-        raise ConfigError(f"train.resume={resume} does not exist: give a checkpoint directory, or use auto")
+        raise ConfigError(
+            f"checkpoint.resume={resume} does not exist: give a checkpoint directory, or use auto"
+        )
     if not RunDir.complete_marker(path).is_file():
         raise ConfigError(
-            f"train.resume={resume} is not a complete lmscale checkpoint (no {RunDir.complete_marker(path).name} "
+            f"checkpoint.resume={resume} is not a complete lmscale checkpoint (no {RunDir.complete_marker(path).name} "
             "marker): pick another"
         )
     return verify_checkpoint(path)

@@ -18,7 +18,7 @@ from lmscale.resources import find_file
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
     parser.add_argument(
-        "overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4 zero.stage=2"
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4 zero.stage=2"
     )
     parser.add_argument("--force", action="store_true", help="replace an existing run in output_dir")
 
@@ -140,7 +140,7 @@ def _add_tool_commands(commands) -> None:
     """Commands around a run: see the LR schedule, export, evaluate, generate."""
     schedule = commands.add_parser("schedule", help="print (and plot) the LR schedule a config gives")
     schedule.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
-    schedule.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.scheduler=wsd")
+    schedule.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. schedule.name=wsd")
     schedule.add_argument("--plot", help="write the curve to this PNG")
     export = commands.add_parser("export", help="write a run's checkpoint as an HF save_pretrained model")
     export.add_argument("run_dir", help="the output_dir of an lmscale run")
@@ -213,11 +213,11 @@ def _launch(args: argparse.Namespace) -> int:
     node, world_size = _launch_topology(args)
     # Validate here, once, so a bad config fails before any rank starts.
     config, _ = resolve_run_config(config_path, overrides, world_size, has_gpu())
-    rundir.check_output_dir(Path(config.output_dir), args.force, config.train.resume)
+    rundir.check_output_dir(Path(config.output_dir), args.force, config.checkpoint.resume)
     check_unlocked(Path(config.output_dir))
     if not args.force:
         rundir.check_resume_compatible(Path(config.output_dir), config)
-        find_resume_checkpoint(Path(config.output_dir), config.train.resume)
+        find_resume_checkpoint(Path(config.output_dir), config.checkpoint.resume)
     if args.master_port is not None and (node is None or node.node_rank == 0):
         launch.check_port_free(args.master_port)
     command = launch.deepspeed_command(
@@ -275,15 +275,22 @@ def _schedule(args: argparse.Namespace) -> int:
             "lmscale schedule needs train.max_steps: train.max_tokens and train.epochs become steps only when "
             "a run plans its data (its 'lmscale: batch:' line says how many); pass train.max_steps=N"
         )
-    curve = lr_curve(config.train)
+    curve = lr_curve(config)
     marks = sorted(
-        {0, config.train.warmup_steps, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1}
+        {
+            0,
+            config.schedule.warmup_steps,
+            len(curve) // 4,
+            len(curve) // 2,
+            3 * len(curve) // 4,
+            len(curve) - 1,
+        }
     )
-    print(f"{config.train.scheduler} schedule, {len(curve)} steps, warm-up {config.train.warmup_steps}:")
+    print(f"{config.schedule.name} schedule, {len(curve)} steps, warm-up {config.schedule.warmup_steps}:")
     for step in marks:
         print(f"  step {step + 1:>8}: lr {curve[step]:.3e}")
     if args.plot:
-        plot_curve(curve, config.train.scheduler, Path(args.plot))
+        plot_curve(curve, config.schedule.name, Path(args.plot))
         print(args.plot)
     return 0
 
@@ -485,7 +492,7 @@ def _slurm(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
-    rundir.check_output_dir(job.run_dir, False, config.train.resume)
+    rundir.check_output_dir(job.run_dir, False, config.checkpoint.resume)
     check_unlocked(job.run_dir)
     rundir.check_resume_compatible(job.run_dir, config)
     job_id = slurm.submit(job, script)

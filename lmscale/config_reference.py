@@ -16,7 +16,7 @@ from pydantic_core import PydanticUndefined
 
 @dataclass(frozen=True)
 class KeyInfo:
-    key: str  # dotted, e.g. train.lr; a list of sections shows as data.sources[].path
+    key: str  # dotted, e.g. optim.lr; a list of sections shows as data.sources[].path
     default: Any
     description: str
 
@@ -65,7 +65,7 @@ def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[
 
 def closest_key(unknown: str, known: list[str] | None = None) -> str | None:
     """The known dotted key an unknown one most likely meant: the same name in another section
-    (data.lr for train.lr), else a close spelling, else a close name in any section."""
+    (data.lr for optim.lr), else a close spelling, else a close name in any section."""
     if known is None:
         keys = [info.key for info in config_keys()]
         sections = {key.rsplit(".", 1)[0] for key in keys if "." in key}  # `trian` is an unknown section

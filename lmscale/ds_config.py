@@ -72,7 +72,7 @@ def read_deepspeed_json(path: str) -> dict[str, Any]:
     owned = [s for s in LMSCALE_OWNED_SECTIONS if s in ds]
     if owned:
         raise ConfigError(
-            f"deepspeed_config={path} sets {', '.join(owned)}: remove it; lmscale builds the optimizer and LR schedule from train.*"
+            f"deepspeed_config={path} sets {', '.join(owned)}: remove it; lmscale builds the optimizer and LR schedule from optim.* and schedule.*"
         )
     return ds
 
@@ -142,7 +142,7 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
     # check_grad_overflow: DeepSpeed skips (and counts) a step whose gradients are not finite, as it does for fp16.
     ds["bf16"] = {"enabled": config.precision == "bf16", "check_grad_overflow": True}
     ds["zero_optimization"] = _zero_section(config, ds.get("zero_optimization", {}))
-    if train.optimizer != "adamw":
+    if config.optim.name != "adamw":
         # ZeRO partitions any torch optimizer; DeepSpeed only asks to be told it is not one of its own.
         ds["zero_allow_untested_optimizer"] = True
         if config.zero.offload == "cpu":  # it steps on the CPU copy like DeepSpeedCPUAdam would

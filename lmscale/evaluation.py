@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lmscale.config import Config, build_config
+from lmscale.config import Config, saved_config
 from lmscale.data import prepare_held_out
 from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
 from lmscale.errors import LmscaleError
@@ -32,7 +32,7 @@ def evaluation_config(target: Path, data: str | None) -> Config:
         if path.is_file():
             import yaml
 
-            config = build_config(yaml.safe_load(path.read_text(encoding="utf-8")))
+            config = saved_config(yaml.safe_load(path.read_text(encoding="utf-8")))
             break
     else:
         config = Config()

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from lmscale.checkpoint import complete_checkpoints, verify_checkpoint
-from lmscale.config import Config, build_config
+from lmscale.config import Config, saved_config
 from lmscale.data.tokenizer import local_tokenizer
 from lmscale.errors import LmscaleError
 from lmscale.model import build_model, context_length
@@ -37,7 +37,7 @@ def run_config(run_dir: Path) -> Config:
     path = RunDir(run_dir).config
     if not path.is_file():
         raise LmscaleError(f"{run_dir} has no config.yaml: pass the output_dir of an lmscale run")
-    return build_config(yaml.safe_load(path.read_text(encoding="utf-8")))
+    return saved_config(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
 def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:

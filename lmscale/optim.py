@@ -1,7 +1,7 @@
-"""Optimizers and their parameter groups (weight-decay exemptions, layer-wise LR decay).
+"""The optimizer over its parameter groups (weight-decay exemptions, layer-wise LR decay).
 
-Library optimizers throughout: torch's AdamW and SGD, DeepSpeed's fused Adam/LAMB on GPU and
-CPU Adam under ZeRO offload, transformers' Adafactor, and pytorch-optimizer's Lion and LAMB on CPU.
+Library optimizers throughout (lmscale.optimizers): torch's AdamW and SGD, DeepSpeed's fused Adam/LAMB
+on GPU and CPU Adam under ZeRO offload, transformers' Adafactor, and pytorch-optimizer's Lion and LAMB.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import re
 
 import torch
 
-from lmscale.config import TrainConfig
+from lmscale.config import OptimConfig
+from lmscale.optimizers import OPTIMIZERS
 
 LAYER_INDEX = re.compile(r"\.(?:h|layers|layer|blocks)\.(\d+)\.")
 
@@ -46,35 +47,35 @@ def num_layers_of(model: torch.nn.Module) -> int:
     return getattr(getattr(model, "config", None), "num_hidden_layers", 0)
 
 
-def _grouped(model: torch.nn.Module, train: TrainConfig, by_depth: bool) -> dict[tuple[int, bool], dict]:
+def _grouped(model: torch.nn.Module, optim: OptimConfig, by_depth: bool) -> dict[tuple[int, bool], dict]:
     num_layers = num_layers_of(model)
-    layered = train.layer_lr_decay < 1 or by_depth
+    layered = optim.layer_lr_decay < 1 or by_depth
     groups: dict[tuple[int, bool], dict] = {}
     for name, param, kind in named_parameters_with_kind(model):
         depth = layer_depth(name, num_layers, kind) if layered else 0
-        decays = kind not in train.no_weight_decay
-        scale = train.layer_lr_decay ** (num_layers + 1 - depth) if layered else 1.0
+        decays = kind not in optim.no_weight_decay
+        scale = optim.layer_lr_decay ** (num_layers + 1 - depth) if layered else 1.0
         group = groups.setdefault(
             (depth, decays),
-            {"params": [], "weight_decay": train.weight_decay if decays else 0.0, "lr": train.lr * scale},
+            {"params": [], "weight_decay": optim.weight_decay if decays else 0.0, "lr": optim.lr * scale},
         )
         group["params"].append(param)
     return dict(sorted(groups.items()))
 
 
-def parameter_groups(model: torch.nn.Module, train: TrainConfig, by_depth: bool = False) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, optim: OptimConfig, by_depth: bool = False) -> list[dict]:
     """One group per (depth, decays?) with LR scale layer_lr_decay ** (distance from the top);
     `by_depth` keeps depths apart even without decay (gradual unfreezing switches whole depths).
 
     Groups are fixed before `deepspeed.initialize` (ZeRO flattens each group's parameters); the
     schedule multiplies every group's base LR by the same factor, so the ratios hold all run.
     """
-    return list(_grouped(model, train, by_depth).values())
+    return list(_grouped(model, optim, by_depth).values())
 
 
-def group_depths(model: torch.nn.Module, train: TrainConfig, by_depth: bool = False) -> list[int]:
+def group_depths(model: torch.nn.Module, optim: OptimConfig, by_depth: bool = False) -> list[int]:
     """The depth of each of `parameter_groups`' groups, in the same order (0 when not layered)."""
-    return [depth for depth, _ in _grouped(model, train, by_depth)]
+    return [depth for depth, _ in _grouped(model, optim, by_depth)]
 
 
 def params_by_depth(model: torch.nn.Module) -> dict[int, list[torch.nn.Parameter]]:
@@ -86,39 +87,8 @@ def params_by_depth(model: torch.nn.Module) -> dict[int, list[torch.nn.Parameter
 
 
 def build_optimizer(
-    model: torch.nn.Module, train: TrainConfig, cpu_offload: bool, by_depth: bool = False
+    model: torch.nn.Module, optim: OptimConfig, cpu_offload: bool, by_depth: bool = False
 ) -> torch.optim.Optimizer:
-    """The optimizer `train.optimizer` names, over `parameter_groups`."""
-    groups = parameter_groups(model, train, by_depth)
-    gpu = torch.cuda.is_available()
-    if train.optimizer == "adamw":
-        if cpu_offload:  # ZeRO-Offload steps on the CPU copy; DeepSpeed requires its own CPU Adam there
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            return DeepSpeedCPUAdam(groups, lr=train.lr, betas=train.betas, adamw_mode=True)
-        if gpu:
-            from deepspeed.ops.adam import FusedAdam
-
-            return FusedAdam(groups, lr=train.lr, betas=train.betas, adam_w_mode=True)
-        # torch's fused CPU kernel: one pass over each (ZeRO-flattened) tensor instead of ~10, about
-        # 5x faster per step than the for-loop default; HF Trainer's default optimizer too.
-        return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, fused=True)
-    if train.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        # A fixed LR driven by lmscale's schedule, not Adafactor's own relative step size.
-        return Adafactor(groups, lr=train.lr, scale_parameter=False, relative_step=False, warmup_init=False)
-    if train.optimizer == "lion":
-        from pytorch_optimizer import Lion
-
-        return Lion(groups, lr=train.lr, betas=train.betas)
-    if train.optimizer == "lamb":
-        if gpu and not cpu_offload:
-            from deepspeed.ops.lamb import FusedLamb
-
-            return FusedLamb(groups, lr=train.lr, betas=train.betas, max_grad_norm=0.0)
-        from pytorch_optimizer import Lamb
-
-        # DeepSpeed clips the global gradient norm; LAMB must not rescale gradients again.
-        return Lamb(groups, lr=train.lr, betas=train.betas, max_grad_norm=0.0)
-    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+    """The optimizer `optim.name` names, over `parameter_groups`."""
+    groups = parameter_groups(model, optim, by_depth)
+    return OPTIMIZERS[optim.name](groups, optim, torch.cuda.is_available(), cpu_offload)

@@ -44,7 +44,7 @@ class Resume:
 def plan_resume(config: Config, force: bool, world_size: int) -> Resume:
     """The checkpoint to resume from; one written by another rank count is converted first (before
     the process group exists, so a long conversion cannot time out a collective)."""
-    checkpoint = None if force else find_resume_checkpoint(Path(config.output_dir), config.train.resume)
+    checkpoint = None if force else find_resume_checkpoint(Path(config.output_dir), config.checkpoint.resume)
     universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage)
     if not universal:
         return Resume(checkpoint, universal)
@@ -104,7 +104,7 @@ def checkpoint_saver(
         adapters_only = config.finetune.lora is not None
         with unfreezing.everything_trainable():  # a layer not yet unfrozen is still part of the checkpoint
             path = save_checkpoint(
-                engine, output_dir, step, state, config.train.keep_last, own, adapters_only
+                engine, output_dir, step, state, config.checkpoint.keep_last, own, adapters_only
             )
         if is_best and is_rank_zero:
             mark_best(output_dir, step)

@@ -127,8 +127,8 @@ def check_output_dir(output_dir: Path, force: bool, resume: str) -> None:
     existing = holds_run(output_dir)
     if existing and not force and resume == "none":
         raise ConfigError(
-            f"output_dir={output_dir} already holds a run ({', '.join(existing)}) and train.resume=none: "
-            "choose a new output_dir=..., resume it with train.resume=auto, or pass --force to replace it"
+            f"output_dir={output_dir} already holds a run ({', '.join(existing)}) and checkpoint.resume=none: "
+            "choose a new output_dir=..., resume it with checkpoint.resume=auto, or pass --force to replace it"
         )
     probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
     if not probe.is_dir():

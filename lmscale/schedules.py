@@ -1,9 +1,9 @@
 """Learning-rate schedules as pure functions of the optimizer step.
 
-Every schedule starts with a linear warm-up over `train.warmup_steps` to `train.lr`; what follows is
-chosen by `train.scheduler`. Written as plain functions (not torch's scheduler classes) so that one
-value per step is defined in one place: the LambdaLR that DeepSpeed steps, the unit tests and
-`lmscale schedule --plot` all read the same numbers.
+Every schedule starts with a linear warm-up over `schedule.warmup_steps` to `optim.lr`; what follows is
+chosen by `schedule.name`, a key of SCHEDULES (the config reads its choices from there). Written as
+plain functions (not torch's scheduler classes) so that one value per step is defined in one place:
+the LambdaLR that DeepSpeed steps, the unit tests and `lmscale schedule --plot` all read the same numbers.
 """
 
 from __future__ import annotations
@@ -12,23 +12,12 @@ import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # the config imports this module for the schedule names: no import back at run time
+    import torch
 
-from lmscale.config import TrainConfig
-
-SCHEDULES = (
-    "constant",
-    "linear",
-    "cosine",
-    "cosine_restarts",
-    "step",
-    "exponential",
-    "piecewise",
-    "cyclic",
-    "wsd",
-)
+    from lmscale.config import Config, ScheduleConfig
 
 
 def _cosine(progress: float, high: float, low: float) -> float:
@@ -51,69 +40,106 @@ def _triangle(t: int, half_cycle: int, mode: str) -> float:
     return height * (0.5**cycle if mode == "triangular2" else 1.0)
 
 
-def _after_warmup(t: int, total: int, c: TrainConfig) -> float:
-    """LR `t` steps after the warm-up, of `total` such steps."""
-    lr, low = c.lr, c.min_lr
-    progress = t / max(1, total)
-    if c.scheduler == "constant":
-        return lr
-    if c.scheduler == "linear":
-        return lr + (low - lr) * min(1.0, progress)
-    if c.scheduler == "cosine":
-        return _cosine(progress, lr, low)
-    if c.scheduler == "cosine_restarts":
-        position, length = _restart_position(t, c.restart_period, c.restart_mult)
-        return _cosine(position / length, lr, low)
-    if c.scheduler == "step":
-        return lr * c.decay_gamma ** (t // c.decay_every)
-    if c.scheduler == "exponential":  # geometric from lr to min_lr over the run
-        return lr * (max(low, 1e-12) / lr) ** min(1.0, progress)
-    if c.scheduler == "cyclic":  # after a warm-up the cycles start at the peak it reached
-        offset = c.cycle_steps if c.warmup_steps else 0
-        return low + (lr - low) * _triangle(t + offset, c.cycle_steps, c.cycle_mode)
-    if c.scheduler == "wsd":  # warm-up, stable at lr, then a linear decay over the last decay_fraction
-        decay_start = total * (1.0 - c.decay_fraction)
-        return lr if t < decay_start else lr + (low - lr) * (t - decay_start) / max(1e-9, total - decay_start)
-    raise ValueError(f"unknown schedule {c.scheduler}")
+# Each schedule's LR `t` steps after the warm-up, of `total` such steps, peaking at `lr`.
+def constant(t: int, total: int, lr: float, s: ScheduleConfig) -> float:
+    return lr
 
 
-def _piecewise(step: int, c: TrainConfig) -> float:
-    steps, values = zip(*c.lr_points, strict=True)
-    return float(np.interp(step, steps, values))
+def linear(t: int, total: int, lr: float, s: ScheduleConfig) -> float:
+    return lr + (s.min_lr - lr) * min(1.0, t / max(1, total))
 
 
-def lr_at(step: int, c: TrainConfig) -> float:
-    """LR of optimizer step `step` (0-based). `piecewise` points are in absolute steps; the others run
-    their shape over the steps after the warm-up."""
-    if c.scheduler == "piecewise":
-        target = _piecewise(max(step, c.warmup_steps), c)
-        return target * (step + 1) / c.warmup_steps if step < c.warmup_steps else target
-    if step < c.warmup_steps:
-        return c.lr * (step + 1) / c.warmup_steps
-    return _after_warmup(step - c.warmup_steps, c.max_steps - c.warmup_steps, c)
+def cosine(t: int, total: int, lr: float, s: ScheduleConfig) -> float:
+    return _cosine(t / max(1, total), lr, s.min_lr)
 
 
-def lr_curve(c: TrainConfig) -> list[float]:
+def cosine_restarts(t: int, total: int, lr: float, s: ScheduleConfig) -> float:
+    position, length = _restart_position(t, s.restart_period, s.restart_mult)
+    return _cosine(position / length, lr, s.min_lr)
+
+
+def step_decay(t: int, total: int, lr: float, s: ScheduleConfig) -> float:
+    return lr * s.decay_gamma ** (t // s.decay_every)
+
+
+def exponential(t: int, total: int, lr: float, s: ScheduleConfig) -> float:
+    """Geometric from lr to min_lr over the run."""
+    return lr * (max(s.min_lr, 1e-12) / lr) ** min(1.0, t / max(1, total))
+
+
+def piecewise(t: int, total: int, lr: float, s: ScheduleConfig) -> float:
+    """Linear between [step, lr] points given in absolute steps (see lr_at)."""
+    import numpy as np
+
+    steps, values = zip(*s.lr_points, strict=True)
+    return float(np.interp(t + s.warmup_steps, steps, values))
+
+
+def cyclic(t: int, total: int, lr: float, s: ScheduleConfig) -> float:
+    """After a warm-up the cycles start at the peak it reached."""
+    offset = s.cycle_steps if s.warmup_steps else 0
+    return s.min_lr + (lr - s.min_lr) * _triangle(t + offset, s.cycle_steps, s.cycle_mode)
+
+
+def wsd(t: int, total: int, lr: float, s: ScheduleConfig) -> float:
+    """Warm-up, stable at lr, then a linear decay to min_lr over the last decay_fraction."""
+    decay_start = total * (1.0 - s.decay_fraction)
+    return (
+        lr if t < decay_start else lr + (s.min_lr - lr) * (t - decay_start) / max(1e-9, total - decay_start)
+    )
+
+
+SCHEDULES: dict[str, Callable[[int, int, float, ScheduleConfig], float]] = {
+    "constant": constant,
+    "linear": linear,
+    "cosine": cosine,
+    "cosine_restarts": cosine_restarts,
+    "step": step_decay,
+    "exponential": exponential,
+    "piecewise": piecewise,
+    "cyclic": cyclic,
+    "wsd": wsd,
+}
+
+
+def lr_at(step: int, config: Config) -> float:
+    """LR of optimizer step `step` (0-based): a linear warm-up to optim.lr (to the first piecewise value
+    for `piecewise`, whose points are absolute steps), then schedule.name over the steps after it."""
+    s, lr, max_steps = config.schedule, config.optim.lr, config.train.max_steps
+    after = SCHEDULES[s.name]
+    if s.name == "piecewise":
+        target = after(max(step - s.warmup_steps, 0), 0, lr, s)
+        return target * (step + 1) / s.warmup_steps if step < s.warmup_steps else target
+    if step < s.warmup_steps:
+        return lr * (step + 1) / s.warmup_steps
+    return after(step - s.warmup_steps, max_steps - s.warmup_steps, lr, s)
+
+
+def lr_curve(config: Config) -> list[float]:
     """The LR of every step of the run."""
-    return [lr_at(step, c) for step in range(c.max_steps)]
+    return [lr_at(step, config) for step in range(config.train.max_steps)]
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
-    c: TrainConfig,
+    config: Config,
     group_gates: list[Callable[[int], bool]] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule as a LambdaLR factor of each group's base LR (so layer-wise LR ratios are kept);
     DeepSpeed steps it once per optimizer step. `group_gates[i](step)` False holds group i at LR 0
     (a layer gradual unfreezing has not opened yet)."""
+    import torch
+
     if group_gates is None:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, c) / c.lr)
-    factors = [partial(_gated_factor, c=c, gate=gate) for gate in group_gates]
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_at(step, config) / config.optim.lr
+        )
+    factors = [partial(_gated_factor, config=config, gate=gate) for gate in group_gates]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
-def _gated_factor(step: int, c: TrainConfig, gate: Callable[[int], bool]) -> float:
-    return lr_at(step, c) / c.lr if gate(step) else 0.0
+def _gated_factor(step: int, config: Config, gate: Callable[[int], bool]) -> float:
+    return lr_at(step, config) / config.optim.lr if gate(step) else 0.0
 
 
 def plot_curve(curve: list[float], name: str, path: Path) -> None:

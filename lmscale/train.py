@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lmscale import faults
-from lmscale.config import TrainConfig
+from lmscale.config import CheckpointConfig, TrainConfig
 from lmscale.data.batches import Batch, BatchStream, step_targets, truncate_batch
 from lmscale.errors import LmscaleError
 from lmscale.logging import MetricsSink
@@ -224,7 +224,7 @@ class NonFiniteGuard:
         self.in_a_row = self.in_a_row + 1 if skipped else 0
         if self.in_a_row >= self.limit:
             raise LmscaleError(
-                f"{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient: lower train.lr "
+                f"{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient: lower optim.lr "
                 "or check the data; the last checkpoint saved before them is kept"
             )
         return skipped
@@ -261,12 +261,13 @@ def train(
     train_stream: BatchStream,
     eval_stream: BatchStream,
     config: TrainConfig,
+    checkpointing: CheckpointConfig,
     sink: MetricsSink,
     hooks: LoopHooks,
     start: LoopStart | None = None,
 ) -> TrainResult:
-    """Train to `config.max_steps`: log every `log_every`, evaluate every `eval_every`, save every `save_every`,
-    and stop early (with a checkpoint) when a stop signal is agreed."""
+    """Train to `config.max_steps`: log every `log_every`, evaluate every `eval_every`, save every
+    `checkpointing.save_every`, and stop early (with a checkpoint) when a stop signal is agreed."""
     start = start or LoopStart()
     world_size = dist.get_world_size()
     train_objective = hooks.objective or cross_entropy_objective(config.label_smoothing)
@@ -340,7 +341,13 @@ def train(
         # No routine checkpoint right after a skipped step: the last one before it stays the newest.
         # With early stopping, every new best is saved, so the best model is a checkpoint to keep.
         keep_best = is_best and config.early_stopping.patience is not None
-        if (step % config.save_every == 0 and not skipped) or is_last or stop or plateaued or keep_best:
+        if (
+            (step % checkpointing.save_every == 0 and not skipped)
+            or is_last
+            or stop
+            or plateaued
+            or keep_best
+        ):
             hooks.progress(step, "saving a checkpoint")
             checkpoint = hooks.save(step, tokens_seen, best_eval, is_best)
             hooks.progress(step, "training step")

@@ -117,11 +117,11 @@ def optimization(model: torch.nn.Module, config: Config):
     `deepspeed.initialize`, and gradual unfreezing gates each depth's group (see lmscale.finetune)."""
     unfreeze = config.finetune.unfreeze
     by_depth = unfreeze is not None
-    optimizer = build_optimizer(model, config.train, config.zero.offload == "cpu", by_depth)
+    optimizer = build_optimizer(model, config.optim, config.zero.offload == "cpu", by_depth)
     num_layers = num_layers_of(model)
     gates = None
     if by_depth:
-        depths = group_depths(model, config.train, by_depth)
+        depths = group_depths(model, config.optim, by_depth)
         gates = [partial(is_joined, depth, num_layers=num_layers, unfreeze=unfreeze) for depth in depths]
         log.info(
             "unfreeze: from the %s, one layer every %d steps; all %d layers train from step %d",
@@ -131,7 +131,7 @@ def optimization(model: torch.nn.Module, config: Config):
             all_joined_step(num_layers, unfreeze) + 1,
         )
     unfreezing = Unfreezing(params_by_depth(model), num_layers, unfreeze)
-    return optimizer, build_scheduler(optimizer, config.train, gates), unfreezing
+    return optimizer, build_scheduler(optimizer, config, gates), unfreezing
 
 
 def settle_training_length(config: Config, train_stream, world_size: int) -> None:
@@ -161,7 +161,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     world_size = int(os.environ["WORLD_SIZE"])
     config, ds_config = resolve_run_config(config_path, overrides, world_size, ds_engine.has_gpu())
     output_dir = Path(config.output_dir)
-    check_output_dir(output_dir, force, config.train.resume)
+    check_output_dir(output_dir, force, config.checkpoint.resume)
     check_unlocked(output_dir)
     if not force:
         check_resume_compatible(output_dir, config)
@@ -306,7 +306,7 @@ def train_and_finish(
     sink = MetricsSink(
         config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step
     )
-    result = train(engine, train_stream, eval_stream, config.train, sink, hooks, start)
+    result = train(engine, train_stream, eval_stream, config.train, config.checkpoint, sink, hooks, start)
     digest = check_replicas_agree(engine, config.zero.stage)
     if digest:
         log.info(
@@ -392,7 +392,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--force", action="store_true", help="replace an existing run in output_dir")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for lmscale errors")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
     return parser.parse_args(argv)
 
 

@@ -68,17 +68,17 @@ CASES = [
         ["precision=fp16 needs a GPU", "precision=bf16"],
     ),
     ("unknown precision", ["train", "{run}", "precision=fp8"], ["precision='fp8'"]),
-    ("negative lr", ["train", "{run}", "train.lr=-1"], ["train.lr=-1"]),
-    ("warm-up past the end", ["train", "{run}", "train.warmup_steps=500"], ["shorten the warm-up"]),
+    ("negative lr", ["train", "{run}", "optim.lr=-1"], ["optim.lr=-1"]),
+    ("warm-up past the end", ["train", "{run}", "schedule.warmup_steps=500"], ["shorten the warm-up"]),
     ("offload without ZeRO-2", ["train", "{run}", "zero.offload=cpu", "zero.stage=1"], ["set zero.stage=2"]),
-    ("min_lr above lr", ["train", "{run}", "train.min_lr=1"], ["set min_lr <= lr"]),
+    ("min_lr above lr", ["train", "{run}", "schedule.min_lr=1"], ["set min_lr <= lr"]),
     (
         "global batch mismatch",
         ["train", "{run}", "train.global_batch_size=7"],
         ["global_batch_size=7", "unset"],
     ),
-    ("override without =", ["train", "{run}", "train.lr"], ["not key=value"]),
-    ("keep_last below 2", ["train", "{run}", "train.keep_last=1"], ["train.keep_last=1"]),
+    ("override without =", ["train", "{run}", "optim.lr"], ["not key=value"]),
+    ("keep_last below 2", ["train", "{run}", "checkpoint.keep_last=1"], ["checkpoint.keep_last=1"]),
     ("missing recipe", ["train", "{missing}.yaml"], ["does not exist"]),
     ("malformed recipe", ["train", "{bad_yaml}"], ["line 3 is not valid YAML"]),
     ("recipe that is a list", ["train", "{list_yaml}"], ["must hold a mapping"]),
@@ -143,12 +143,12 @@ CASES = [
     ),
     (
         "resume path missing",
-        ["train", "{run}", "train.resume={missing}"],
-        ["train.resume=", "does not exist"],
+        ["train", "{run}", "checkpoint.resume={missing}"],
+        ["checkpoint.resume=", "does not exist"],
     ),
     (
         "existing run with resume none",
-        ["train", "{run}", "train.resume=none"],
+        ["train", "{run}", "checkpoint.resume=none"],
         ["already holds a run", "--force"],
     ),
     (
@@ -207,7 +207,7 @@ CASES = [
     (
         "misspelt key gets a suggestion",
         ["train", "{fresh}", "train.lrr=1e-3"],
-        ["train.lrr: unknown key; did you mean train.lr?"],
+        ["train.lrr: unknown key; did you mean optim.lr?"],
     ),
     (
         "unknown harness task in training",
@@ -226,7 +226,7 @@ CASES = [
     ),
     (
         "truncated checkpoint shard",
-        ["train", "{run}", "train.resume={truncated_checkpoint}"],
+        ["train", "{run}", "checkpoint.resume={truncated_checkpoint}"],
         [
             "is damaged",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt has 10 bytes of the 4096 written",
@@ -235,7 +235,7 @@ CASES = [
     ),
     (
         "unreadable checkpoint marker",
-        ["train", "{run}", "train.resume={garbled_checkpoint}"],
+        ["train", "{run}", "checkpoint.resume={garbled_checkpoint}"],
         ["unreadable COMPLETE marker", "delete"],
     ),
 ]

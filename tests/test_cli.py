@@ -23,7 +23,7 @@ def assert_one_line_error(result, *fragments):
         (["train.micro_batch_size=0"], ["train.micro_batch_size=0"]),
         (["model.dropout=0.1"], ["model.dropout: unknown key"]),
         (["precision=fp16"], ["precision=fp16 needs a GPU", "precision=bf16"]),
-        (["train.lr"], ["not key=value"]),
+        (["optim.lr"], ["not key=value"]),
         (["deepspeed_config=ds_configs/zero2_bf16.json", "zero.stage=1"], ["zero.stage=1 but", "says 2"]),
     ],
 )
@@ -39,8 +39,8 @@ def test_existing_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("precious: true\n")
-    result = run_lmscale("train", f"output_dir={out}", "train.resume=none")
-    assert_one_line_error(result, "already holds a run", "train.resume=none", "--force")
+    result = run_lmscale("train", f"output_dir={out}", "checkpoint.resume=none")
+    assert_one_line_error(result, "already holds a run", "checkpoint.resume=none", "--force")
     result = run_lmscale("train", f"output_dir={out}")  # resume: auto, but this is no lmscale run
     assert_one_line_error(result, "not an lmscale run's", "--force")
     assert (out / "config.yaml").read_text() == "precious: true\n"
@@ -59,12 +59,12 @@ def test_resume_path_that_does_not_exist(tmp_path):
     result = run_lmscale(
         "train",
         f"output_dir={tmp_path / 'run'}",
-        f"train.resume={tmp_path / 'nope'}",
+        f"checkpoint.resume={tmp_path / 'nope'}",
         "train.max_steps=40",
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.vocab_size=300",
     )
-    assert_one_line_error(result, "train.resume=", "does not exist")
+    assert_one_line_error(result, "checkpoint.resume=", "does not exist")
     assert not (tmp_path / "run").exists()
 
 
@@ -87,13 +87,13 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
 def test_overrides_may_follow_the_flags_and_keep_their_order():
     args = parse_args(
-        ["launch", "train.lr=1e-3", "--gpus-per-node", "2", "zero.stage=2", "--force", "train.lr=2e-3"]
+        ["launch", "optim.lr=1e-3", "--gpus-per-node", "2", "zero.stage=2", "--force", "optim.lr=2e-3"]
     )
     assert args.gpus_per_node == 2 and args.force
     config_path, overrides = split_config_and_overrides(args)
-    assert config_path is None and overrides == ["train.lr=1e-3", "zero.stage=2", "train.lr=2e-3"]
+    assert config_path is None and overrides == ["optim.lr=1e-3", "zero.stage=2", "optim.lr=2e-3"]
     config, _ = load_config(config_path, overrides)
-    assert config.train.lr == 2e-3 and config.zero.stage == 2  # the later value wins
+    assert config.optim.lr == 2e-3 and config.zero.stage == 2  # the later value wins
 
 
 def test_a_stray_word_after_the_flags_is_still_an_error(capsys):
@@ -171,7 +171,7 @@ def test_config_keys_lists_every_key_with_default_and_description():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == len(config_keys()) >= 100
-    lr = next(line for line in lines if line.startswith("train.lr "))
+    lr = next(line for line in lines if line.startswith("optim.lr "))
     assert "0.002" in lr and "Peak learning rate." in lr
     assert any(line.startswith("finetune.lora.r ") for line in lines)
 
@@ -179,22 +179,22 @@ def test_config_keys_lists_every_key_with_default_and_description():
 def test_config_show_prints_the_resolved_config():
     import yaml
 
-    result = run_lmscale("config", "show", "configs/tiny-cpu.yaml", "train.lr=1e-3", "zero.stage=2")
+    result = run_lmscale("config", "show", "configs/tiny-cpu.yaml", "optim.lr=1e-3", "zero.stage=2")
     assert result.returncode == 0, result.stderr
     shown = yaml.safe_load(result.stdout)
     assert (
-        shown["train"]["lr"] == 1e-3 and shown["zero"]["stage"] == 2 and shown["data"]["max_seq_len"] == 256
+        shown["optim"]["lr"] == 1e-3 and shown["zero"]["stage"] == 2 and shown["data"]["max_seq_len"] == 256
     )
     assert_one_line_error(
-        run_lmscale("config", "show", "trian.lr=1"), "trian: unknown key; did you mean train?"
+        run_lmscale("config", "show", "optm.lr=1"), "optm: unknown key; did you mean optim?"
     )
 
 
 @pytest.mark.parametrize(
     ("unknown", "meant"),
     [
-        ("train.lrr", "train.lr"),
-        ("data.lr", "train.lr"),
+        ("train.lrr", "optim.lr"),
+        ("data.lr", "optim.lr"),
         ("data.max_seq_length", "data.max_seq_len"),
         ("zero.offlod", "zero.offload"),
         ("wandb.nonsense_words", None),

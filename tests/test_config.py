@@ -20,17 +20,17 @@ def test_every_recipe_validates(recipe):
 
 
 def test_overrides_parse_values_as_yaml():
-    config, explicit = load_config(None, ["train.lr=3e-4", "zero.stage=2", "data.path=/x", "model.path=null"])
-    assert config.train.lr == 3e-4
+    config, explicit = load_config(None, ["optim.lr=3e-4", "zero.stage=2", "data.path=/x", "model.path=null"])
+    assert config.optim.lr == 3e-4
     assert config.zero.stage == 2
     assert config.data.path == "/x"
     assert config.model.path is None
-    assert {"train.lr", "zero.stage", "data.path"} <= explicit
+    assert {"optim.lr", "zero.stage", "data.path"} <= explicit
 
 
 def test_override_without_equals_names_the_fix():
     with pytest.raises(ConfigError, match="not key=value"):
-        apply_overrides({}, ["train.lr"])
+        apply_overrides({}, ["optim.lr"])
 
 
 def test_unknown_key_is_named():
@@ -54,7 +54,7 @@ def test_wrong_type_is_named():
 
 def test_inconsistent_schedule_and_offload_are_errors():
     with pytest.raises(ConfigError, match="warmup_steps"):
-        load_config(None, ["train.warmup_steps=500", "train.max_steps=100"])
+        load_config(None, ["schedule.warmup_steps=500", "train.max_steps=100"])
     with pytest.raises(ConfigError, match="zero.offload=cpu needs zero.stage 2 or 3"):
         load_config(None, ["zero.offload=cpu", "zero.stage=1"])
 
@@ -69,5 +69,17 @@ def test_missing_and_malformed_yaml(tmp_path):
 
 
 def test_resolved_yaml_round_trips():
-    config, _ = load_config(None, ["train.lr=1e-3", "zero.stage=3"])
+    config, _ = load_config(None, ["optim.lr=1e-3", "zero.stage=3"])
     assert build_config(yaml.safe_load(config_to_yaml(config))) == config
+
+
+def test_a_saved_config_from_before_the_sections_still_loads():
+    from lmscale.config import saved_config
+
+    old = {
+        "train": {"lr": 1e-3, "scheduler": "wsd", "save_every": 7, "max_steps": 30},
+        "model": {"preset": "tiny-gpt2"},
+    }
+    config = saved_config(old)
+    assert (config.optim.lr, config.schedule.name, config.checkpoint.save_every) == (1e-3, "wsd", 7)
+    assert config.train.max_steps == 30 and old["train"]["lr"] == 1e-3  # the caller's dict is untouched

@@ -47,7 +47,7 @@ def trained_run(tmp_path_factory):
         "data.max_seq_len=64",
         "data.max_tokens_per_batch=1024",
         "train.max_steps=20",
-        "train.warmup_steps=2",
+        "schedule.warmup_steps=2",
         "train.eval_every=20",
         "train.eval_batches=1000",  # more than the held-out set has: all of it is scored
         "wandb.mode=disabled",

@@ -16,11 +16,11 @@ ARGS = [
     "data.vocab_size=1024",
     "data.max_tokens_per_batch=1024",
     "train.max_steps=8",
-    "train.warmup_steps=1",
+    "schedule.warmup_steps=1",
     "train.eval_every=100",
     "train.eval_batches=2",
     "train.log_every=1",
-    "train.save_every=2",
+    "checkpoint.save_every=2",
     "data.num_workers=0",
     "wandb.mode=disabled",
     "precision=bf16",
@@ -118,7 +118,7 @@ def test_full_disk_kill_mid_save_and_a_corrupt_checkpoint_lose_nothing(tmp_path,
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    explicit = train("train.max_steps=12", f"train.resume={newest}")
+    explicit = train("train.max_steps=12", f"checkpoint.resume={newest}")
     assert explicit.returncode == 1 and "does not match the checksum" in error_lines(explicit)[0]
     result = train("train.max_steps=12")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,7 +6,15 @@ import torch
 from conftest import tiny_gpt2_config
 from finetune_data import instruction_records, labelled_records, write_jsonl
 
-from lmscale.config import DataConfig, FinetuneConfig, LoraConfig, TrainConfig, UnfreezeConfig, load_config
+from lmscale.config import (
+    Config,
+    DataConfig,
+    FinetuneConfig,
+    LoraConfig,
+    UnfreezeConfig,
+    build_config,
+    load_config,
+)
 from lmscale.data import prepare_data
 from lmscale.data.batches import collate, target_count
 from lmscale.data.bucketing import plan_epoch
@@ -23,6 +31,16 @@ from lmscale.loss import summed_loss
 from lmscale.model import count_parameters
 from lmscale.optim import build_optimizer, group_depths, params_by_depth
 from lmscale.schedules import build_scheduler
+
+
+def constant_lr(lr: float, max_steps: int, weight_decay: float = 0.1) -> Config:
+    return build_config(
+        {
+            "optim": {"lr": lr, "weight_decay": weight_decay},
+            "schedule": {"name": "constant", "warmup_steps": 0, "min_lr": 0.0},
+            "train": {"max_steps": max_steps},
+        }
+    )
 
 
 def gpt2(layers=3):
@@ -72,10 +90,10 @@ def test_unfreezing_switches_requires_grad_of_the_right_parameters_at_the_right_
 
 def test_frozen_layers_get_lr_zero_until_they_join_and_then_the_schedule():
     model = gpt2(layers=2)
-    train = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, scheduler="constant", max_steps=10)
+    train = constant_lr(lr=1.0, max_steps=10)
     unfreeze = UnfreezeConfig(every_steps=3)
-    optimizer = build_optimizer(model, train, cpu_offload=False, by_depth=True)
-    depths = group_depths(model, train, by_depth=True)
+    optimizer = build_optimizer(model, train.optim, cpu_offload=False, by_depth=True)
+    depths = group_depths(model, train.optim, by_depth=True)
     assert len(depths) == len(optimizer.param_groups) and set(depths) == {0, 1, 2, 3}
     from functools import partial
 
@@ -93,14 +111,12 @@ def test_frozen_layers_get_lr_zero_until_they_join_and_then_the_schedule():
 
 def test_a_layer_not_yet_joined_does_not_move_even_with_weight_decay():
     model = gpt2(layers=2)
-    train = TrainConfig(
-        lr=0.1, warmup_steps=0, scheduler="constant", max_steps=5, weight_decay=0.5, min_lr=0.0
-    )
+    train = constant_lr(lr=0.1, max_steps=5, weight_decay=0.5)
     unfreeze = UnfreezeConfig(every_steps=100)
-    optimizer = build_optimizer(model, train, cpu_offload=False, by_depth=True)
+    optimizer = build_optimizer(model, train.optim, cpu_offload=False, by_depth=True)
     from functools import partial
 
-    depths = group_depths(model, train, by_depth=True)
+    depths = group_depths(model, train.optim, by_depth=True)
     gates = [partial(is_joined, d, num_layers=2, unfreeze=unfreeze) for d in depths]
     scheduler = build_scheduler(optimizer, train, gates)
     unfreezing = Unfreezing(params_by_depth(model), 2, unfreeze)

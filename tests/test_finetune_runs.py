@@ -36,7 +36,7 @@ def common(base, out, data="sft.jsonl", steps=24):
         "data.max_seq_len=128",
         "data.max_tokens_per_batch=1024",
         f"train.max_steps={steps}",
-        "train.warmup_steps=2",
+        "schedule.warmup_steps=2",
         f"train.eval_every={steps}",
         "train.eval_batches=1000",
         "wandb.mode=disabled",
@@ -57,8 +57,8 @@ def test_lora_fine_tune_lowers_eval_loss_exports_merges_and_resumes(workspace, t
         "data.format=prompt_completion",
         "finetune.lora.r=8",
         "finetune.lora.dropout=0",
-        "train.lr=5e-3",
-        "train.save_every=12",
+        "optim.lr=5e-3",
+        "checkpoint.save_every=12",
     ]
     result = run_lmscale("launch", "--gpus-per-node", "2", *args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -107,8 +107,8 @@ def test_gradual_unfreezing_trains_only_the_joined_layers_under_zero2(workspace,
         "zero.stage=2",
         "data.format=prompt_completion",
         "finetune.unfreeze.every_steps=3",  # 2 blocks: head + block 1 from step 1, block 0 from step 4
-        "train.save_every=3",
-        "train.keep_last=3",
+        "checkpoint.save_every=3",
+        "checkpoint.keep_last=3",
     ]
     result = run_lmscale("launch", "--gpus-per-node", "2", *args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -134,7 +134,7 @@ def test_gradual_unfreezing_trains_only_the_joined_layers_under_zero2(workspace,
 def test_chat_fine_tune_masks_the_prompt_and_lowers_eval_loss(workspace, tmp_path):
     run = tmp_path / "run"
     result = run_lmscale(
-        "train", *common(workspace, run, "chat.jsonl", steps=30), "data.format=chat", "train.lr=3e-3"
+        "train", *common(workspace, run, "chat.jsonl", steps=30), "data.format=chat", "optim.lr=3e-3"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     evals = eval_losses(run)
@@ -154,7 +154,7 @@ def test_classification_head_learns_and_exports(workspace, tmp_path):
     args = common(workspace, run, "cls.jsonl", steps=40) + [
         "finetune.task=classification",
         "data.eval_fraction=0.1",
-        "train.lr=1e-3",
+        "optim.lr=1e-3",
         "train.eval_every=20",
     ]
     result = run_lmscale("train", *args)

@@ -77,7 +77,7 @@ def test_hub_model_and_dataset_train_offline_from_the_cache(hub_cache, tmp_path)
         "data.max_seq_len=64",
         "data.max_tokens_per_batch=512",
         "train.max_steps=4",
-        "train.warmup_steps=1",
+        "schedule.warmup_steps=1",
         "train.eval_every=4",
         "wandb.mode=disabled",
         "precision=fp32",

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import tiny_gpt2_config
 
-from lmscale.config import TrainConfig
+from lmscale.config import OptimConfig
 from lmscale.optim import build_optimizer, parameter_groups
 
 
@@ -14,7 +14,7 @@ def toy_model():
 
 def test_no_decay_on_biases_norms_and_embeddings():
     decay, no_decay = sorted(
-        parameter_groups(toy_model(), TrainConfig(weight_decay=0.1)), key=lambda g: -g["weight_decay"]
+        parameter_groups(toy_model(), OptimConfig(weight_decay=0.1)), key=lambda g: -g["weight_decay"]
     )
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
@@ -22,7 +22,7 @@ def test_no_decay_on_biases_norms_and_embeddings():
 
 
 def test_exemptions_are_configurable():
-    groups = parameter_groups(toy_model(), TrainConfig(weight_decay=0.1, no_weight_decay=["bias"]))
+    groups = parameter_groups(toy_model(), OptimConfig(weight_decay=0.1, no_weight_decay=["bias"]))
     decayed = [p.shape for g in groups if g["weight_decay"] for p in g["params"]]
     # embedding, linear weight, and the norm's weight and bias: only the linear's bias is exempt
     assert sorted(decayed) == sorted([torch.Size(s) for s in ([10, 4], [4, 4], [4], [4])])
@@ -32,7 +32,7 @@ def test_layer_lr_decay_gives_lower_layers_geometrically_smaller_lrs():
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(tiny_gpt2_config(64))  # 2 blocks
-    groups = parameter_groups(model, TrainConfig(lr=1.0, layer_lr_decay=0.5))
+    groups = parameter_groups(model, OptimConfig(lr=1.0, layer_lr_decay=0.5))
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert lr_of[id(named["transformer.ln_f.weight"])] == 1.0  # the top
@@ -48,9 +48,7 @@ def test_every_optimizer_reduces_a_simple_loss(name):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     inputs = torch.randn(64, 8)
     targets = inputs.sum(dim=1, keepdim=True)
-    optimizer = build_optimizer(
-        model, TrainConfig(optimizer=name, lr=1e-2, weight_decay=0.0), cpu_offload=False
-    )
+    optimizer = build_optimizer(model, OptimConfig(name=name, lr=1e-2, weight_decay=0.0), cpu_offload=False)
     first = None
     for _ in range(100):
         loss = torch.nn.functional.mse_loss(model(inputs), targets)
@@ -66,7 +64,7 @@ def test_adamw_on_cpu_is_fused_and_steps_like_the_reference():
     model = torch.nn.Linear(8, 8)
     reference = torch.nn.Linear(8, 8)
     reference.load_state_dict(model.state_dict())
-    train = TrainConfig(lr=1e-2, weight_decay=0.1)
+    train = OptimConfig(lr=1e-2, weight_decay=0.1)
     optimizer = build_optimizer(model, train, cpu_offload=False)
     assert optimizer.defaults["fused"] is True
     expected = torch.optim.AdamW(parameter_groups(reference, train), lr=1e-2, betas=train.betas)

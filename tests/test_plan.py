@@ -143,7 +143,7 @@ def test_predicted_partitions_match_what_two_ranks_write(tmp_path, cache_dir, st
     result = run_lmscale(
         "launch", "--gpus-per-node", "2", f"zero.stage={stage}", f"output_dir={out}", f"data.cache_dir={cache_dir}",
         "data.max_seq_len=64", "data.vocab_size=1024", "data.max_tokens_per_batch=1024", "train.max_steps=1",
-        "train.warmup_steps=0", "train.eval_batches=1", "wandb.mode=disabled", "precision=bf16",
+        "schedule.warmup_steps=0", "train.eval_batches=1", "wandb.mode=disabled", "precision=bf16",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     from lmscale.data.tokenizer import local_tokenizer

@@ -51,7 +51,9 @@ def test_a_run_is_recognised_by_its_markers_and_protected(tmp_path):
     run.root.mkdir()
     run.metrics.write_text("")
     assert holds_run(run.root) == ["metrics.jsonl"]
-    with pytest.raises(ConfigError, match="already holds a run \\(metrics.jsonl\\) and train.resume=none"):
+    with pytest.raises(
+        ConfigError, match="already holds a run \\(metrics.jsonl\\) and checkpoint.resume=none"
+    ):
         check_output_dir(run.root, force=False, resume="none")
     check_output_dir(run.root, force=True, resume="none")
     check_output_dir(run.root, force=False, resume="auto")

@@ -3,35 +3,38 @@ import math
 import pytest
 import torch
 
-from lmscale.config import TrainConfig, build_config
+from lmscale.config import Config, build_config
 from lmscale.errors import ConfigError
 from lmscale.schedules import SCHEDULES, build_scheduler, lr_at, lr_curve
 
 
-def curve(**train):
-    return lr_curve(TrainConfig(**{"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "max_steps": 110, **train}))
+def lr_config(lr: float = 1.0, max_steps: int = 110, **schedule) -> Config:
+    schedule = {"min_lr": 0.1, "warmup_steps": 10, **schedule}
+    return build_config({"optim": {"lr": lr}, "schedule": schedule, "train": {"max_steps": max_steps}})
+
+
+def curve(**schedule):
+    return lr_curve(lr_config(**schedule))
 
 
 def test_every_schedule_warms_up_linearly_to_the_peak():
     for name in SCHEDULES:
         options = {"lr_points": [[10, 1.0], [110, 0.0]]} if name == "piecewise" else {}
-        values = curve(scheduler=name, **options)
+        values = curve(name=name, **options)
         assert values[:10] == pytest.approx([(s + 1) / 10 for s in range(10)]), name
         assert values[10] == pytest.approx(1.0), name
 
 
 def test_constant_linear_and_cosine():
-    assert curve(scheduler="constant")[10:] == pytest.approx([1.0] * 100)
-    linear = curve(scheduler="linear")
+    assert curve(name="constant")[10:] == pytest.approx([1.0] * 100)
+    linear = curve(name="linear")
     assert linear[60] == pytest.approx(0.55) and linear[109] == pytest.approx(1.0 - 0.9 * 0.99)
-    cosine = curve(scheduler="cosine")
-    assert cosine[60] == pytest.approx(0.55) and lr_at(
-        110, TrainConfig(lr=1, min_lr=0.1, warmup_steps=10, max_steps=110)
-    ) == pytest.approx(0.1)
+    cosine = curve(name="cosine")
+    assert cosine[60] == pytest.approx(0.55) and lr_at(110, lr_config()) == pytest.approx(0.1)
 
 
 def test_cosine_restarts_jump_back_to_the_peak_with_growing_cycles():
-    values = curve(scheduler="cosine_restarts", restart_period=20, restart_mult=2.0)
+    values = curve(name="cosine_restarts", restart_period=20, restart_mult=2.0)
     assert values[10] == values[30] == values[70] == pytest.approx(1.0)  # cycles of 20, then 40
     assert values[20] == pytest.approx(0.55)  # halfway through the first cycle
     assert values[50] == pytest.approx(0.55)  # halfway through the second
@@ -39,15 +42,15 @@ def test_cosine_restarts_jump_back_to_the_peak_with_growing_cycles():
 
 
 def test_step_and_exponential_decay():
-    step = curve(scheduler="step", decay_every=30, decay_gamma=0.5)
+    step = curve(name="step", decay_every=30, decay_gamma=0.5)
     assert step[39] == 1.0 and step[40] == 0.5 and step[70] == 0.25 and step[100] == 0.125
-    exponential = curve(scheduler="exponential")
+    exponential = curve(name="exponential")
     assert exponential[60] == pytest.approx(0.1**0.5)  # geometric: halfway in log space
     assert exponential[20] / exponential[10] == pytest.approx(exponential[30] / exponential[20])
 
 
 def test_piecewise_interpolates_linearly_between_points():
-    values = curve(scheduler="piecewise", lr_points=[[10, 1.0], [60, 0.5], [80, 0.5], [100, 0.0]])
+    values = curve(name="piecewise", lr_points=[[10, 1.0], [60, 0.5], [80, 0.5], [100, 0.0]])
     assert values[35] == pytest.approx(0.75)
     assert values[70] == pytest.approx(0.5)
     assert values[90] == pytest.approx(0.25)
@@ -55,10 +58,10 @@ def test_piecewise_interpolates_linearly_between_points():
 
 
 def test_cyclic_triangular_and_triangular2():
-    tri = curve(scheduler="cyclic", cycle_steps=10, warmup_steps=0)
+    tri = curve(name="cyclic", cycle_steps=10, warmup_steps=0)
     assert tri[0] == pytest.approx(0.1) and tri[5] == pytest.approx(0.55) and tri[10] == pytest.approx(1.0)
     assert tri[20] == pytest.approx(0.1) and tri[30] == pytest.approx(1.0)
-    tri2 = curve(scheduler="cyclic", cycle_steps=10, cycle_mode="triangular2", warmup_steps=0)
+    tri2 = curve(name="cyclic", cycle_steps=10, cycle_mode="triangular2", warmup_steps=0)
     assert (
         tri2[10] == pytest.approx(1.0)
         and tri2[30] == pytest.approx(0.55)
@@ -67,14 +70,14 @@ def test_cyclic_triangular_and_triangular2():
 
 
 def test_wsd_is_stable_then_decays_linearly_at_the_end():
-    values = curve(scheduler="wsd", decay_fraction=0.2)
+    values = curve(name="wsd", decay_fraction=0.2)
     assert values[10:90] == pytest.approx([1.0] * 80)
     assert values[100] == pytest.approx(0.55)
     assert values[90] == pytest.approx(1.0)
 
 
 def test_the_torch_scheduler_follows_the_pure_function_for_every_group():
-    train = TrainConfig(lr=0.5, min_lr=0.05, warmup_steps=3, max_steps=20, scheduler="wsd")
+    train = lr_config(lr=0.5, max_steps=20, min_lr=0.05, warmup_steps=3, name="wsd")
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": params[:1], "lr": 0.5}, {"params": params[1:], "lr": 0.25}])
     scheduler = build_scheduler(optimizer, train)
@@ -91,15 +94,45 @@ def test_the_torch_scheduler_follows_the_pure_function_for_every_group():
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
-        ({"scheduler": "piecewise"}, "needs train.lr_points"),
-        ({"scheduler": "piecewise", "lr_points": [[50, 1.0], [10, 0.5]]}, "steps must ascend"),
-        ({"scheduler": "triangle"}, "train.scheduler"),
-        ({"optimizer": "adam8bit"}, "train.optimizer"),
-        ({"lr": -1.0}, "train.lr"),
-        ({"warmup_steps": 300}, "shorten the warm-up"),
-        ({"layer_lr_decay": 1.5}, "train.layer_lr_decay"),
+        ({"schedule": {"name": "piecewise"}}, "needs schedule.lr_points"),
+        ({"schedule": {"name": "piecewise", "lr_points": [[50, 1.0], [10, 0.5]]}}, "steps must ascend"),
+        ({"schedule": {"name": "triangle"}}, "schedule.name"),
+        ({"optim": {"name": "adam8bit"}}, "optim.name"),
+        ({"optim": {"lr": -1.0}}, "optim.lr"),
+        ({"schedule": {"warmup_steps": 300}}, "shorten the warm-up"),
+        ({"optim": {"lr": 1e-4}, "schedule": {"min_lr": 1e-3}}, "schedule.min_lr=0.001 exceeds optim.lr"),
+        ({"optim": {"layer_lr_decay": 1.5}}, "optim.layer_lr_decay"),
     ],
 )
 def test_bad_schedule_and_optimizer_settings_are_named(raw, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        build_config({"train": raw})
+        build_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("lr", "optim.lr"),
+        ("optimizer", "optim.name"),
+        ("scheduler", "schedule.name"),
+        ("warmup_steps", "schedule.warmup_steps"),
+        ("save_every", "checkpoint.save_every"),
+        ("resume", "checkpoint.resume"),
+    ],
+)
+def test_a_key_from_before_the_sections_names_its_new_home(old, new):
+    with pytest.raises(ConfigError, match=f"train.{old} is now {new}: rename it"):
+        build_config({"train": {old: 1}})
+
+
+def test_every_schedule_and_optimizer_name_is_a_config_choice():
+    from typing import get_args
+
+    from lmscale.optimizers import OPTIMIZERS
+
+    assert get_args(Config.model_fields["schedule"].annotation.model_fields["name"].annotation) == tuple(
+        SCHEDULES
+    )
+    assert get_args(Config.model_fields["optim"].annotation.model_fields["name"].annotation) == tuple(
+        OPTIMIZERS
+    )

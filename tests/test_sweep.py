@@ -16,7 +16,7 @@ def write_spec(tmp_path, **fields):
         "trials": 4,
         "metric": "eval_loss",
         "overrides": {"output_dir": str(tmp_path / "sweep")},
-        "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+        "space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
         **fields,
     }
     path = tmp_path / "sweep.yaml"
@@ -30,22 +30,22 @@ def write_spec(tmp_path, **fields):
         ({"method": "annealing"}, "method"),
         ({"overrides": {}}, "overrides needs output_dir"),
         ({"space": {}}, "space is empty"),
-        ({"space": {"train.lr": {"type": "uniform", "low": 1.0, "high": 0.1}}}, "uniform needs low < high"),
+        ({"space": {"optim.lr": {"type": "uniform", "low": 1.0, "high": 0.1}}}, "uniform needs low < high"),
         (
-            {"space": {"train.lr": {"type": "loguniform", "low": 0.0, "high": 0.1}}},
+            {"space": {"optim.lr": {"type": "loguniform", "low": 0.0, "high": 0.1}}},
             "loguniform needs low > 0",
         ),
         (
-            {"space": {"train.optimizer": {"type": "choice", "values": []}}},
+            {"space": {"optim.name": {"type": "choice", "values": []}}},
             "a choice needs a non-empty values list",
         ),
         (
             {"space": {"train.learning_rate": {"type": "choice", "values": [1]}}},
             "unknown config keys train.learning_rate",
         ),
-        ({"method": "grid"}, "grid needs choice or int parameters, not train.lr"),
+        ({"method": "grid"}, "grid needs choice or int parameters, not optim.lr"),
         ({"trials": 0}, "trials"),
-        ({"space": {"train.lr": {"type": "choice", "values": [-1.0]}}}, "train.lr"),
+        ({"space": {"optim.lr": {"type": "choice", "values": [-1.0]}}}, "optim.lr"),
     ],
 )
 def test_bad_sweep_specs_are_one_line_errors(tmp_path, fields, fragment):
@@ -65,7 +65,7 @@ def test_missing_or_broken_spec_file(tmp_path):
 def test_parallel_trials_get_disjoint_devices_or_a_share_of_the_cores(tmp_path):
     from lmscale.sweep import device_slots
 
-    fixed = {"overrides": {"output_dir": str(tmp_path / "sweep"), "train.min_lr": 0.0}}
+    fixed = {"overrides": {"output_dir": str(tmp_path / "sweep"), "schedule.min_lr": 0.0}}
     spec = load_spec(write_spec(tmp_path, parallel=2, **fixed))
     assert device_slots(spec, gpus=[0, 1, 2, 3], cores=8) == [
         {"CUDA_VISIBLE_DEVICES": "0,1"},
@@ -92,15 +92,15 @@ def test_bayesian_sweep_runs_real_trials_picks_the_best_and_resumes(tmp_path, ca
             "data.vocab_size": 1024,
             "data.max_tokens_per_batch": 1024,
             "train.max_steps": 12,
-            "train.warmup_steps": 1,
-            "train.min_lr": 0.0,
+            "schedule.warmup_steps": 1,
+            "schedule.min_lr": 0.0,
             "train.eval_every": 4,
             "train.eval_batches": 2,
             "wandb.mode": "disabled",
         },
         space={
-            "train.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-3},
-            "train.optimizer": {"type": "choice", "values": ["adamw", "lion"]},
+            "optim.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-3},
+            "optim.name": {"type": "choice", "values": ["adamw", "lion"]},
         },
         parallel=2,  # two trials at a time, one core each
     )
@@ -112,8 +112,8 @@ def test_bayesian_sweep_runs_real_trials_picks_the_best_and_resumes(tmp_path, ca
     complete = [r for r in rows if r["state"] == "complete"]
     best = min(complete, key=lambda r: float(r["eval_loss"]))
     chosen = yaml.safe_load((sweep / "best.yaml").read_text())
-    assert chosen["train"]["lr"] == pytest.approx(float(best["train.lr"]))
-    assert chosen["train"]["optimizer"] == best["train.optimizer"]
+    assert chosen["train"]["lr"] == pytest.approx(float(best["optim.lr"]))
+    assert chosen["train"]["optimizer"] == best["optim.name"]
     assert f"best: trial {best['trial']}" in result.stdout
     for row in complete:  # each trial is a real run in its own run dir
         assert (

@@ -20,8 +20,8 @@ QUICK = [
     "train.micro_batch_size=16",
     "data.max_tokens_per_batch=1024",
     "train.max_steps=80",
-    "train.warmup_steps=8",
-    "train.lr=3e-3",
+    "schedule.warmup_steps=8",
+    "optim.lr=3e-3",
     "train.eval_every=40",
     "train.eval_batches=4",
     "train.log_every=10",
@@ -240,14 +240,14 @@ def test_diverging_run_stops_and_keeps_the_checkpoint_before_it(tmp_path, cache_
         "wandb.mode=disabled",
         *QUICK,
         "zero.stage=1",
-        "train.lr=1e30",
-        "train.min_lr=0",
-        "train.warmup_steps=1",
-        "train.save_every=1",
+        "optim.lr=1e30",
+        "schedule.min_lr=0",
+        "schedule.warmup_steps=1",
+        "checkpoint.save_every=1",
         "train.max_nonfinite_steps=3",
     )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("lmscale: error:")]
-    assert len(errors) == 1 and "3 steps in a row" in errors[0] and "lower train.lr" in errors[0]
+    assert len(errors) == 1 and "3 steps in a row" in errors[0] and "lower optim.lr" in errors[0]
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_00000001"]  # saved after the last step that was not skipped

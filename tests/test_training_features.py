@@ -13,7 +13,7 @@ SHORT = [
     "data.vocab_size=1024",
     "data.max_tokens_per_batch=1024",
     "train.max_steps=30",
-    "train.warmup_steps=3",
+    "schedule.warmup_steps=3",
     "train.eval_every=30",
     "train.eval_batches=4",
     "train.log_every=1",
@@ -25,13 +25,13 @@ SHORT = [
 # lr per optimizer: Lion and SGD want other scales than the Adam family. Plain AdamW under ZeRO-2 is
 # tests/test_train.py's run through the deepspeed launcher already.
 CASES = {
-    "adafactor": "train.optimizer=adafactor train.lr=3e-3",
-    "lion": "train.optimizer=lion train.lr=3e-4",
-    "lamb": "train.optimizer=lamb train.lr=1e-2",
-    "sgd": "train.optimizer=sgd train.lr=0.3 train.momentum=0.9",
+    "adafactor": "optim.name=adafactor optim.lr=3e-3",
+    "lion": "optim.name=lion optim.lr=3e-4",
+    "lamb": "optim.name=lamb optim.lr=1e-2",
+    "sgd": "optim.name=sgd optim.lr=0.3 optim.momentum=0.9",
     # the regularisation and memory knobs together, under ZeRO-3
-    "adamw-zero3-knobs": "train.optimizer=adamw train.lr=3e-3 zero.stage=3 model.activation_checkpointing=true "
-    "train.layer_lr_decay=0.8 train.label_smoothing=0.1 train.scheduler=wsd model.residual_dropout=0.05",
+    "adamw-zero3-knobs": "optim.name=adamw optim.lr=3e-3 zero.stage=3 model.activation_checkpointing=true "
+    "optim.layer_lr_decay=0.8 train.label_smoothing=0.1 schedule.name=wsd model.residual_dropout=0.05",
 }
 
 
@@ -67,10 +67,10 @@ def test_early_stopping_on_a_plateau_keeps_the_best_checkpoint(tmp_path, cache_d
         "train",
         *SHORT,
         "train.max_steps=100",
-        "train.lr=1e-7",
-        "train.min_lr=0",
+        "optim.lr=1e-7",
+        "schedule.min_lr=0",
         "train.eval_every=5",
-        "train.save_every=1000",
+        "checkpoint.save_every=1000",
         "train.early_stopping.patience=2",
         "train.early_stopping.min_delta=0.05",
         f"output_dir={out}",

@@ -70,7 +70,7 @@ def test_two_namespace_nodes_train_the_same_model(two_hosts, tmp_path, cache_dir
             "--node-rank", str(rank), "--master-addr", master, "--master-port", "29613",
             f"output_dir={out}", f"data.cache_dir={cache_dir}", "zero.stage=2", "wandb.mode=disabled",
             "data.max_seq_len=64", "data.vocab_size=1024", "data.max_tokens_per_batch=1024",
-            "train.max_steps=8", "train.warmup_steps=1", "train.eval_batches=2", "train.log_every=1",
+            "train.max_steps=8", "schedule.warmup_steps=1", "train.eval_batches=2", "train.log_every=1",
         ]  # fmt: skip
         jobs.append(
             subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

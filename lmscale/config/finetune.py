@@ -1,0 +1,61 @@
+"""finetune.*: the task, the method (SFT or DPO), LoRA adapters and gradual unfreezing."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from lmscale.config.section import Section
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="Rank of the low-rank update matrices.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt (e.g. [q_proj, v_proj]); unset = peft's default for the family.",
+    )
+
+
+class UnfreezeConfig(Section):
+    every_steps: int = Field(..., ge=1, description="Steps between one layer joining training and the next.")
+    start_from: Literal["top", "bottom"] = Field(
+        "top",
+        description="top: the head and top block train first and lower layers join; bottom: the reverse.",
+    )
+
+
+class DpoConfig(Section):
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull towards the reference model (DPO's beta; IPO's tau)."
+    )
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO's logistic loss; ipo: squared, on per-token log-ratios; hinge: SLiC's hinge.",
+    )
+
+
+class FinetuneConfig(Section):
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: the cross-entropy of the targets; dpo: direct preference optimisation on "
+        "data.format=preference pairs, against the starting model as reference.",
+    )
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm",
+        description="causal_lm: next-token loss; classification: a sequence-classification head on data.label_field.",
+    )
+    num_labels: int | None = Field(
+        None, ge=2, description="classification: number of classes; unset = the distinct labels in the data."
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="LoRA adapters via peft ({r, alpha, dropout, target_modules}); unset = full fine-tuning.",
+    )
+    unfreeze: UnfreezeConfig | None = Field(
+        None,
+        description="Gradual unfreezing ({every_steps, start_from}); unset = every layer trains from step 0.",
+    )

@@ -1,0 +1,44 @@
+"""model.*: which model, its dropout, attention kernel and memory-saving options."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from lmscale.config.section import Section
+
+
+class ModelConfig(Section):
+    preset: str = Field(
+        "tiny-gpt2", description="Model shape from lmscale.model.PRESETS, used when `path` is unset."
+    )
+    path: str | None = Field(None, description="Local HF model directory to start from (pretrained weights).")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped in model.path / its tokenizer (custom architectures); "
+        "off, so a model directory can never execute code unless you say so.",
+    )
+    embedding_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on embeddings; unset = the family's default."
+    )
+    attention_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on attention probabilities; unset = the family's default."
+    )
+    residual_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on residual branches; unset = the family's default."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward: less memory, ~1/3 more compute."
+    )
+    fused_kernels: bool = Field(
+        True,
+        description="Swap HF's Python-composed tanh-GELU (GPT-2 family) for torch's fused kernel of the same "
+        "function; false keeps HF's modules (bitwise as HF computes).",
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel: eager, sdpa (torch), or flash_attention_2 (GPU, flash-attn)."
+    )
+    sliding_window: int | None = Field(
+        None, ge=1, description="Local attention window in tokens, for families that support it (mistral)."
+    )

@@ -1,0 +1,97 @@
+"""The whole run's config: every section, and the rules that span sections."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmscale.config.data import DataConfig, whole_record_problems
+from lmscale.config.finetune import FinetuneConfig
+from lmscale.config.model import ModelConfig
+from lmscale.config.reporting import EvalConfig, LoggingConfig, MetricsConfig, WandbConfig
+from lmscale.config.section import Section
+from lmscale.config.training import CheckpointConfig, OptimConfig, ScheduleConfig, TrainConfig, ZeroConfig
+
+
+class Config(Section):
+    output_dir: str = Field(
+        "runs/tiny-cpu", description="Run directory: config.yaml, metrics.jsonl, checkpoints/."
+    )
+    seed: int = Field(1234, description="Seed for model init, data order and dropout.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="bf16, fp16 (GPU only) or fp32.")
+    deepspeed_config: str | None = Field(
+        None,
+        description="DeepSpeed JSON to start from (e.g. ds_configs/zero2_bf16.json); lmscale keys fill its 'auto's.",
+    )
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    zero: ZeroConfig = ZeroConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    wandb: WandbConfig = WandbConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_lr_plan(self) -> Config:
+        problems = []
+        if self.schedule.min_lr > self.optim.lr:
+            problems.append(
+                f"schedule.min_lr={self.schedule.min_lr} exceeds optim.lr={self.optim.lr}: set min_lr <= lr"
+            )
+        steps, warmup = self.train.max_steps, self.schedule.warmup_steps
+        if steps is not None and warmup >= steps:
+            problems.append(
+                f"schedule.warmup_steps={warmup} is not below train.max_steps={steps}: shorten the warm-up"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _check_task(self) -> Config:
+        if self.finetune.method == "dpo" or self.data.format == "preference":
+            problems = dpo_problems(self)
+            if problems:
+                raise ValueError("; ".join(problems))
+        if self.finetune.task != "classification":
+            return self
+        if self.data.format != "text":
+            raise ValueError(
+                f"finetune.task=classification reads data.text_field and data.label_field, so data.format must "
+                f"be text (got {self.data.format})"
+            )
+        problems = whole_record_problems(self.data, "finetune.task=classification")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def dpo_problems(config: Config) -> list[str]:
+    """DPO trains on whole preference pairs, both replies of a pair side by side in one micro-batch."""
+    data, method = config.data, config.finetune.method
+    if method == "dpo" and data.format != "preference":
+        return [
+            f"finetune.method=dpo trains on preference pairs: set data.format=preference (got {data.format})"
+        ]
+    if method != "dpo":
+        return ["data.format=preference is for DPO: set finetune.method=dpo"]
+    problems = []  # packing, streaming and length warm-up are refused by DataConfig for any record format
+    if config.finetune.task != "causal_lm":
+        problems.append("finetune.method=dpo needs finetune.task=causal_lm")
+    if data.batching == "pad":
+        problems.append("data.batching=pad does not apply to preference pairs: use bucket")
+    budget = data.max_tokens_per_batch
+    if isinstance(budget, int) and budget < 2 * data.max_seq_len:
+        problems.append(
+            f"data.max_tokens_per_batch={budget} cannot hold a pair of data.max_seq_len={data.max_seq_len} "
+            f"replies: raise it to at least {2 * data.max_seq_len}"
+        )
+    if config.train.label_smoothing:
+        problems.append("train.label_smoothing applies to cross-entropy, not DPO: set it to 0")
+    return problems

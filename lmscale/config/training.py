@@ -1,0 +1,168 @@
+"""train.* (length, batch, evaluation), optim.*, schedule.*, checkpoint.* and zero.*."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmscale.config.section import Section
+from lmscale.optimizers import OPTIMIZERS
+from lmscale.schedules import SCHEDULES
+
+
+class EarlyStoppingConfig(Section):
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement; unset = never."
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="An evaluation improves only if eval loss drops by more than this."
+    )
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(
+        250,
+        ge=1,
+        description="Optimizer steps to train for (or set max_tokens or epochs instead, and this null).",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Train on about this many real tokens (made into steps from the epoch's plan).",
+    )
+    epochs: float | None = Field(
+        None, gt=0, description="Train for this many passes over the data (may be 0.5)."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss.")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    grad_clip: float = Field(
+        1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping."
+    )
+    micro_batch_size: int = Field(
+        16,
+        ge=1,
+        description="pad mode: sequences per rank per forward/backward (bucket mode: nominal, for DeepSpeed).",
+    )
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Optional check: must equal micro_batch_size x grad_accum_steps x ranks."
+    )
+    eval_every: int = Field(
+        50, ge=1, description="Evaluate held-out loss/perplexity every N steps (and at the end)."
+    )
+    eval_batches: int = Field(20, ge=1, description="Micro-batches per rank in one evaluation.")
+    log_every: int = Field(10, ge=1, description="Write metrics every N steps.")
+    max_nonfinite_steps: int = Field(
+        10,
+        ge=1,
+        description="Stop with an error after this many steps in a row skipped for a non-finite loss/gradient.",
+    )
+    hang_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="A rank that completes no step for this long dumps its stacks and exits non-zero; "
+        "unset = 50 x the median step time, at least 900 s.",
+    )
+
+    @model_validator(mode="after")
+    def _check_length(self) -> TrainConfig:
+        lengths = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "epochs": self.epochs}
+        chosen = [f"train.{key}={value}" for key, value in lengths.items() if value is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"set exactly one of train.max_steps, train.max_tokens, train.epochs (got "
+                f"{', '.join(chosen) or 'none'}): e.g. train.max_steps=null train.max_tokens=100000000"
+            )
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal[tuple(OPTIMIZERS)] = Field(
+        "adamw", description="adamw, adafactor, lion, lamb or sgd (with momentum)."
+    )
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay.")
+    no_weight_decay: list[Literal["bias", "norm", "embedding"]] = Field(
+        ["bias", "norm", "embedding"], description="Parameter kinds exempt from weight decay."
+    )
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Layer-wise LR decay: each layer below the top gets this times the LR of the one above.",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="beta1, beta2 of adamw, lion and lamb.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum.")
+
+
+class ScheduleConfig(Section):
+    name: Literal[tuple(SCHEDULES)] = Field(
+        "cosine", description="LR shape after the warm-up (see the LR schedules section)."
+    )
+    min_lr: float = Field(
+        2e-4, ge=0, description="Floor of linear/cosine/exponential/wsd decays and of cyclic's low point."
+    )
+    warmup_steps: int = Field(25, ge=0, description="Steps of linear warm-up from 0 to optim.lr.")
+    restart_period: int = Field(100, ge=1, description="cosine_restarts: steps of the first cycle.")
+    restart_mult: float = Field(
+        1.0, ge=1, description="cosine_restarts: each cycle is this many times longer."
+    )
+    decay_every: int = Field(100, ge=1, description="step: multiply the LR by decay_gamma every N steps.")
+    decay_gamma: float = Field(
+        0.5, gt=0, le=1, description="step: the factor applied every decay_every steps."
+    )
+    lr_points: list[tuple[int, float]] = Field(
+        [], description="piecewise: [[step, lr], ...] in ascending steps, linear in between."
+    )
+    cycle_steps: int = Field(
+        50, ge=1, description="cyclic: steps from the low LR to the peak (half a cycle)."
+    )
+    cycle_mode: Literal["triangular", "triangular2"] = Field(
+        "triangular", description="cyclic: triangular, or triangular2 (the peak halves every cycle)."
+    )
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="wsd: fraction of the post-warm-up steps spent decaying to min_lr."
+    )
+
+    @model_validator(mode="after")
+    def _check_points(self) -> ScheduleConfig:
+        if self.name != "piecewise":
+            return self
+        points = self.lr_points
+        if not points:
+            raise ValueError("schedule.name=piecewise needs schedule.lr_points: give [[step, lr], ...]")
+        steps = [step for step, _ in points]
+        if steps != sorted(set(steps)) or any(lr < 0 for _, lr in points):
+            raise ValueError(
+                f"schedule.lr_points={[list(p) for p in points]}: steps must ascend and LRs be >= 0"
+            )
+        return self
+
+
+class CheckpointConfig(Section):
+    save_every: int = Field(
+        100, ge=1, description="Save a checkpoint every N steps (and at the end, and on a stop signal)."
+    )
+    keep_last: int = Field(
+        2, ge=2, description="Complete checkpoints kept (at least 2, so one survives a crash mid-save)."
+    )
+    resume: str = Field(
+        "auto",
+        description="auto: continue from the newest complete checkpoint in output_dir; none; or a checkpoint path.",
+    )
+
+
+class ZeroConfig(Section):
+    stage: int = Field(
+        0, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer states, 2 +gradients, 3 +parameters."
+    )
+    offload: Literal["none", "cpu"] = Field(
+        "none", description="Offload optimizer states (and stage-3 params) to CPU."
+    )
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> ZeroConfig:
+        if self.offload == "cpu" and self.stage < 2:
+            raise ValueError(f"zero.offload=cpu needs zero.stage 2 or 3 (got {self.stage}): set zero.stage=2")
+        return self
