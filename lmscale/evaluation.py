@@ -93,6 +93,40 @@ def classification_scores(model, stream: BatchStream, max_batches: int | None) -
     return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count, "eval_documents": int(count)}
 
 
+class ModelForward:
+    """The part of a DeepSpeed engine the training objectives use: a device and a forward pass."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.device = model, next(model.parameters()).device
+
+    def __call__(self, **inputs):
+        return self.model(**inputs)
+
+
+@torch.no_grad()
+def preference_scores(
+    model, pairs, config: Config, target: Path, pad_id: int, max_batches: int | None
+) -> dict[str, float]:
+    """A DPO run's held-out figures, as training logs them: the DPO loss, preference accuracy and rewards
+    against the reference log-probabilities the run computed (kept in the run dir and in its exports)."""
+    from lmscale.dpo import dpo_objective, load_reference, with_reference
+
+    reference = load_reference(RunDir(target).reference_logps)["eval"]
+    settings = BatchSettings("bucket", int(config.data.max_tokens_per_batch), 1, config.data.max_seq_len, 0)
+    stream = BatchStream(
+        with_reference(pairs, reference, "held-out"), settings, 0, 1, config.seed, pad_id, shuffle=False
+    )
+    objective, engine = dpo_objective(config.finetune.dpo), ModelForward(model)
+    loss_sum, count, sums = 0.0, 0, {}
+    for batch in stream.loader(0, 0, max_batches):
+        parts = objective(engine, batch)
+        loss_sum, count = loss_sum + parts.summed.item(), count + parts.targets
+        for name, value in parts.sums.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+    scores = {"eval_loss": loss_sum / count} | {f"eval_{name}": value / count for name, value in sums.items()}
+    return scores | {"eval_pairs": count}
+
+
 def read_tasks(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise LmscaleError(f"--tasks {path} does not exist: give a jsonl of prompt/reference pairs")
@@ -180,10 +214,18 @@ def evaluate_target(
     """Every score `lmscale eval` reports for a model directory or a run directory."""
     if not target.is_dir():
         raise LmscaleError(f"{target} does not exist: pass an exported model directory or a run's output_dir")
-    model, tokenizer = load_for_inference(target)
     config = evaluation_config(target, data)
+    if config.finetune.method == "dpo" and data:
+        raise LmscaleError(
+            "--data cannot be scored against a DPO run's reference (its log-probabilities cover the run's own "
+            "held-out pairs): drop --data"
+        )
+    model, tokenizer = load_for_inference(target)
     sequences = prepare_held_out(config.data, tokenizer, config.finetune.task, read_labels_of(target))
-    scores = held_out_scores(model, sequences, config, tokenizer.pad_token_id, max_batches)
+    if config.finetune.method == "dpo":
+        scores = preference_scores(model, sequences, config, target, tokenizer.pad_token_id, max_batches)
+    else:
+        scores = held_out_scores(model, sequences, config, tokenizer.pad_token_id, max_batches)
     if tasks is not None:
         scores.update(generation_scores(model, tokenizer, read_tasks(tasks)))
     return scores

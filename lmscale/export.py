@@ -138,6 +138,8 @@ def export(
     model.save_pretrained(str(partial))
     tokenizer.save_pretrained(str(partial))
     (partial / RUN_CONFIG).write_text(RunDir(run_dir).config.read_text(encoding="utf-8"), encoding="utf-8")
+    if RunDir(run_dir).reference_logps.is_file():  # DPO: `lmscale eval` of the export scores like the run
+        shutil.copyfile(RunDir(run_dir).reference_logps, RunDir(partial).reference_logps)
     make_readable(partial)
     if out.exists():
         shutil.rmtree(out)

@@ -91,6 +91,12 @@ def test_dpo_under_zero3_learns_the_preference_resumes_exactly_and_exports(works
 
     model = AutoModelForCausalLM.from_pretrained(str(exported))
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] >= 500
+    # the export carries the run's reference: `lmscale eval` scores it as training did (bf16 there, fp32 here)
+    scores = json.loads(run_lmscale("eval", str(exported), "--json").stdout.strip().splitlines()[-1])
+    assert scores["eval_pairs"] == 60 and scores["eval_loss"] == pytest.approx(
+        evals[-1]["eval_loss"], abs=0.01
+    )
+    assert scores["eval_pref_accuracy"] == pytest.approx(evals[-1]["eval_pref_accuracy"], abs=0.05)
 
 
 def test_dpo_with_lora_under_zero2_scores_against_the_base(workspace, tmp_path):
@@ -106,6 +112,9 @@ def test_dpo_with_lora_under_zero2_scores_against_the_base(workspace, tmp_path):
     evals = [r for r in records(run) if "eval_pref_accuracy" in r]
     assert evals[0]["eval_pref_accuracy"] == 0.5  # LoRA starts as the base: every pair a tie
     assert evals[-1]["eval_pref_accuracy"] > 0.7 and evals[-1]["eval_rewards_margin"] > 0
+    scores = json.loads(run_lmscale("eval", str(run), "--json").stdout.strip().splitlines()[-1])
+    assert scores["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
+    assert scores["eval_pref_accuracy"] == evals[-1]["eval_pref_accuracy"]
     merged = tmp_path / "merged"
     assert run_lmscale("export", str(run), "--out", str(merged), "--merge").returncode == 0
     assert (merged / "model.safetensors").is_file()
