@@ -1,7 +1,9 @@
 """One rank of the HF Trainer side of bench/vs_hf_trainer.py (started by the `deepspeed` launcher).
 
-HF Trainer with its DeepSpeed integration (ZeRO-2, bf16, CPU), on the sequences lmscale tokenized,
-padded to the longest row of each batch; prints one JSON line of figures on rank 0.
+HF Trainer with its DeepSpeed integration (ZeRO-2, bf16, CPU), on the sequences lmscale tokenized:
+padded to the longest row of each batch, or with --padding-free flattened into one row per batch with
+per-document position ids (transformers' DataCollatorWithFlattening; attention stays within each
+document), optionally with --torch-compile; prints one JSON line of figures on rank 0.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, required=True, help="rows per device per step")
     parser.add_argument("--group-by-length", action="store_true")
+    parser.add_argument("--padding-free", action="store_true", help="DataCollatorWithFlattening: no padding")
+    parser.add_argument("--torch-compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1234)
@@ -84,12 +88,19 @@ def main() -> None:
         dataloader_num_workers=1,
         seed=args.seed,
         disable_tqdm=True,
+        torch_compile=args.torch_compile,
     )
+    if args.padding_free:
+        from transformers import DataCollatorWithFlattening
+
+        collator = DataCollatorWithFlattening(return_position_ids=True)
+    else:
+        collator = pad_to_longest(tokenizer.pad_token_id)
     trainer = Trainer(
         model=model,
         args=training,
         train_dataset=sequences,
-        data_collator=pad_to_longest(tokenizer.pad_token_id),
+        data_collator=collator,
     )
     result = trainer.train()
     trainer.save_model(os.path.join(args.out, "model"))

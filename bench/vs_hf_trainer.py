@@ -4,13 +4,15 @@ Same tiny GPT-2 config, same tokenizer (trained once by lmscale), same real vari
 (paragraphs of the standard library, tokenized once), one epoch each (so the same real tokens),
 the same DeepSpeed ZeRO-2 bf16 set-up on the same 2 CPU ranks, the same LR, warm-up and cosine decay.
 lmscale batches by length under a token budget; HF Trainer pads each batch to its longest row, with
-random batches and with `group_by_length`, at the batch size that gives the same real tokens per
-step. Prints real tokens/s for each, the ratios, and the held-out loss of each trained model (scored
-by the same `lmscale eval` on the same held-out file). A second lmscale run with
-`model.fused_kernels=false` (HF's own GELU modules, as HF Trainer runs them) shows how much of the gap
-is batching and how much the fused kernel. Usage:
+random batches and with `group_by_length`, or removes padding altogether (`DataCollatorWithFlattening`:
+one row per batch, per-document position ids), at the batch size that gives the same real tokens per
+step; `--compile` adds HF's padding-free row with `torch_compile=True`. Prints real tokens/s for each,
+the held-out loss of each trained model (scored by the same `lmscale eval` on the same held-out file),
+the peak resident set of each setup's largest process (a rank), and the ratios against HF Trainer's
+fastest row. A second lmscale run with `model.fused_kernels=false` (HF's own GELU modules, as HF
+Trainer runs them) shows how much of the gap is batching and how much the fused kernel. Usage:
 
-    python bench/vs_hf_trainer.py [--paragraphs 6000] [--max-seq-len 256] [--budget 2048]
+    python bench/vs_hf_trainer.py [--paragraphs 6000] [--max-seq-len 256] [--budget 2048] [--compile]
 """
 
 from __future__ import annotations
@@ -95,11 +97,27 @@ def prepare(args, workdir: Path, train: Path, held_out: Path):
     return lengths, steps
 
 
+# Runs a command and reports the peak resident set of its largest process (a rank: launchers are small).
+# On Linux a waited-for child's ru_maxrss carries the maximum over its own waited-for descendants.
+PEAK_RSS = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print(f'peak_rss_kb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr); "
+    "sys.exit(code)"
+)
+
+
 def run(command: list[str]) -> str:
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    return run_measured(command)[0]
+
+
+def run_measured(command: list[str]) -> tuple[str, float]:
+    """(output, peak resident set in MB of the largest process the command ran)."""
+    wrapped = [sys.executable, "-c", PEAK_RSS, *command]
+    result = subprocess.run(wrapped, cwd=REPO, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
-    return result.stdout + result.stderr
+    peak_kb = int(re.findall(r"peak_rss_kb=(\d+)", result.stderr)[-1])
+    return result.stdout + result.stderr, peak_kb / 1024
 
 
 def held_out_loss(target: Path, held_out: Path) -> float:
@@ -125,28 +143,34 @@ def run_lmscale(
         f"checkpoint.save_every={steps}",
         f"train.log_every={steps}",
     ]
-    output = run([sys.executable, "-m", "lmscale.cli", "launch", "--gpus-per-node", "2", *overrides])
+    output, peak_mb = run_measured(
+        [sys.executable, "-m", "lmscale.cli", "launch", "--gpus-per-node", "2", *overrides]
+    )
     match = re.search(r"after \d+ steps, ([\d,]+) tokens in ([\d.]+) s", output)
     tokens, seconds = int(match.group(1).replace(",", "")), float(match.group(2))
-    return {"tokens": tokens, "seconds": seconds, "eval_loss": held_out_loss(out, held_out)}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "eval_loss": held_out_loss(out, held_out),
+        "peak_mb": peak_mb,
+    }
 
 
-def run_hf(args, workdir: Path, held_out: Path, batch_size: int, group_by_length: bool) -> dict:
-    out = workdir / ("hf-grouped" if group_by_length else "hf-random")
+def run_hf(args, workdir: Path, held_out: Path, batch_size: int, *flags: str) -> dict:
+    out = workdir / ("hf" + "".join(flags).replace("--", "-"))
     command = [
         shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", str(REPO / "bench" / "hf_trainer_worker.py"),
         "--sequences", str(workdir / "sequences"), "--tokenizer", str(workdir / "tokenizer"),
         "--model-config", str(workdir / "model_config"), "--out", str(out), "--batch-size", str(batch_size),
         "--lr", str(args.lr), "--warmup-steps", str(args.warmup), "--seed", str(SEED),
     ]  # fmt: skip
-    if group_by_length:
-        command.append("--group-by-length")
-    output = run(command)
+    output, peak_mb = run_measured([*command, *flags])
     figures = json.loads([line for line in output.splitlines() if line.startswith('{"real_tokens"')][-1])
     return {
         "tokens": figures["real_tokens"],
         "seconds": figures["train_runtime_s"],
         "eval_loss": held_out_loss(out / "model", held_out),
+        "peak_mb": peak_mb,
     }
 
 
@@ -158,6 +182,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument(
+        "--compile", action="store_true", help="add HF Trainer padding-free with torch_compile"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -174,21 +201,38 @@ def main() -> None:
         results = {
             "lmscale (bucket)": run_lmscale(args, workdir, train, held_out, steps),
             "lmscale (bucket, unfused)": run_lmscale(args, workdir, train, held_out, steps, False),
-            "hf_trainer (random)": run_hf(args, workdir, held_out, batch_size, group_by_length=False),
-            "hf_trainer (group_by_length)": run_hf(args, workdir, held_out, batch_size, group_by_length=True),
+            "hf_trainer (random)": run_hf(args, workdir, held_out, batch_size),
+            "hf_trainer (group_by_length)": run_hf(args, workdir, held_out, batch_size, "--group-by-length"),
+            "hf_trainer (padding-free)": run_hf(args, workdir, held_out, batch_size, "--padding-free"),
         }
-        print(f"{'setup':<30}{'real tokens':>12}{'seconds':>10}{'real tokens/s':>15}{'held-out loss':>15}")
-        for name, r in results.items():
-            r["tokens_per_s"] = r["tokens"] / r["seconds"]
-            print(
-                f"{name:<30}{r['tokens']:>12,}{r['seconds']:>10.1f}{r['tokens_per_s']:>15.0f}{r['eval_loss']:>15.4f}"
+        if args.compile:
+            results["hf_trainer (padding-free, compiled)"] = run_hf(
+                args, workdir, held_out, batch_size, "--padding-free", "--torch-compile"
             )
-        ours = results["lmscale (bucket)"]["tokens_per_s"]
-        for name in ("lmscale (bucket, unfused)", "hf_trainer (random)", "hf_trainer (group_by_length)"):
-            print(f"ratio lmscale/{name}: {ours / results[name]['tokens_per_s']:.2f}")
-        best = max(results[n]["tokens_per_s"] for n in results if n.startswith("hf_trainer"))
+        report(results)
         print(f"(whole benchmark {time.time() - started:.0f} s)")
-        print(f"ratio lmscale/hf_trainer: {ours / best:.2f}")
+        ours = results["lmscale (bucket)"]
+        best = max(
+            (r for n, r in results.items() if n.startswith("hf_trainer")), key=lambda r: r["tokens_per_s"]
+        )
+        print(f"ratio memory lmscale/hf_trainer (its fastest row): {ours['peak_mb'] / best['peak_mb']:.2f}")
+        print(f"ratio lmscale/hf_trainer: {ours['tokens_per_s'] / best['tokens_per_s']:.2f}")
+
+
+def report(results: dict[str, dict]) -> None:
+    print(
+        f"{'setup':<38}{'real tokens':>12}{'seconds':>9}{'real tokens/s':>15}{'held-out loss':>15}{'peak MB':>9}"
+    )
+    for name, r in results.items():
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        print(
+            f"{name:<38}{r['tokens']:>12,}{r['seconds']:>9.1f}{r['tokens_per_s']:>15.0f}{r['eval_loss']:>15.4f}"
+            f"{r['peak_mb']:>9.0f}"
+        )
+    ours = results["lmscale (bucket)"]["tokens_per_s"]
+    for name, r in results.items():
+        if name != "lmscale (bucket)":
+            print(f"ratio lmscale/{name}: {ours / r['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

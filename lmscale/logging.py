@@ -187,7 +187,13 @@ def wandb_names(metrics: dict[str, Any]) -> dict[str, Any]:
     return {wandb_name(key): value for key, value in metrics.items()}
 
 
-SHOWN = {"loss": "loss", "tokens_per_s": "tok/s", "mfu": "mfu", "eval_ppl": "eval_ppl"}
+SHOWN = {
+    "loss": "loss",
+    "tokens_per_s": "tok/s",
+    "mfu": "mfu",
+    "eval_ppl": "eval_ppl",
+    "eval_pref_accuracy": "eval_pref_acc",
+}
 SUMMARY_ROWS = [
     ("steps", "steps", "{:,}"),
     ("tokens", "tokens", "{:,}"),
@@ -196,6 +202,8 @@ SUMMARY_ROWS = [
     ("mean_mfu", "mean MFU", "{:.1%}"),
     ("eval_loss", "final eval loss", "{:.4f}"),
     ("eval_ppl", "final eval perplexity", "{:.2f}"),
+    ("eval_accuracy", "final eval accuracy", "{:.3f}"),
+    ("eval_pref_accuracy", "final eval preference accuracy", "{:.3f}"),
     ("best_eval_loss", "best eval loss", "{:.4f}"),
     ("checkpoint", "checkpoint", "{}"),
 ]

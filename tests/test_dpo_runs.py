@@ -1,5 +1,5 @@
 """Real DPO runs of a saved tiny model on 2 ranks: full fine-tuning under ZeRO-3 that learns the
-preference, resumes exactly after a rank dies and exports; LoRA under ZeRO-2 against the base."""
+preference, resumes exactly after a rank dies and exports; LoRA under ZeRO 0 and 2 against the base."""
 
 import json
 
@@ -79,7 +79,8 @@ def test_dpo_under_zero3_learns_the_preference_resumes_exactly_and_exports(works
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"continuing from {broken / 'checkpoints'}" in resumed.stderr
     assert "dpo: reference log-probabilities" not in resumed.stderr  # read back, not recomputed
-    expected = {r["step"]: r for r in records(whole)}
+    expected = {r["step"]: r for r in records(whole) if "loss" in r}
+    assert max(r["step"] for r in records(broken)) == STEPS
     for record in records(broken):
         if record["step"] > SAVE_AT and "loss" in record:
             assert record["loss"] == expected[record["step"]]["loss"], record["step"]
@@ -99,11 +100,13 @@ def test_dpo_under_zero3_learns_the_preference_resumes_exactly_and_exports(works
     assert scores["eval_pref_accuracy"] == pytest.approx(evals[-1]["eval_pref_accuracy"], abs=0.05)
 
 
-def test_dpo_with_lora_under_zero2_scores_against_the_base(workspace, tmp_path):
+# ZeRO-1 shares ZeRO-2's optimizer and checkpoint code in DeepSpeed (stage_1_and_2.py): 2 stands for both.
+@pytest.mark.parametrize("stage", [0, 2])
+def test_dpo_with_lora_scores_against_the_base(workspace, tmp_path, stage):
     run = tmp_path / "lora"
     args = [
         *dpo_args(workspace, run, steps=12),
-        "zero.stage=2",
+        f"zero.stage={stage}",
         "finetune.lora.r=8",
         "finetune.lora.dropout=0",
     ]
@@ -113,8 +116,9 @@ def test_dpo_with_lora_under_zero2_scores_against_the_base(workspace, tmp_path):
     assert evals[0]["eval_pref_accuracy"] == 0.5  # LoRA starts as the base: every pair a tie
     assert evals[-1]["eval_pref_accuracy"] > 0.7 and evals[-1]["eval_rewards_margin"] > 0
     scores = json.loads(run_lmscale("eval", str(run), "--json").stdout.strip().splitlines()[-1])
-    assert scores["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
-    assert scores["eval_pref_accuracy"] == evals[-1]["eval_pref_accuracy"]
+    # the run computes with torch's fused tanh-GELU, the loaded model with HF's composed one: equal to rounding
+    assert scores["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-4)
+    assert scores["eval_pref_accuracy"] == pytest.approx(evals[-1]["eval_pref_accuracy"], abs=0.02)
     merged = tmp_path / "merged"
     assert run_lmscale("export", str(run), "--out", str(merged), "--merge").returncode == 0
     assert (merged / "model.safetensors").is_file()

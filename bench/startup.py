@@ -1,0 +1,86 @@
+"""Start-up times, measured as a user meets them: `lmscale --help`, `lmscale plan`, and the embedded
+default's time from the command to its first optimizer step with warm caches.
+
+    python bench/startup.py [--repeats 3]
+
+Each figure is the median of `--repeats` runs of the real CLI in a fresh process. The first-step time
+runs `lmscale train` once to warm the caches (tokenizer, tokenized data, DeepSpeed's JIT-built op),
+then again, stopping each run at the line of its first logged step. It includes the untrained
+held-out evaluation that precedes step 1: a user waits for that too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS_S = {"lmscale --help": 1.0, "lmscale plan": 3.0, "first optimizer step": 20.0}
+
+
+def timed(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def first_step_s(output_dir: Path) -> float:
+    """Seconds from starting `lmscale train` to its first logged optimizer step (then the run is stopped)."""
+    command = [
+        *lmscale(),
+        "train",
+        f"output_dir={output_dir}",
+        "train.log_every=1",
+        "wandb.mode=disabled",
+        "--force",
+    ]
+    started = time.perf_counter()
+    job = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in job.stderr:
+            if line.startswith("lmscale: step 1/"):
+                return time.perf_counter() - started
+        raise RuntimeError(f"lmscale train ended (exit {job.wait()}) before its first step")
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+
+
+def lmscale() -> list[str]:
+    return [sys.executable, "-m", "lmscale.cli"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    runs = {
+        "lmscale --help": lambda: timed([*lmscale(), "--help"]),
+        "lmscale plan": lambda: timed([*lmscale(), "plan", "configs/gpt2-124m.yaml", "--gpus-per-node", "8"]),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        first_step_s(run_dir)  # warms the caches
+        runs["first optimizer step"] = lambda: first_step_s(run_dir)
+        print(f"{'what':<24}{'median s':>10}{'target s':>10}")
+        for name, run in runs.items():
+            median = statistics.median(run() for _ in range(args.repeats))
+            print(f"{name:<24}{median:>10.2f}{TARGETS_S[name]:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""lmscale against the limit of this machine for its own model: the same batches through a bare loop.
+
+    python bench/vs_limit.py [--steps 60] [--precision fp32]
+
+The bare loop runs in this process: the model lmscale builds (same preset, same seed), the very batches
+lmscale's epoch plan deals to one rank (same rows, same lengths, same order, collated before the clock
+starts), and per step only forward, the summed loss divided by the step's targets, backward, gradient
+clipping and torch's fused AdamW. lmscale runs the same config through `lmscale train` (debug mode, one
+process: DeepSpeed engine, data loader, metrics). Both count real tokens per second over the steps after
+the first logging window (warm-up and start-up excluded from both). Ends with `ratio lmscale/bare: X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOG_EVERY = 10
+
+
+def overrides(args, out: Path) -> list[str]:
+    return [
+        f"output_dir={out}",
+        f"precision={args.precision}",
+        f"train.max_steps={args.steps}",
+        f"train.log_every={LOG_EVERY}",
+        f"train.eval_every={args.steps}",
+        "train.eval_batches=1",
+        f"checkpoint.save_every={args.steps}",
+        "schedule.warmup_steps=5",
+        "wandb.mode=disabled",
+    ]
+
+
+def lmscale_tokens_per_s(args, out: Path) -> float:
+    command = [sys.executable, "-m", "lmscale.cli", "train", *overrides(args, out)]
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if "tokens_per_s" in r][1:]  # the first window holds start-up
+    return sum(r["tokens_per_s"] * r["step_time_s"] for r in windows) / sum(r["step_time_s"] for r in windows)
+
+
+def bare_tokens_per_s(args, out: Path) -> float:
+    """The same config's model and batches through forward, loss, backward, clip and fused AdamW only."""
+    import torch
+
+    from lmscale.config import load_config
+    from lmscale.data import prepare_data
+    from lmscale.data.batches import BatchSettings, BatchStream
+    from lmscale.loss import summed_token_loss
+    from lmscale.model import build_model
+
+    config, _ = load_config(None, overrides(args, out))
+    data = prepare_data(config.data)
+    settings = BatchSettings("bucket", config.data.max_tokens_per_batch, 1, config.data.max_seq_len, 0)
+    stream = BatchStream(data.train, settings, 0, 1, config.seed, data.tokenizer.pad_token_id)
+    batches = [
+        batch for _, batch in zip(range(args.steps), stream, strict=False)
+    ]  # collated before the clock
+    model = build_model(config.model, data.tokenizer, config.data.max_seq_len, config.seed)
+    if args.precision == "bf16":
+        model = model.to(torch.bfloat16)  # as DeepSpeed's bf16 mode runs the model (its fp32 master aside)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.optim.lr, betas=config.optim.betas, fused=True
+    )
+    model.train()
+    tokens, started = 0, 0.0
+    for step, batch in enumerate(batches):
+        if step == LOG_EVERY:  # the same steps lmscale's windows count
+            tokens, started = 0, time.perf_counter()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = summed_token_loss(logits, batch["labels"]) / max(batch.group_targets, 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += batch.real_tokens
+    return tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="alternating runs of each; the median is printed"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, bare = [], []
+        for repeat in range(args.repeats):  # alternated, so a slow spell of the machine hits both
+            ours.append(lmscale_tokens_per_s(args, Path(tmp) / f"lmscale-{repeat}"))
+            bare.append(bare_tokens_per_s(args, Path(tmp) / "bare"))
+    print(f"embedded default (tiny GPT-2, stdlib), {args.precision}, one process, {args.steps} steps")
+    print(f"{'setup':<10}{'real tokens/s':>15}")
+    print(f"{'lmscale':<10}{statistics.median(ours):>15.0f}")
+    print(f"{'bare':<10}{statistics.median(bare):>15.0f}")
+    print(f"ratio lmscale/bare: {statistics.median(ours) / statistics.median(bare):.2f}")
+
+
+if __name__ == "__main__":
+    main()
