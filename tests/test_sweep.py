@@ -112,8 +112,8 @@ def test_bayesian_sweep_runs_real_trials_picks_the_best_and_resumes(tmp_path, ca
     complete = [r for r in rows if r["state"] == "complete"]
     best = min(complete, key=lambda r: float(r["eval_loss"]))
     chosen = yaml.safe_load((sweep / "best.yaml").read_text())
-    assert chosen["train"]["lr"] == pytest.approx(float(best["optim.lr"]))
-    assert chosen["train"]["optimizer"] == best["optim.name"]
+    assert chosen["optim"]["lr"] == pytest.approx(float(best["optim.lr"]))
+    assert chosen["optim"]["name"] == best["optim.name"]
     assert f"best: trial {best['trial']}" in result.stdout
     for row in complete:  # each trial is a real run in its own run dir
         assert (
