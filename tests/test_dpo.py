@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_gpt2_config
 from datasets import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from lmscale.config import Config, DpoConfig, build_config
 from lmscale.data.batches import IGNORE_INDEX, EpochBatches
@@ -129,17 +130,7 @@ def test_both_replies_of_a_pair_share_a_batch_chosen_rows_first(tokenizer):
 
 def tiny_model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=48,
-        n_positions=32,
-        n_layer=1,
-        n_embd=16,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(tiny_gpt2_config(48)).eval()
 
 
 class Engine:
