@@ -87,9 +87,10 @@ def batch_line(figures: StepFigures, max_steps: int, config: Config) -> str:
         return f"batch: {budget} (streamed data: real tokens shown as training logs them); {max_steps} steps"
     real_share = figures.real_tokens / figures.budget_tokens
     source = "" if config.train.max_steps is not None else f" (from {stop_key(config)})"
+    units = "preference pairs" if config.data.format == "preference" else "sequences"
     return (
         f"batch: {budget}, ~{figures.real_tokens:,.0f} real ({real_share:.0%}); "
-        f"~{figures.sequences:,.1f} sequences per step; {figures.steps_per_epoch:,.1f} steps per epoch; "
+        f"~{figures.sequences:,.1f} {units} per step; {figures.steps_per_epoch:,.1f} steps per epoch; "
         f"{max_steps:,} steps{source} = {max_steps / figures.steps_per_epoch:,.2f} epochs, "
         f"~{max_steps * figures.real_tokens:,.0f} tokens"
     )

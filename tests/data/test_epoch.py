@@ -46,7 +46,10 @@ def test_step_figures_and_the_steps_that_tokens_or_epochs_come_to():
     assert (
         line.startswith("batch: 1,024 tokens per optimizer step budget")
         and "from train.max_tokens=10000" in line
+        and "sequences per step" in line
     )
+    pairs = config("data.format=preference", "finetune.method=dpo", "data.max_tokens_per_batch=256")
+    assert "preference pairs per step" in batch_line(figures, steps, pairs)
 
 
 def test_pad_budget_is_rows_times_length_and_streams_need_steps():
