@@ -20,7 +20,7 @@ from lmscale.data import prepare_held_out
 from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
 from lmscale.errors import LmscaleError
 from lmscale.inference import Sampling, generate_text, load_for_inference
-from lmscale.loss import summed_loss, summed_token_loss
+from lmscale.loss import objective_totals, summed_loss, summed_token_loss
 from lmscale.rundir import RunDir, read_labels
 
 
@@ -44,6 +44,14 @@ def evaluation_config(target: Path, data: str | None) -> Config:
     return config
 
 
+def scoring_stream(sequences, config: Config, pad_id: int) -> BatchStream:
+    """The held-out sequences in fixed length buckets of the run's budget, in one process."""
+    budget = config.data.max_tokens_per_batch
+    budget = budget if isinstance(budget, int) else 8 * config.data.max_seq_len  # inference needs less
+    settings = BatchSettings("bucket", budget, 1, config.data.max_seq_len, 0)
+    return BatchStream(sequences, settings, 0, 1, config.seed, pad_id, shuffle=False)
+
+
 @torch.no_grad()
 def held_out_scores(
     model, sequences, config: Config, pad_id: int, max_batches: int | None
@@ -52,12 +60,7 @@ def held_out_scores(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # right padding needs no attention mask for a causal LM; skip the hint
-    budget = config.data.max_tokens_per_batch
-    budget = (
-        budget if isinstance(budget, int) else 8 * config.data.max_seq_len
-    )  # inference needs less than training
-    settings = BatchSettings("bucket", budget, 1, config.data.max_seq_len, 0)
-    stream = BatchStream(sequences, settings, 0, 1, config.seed, pad_id, shuffle=False)
+    stream = scoring_stream(sequences, config, pad_id)
     if "label" in sequences.column_names:
         return classification_scores(model, stream, max_batches)
     loss_sum = entropy_sum = targets = 0.0
@@ -112,18 +115,11 @@ def preference_scores(
     from lmscale.dpo import dpo_objective, load_reference, with_reference
 
     reference = load_reference(RunDir(target).reference_logps)["eval"]
-    settings = BatchSettings("bucket", int(config.data.max_tokens_per_batch), 1, config.data.max_seq_len, 0)
-    stream = BatchStream(
-        with_reference(pairs, reference, "held-out"), settings, 0, 1, config.seed, pad_id, shuffle=False
-    )
-    objective, engine = dpo_objective(config.finetune.dpo), ModelForward(model)
-    loss_sum, count, sums = 0.0, 0, {}
-    for batch in stream.loader(0, 0, max_batches):
-        parts = objective(engine, batch)
-        loss_sum, count = loss_sum + parts.summed.item(), count + parts.targets
-        for name, value in parts.sums.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
-    scores = {"eval_loss": loss_sum / count} | {f"eval_{name}": value / count for name, value in sums.items()}
+    stream = scoring_stream(with_reference(pairs, reference, "held-out"), config, pad_id)
+    batches = stream.loader(0, 0, max_batches)
+    loss_sum, count, sums = objective_totals(ModelForward(model), batches, dpo_objective(config.finetune.dpo))
+    scores = {"eval_loss": float(loss_sum) / count}
+    scores |= {f"eval_{name}": float(value) / count for name, value in sums.items()}
     return scores | {"eval_pairs": count}
 
 

@@ -4,7 +4,7 @@ however its tokens are spread over micro-batches and ranks; and the forward pass
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,29 @@ class LossParts:
 
 
 Objective = Callable[[Any, Batch], LossParts]  # (engine, batch) -> its loss parts
+
+
+def add_sums(totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    """Add an objective's figure sums into running totals (float64, detached)."""
+    for name, value in sums.items():
+        totals[name] = totals.get(name, 0) + value.detach().double()
+
+
+def objective_totals(
+    engine: Any, batches: Iterable[Batch], objective: Objective, progress: Callable[[], None] = lambda: None
+) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """(summed loss, targets, figure sums) of an objective over batches, for this process only; `progress`
+    is called after each batch."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    sums: dict[str, torch.Tensor] = {}
+    targets = 0
+    for batch in batches:
+        parts = objective(engine, batch)
+        loss_sum += parts.summed.detach().double()
+        targets += parts.targets
+        add_sums(sums, parts.sums)
+        progress()
+    return loss_sum, targets, sums
 
 
 def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:

@@ -19,7 +19,7 @@ from lmscale.config import CheckpointConfig, TrainConfig
 from lmscale.data.batches import Batch, BatchStream, step_targets, truncate_batch
 from lmscale.errors import LmscaleError
 from lmscale.logging import MetricsSink
-from lmscale.loss import Objective, cross_entropy_objective, perplexity
+from lmscale.loss import Objective, add_sums, cross_entropy_objective, objective_totals, perplexity
 from lmscale.metrics import ThroughputModel
 
 EARLY_STOP = "early stopping"
@@ -72,11 +72,6 @@ class Evaluation:
         return figures | {f"eval_{name}": value for name, value in self.means.items()}
 
 
-def add_sums(totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
-    for name, value in sums.items():
-        totals[name] = totals.get(name, 0) + value.detach().double()
-
-
 @torch.no_grad()
 def evaluate(
     engine: Any,
@@ -88,15 +83,8 @@ def evaluate(
     """Held-out loss (and the objective's other figures) over all ranks; every rank runs the same
     batches. `progress` is called after each batch (the hang watchdog's heartbeat)."""
     engine.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    sums: dict[str, torch.Tensor] = {}
-    targets = 0
-    for batch in stream.loader(epoch=0, start=0, stop=max_batches):
-        parts = objective(engine, batch)
-        loss_sum += parts.summed.detach().double()
-        targets += parts.targets
-        add_sums(sums, parts.sums)
-        progress()
+    batches = stream.loader(epoch=0, start=0, stop=max_batches)
+    loss_sum, targets, sums = objective_totals(engine, batches, objective, progress)
     engine.train()
     names = sorted(sums)  # the same on every rank: every batch of an objective reports the same figures
     totals = all_ranks_sum([loss_sum, targets, *(sums[n] for n in names)], engine.device)

@@ -87,17 +87,27 @@ def check_packing_support(batching: str) -> None:
         )
 
 
-def batch_streams(
-    config: Config, data: PreparedData, rank: int, world_size: int
-) -> tuple[BatchStream | StreamingBatches, BatchStream]:
-    """This rank's training batches (shuffled each epoch) and held-out batches (fixed)."""
-    settings = BatchSettings(
+def batch_settings(config: Config) -> BatchSettings:
+    return BatchSettings(
         batching=config.data.batching,
         max_tokens_per_batch=config.data.max_tokens_per_batch,
         micro_batch_size=config.train.micro_batch_size,
         max_seq_len=config.data.max_seq_len,
         num_workers=config.data.num_workers,
     )
+
+
+def fixed_stream(config: Config, sequences, pad_id: int, rank: int, world_size: int) -> BatchStream:
+    """Unshuffled batches of `sequences` in this rank's share, read in the main process (evaluation)."""
+    settings = replace(batch_settings(config), num_workers=0)
+    return BatchStream(sequences, settings, rank, world_size, config.seed, pad_id, shuffle=False)
+
+
+def batch_streams(
+    config: Config, data: PreparedData, rank: int, world_size: int
+) -> tuple[BatchStream | StreamingBatches, BatchStream]:
+    """This rank's training batches (shuffled each epoch) and held-out batches (fixed)."""
+    settings = batch_settings(config)
     pad_id = data.tokenizer.pad_token_id
     if config.data.streaming:
         stream_settings = StreamSettings(
@@ -106,10 +116,7 @@ def batch_streams(
         train_stream = StreamingBatches(data.train, data.tokenizer, stream_settings)
     else:
         train_stream = BatchStream(data.train, settings, rank, world_size, config.seed, pad_id)
-    eval_stream = BatchStream(
-        data.eval, replace(settings, num_workers=0), rank, world_size, config.seed, pad_id, shuffle=False
-    )
-    return train_stream, eval_stream
+    return train_stream, fixed_stream(config, data.eval, pad_id, rank, world_size)
 
 
 def optimization(model: torch.nn.Module, config: Config):
@@ -233,8 +240,9 @@ def attach_reference(
     else:
         log.info("dpo: reference log-probabilities of %d + %d pairs", len(data.train), len(data.eval))
         tables = {}
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         for split, pairs in (("train", data.train), ("eval", data.eval)):
-            stream = unshuffled_stream(config, pairs, data.tokenizer.pad_token_id)
+            stream = fixed_stream(config, pairs, data.tokenizer.pad_token_id, rank, world_size)
             tables[split] = reference_logps(
                 engine, stream, lambda: watchdog.beat(0, "reference log-probabilities")
             )
@@ -242,14 +250,6 @@ def attach_reference(
             save_reference(run.reference_logps, tables)
     data.train = with_reference(data.train, tables["train"], "training")
     data.eval = with_reference(data.eval, tables["eval"], "held-out")
-
-
-def unshuffled_stream(config: Config, sequences, pad_id: int) -> BatchStream:
-    settings = BatchSettings(
-        "bucket", config.data.max_tokens_per_batch, 1, config.data.max_seq_len, num_workers=0
-    )
-    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return BatchStream(sequences, settings, rank, world_size, config.seed, pad_id, shuffle=False)
 
 
 def harness_hook(config: Config, engine, tokenizer, watchdog: HangWatchdog):

@@ -17,6 +17,7 @@ from lmscale.data.preferences import encode_preferences, pair_sequences
 from lmscale.data.tasks import PLAIN_CHAT_TEMPLATE, check_problems
 from lmscale.dpo import dpo_objective, pair_scores, preference_figures, sequence_logps, with_reference
 from lmscale.errors import ConfigError, LmscaleError
+from lmscale.evaluation import ModelForward
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +134,6 @@ def tiny_model() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(tiny_gpt2_config(48)).eval()
 
 
-class Engine:
-    """What the objective needs of a DeepSpeed engine: a device and a forward pass."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.device = model, torch.device("cpu")
-
-    def __call__(self, **inputs):
-        return self.model(**inputs)
-
-
 def fixed_batch(tokenizer) -> dict:
     pairs = pair_dataset(tokenizer, 4)
     lengths = np.asarray(pairs["length"])
@@ -160,7 +151,7 @@ def test_the_loss_equals_trl_dpo_trainer_on_the_same_model_and_batch(tokenizer, 
     batch = fixed_batch(tokenizer)
     settings = DpoConfig(beta=0.3, loss=loss)
     with torch.no_grad():
-        ours = dpo_objective(settings)(Engine(model), batch)
+        ours = dpo_objective(settings)(ModelForward(model), batch)
     ours_mean = float(ours.summed) / ours.targets
 
     records = Dataset.from_list([{"prompt": "w1", "chosen": "w2", "rejected": "w3"}] * 2)

@@ -145,6 +145,7 @@ class EpochBatches(torch.utils.data.Dataset):
     ) -> None:
         # Fine-tuning data carries a prompt length (masked out of the loss) or a class label per sequence.
         self.extra = [c for c in TASK_COLUMNS if c in sequences.column_names]
+        self.paired = "rejected_ids" in self.extra  # preference pairs (lmscale.data.preferences)
         self.sequences = sequences.select_columns(["input_ids", *self.extra])
         self.lengths, self.plan, self.rank, self.pad_id, self.pad_to = lengths, plan, rank, pad_id, pad_to
 
@@ -158,7 +159,7 @@ class EpochBatches(torch.utils.data.Dataset):
         if not self.extra:
             return collate(self._rows(row_ids), self.pad_id, self.pad_to)
         records = self.sequences[row_ids] if row_ids else {c: [] for c in ["input_ids", *self.extra]}
-        if "rejected_ids" in self.extra:
+        if self.paired:
             return collate_pairs(records, self.pad_id)
         return collate(
             list(records["input_ids"]),
@@ -170,7 +171,7 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def _own_lengths(self, row_ids: list[int], tensors: dict) -> np.ndarray:
         """The token count of each sequence in this rank's batch."""
-        if "rejected_ids" in self.extra:  # a pair's planned length is its cost (two rows): count the rows
+        if self.paired:  # a pair's planned length is its cost (two rows): count the rows
             return tensors["attention_mask"].sum(dim=1).numpy()[: 2 * len(row_ids)]
         if not row_ids:
             return np.zeros(0, int)
@@ -185,7 +186,7 @@ class EpochBatches(torch.utils.data.Dataset):
             tensors = collate_packed(pieces, self.pad_id, self.pad_to)
         members = [self.plan.row_sequences(int(r)) for b in self.plan.groups[group] for r in b if r != FILLER]
         own = self._own_lengths(row_ids, tensors)
-        pairs = len(row_ids) if "rejected_ids" in self.extra else 0
+        pairs = len(row_ids) if self.paired else 0
         return Batch(
             tensors,
             real_tokens=int(own.sum()),
