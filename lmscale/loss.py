@@ -16,6 +16,21 @@ from lmscale.data.batches import IGNORE_INDEX, Batch
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
 
 
+def chunked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`summed_token_loss` without fp32 [tokens, vocab] tensors: DeepSpeed's blocked cross-entropy keeps one
+    fp32 log-sum-exp per token and recomputes the softmax block by block in backward.
+
+    The labels are shifted instead of the logits (the last position gets an ignored target), because
+    slicing `logits[:, :-1]` and flattening it would copy the whole logits tensor.
+    """
+    from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy  # after the accelerator choice
+
+    next_tokens = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return chunked_cross_entropy(
+        logits.reshape(-1, logits.size(-1)), next_tokens.reshape(-1), IGNORE_INDEX, reduction="sum"
+    )
+
+
 def summed_token_loss(
     logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
 ) -> torch.Tensor:
@@ -30,8 +45,13 @@ def summed_token_loss(
     )
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy summed over the targets: next tokens (labels per token) or classes (one label per row)."""
+def summed_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, chunked: bool = False
+) -> torch.Tensor:
+    """Cross-entropy summed over the targets: next tokens (labels per token) or classes (one label per row).
+    `chunked` computes the next-token loss blockwise (a class head's logits are small already)."""
+    if labels.dim() == 2 and chunked:
+        return chunked_token_loss(logits, labels)
     if labels.dim() == 2:
         return summed_token_loss(logits, labels, label_smoothing)
     return F.cross_entropy(
@@ -81,15 +101,16 @@ def objective_totals(
     return loss_sum, targets, sums
 
 
-def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
-    """Supervised training: cross-entropy of the next tokens, or of the class (with its accuracy)."""
+def cross_entropy_objective(label_smoothing: float = 0.0, chunked: bool = False) -> Objective:
+    """Supervised training: cross-entropy of the next tokens, or of the class (with its accuracy);
+    `chunked` as in `summed_loss`."""
 
     def objective(engine: Any, batch: Batch) -> LossParts:
         logits, labels = forward(engine, batch)
         sums = {}
         if labels.dim() == 1:  # ignored (filler) rows never match -100
             sums["accuracy"] = (logits.argmax(dim=-1) == labels).sum()
-        return LossParts(summed_loss(logits, labels, label_smoothing), batch.local_targets, sums)
+        return LossParts(summed_loss(logits, labels, label_smoothing, chunked), batch.local_targets, sums)
 
     return objective
 

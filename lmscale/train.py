@@ -258,8 +258,8 @@ def train(
     `checkpointing.save_every`, and stop early (with a checkpoint) when a stop signal is agreed."""
     start = start or LoopStart()
     world_size = dist.get_world_size()
-    train_objective = hooks.objective or cross_entropy_objective(config.label_smoothing)
-    eval_objective = hooks.objective or cross_entropy_objective()
+    train_objective = hooks.objective or cross_entropy_objective(config.label_smoothing, config.chunked_loss)
+    eval_objective = hooks.objective or cross_entropy_objective(chunked=config.chunked_loss)
     batches: Iterator[Batch] = iter(train_stream)
     initial_eval = final_eval = math.nan
     initial_accuracy = final_accuracy = None

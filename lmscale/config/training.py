@@ -35,6 +35,11 @@ class TrainConfig(Section):
         None, gt=0, description="Train for this many passes over the data (may be 0.5)."
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss.")
+    chunked_loss: bool = Field(
+        False,
+        description="Next-token loss in blocks of rows, never holding fp32 [tokens, vocab] copies of the "
+        "logits (long contexts, large vocabularies); same loss and gradients.",
+    )
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     grad_clip: float = Field(
         1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping."
@@ -64,6 +69,15 @@ class TrainConfig(Section):
         description="A rank that completes no step for this long dumps its stacks and exits non-zero; "
         "unset = 50 x the median step time, at least 900 s.",
     )
+
+    @model_validator(mode="after")
+    def _check_chunked_loss(self) -> TrainConfig:
+        if self.chunked_loss and self.label_smoothing:
+            raise ValueError(
+                f"train.chunked_loss has no label smoothing (train.label_smoothing={self.label_smoothing}): "
+                "unset one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_length(self) -> TrainConfig:
