@@ -37,6 +37,7 @@ from lmscale.rundir import RunDir
 log = logging.getLogger(__name__)
 
 UNIVERSAL = "universal"  # DeepSpeed's rank-count-independent form of a checkpoint, made on demand
+UNIVERSAL_INFO = "universal_checkpoint_info"  # client-state key ds_to_universal requires (DeepSpeed's name)
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
 
@@ -110,9 +111,12 @@ def save_checkpoint(
     tag = checkpoint_tag(step)
     partial = directory / f"{tag}.partial"
     rank = dist.get_rank()
+    state = {**client_state, "step": step}
     # universal_checkpoint_info lets `deepspeed.checkpoint.ds_to_universal` convert this checkpoint
-    # for a different number of ranks later; without it the conversion refuses.
-    state = {**client_state, "step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+    # for a different number of ranks later; without it the conversion refuses. AutoTP records its own
+    # (how each weight is split), which the client state must not overwrite.
+    if getattr(engine.module, UNIVERSAL_INFO, None) is None:
+        state[UNIVERSAL_INFO] = {"universal_checkpoint_version": 0.2}
     failure = None
     try:
         engine.save_checkpoint(
@@ -141,7 +145,12 @@ def save_checkpoint(
         files = {
             name: {"bytes": (final / name).stat().st_size, "blake2b": digest} for name, digest in checksums
         }
-        meta = {"step": step, "world_size": dist.get_world_size(), "files": files}
+        meta = {
+            "step": step,
+            "world_size": dist.get_world_size(),
+            "tensor": tensor_degree(engine),
+            "files": files,
+        }
         _write_atomically(RunDir.complete_marker(final), json.dumps(meta) + "\n")
         _write_atomically(run.latest, tag)  # the pointer moves last
         prune_checkpoints(directory, keep_last)
@@ -305,6 +314,16 @@ def written_by(checkpoint: Path) -> int:
     return int(checkpoint_meta(checkpoint)["world_size"])
 
 
+def tensor_degree(engine: Any) -> int:
+    """The engine's AutoTP degree (1 without tensor parallelism)."""
+    return int(engine.autotp_size()) if hasattr(engine, "autotp_size") else 1
+
+
+def written_tensor_degree(checkpoint: Path) -> int:
+    """The tensor-parallel degree of the job that wrote `checkpoint` (1 before lmscale recorded it)."""
+    return int(checkpoint_meta(checkpoint).get("tensor", 1))
+
+
 def _conversion_command(checkpoint: Path, output: Path) -> list[str]:
     return [
         sys.executable,
@@ -328,10 +347,9 @@ def ensure_universal(checkpoint: Path, world_size: int) -> Path:
         if target.is_dir():
             return target
         log.info(
-            "resume: converting %s (%d ranks) to a universal checkpoint for %d rank(s)",
+            "checkpoint: converting %s (written by %d ranks) to a universal checkpoint (once; kept beside it)",
             checkpoint,
             written_by(checkpoint),
-            world_size,
         )
         partial = checkpoint / f"{UNIVERSAL}.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -350,9 +368,11 @@ def ensure_universal(checkpoint: Path, world_size: int) -> Path:
     return target
 
 
-def needs_universal(checkpoint: Path, world_size: int, zero_stage: int) -> bool:
-    """Partitioned (ZeRO 1-3) states written by another rank count must be re-partitioned."""
-    return zero_stage > 0 and written_by(checkpoint) != world_size
+def needs_universal(checkpoint: Path, world_size: int, zero_stage: int, tensor: int = 1) -> bool:
+    """Partitioned (ZeRO 1-3) states written by another rank count or tensor-parallel degree must be
+    re-partitioned."""
+    moved = written_by(checkpoint) != world_size or written_tensor_degree(checkpoint) != tensor
+    return zero_stage > 0 and moved
 
 
 def load_checkpoint(
@@ -366,7 +386,7 @@ def load_checkpoint(
     load as they are), and each rank's RNG is seeded anew from (seed, step, rank): the old ranks'
     random streams have no counterpart on the new ones.
     """
-    elastic = written_by(checkpoint) != dist.get_world_size()
+    elastic = universal or written_by(checkpoint) != dist.get_world_size()
     directory, tag = (checkpoint, UNIVERSAL) if universal else (checkpoint.parent, checkpoint.name)
     try:
         # An adapters-only checkpoint (LoRA) has no frozen base weights: the model already holds them.

@@ -12,6 +12,7 @@ from typing import Any
 
 from lmscale.config import Config, build_config
 from lmscale.errors import ConfigError
+from lmscale.parallel import layout_problems
 from lmscale.resources import find_file
 
 
@@ -49,6 +50,7 @@ JSON_KEYS = {
     "zero.stage": lambda ds: ds.get("zero_optimization", {}).get("stage"),
     "zero.offload": _json_offload,
     "precision": _json_precision,
+    "parallel.tensor": lambda ds: ds.get("tensor_parallel", {}).get("autotp_size"),
 }
 # Sections lmscale builds itself; a JSON that sets them would silently fight the lmscale config.
 LMSCALE_OWNED_SECTIONS = ("optimizer", "scheduler")
@@ -108,7 +110,7 @@ def reconcile(config: Config, explicit: set[str], ds: dict[str, Any], source: st
 
 
 def check_batch_sizes(config: Config, world_size: int) -> None:
-    """train_batch_size = micro x accumulation x data-parallel ranks, as DeepSpeed requires."""
+    """train_batch_size = micro x accumulation x data-parallel ranks (`world_size`), as DeepSpeed requires."""
     train = config.train
     product = train.micro_batch_size * train.grad_accum_steps * world_size
     if train.global_batch_size is not None and train.global_batch_size != product:
@@ -129,11 +131,14 @@ def check_precision(precision: str, has_gpu: bool) -> None:
 
 
 def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The DeepSpeed config for this run: `base` (a JSON) with every lmscale-controlled value filled in."""
+    """The DeepSpeed config for this run on `world_size` ranks: `base` (a JSON) with every
+    lmscale-controlled value filled in."""
     ds = copy.deepcopy(base or {})
     train = config.train
     ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     ds["gradient_accumulation_steps"] = train.grad_accum_steps
+    # DeepSpeed checks this against every rank, tensor-parallel ones included (AutoTP's groups are made
+    # after the config is read); lmscale's own batches are planned for the data-parallel ranks.
     ds["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * world_size
     ds["gradient_clipping"] = train.grad_clip
     ds.setdefault("steps_per_print", 10**9)  # lmscale does its own logging
@@ -142,6 +147,14 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
     # check_grad_overflow: DeepSpeed skips (and counts) a step whose gradients are not finite, as it does for fp16.
     ds["bf16"] = {"enabled": config.precision == "bf16", "check_grad_overflow": True}
     ds["zero_optimization"] = _zero_section(config, ds.get("zero_optimization", {}))
+    if config.parallel.tensor > 1:
+        # Full-vocabulary logits on every rank of the group: lmscale's losses (cross-entropy, DPO's
+        # log-probabilities, the chunked loss) read whole rows; a vocabulary-split head would hand each
+        # rank a slice of every row.
+        autotp = {"autotp_size": config.parallel.tensor, "vocab_parallel_lm_head": False}
+        ds["tensor_parallel"] = {**ds.get("tensor_parallel", {}), **autotp}
+    else:
+        ds.pop("tensor_parallel", None)
     if config.optim.name != "adamw":
         # ZeRO partitions any torch optimizer; DeepSpeed only asks to be told it is not one of its own.
         ds["zero_allow_untested_optimizer"] = True
@@ -192,6 +205,9 @@ def resolve(
     if config.deepspeed_config:
         base = read_deepspeed_json(config.deepspeed_config)
         config = reconcile(config, explicit, base, config.deepspeed_config)
-    check_batch_sizes(config, world_size)
+    problems = layout_problems(config.parallel.tensor, world_size)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    check_batch_sizes(config, world_size // config.parallel.tensor)  # sequences a step: data-parallel ranks
     check_precision(config.precision, has_gpu)
     return config, deepspeed_config(config, world_size, base)

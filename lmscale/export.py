@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmscale.checkpoint import complete_checkpoints, verify_checkpoint
+from lmscale.checkpoint import (
+    complete_checkpoints,
+    ensure_universal,
+    verify_checkpoint,
+    written_tensor_degree,
+)
 from lmscale.config import Config, saved_config
 from lmscale.data.tokenizer import local_tokenizer
 from lmscale.errors import LmscaleError
@@ -61,7 +66,10 @@ def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
 
 
 def consolidated_weights(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a checkpoint written by any number of ranks."""
+    """The full fp32 state dict of a checkpoint written by any number of ranks (and tensor-parallel
+    slices: DeepSpeed's universal conversion merges those, by how AutoTP split each weight)."""
+    if written_tensor_degree(checkpoint) > 1:
+        return universal_weights(ensure_universal(checkpoint, world_size=1))
     if zero_stage == 0:
         states = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
         return {name: tensor.float() for name, tensor in states["module"].items()}
@@ -69,6 +77,16 @@ def consolidated_weights(checkpoint: Path, zero_stage: int) -> dict[str, torch.T
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def universal_weights(universal: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a universal checkpoint: one directory per parameter, holding `fp32.pt`."""
+    weights = {}
+    for parameter in sorted((universal / "zero").iterdir()):
+        if (parameter / "fp32.pt").is_file():
+            saved = torch.load(parameter / "fp32.pt", weights_only=False, map_location="cpu")
+            weights[parameter.name] = (saved["param"] if isinstance(saved, dict) else saved).float()
+    return weights
 
 
 def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):

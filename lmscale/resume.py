@@ -18,9 +18,11 @@ from lmscale.checkpoint import (
     needs_universal,
     save_checkpoint,
     written_by,
+    written_tensor_degree,
 )
 from lmscale.config import Config
 from lmscale.finetune import Unfreezing
+from lmscale.parallel import Layout
 from lmscale.rundir import truncate_metrics
 from lmscale.train import LoopStart
 
@@ -45,7 +47,8 @@ def plan_resume(config: Config, force: bool, world_size: int) -> Resume:
     """The checkpoint to resume from; one written by another rank count is converted first (before
     the process group exists, so a long conversion cannot time out a collective)."""
     checkpoint = None if force else find_resume_checkpoint(Path(config.output_dir), config.checkpoint.resume)
-    universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage)
+    tensor = config.parallel.tensor
+    universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage, tensor)
     if not universal:
         return Resume(checkpoint, universal)
     ensure_universal(checkpoint, world_size)
@@ -72,21 +75,38 @@ def resume_point(
     if is_rank_zero:
         truncate_metrics(output_dir, state["step"])
     log.info("resume: continuing from %s (step %d)", checkpoint, state["step"])
-    written, now = written_by(checkpoint), torch.distributed.get_world_size()
-    if written != now and not streamed:
-        log.warning(
-            "resume: checkpoint written by %d rank(s), continuing on %d: the epoch's unseen sequences are "
-            "re-planned for %d rank(s) (none skipped or repeated); a step now covers %d ranks' batches",
-            written,
-            now,
-            now,
-            now,
+    if is_rank_zero:
+        describe_layout_change(
+            checkpoint, Layout(torch.distributed.get_world_size(), config.parallel.tensor), streamed
         )
     return LoopStart(
         step=state["step"],
         tokens_seen=state["tokens_seen"],
         best_eval_loss=state.get("best_eval_loss", math.inf),
     )
+
+
+def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool) -> None:
+    """Say what changed when a checkpoint continues on another rank count or tensor-parallel degree."""
+    written = Layout(written_by(checkpoint), written_tensor_degree(checkpoint))
+    if written == now:
+        return
+    if written.data != now.data and not streamed:
+        log.warning(
+            "resume: checkpoint written by %s, continuing on %s: the epoch's unseen sequences are re-planned "
+            "for %d data-parallel rank(s) (none skipped or repeated); a step now covers %d ranks' batches",
+            written.describe(),
+            now.describe(),
+            now.data,
+            now.data,
+        )
+    elif written.tensor != now.tensor:
+        log.info(
+            "resume: checkpoint written by %s, continuing on %s: the weights and optimizer states are re-split "
+            "from the universal checkpoint; the batches are the same",
+            written.describe(),
+            now.describe(),
+        )
 
 
 def checkpoint_saver(

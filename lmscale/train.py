@@ -21,6 +21,7 @@ from lmscale.errors import LmscaleError
 from lmscale.logging import MetricsSink
 from lmscale.loss import Objective, add_sums, cross_entropy_objective, objective_totals, perplexity
 from lmscale.metrics import ThroughputModel
+from lmscale.parallel import Layout
 
 EARLY_STOP = "early stopping"
 
@@ -139,7 +140,7 @@ class Window:
 def train_step(
     engine: Any,
     micro_batches: list[Batch],
-    world_size: int,
+    layout: Layout,
     window: Window,
     log_grad_norm: bool,
     objective: Objective | None = None,
@@ -147,9 +148,10 @@ def train_step(
     """One optimizer step over `micro_batches`, the loss averaged over every target token of the step.
 
     Batches differ in size across micro-steps and ranks, so a per-batch mean would weight tokens
-    unequally. Each micro-batch's summed loss is divided by the step's target count over all ranks
-    (known from the epoch plan, no communication needed) and multiplied by ranks x accumulation
-    steps, which DeepSpeed's gradient averaging and accumulation scaling divide out again.
+    unequally. Each micro-batch's summed loss is divided by the step's target count over all
+    data-parallel ranks (known from the epoch plan, no communication needed) and multiplied by
+    data-parallel ranks x accumulation steps, which DeepSpeed's gradient averaging (over the
+    data-parallel group) and accumulation scaling divide out again.
     `objective` defaults to plain cross-entropy.
     """
     objective = objective or cross_entropy_objective()
@@ -157,8 +159,9 @@ def train_step(
     if (
         targets is None
     ):  # streamed batches: each rank knows only its own, so add them up (one tiny collective)
-        targets = all_ranks_sum([sum(b.local_targets for b in micro_batches)], engine.device)[0]
-    scale = world_size * len(micro_batches) / max(targets, 1)
+        own = sum(b.local_targets for b in micro_batches)
+        targets = all_ranks_sum([own], engine.device)[0] / layout.copies
+    scale = layout.data * len(micro_batches) / max(targets, 1)
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):
         window.add(batch)
@@ -253,11 +256,13 @@ def train(
     sink: MetricsSink,
     hooks: LoopHooks,
     start: LoopStart | None = None,
+    layout: Layout | None = None,
 ) -> TrainResult:
     """Train to `config.max_steps`: log every `log_every`, evaluate every `eval_every`, save every
-    `checkpointing.save_every`, and stop early (with a checkpoint) when a stop signal is agreed."""
+    `checkpointing.save_every`, and stop early (with a checkpoint) when a stop signal is agreed.
+    `layout` defaults to data parallelism over every rank."""
     start = start or LoopStart()
-    world_size = dist.get_world_size()
+    layout = layout or Layout(dist.get_world_size())
     train_objective = hooks.objective or cross_entropy_objective(config.label_smoothing, config.chunked_loss)
     eval_objective = hooks.objective or cross_entropy_objective(chunked=config.chunked_loss)
     batches: Iterator[Batch] = iter(train_stream)
@@ -296,7 +301,7 @@ def train(
         cap = hooks.length_cap(step - 1)
         if cap is not None:
             micro_batches = [truncate_batch(b, cap) for b in micro_batches]
-        own_grad_norm = train_step(engine, micro_batches, world_size, window, is_log_step, train_objective)
+        own_grad_norm = train_step(engine, micro_batches, layout, window, is_log_step, train_objective)
         hooks.progress(step, "training step")
         faults.after_step(step, dist.get_rank())
         skipped = guard.check(int(engine.skipped_steps), step)
@@ -306,7 +311,7 @@ def train(
         stop = hooks.stop_requested()
         if is_log_step or stop:
             tokens_seen += log_window(
-                engine, window, step, own_grad_norm, tokens_seen, sink, hooks.throughput
+                engine, window, step, own_grad_norm, tokens_seen, sink, hooks.throughput, layout
             )
         is_best = plateaued = False
         if step % config.eval_every == 0 or is_last:
@@ -402,9 +407,10 @@ def log_window(
     tokens_before: int,
     sink: MetricsSink,
     throughput: ThroughputModel | None,
+    layout: Layout,
 ) -> int:
     """Reduce the window over ranks, log it, reset it; returns the real tokens it held (all ranks)."""
-    world_size = dist.get_world_size()
+    world_size = layout.world_size
     names = sorted(window.sums)
     totals = all_ranks_sum(
         [
@@ -421,6 +427,8 @@ def log_window(
         engine.device,
     )
     loss_total, micro_total, real, padded, sequences, sum_sq_len, data_wait_s, targets = totals[:8]
+    # Each batch ran on every rank of its tensor group: count it once (means are unaffected).
+    real, padded, sequences, sum_sq_len = (v / layout.copies for v in (real, padded, sequences, sum_sq_len))
     elapsed_s = time.perf_counter() - window.start_s
     grad_norm = own_grad_norm if own_grad_norm is not None else engine.get_global_grad_norm()
     metrics = {
@@ -457,20 +465,25 @@ def parameter_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def check_replicas_agree(engine: Any, zero_stage: int) -> str | None:
-    """Data-parallel replicas must end with the same weights (ZeRO 0-2 keep a full copy on every rank).
+def check_replicas_agree(engine: Any, zero_stage: int, layout: Layout | None = None) -> str | None:
+    """Data-parallel replicas must end with the same weights (ZeRO 0-2 keep a full copy on every rank;
+    with tensor parallelism, the ranks holding the same slice).
 
     Compared once at the end of a run: a difference means the ranks trained different models (a
-    broken network, a non-deterministic collective), which no loss curve would show.
+    broken network, a non-deterministic collective), which no loss curve would show. Returns the
+    digest of rank 0's weights.
     """
-    world_size = dist.get_world_size()
-    if world_size == 1 or zero_stage == 3:
+    layout = layout or Layout(dist.get_world_size())
+    if layout.data == 1 or zero_stage == 3:
         return None
-    digests: list[str | None] = [None] * world_size
+    digests: list[str | None] = [None] * layout.world_size
     dist.all_gather_object(digests, parameter_digest(engine.module))
-    if len(set(digests)) > 1:
-        raise LmscaleError(
-            f"the {world_size} ranks ended with different parameters ({sorted(set(digests))[0][:12]}...): "
-            "the data-parallel replicas diverged; check the network between nodes and rerun from the last checkpoint"
-        )
+    for slice_index in range(layout.tensor):
+        replicas = {d for rank, d in enumerate(digests) if layout.tensor_rank(rank) == slice_index}
+        if len(replicas) > 1:
+            raise LmscaleError(
+                f"the {layout.data} data-parallel replicas ended with different parameters "
+                f"({sorted(replicas)[0][:12]}...): they diverged; check the network between nodes and rerun "
+                "from the last checkpoint"
+            )
     return digests[0]

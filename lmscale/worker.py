@@ -36,6 +36,7 @@ from lmscale.loss import perplexity
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops
 from lmscale.model import build_model, describe_parameters
 from lmscale.optim import build_optimizer, group_depths, num_layers_of, params_by_depth
+from lmscale.parallel import Layout, model_split_problems
 from lmscale.preflight import resolve_run_config
 from lmscale.resume import checkpoint_saver, plan_resume, resume_point
 from lmscale.rundir import (
@@ -106,7 +107,8 @@ def fixed_stream(config: Config, sequences, pad_id: int, rank: int, world_size: 
 def batch_streams(
     config: Config, data: PreparedData, rank: int, world_size: int
 ) -> tuple[BatchStream | StreamingBatches, BatchStream]:
-    """This rank's training batches (shuffled each epoch) and held-out batches (fixed)."""
+    """This rank's training batches (shuffled each epoch) and held-out batches (fixed); `rank` and
+    `world_size` are data-parallel ones (the ranks of a tensor group share their batches)."""
     settings = batch_settings(config)
     pad_id = data.tokenizer.pad_token_id
     if config.data.streaming:
@@ -167,6 +169,8 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     configure_console(is_rank_zero)
     world_size = int(os.environ["WORLD_SIZE"])
     config, ds_config = resolve_run_config(config_path, overrides, world_size, ds_engine.has_gpu())
+    layout = Layout(world_size, config.parallel.tensor)
+    data_rank = layout.data_rank(ds_engine.rank())
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, force, config.checkpoint.resume)
     check_unlocked(output_dir)
@@ -177,38 +181,40 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     data = prepare_data(
         config.data,
         config.model.path,
-        ds_engine.rank(),
-        world_size,
+        data_rank,
+        layout.data,
         config.model.trust_remote_code,
         config.finetune.task,
         config.finetune.num_labels,
     )
     # Every rank has its data now: nothing slow happens inside a collective.
     ds_engine.init_distributed(config.train.hang_timeout_s)
-    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     torch.distributed.barrier()  # every rank has checked the run dir before rank 0 writes to it
     ds_engine.release_shared_memory_names()  # every rank has mapped every buffer by now
     model = build_model(
         config.model, data.tokenizer, config.data.max_seq_len, config.seed, config.finetune, data.labels
     )
+    problems = model_split_problems(model, layout.tensor)
+    if problems:
+        raise ConfigError("; ".join(problems))
     log.info(
-        "model: %s, %s, %s; %d rank(s), ZeRO-%d, %s",
+        "model: %s, %s, %s; %s, ZeRO-%d, %s",
         config.model.path or config.model.preset,
         describe_parameters(model),
         describe_fused(model),
-        world_size,
+        layout.describe(),
         config.zero.stage,
         config.precision,
     )
     if config.data.max_tokens_per_batch == "auto":
         config.data.max_tokens_per_batch = auto_token_budget(config, model, world_size)
     check_packing_support(config.data.batching)
-    train_stream, eval_stream = batch_streams(config, data, rank, world_size)
-    settle_training_length(config, train_stream, world_size)
+    train_stream, eval_stream = batch_streams(config, data, data_rank, layout.data)
+    settle_training_length(config, train_stream, layout.data)
     optimizer, scheduler, unfreezing = optimization(model, config)
     engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config)
     lock = RunLock(output_dir)
-    watchdog = HangWatchdog(output_dir, rank, config.train.hang_timeout_s, on_tick=lock.touch)
+    watchdog = HangWatchdog(output_dir, ds_engine.rank(), config.train.hang_timeout_s, on_tick=lock.touch)
     try:
         # Written only now: a model, optimizer or DeepSpeed set-up that fails leaves no run directory behind.
         if is_rank_zero:
@@ -218,11 +224,11 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
             write_labels(output_dir, data.labels)
         watchdog.start()
         if config.finetune.method == "dpo":
-            attach_reference(config, data, engine, resume.checkpoint is not None, watchdog)
-            train_stream, eval_stream = batch_streams(config, data, rank, world_size)
+            attach_reference(config, data, engine, resume.checkpoint is not None, watchdog, layout)
+            train_stream, eval_stream = batch_streams(config, data, data_rank, layout.data)
         start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
         streams = (train_stream, eval_stream)
-        train_and_finish(config, engine, streams, unfreezing, model, start, watchdog, data.tokenizer)
+        train_and_finish(config, engine, streams, unfreezing, model, start, watchdog, data.tokenizer, layout)
     finally:
         watchdog.stop()
         lock.release()
@@ -230,7 +236,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
 
 
 def attach_reference(
-    config: Config, data: PreparedData, engine, resuming: bool, watchdog: HangWatchdog
+    config: Config, data: PreparedData, engine, resuming: bool, watchdog: HangWatchdog, layout: Layout
 ) -> None:
     """DPO: the starting model's log-probabilities of every pair, as columns of the training and held-out
     pairs; computed before the first step (all ranks), read back from the run dir on a resume."""
@@ -240,9 +246,9 @@ def attach_reference(
     else:
         log.info("dpo: reference log-probabilities of %d + %d pairs", len(data.train), len(data.eval))
         tables = {}
-        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        rank = layout.data_rank(torch.distributed.get_rank())
         for split, pairs in (("train", data.train), ("eval", data.eval)):
-            stream = fixed_stream(config, pairs, data.tokenizer.pad_token_id, rank, world_size)
+            stream = fixed_stream(config, pairs, data.tokenizer.pad_token_id, rank, layout.data)
             tables[split] = reference_logps(
                 engine, stream, lambda: watchdog.beat(0, "reference log-probabilities")
             )
@@ -281,7 +287,7 @@ def harness_hook(config: Config, engine, tokenizer, watchdog: HangWatchdog):
 
 
 def train_and_finish(
-    config, engine, streams, unfreezing, model, start: LoopStart, watchdog, tokenizer
+    config, engine, streams, unfreezing, model, start: LoopStart, watchdog, tokenizer, layout: Layout
 ) -> None:
     """The training loop with its hooks, the replica check, and the closing summary."""
     train_stream, eval_stream = streams
@@ -306,13 +312,13 @@ def train_and_finish(
     sink = MetricsSink(
         config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step
     )
-    result = train(engine, train_stream, eval_stream, config.train, config.checkpoint, sink, hooks, start)
-    digest = check_replicas_agree(engine, config.zero.stage)
+    result = train(
+        engine, train_stream, eval_stream, config.train, config.checkpoint, sink, hooks, start, layout
+    )
+    digest = check_replicas_agree(engine, config.zero.stage, layout)
     if digest:
         log.info(
-            "parameters identical on all %d ranks (sha256 %s)",
-            torch.distributed.get_world_size(),
-            digest[:16],
+            "parameters identical on all %d data-parallel replicas (sha256 %s)", layout.data, digest[:16]
         )
     if result.stopped_by and result.stopped_by != EARLY_STOP:
         result.stopped_by = stop.signal_name

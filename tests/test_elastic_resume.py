@@ -44,10 +44,10 @@ def test_two_ranks_to_one_and_back_continues_training(tmp_path, cache_dir, zero)
     out = tmp_path / "run"
     train(2, out, cache_dir, zero, steps=6)
     output = train(1, out, cache_dir, zero, steps=9)
-    assert "checkpoint written by 2 rank(s), continuing on 1" in output
+    assert "checkpoint written by 2 data-parallel rank(s), continuing on 1 data-parallel rank(s)" in output
     assert ((out / "checkpoints" / "step_00000006" / "universal").is_dir()) == (zero > 0)
     output = train(2, out, cache_dir, zero, steps=12)
-    assert "checkpoint written by 1 rank(s), continuing on 2" in output
+    assert "checkpoint written by 1 data-parallel rank(s), continuing on 2 data-parallel rank(s)" in output
 
     steps = [r["step"] for r in records(out)]
     assert steps == sorted(steps)

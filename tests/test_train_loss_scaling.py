@@ -14,6 +14,7 @@ from transformers import GPT2LMHeadModel
 from lmscale.data.batches import BatchSettings, BatchStream, collate
 from lmscale.engine import free_port, shutdown_distributed
 from lmscale.loss import summed_token_loss
+from lmscale.parallel import Layout
 from lmscale.train import Window, train_step
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,7 @@ def one_step_on_rank(rank: int, port: int, out_dir: str) -> None:
     batches = iter(stream(rank))
     micro_batches = [next(batches) for _ in range(ACCUMULATION)]
     window = Window(loss_sum=torch.zeros((), dtype=torch.float64))
-    train_step(engine, micro_batches, WORLD_SIZE, window, log_grad_norm=False)
+    train_step(engine, micro_batches, Layout(WORLD_SIZE), window, log_grad_norm=False)
     if rank == 0:
         torch.save(
             {k: v.detach().clone() for k, v in engine.module.state_dict().items()}, f"{out_dir}/after.pt"

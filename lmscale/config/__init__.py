@@ -20,6 +20,7 @@ from lmscale.config.loading import (
     saved_config,
 )
 from lmscale.config.model import ModelConfig
+from lmscale.config.parallel import ParallelConfig
 from lmscale.config.reporting import EvalConfig, LoggingConfig, MetricsConfig, WandbConfig
 from lmscale.config.run import Config
 from lmscale.config.section import Section
@@ -46,6 +47,7 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "OptimConfig",
+    "ParallelConfig",
     "ScheduleConfig",
     "Section",
     "SourceConfig",

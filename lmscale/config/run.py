@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from lmscale.config.data import DataConfig, whole_record_problems
 from lmscale.config.finetune import FinetuneConfig
 from lmscale.config.model import ModelConfig
+from lmscale.config.parallel import ParallelConfig
 from lmscale.config.reporting import EvalConfig, LoggingConfig, MetricsConfig, WandbConfig
 from lmscale.config.section import Section
 from lmscale.config.training import CheckpointConfig, OptimConfig, ScheduleConfig, TrainConfig, ZeroConfig
@@ -31,6 +32,7 @@ class Config(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     zero: ZeroConfig = ZeroConfig()
+    parallel: ParallelConfig = ParallelConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     wandb: WandbConfig = WandbConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -49,6 +51,13 @@ class Config(Section):
             problems.append(
                 f"schedule.warmup_steps={warmup} is not below train.max_steps={steps}: shorten the warm-up"
             )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> Config:
+        problems = tensor_parallel_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -94,4 +103,35 @@ def dpo_problems(config: Config) -> list[str]:
         )
     if config.train.label_smoothing:
         problems.append("train.label_smoothing applies to cross-entropy, not DPO: set it to 0")
+    return problems
+
+
+def tensor_parallel_problems(config: Config) -> list[str]:
+    """What AutoTP training does not combine with, as lmscale runs it (the layout itself is checked
+    against the rank count in lmscale.ds_config, and against the model's shape in the worker)."""
+    tensor = config.parallel.tensor
+    if tensor == 1:
+        return []
+    problems = []
+    if config.zero.stage == 3:
+        problems.append(
+            f"parallel.tensor={tensor} does not combine with zero.stage=3 (AutoTP training shards weights "
+            "itself): use zero.stage=1 or 2"
+        )
+    if config.zero.stage == 0:
+        problems.append(
+            f"parallel.tensor={tensor} needs zero.stage 1 or 2, whose fp32 master weights are what a "
+            "tensor-parallel checkpoint is consolidated (exported, resumed on another layout) from: set zero.stage=1"
+        )
+    if config.zero.offload != "none":
+        problems.append(f"parallel.tensor={tensor} is not tested with zero.offload: set zero.offload=none")
+    if config.finetune.lora is not None:
+        problems.append(
+            f"parallel.tensor={tensor} does not split LoRA adapters: train LoRA with parallel.tensor=1"
+        )
+    if config.finetune.task == "classification":
+        problems.append(
+            f"parallel.tensor={tensor} splits a language model's output layer, not a class head: "
+            "use parallel.tensor=1 for finetune.task=classification"
+        )
     return problems

@@ -1,0 +1,16 @@
+"""parallel.*: how the ranks of a job divide the model beyond ZeRO's data parallelism."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from lmscale.config.section import Section
+
+
+class ParallelConfig(Section):
+    tensor: int = Field(
+        1,
+        ge=1,
+        description="Tensor-parallel degree: ranks that split every attention and MLP weight and the "
+        "output layer (DeepSpeed AutoTP) and see the same batches; data-parallel ranks = ranks / tensor.",
+    )

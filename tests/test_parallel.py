@@ -1,0 +1,92 @@
+"""Tensor-parallel layouts: how ranks divide, what the DeepSpeed config says, and every bad layout refused
+with its fix before anything runs."""
+
+import pytest
+from transformers import GPT2Config, LlamaConfig
+
+from lmscale.config import load_config
+from lmscale.ds_config import resolve
+from lmscale.errors import ConfigError
+from lmscale.parallel import Layout, model_split_problems, split_problems
+
+
+def resolved(world_size, *overrides):
+    config, explicit = load_config(None, list(overrides))
+    return resolve(config, explicit, world_size, has_gpu=False)
+
+
+def test_tensor_groups_are_consecutive_ranks_as_deepspeed_lays_them_out():
+    layout = Layout(world_size=4, tensor=2)
+    assert layout.data == 2 and layout.copies == 2
+    assert [layout.data_rank(r) for r in range(4)] == [0, 0, 1, 1]
+    assert [layout.tensor_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    assert Layout(4).data == 4 and Layout(4).copies == 1
+    assert layout.describe() == "2 data-parallel x 2 tensor-parallel rank(s)"
+
+
+def test_deepspeed_config_asks_for_autotp():
+    config, ds = resolved(4, "parallel.tensor=2", "zero.stage=1", "train.micro_batch_size=3")
+    assert ds["tensor_parallel"]["autotp_size"] == 2
+    assert (
+        ds["train_batch_size"] == 3 * 4
+    )  # DeepSpeed counts every rank (it checks before AutoTP's groups exist)
+    _, plain = resolved(4, "zero.stage=1", "train.micro_batch_size=3")
+    assert "tensor_parallel" not in plain and plain["train_batch_size"] == 12
+
+
+def test_global_batch_size_is_checked_against_data_parallel_ranks():
+    resolved(4, "parallel.tensor=2", "zero.stage=1", "train.micro_batch_size=3", "train.global_batch_size=6")
+    with pytest.raises(ConfigError, match="x 2 rank"):
+        resolved(
+            4, "parallel.tensor=2", "zero.stage=1", "train.micro_batch_size=3", "train.global_batch_size=12"
+        )
+
+
+def test_a_deepspeed_json_sets_the_tensor_degree(tmp_path):
+    json_path = tmp_path / "tp.json"
+    json_path.write_text('{"tensor_parallel": {"autotp_size": 2}, "zero_optimization": {"stage": 1}}')
+    config, ds = resolved(2, f"deepspeed_config={json_path}")
+    assert config.parallel.tensor == 2 and ds["tensor_parallel"]["autotp_size"] == 2
+    with pytest.raises(ConfigError, match="parallel.tensor=1 but"):
+        resolved(2, f"deepspeed_config={json_path}", "parallel.tensor=1")
+
+
+@pytest.mark.parametrize(
+    ("world_size", "overrides", "message"),
+    [
+        (3, ["zero.stage=1"], "parallel.tensor=2 does not divide the job's 3 rank(s)"),
+        (2, ["zero.stage=3"], "does not combine with zero.stage=3"),
+        (2, ["zero.stage=0"], "needs zero.stage 1 or 2"),
+        (2, ["zero.stage=2", "zero.offload=cpu"], "not tested with zero.offload"),
+        (2, ["zero.stage=1", "finetune.lora.r=8"], "does not split LoRA adapters"),
+    ],
+)
+def test_bad_layouts_are_refused_with_the_fix(world_size, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolved(world_size, "parallel.tensor=2", *overrides)
+
+
+def test_the_split_must_divide_heads_key_value_heads_and_mlp_width():
+    llama = LlamaConfig(num_attention_heads=6, num_key_value_heads=3, intermediate_size=96, hidden_size=48)
+    assert split_problems(llama, 3) == []
+    problems = split_problems(llama, 2)
+    assert len(problems) == 1 and "the model's 3 key-value heads" in problems[0]
+    assert "choose a parallel.tensor that divides 3" in problems[0]
+    assert len(split_problems(llama, 4)) == 2  # 6 heads, 3 key-value heads; 96 divides by 4
+    assert "96 MLP width" in split_problems(llama, 5)[-1]
+    assert split_problems(GPT2Config(n_head=4), 2) == [] and split_problems(GPT2Config(n_head=4), 1) == []
+    assert "4 attention heads" in split_problems(GPT2Config(n_head=4), 3)[0]
+
+
+def test_families_autotp_cannot_split_are_named():
+    from transformers import AutoModelForCausalLM
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    (problem,) = model_split_problems(gpt2, 2)
+    assert "DeepSpeed AutoTP cannot split gpt2 models" in problem and "model.preset=tiny-llama" in problem
+    assert model_split_problems(gpt2, 1) == []
+    llama = AutoModelForCausalLM.from_config(
+        LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+                    intermediate_size=32, vocab_size=64)
+    )  # fmt: skip
+    assert model_split_problems(llama, 2) == []
