@@ -149,6 +149,7 @@ def save_checkpoint(
             "step": step,
             "world_size": dist.get_world_size(),
             "tensor": tensor_degree(engine),
+            "sequence": int(getattr(engine, "sequence_parallel_size", 1)),
             "files": files,
         }
         _write_atomically(RunDir.complete_marker(final), json.dumps(meta) + "\n")
@@ -316,12 +317,17 @@ def written_by(checkpoint: Path) -> int:
 
 def tensor_degree(engine: Any) -> int:
     """The engine's AutoTP degree (1 without tensor parallelism)."""
-    return int(engine.autotp_size()) if hasattr(engine, "autotp_size") else 1
+    return max(1, int(engine.autotp_size())) if hasattr(engine, "autotp_size") else 1  # DeepSpeed says 0 for off
 
 
 def written_tensor_degree(checkpoint: Path) -> int:
     """The tensor-parallel degree of the job that wrote `checkpoint` (1 before lmscale recorded it)."""
-    return int(checkpoint_meta(checkpoint).get("tensor", 1))
+    return max(1, int(checkpoint_meta(checkpoint).get("tensor", 1)))
+
+
+def written_sequence_degree(checkpoint: Path) -> int:
+    """The sequence-parallel degree of the job that wrote `checkpoint` (1 before lmscale recorded it)."""
+    return int(checkpoint_meta(checkpoint).get("sequence", 1))
 
 
 def _conversion_command(checkpoint: Path, output: Path) -> list[str]:

@@ -51,6 +51,7 @@ JSON_KEYS = {
     "zero.offload": _json_offload,
     "precision": _json_precision,
     "parallel.tensor": lambda ds: ds.get("tensor_parallel", {}).get("autotp_size"),
+    "parallel.sequence": lambda ds: ds.get("sequence_parallel_size"),
 }
 # Sections lmscale builds itself; a JSON that sets them would silently fight the lmscale config.
 LMSCALE_OWNED_SECTIONS = ("optimizer", "scheduler")
@@ -138,8 +139,10 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
     ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     ds["gradient_accumulation_steps"] = train.grad_accum_steps
     # DeepSpeed checks this against every rank, tensor-parallel ones included (AutoTP's groups are made
-    # after the config is read); lmscale's own batches are planned for the data-parallel ranks.
-    ds["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * world_size
+    # after the config is read), but not sequence-parallel ones (it divides those out); lmscale's own
+    # batches are planned for the data-parallel ranks.
+    counted_ranks = world_size // config.parallel.sequence
+    ds["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * counted_ranks
     ds["gradient_clipping"] = train.grad_clip
     ds.setdefault("steps_per_print", 10**9)  # lmscale does its own logging
     ds.setdefault("wall_clock_breakdown", False)
@@ -155,6 +158,10 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
         ds["tensor_parallel"] = {**ds.get("tensor_parallel", {}), **autotp}
     else:
         ds.pop("tensor_parallel", None)
+    if config.parallel.sequence > 1:
+        ds["sequence_parallel_size"] = config.parallel.sequence
+    else:
+        ds.pop("sequence_parallel_size", None)
     if config.optim.name != "adamw":
         # ZeRO partitions any torch optimizer; DeepSpeed only asks to be told it is not one of its own.
         ds["zero_allow_untested_optimizer"] = True
@@ -205,9 +212,10 @@ def resolve(
     if config.deepspeed_config:
         base = read_deepspeed_json(config.deepspeed_config)
         config = reconcile(config, explicit, base, config.deepspeed_config)
-    problems = layout_problems(config.parallel.tensor, world_size)
+    parallel = config.parallel
+    problems = layout_problems(parallel.tensor, parallel.sequence, world_size)
     if problems:
         raise ConfigError("; ".join(problems))
-    check_batch_sizes(config, world_size // config.parallel.tensor)  # sequences a step: data-parallel ranks
+    check_batch_sizes(config, world_size // (parallel.tensor * parallel.sequence))  # data-parallel ranks
     check_precision(config.precision, has_gpu)
     return config, deepspeed_config(config, world_size, base)

@@ -109,13 +109,15 @@ def build_engine(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ds_config: dict[str, Any],
+    mpu: Any = None,
 ) -> Any:
-    """Wrap model, optimizer and schedule in a DeepSpeed engine (ZeRO, precision, clipping, accumulation)."""
+    """Wrap model, optimizer and schedule in a DeepSpeed engine (ZeRO, precision, clipping, accumulation);
+    `mpu` holds the sequence-parallel groups (lmscale.sequence_parallel)."""
     import deepspeed
 
     if has_gpu():
         torch.cuda.set_device(local_rank())
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
     )
     return engine

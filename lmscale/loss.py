@@ -16,19 +16,31 @@ from lmscale.data.batches import IGNORE_INDEX, Batch
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
 
 
+def aligned_token_loss(
+    logits: torch.Tensor, next_tokens: torch.Tensor, label_smoothing: float = 0.0, chunked: bool = False
+) -> torch.Tensor:
+    """Cross-entropy summed over the targets, when `next_tokens[i]` is already the target of `logits[i]`.
+
+    `chunked` uses DeepSpeed's blocked cross-entropy: it keeps one fp32 log-sum-exp per token and
+    recomputes the softmax block by block in backward, so no fp32 [tokens, vocab] tensor exists.
+    """
+    rows, targets = logits.reshape(-1, logits.size(-1)), next_tokens.reshape(-1)
+    if chunked:  # imported here: deepspeed must not load before the accelerator is chosen
+        from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy
+
+        return chunked_cross_entropy(rows, targets, IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        rows.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+    )
+
+
 def chunked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`summed_token_loss` without fp32 [tokens, vocab] tensors: DeepSpeed's blocked cross-entropy keeps one
-    fp32 log-sum-exp per token and recomputes the softmax block by block in backward.
+    """`summed_token_loss` without fp32 [tokens, vocab] tensors (see `aligned_token_loss`).
 
     The labels are shifted instead of the logits (the last position gets an ignored target), because
     slicing `logits[:, :-1]` and flattening it would copy the whole logits tensor.
     """
-    from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy  # after the accelerator choice
-
-    next_tokens = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return chunked_cross_entropy(
-        logits.reshape(-1, logits.size(-1)), next_tokens.reshape(-1), IGNORE_INDEX, reduction="sum"
-    )
+    return aligned_token_loss(logits, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX), chunked=True)
 
 
 def summed_token_loss(
@@ -60,9 +72,11 @@ def summed_loss(
 
 
 def forward(engine: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of one batch, on the engine's device."""
+    """(logits, labels) of one batch, on the engine's device; for a sequence-parallel slice the labels are
+    `shift_labels`, each position's own next-token target."""
     inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-    return engine(**inputs).logits, batch["labels"].to(engine.device, non_blocking=True)
+    labels = batch["shift_labels"] if "shift_labels" in batch else batch["labels"]
+    return engine(**inputs).logits, labels.to(engine.device, non_blocking=True)
 
 
 @dataclass
@@ -107,6 +121,10 @@ def cross_entropy_objective(label_smoothing: float = 0.0, chunked: bool = False)
 
     def objective(engine: Any, batch: Batch) -> LossParts:
         logits, labels = forward(engine, batch)
+        if "shift_labels" in batch:  # a sequence-parallel slice: targets already aligned with the logits
+            return LossParts(
+                aligned_token_loss(logits, labels, label_smoothing, chunked), batch.local_targets
+            )
         sums = {}
         if labels.dim() == 1:  # ignored (filler) rows never match -100
             sums["accuracy"] = (logits.argmax(dim=-1) == labels).sum()

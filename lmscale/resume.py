@@ -18,9 +18,11 @@ from lmscale.checkpoint import (
     needs_universal,
     save_checkpoint,
     written_by,
+    written_sequence_degree,
     written_tensor_degree,
 )
 from lmscale.config import Config
+from lmscale.errors import LmscaleError
 from lmscale.finetune import Unfreezing
 from lmscale.parallel import Layout
 from lmscale.rundir import truncate_metrics
@@ -47,12 +49,27 @@ def plan_resume(config: Config, force: bool, world_size: int) -> Resume:
     """The checkpoint to resume from; one written by another rank count is converted first (before
     the process group exists, so a long conversion cannot time out a collective)."""
     checkpoint = None if force else find_resume_checkpoint(Path(config.output_dir), config.checkpoint.resume)
+    if checkpoint is not None:
+        check_sequence_layout(checkpoint, config.parallel.sequence, world_size)
     tensor = config.parallel.tensor
     universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage, tensor)
     if not universal:
         return Resume(checkpoint, universal)
     ensure_universal(checkpoint, world_size)
     return Resume(checkpoint, universal, {"checkpoint": {"load_universal": True}})
+
+
+def check_sequence_layout(checkpoint: Path, sequence: int, world_size: int) -> None:
+    """A sequence-parallel checkpoint resumes on its own layout only: DeepSpeed's universal conversion would
+    read its sequence-parallel ranks' files as tensor-parallel slices."""
+    written, written_ranks = written_sequence_degree(checkpoint), written_by(checkpoint)
+    if (written, written_ranks) == (sequence, world_size) or (written == 1 and sequence == 1):
+        return
+    raise LmscaleError(
+        f"{checkpoint} was written with parallel.sequence={written} on {written_ranks} rank(s): resume it with "
+        f"the same (now parallel.sequence={sequence} on {world_size}); a sequence-parallel run changes neither "
+        "its sequence degree nor its rank count on resume"
+    )
 
 
 def resume_point(
@@ -77,7 +94,9 @@ def resume_point(
     log.info("resume: continuing from %s (step %d)", checkpoint, state["step"])
     if is_rank_zero:
         describe_layout_change(
-            checkpoint, Layout(torch.distributed.get_world_size(), config.parallel.tensor), streamed
+            checkpoint,
+            Layout(torch.distributed.get_world_size(), config.parallel.tensor, config.parallel.sequence),
+            streamed,
         )
     return LoopStart(
         step=state["step"],
@@ -88,7 +107,9 @@ def resume_point(
 
 def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool) -> None:
     """Say what changed when a checkpoint continues on another rank count or tensor-parallel degree."""
-    written = Layout(written_by(checkpoint), written_tensor_degree(checkpoint))
+    written = Layout(
+        written_by(checkpoint), written_tensor_degree(checkpoint), written_sequence_degree(checkpoint)
+    )
     if written == now:
         return
     if written.data != now.data and not streamed:

@@ -149,10 +149,9 @@ def train_step(
 
     Batches differ in size across micro-steps and ranks, so a per-batch mean would weight tokens
     unequally. Each micro-batch's summed loss is divided by the step's target count over all
-    data-parallel ranks (known from the epoch plan, no communication needed) and multiplied by
-    data-parallel ranks x accumulation steps, which DeepSpeed's gradient averaging (over the
-    data-parallel group) and accumulation scaling divide out again.
-    `objective` defaults to plain cross-entropy.
+    data-parallel ranks (known from the epoch plan, no communication needed) and multiplied by the
+    ranks DeepSpeed averages gradients over x accumulation steps, which DeepSpeed's gradient
+    averaging and accumulation scaling divide out again. `objective` defaults to plain cross-entropy.
     """
     objective = objective or cross_entropy_objective()
     targets = step_targets(micro_batches)
@@ -161,21 +160,31 @@ def train_step(
     ):  # streamed batches: each rank knows only its own, so add them up (one tiny collective)
         own = sum(b.local_targets for b in micro_batches)
         targets = all_ranks_sum([own], engine.device)[0] / layout.copies
-    scale = layout.data * len(micro_batches) / max(targets, 1)
+    share = len(micro_batches) / max(targets, 1)  # this micro-batch's part of the step's mean, per summed unit
+    scale = gradient_divisor(layout, engine.zero_optimization_stage()) * share
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):
         window.add(batch)
         parts = objective(engine, batch)
-        loss = parts.summed * scale
-        engine.backward(loss)
+        engine.backward(parts.summed * scale)
         window.targets += parts.targets
         add_sums(window.sums, parts.sums)
         if log_grad_norm and index == len(micro_batches) - 1:
             own_grad_norm = gradient_norm(engine)
         engine.step()
-        window.loss_sum += loss.detach().double()
+        window.loss_sum += parts.summed.detach().double() * share
         window.micro_steps += 1
     return own_grad_norm
+
+
+def gradient_divisor(layout: Layout, zero_stage: int) -> int:
+    """The ranks DeepSpeed (0.19) divides summed gradients by: the data-parallel ones; under ZeRO-3 with
+    sequence parallelism, every rank of each sequence group too (ZeRO 0-2 sum a group's slices and divide
+    by the data-parallel ranks only). Pinned by tests/test_parallel_runs.py, which compares each
+    stage with one process."""
+    if zero_stage == 3:
+        return layout.data * layout.sequence
+    return layout.data
 
 
 def no_length_cap(step: int) -> int | None:
@@ -427,12 +436,13 @@ def log_window(
         engine.device,
     )
     loss_total, micro_total, real, padded, sequences, sum_sq_len, data_wait_s, targets = totals[:8]
-    # Each batch ran on every rank of its tensor group: count it once (means are unaffected).
+    # Each batch ran on every rank of its tensor or sequence group: count it once (means are unaffected).
     real, padded, sequences, sum_sq_len = (v / layout.copies for v in (real, padded, sequences, sum_sq_len))
     elapsed_s = time.perf_counter() - window.start_s
     grad_norm = own_grad_norm if own_grad_norm is not None else engine.get_global_grad_norm()
     metrics = {
-        "loss": loss_total / micro_total,
+        # Every rank's window holds its share of each step's mean (a tensor group's ranks, all of it).
+        "loss": loss_total / (layout.tensor * window.micro_steps),
         "lr": engine.get_lr()[0],
         "grad_norm": float(grad_norm),
         "tokens_per_s": real / elapsed_s,

@@ -49,6 +49,7 @@ from lmscale.rundir import (
 )
 from lmscale.runlock import RunLock, check_unlocked
 from lmscale.schedules import build_scheduler
+from lmscale.sequence_parallel import register_ulysses
 from lmscale.signals import StopRequest
 from lmscale.train import (
     EARLY_STOP,
@@ -88,37 +89,41 @@ def check_packing_support(batching: str) -> None:
         )
 
 
-def batch_settings(config: Config) -> BatchSettings:
+def batch_settings(config: Config, layout: Layout | None = None, rank: int = 0) -> BatchSettings:
+    """How `rank` batches its data; in a sequence-parallel layout, its slice of every row."""
+    layout = layout or Layout()
     return BatchSettings(
         batching=config.data.batching,
         max_tokens_per_batch=config.data.max_tokens_per_batch,
         micro_batch_size=config.train.micro_batch_size,
         max_seq_len=config.data.max_seq_len,
         num_workers=config.data.num_workers,
+        sequence_shard=(layout.sequence_rank(rank), layout.sequence),
     )
 
 
-def fixed_stream(config: Config, sequences, pad_id: int, rank: int, world_size: int) -> BatchStream:
+def fixed_stream(config: Config, sequences, pad_id: int, layout: Layout, rank: int) -> BatchStream:
     """Unshuffled batches of `sequences` in this rank's share, read in the main process (evaluation)."""
-    settings = replace(batch_settings(config), num_workers=0)
-    return BatchStream(sequences, settings, rank, world_size, config.seed, pad_id, shuffle=False)
+    settings = replace(batch_settings(config, layout, rank), num_workers=0)
+    data_rank = layout.data_rank(rank)
+    return BatchStream(sequences, settings, data_rank, layout.data, config.seed, pad_id, shuffle=False)
 
 
 def batch_streams(
-    config: Config, data: PreparedData, rank: int, world_size: int
+    config: Config, data: PreparedData, layout: Layout, rank: int
 ) -> tuple[BatchStream | StreamingBatches, BatchStream]:
-    """This rank's training batches (shuffled each epoch) and held-out batches (fixed); `rank` and
-    `world_size` are data-parallel ones (the ranks of a tensor group share their batches)."""
-    settings = batch_settings(config)
-    pad_id = data.tokenizer.pad_token_id
+    """This rank's training batches (shuffled each epoch) and held-out batches (fixed): its data-parallel
+    replica's share (the ranks of a tensor or sequence group share their batches)."""
+    settings = batch_settings(config, layout, rank)
+    pad_id, data_rank = data.tokenizer.pad_token_id, layout.data_rank(rank)
     if config.data.streaming:
         stream_settings = StreamSettings(
-            settings, config.data.shuffle_buffer, config.data.dedup, config.seed, rank
+            settings, config.data.shuffle_buffer, config.data.dedup, config.seed, data_rank
         )
         train_stream = StreamingBatches(data.train, data.tokenizer, stream_settings)
     else:
-        train_stream = BatchStream(data.train, settings, rank, world_size, config.seed, pad_id)
-    return train_stream, fixed_stream(config, data.eval, pad_id, rank, world_size)
+        train_stream = BatchStream(data.train, settings, data_rank, layout.data, config.seed, pad_id)
+    return train_stream, fixed_stream(config, data.eval, pad_id, layout, rank)
 
 
 def optimization(model: torch.nn.Module, config: Config):
@@ -169,7 +174,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     configure_console(is_rank_zero)
     world_size = int(os.environ["WORLD_SIZE"])
     config, ds_config = resolve_run_config(config_path, overrides, world_size, ds_engine.has_gpu())
-    layout = Layout(world_size, config.parallel.tensor)
+    layout = Layout(world_size, config.parallel.tensor, config.parallel.sequence)
     data_rank = layout.data_rank(ds_engine.rank())
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, force, config.checkpoint.resume)
@@ -194,7 +199,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     model = build_model(
         config.model, data.tokenizer, config.data.max_seq_len, config.seed, config.finetune, data.labels
     )
-    problems = model_split_problems(model, layout.tensor)
+    problems = model_split_problems(model, layout)
     if problems:
         raise ConfigError("; ".join(problems))
     log.info(
@@ -209,10 +214,11 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     if config.data.max_tokens_per_batch == "auto":
         config.data.max_tokens_per_batch = auto_token_budget(config, model, world_size)
     check_packing_support(config.data.batching)
-    train_stream, eval_stream = batch_streams(config, data, data_rank, layout.data)
+    train_stream, eval_stream = batch_streams(config, data, layout, ds_engine.rank())
     settle_training_length(config, train_stream, layout.data)
     optimizer, scheduler, unfreezing = optimization(model, config)
-    engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config)
+    mpu = register_ulysses(model, layout.sequence) if layout.sequence > 1 else None
+    engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config, mpu)
     lock = RunLock(output_dir)
     watchdog = HangWatchdog(output_dir, ds_engine.rank(), config.train.hang_timeout_s, on_tick=lock.touch)
     try:
@@ -225,7 +231,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         watchdog.start()
         if config.finetune.method == "dpo":
             attach_reference(config, data, engine, resume.checkpoint is not None, watchdog, layout)
-            train_stream, eval_stream = batch_streams(config, data, data_rank, layout.data)
+            train_stream, eval_stream = batch_streams(config, data, layout, ds_engine.rank())
         start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
         streams = (train_stream, eval_stream)
         train_and_finish(config, engine, streams, unfreezing, model, start, watchdog, data.tokenizer, layout)
@@ -246,9 +252,9 @@ def attach_reference(
     else:
         log.info("dpo: reference log-probabilities of %d + %d pairs", len(data.train), len(data.eval))
         tables = {}
-        rank = layout.data_rank(torch.distributed.get_rank())
+        rank = torch.distributed.get_rank()
         for split, pairs in (("train", data.train), ("eval", data.eval)):
-            stream = fixed_stream(config, pairs, data.tokenizer.pad_token_id, rank, layout.data)
+            stream = fixed_stream(config, pairs, data.tokenizer.pad_token_id, layout, rank)
             tables[split] = reference_logps(
                 engine, stream, lambda: watchdog.beat(0, "reference log-probabilities")
             )

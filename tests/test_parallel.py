@@ -2,12 +2,14 @@
 with its fix before anything runs."""
 
 import pytest
+import torch
 from transformers import GPT2Config, LlamaConfig
 
 from lmscale.config import load_config
+from lmscale.data.batches import collate, sequence_slice
 from lmscale.ds_config import resolve
 from lmscale.errors import ConfigError
-from lmscale.parallel import Layout, model_split_problems, split_problems
+from lmscale.parallel import Layout, head_split_problems, model_split_problems, split_problems
 
 
 def resolved(world_size, *overrides):
@@ -82,11 +84,106 @@ def test_families_autotp_cannot_split_are_named():
     from transformers import AutoModelForCausalLM
 
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
-    (problem,) = model_split_problems(gpt2, 2)
+    (problem,) = model_split_problems(gpt2, Layout(2, tensor=2))
     assert "DeepSpeed AutoTP cannot split gpt2 models" in problem and "model.preset=tiny-llama" in problem
-    assert model_split_problems(gpt2, 1) == []
+    assert model_split_problems(gpt2, Layout(2)) == []
     llama = AutoModelForCausalLM.from_config(
         LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
                     intermediate_size=32, vocab_size=64)
     )  # fmt: skip
-    assert model_split_problems(llama, 2) == []
+    assert model_split_problems(llama, Layout(2, tensor=2)) == []
+    assert model_split_problems(llama, Layout(2, sequence=2)) == []
+    (problem,) = model_split_problems(gpt2, Layout(2, sequence=2))
+    assert "gpt2 attention does not fit DeepSpeed Ulysses" in problem
+
+
+def test_sequence_groups_share_batches_and_count_them_once():
+    layout = Layout(world_size=4, sequence=2)
+    assert layout.data == 2 and layout.copies == 2
+    assert [layout.data_rank(r) for r in range(4)] == [0, 0, 1, 1]
+    assert [layout.sequence_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    assert layout.describe() == "2 data-parallel x 2 sequence-parallel rank(s)"
+
+
+def test_sequence_parallel_deepspeed_config():
+    _, ds = resolved(4, "parallel.sequence=2", "zero.stage=2", "train.micro_batch_size=3")
+    assert ds["sequence_parallel_size"] == 2 and "tensor_parallel" not in ds
+    assert ds["train_batch_size"] == 3 * 2  # DeepSpeed divides sequence-parallel ranks out of its count
+
+
+@pytest.mark.parametrize(
+    ("world_size", "overrides", "message"),
+    [
+        (3, [], "parallel.sequence=2 does not divide the job's 3 rank(s)"),
+        (4, ["parallel.tensor=2", "zero.stage=1"], "does not combine the two yet"),
+        (2, ["model.attn_implementation=eager"], "needs model.attn_implementation sdpa"),
+        (2, ["data.batching=pack"], "across packed documents: use data.batching=bucket"),
+        (2, ["data.streaming=true", "train.max_steps=10", "schedule.warmup_steps=1"], "unset data.streaming"),
+        (2, ["data.seq_len_warmup_steps=10"], "set data.seq_len_warmup_steps=0"),
+        (2, ["finetune.lora.r=8"], "not tested with LoRA"),
+    ],
+)
+def test_bad_sequence_layouts_are_refused_with_the_fix(world_size, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolved(world_size, "parallel.sequence=2", *overrides)
+
+
+def test_sequence_split_must_fit_the_heads():
+    llama = LlamaConfig(num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    assert head_split_problems(llama, 2) == []
+    assert (
+        head_split_problems(LlamaConfig(num_attention_heads=8, num_key_value_heads=2), 4) == []
+    )  # kv replicated
+    (problem,) = head_split_problems(llama, 4)
+    assert "does not divide the model's 6 attention heads" in problem
+    assert (
+        "3 key-value heads"
+        in head_split_problems(LlamaConfig(num_attention_heads=6, num_key_value_heads=3, hidden_size=48), 2)[
+            0
+        ]
+    )
+
+
+def test_a_sequence_slice_holds_contiguous_tokens_global_positions_and_shifted_targets():
+    tensors = collate([[5, 6, 7, 8, 9], [1, 2, 3]], pad_id=0)  # width 5: padded to 6 for 2 ranks
+    first, second = (sequence_slice(tensors, 0, rank, 2) for rank in (0, 1))
+    assert first["input_ids"].tolist() == [[5, 6, 7], [1, 2, 3]]
+    assert second["input_ids"].tolist() == [[8, 9, 0], [0, 0, 0]]
+    assert second["position_ids"].tolist() == [[3, 4, 5], [3, 4, 5]]
+    # Each position's own next token; the last slice's last target and padding are ignored.
+    assert first["shift_labels"].tolist() == [[6, 7, 8], [2, 3, -100]]
+    assert second["shift_labels"].tolist() == [[9, -100, -100], [-100, -100, -100]]
+    assert "attention_mask" not in first and "labels" not in first
+    whole = int((tensors["labels"][:, 1:] != -100).sum())
+    assert whole == sum(int((s["shift_labels"] != -100).sum()) for s in (first, second))
+
+
+def test_slicing_and_the_aligned_loss_give_the_unsplit_loss():
+    from lmscale.loss import aligned_token_loss, summed_token_loss
+
+    tensors = collate([[5, 6, 7, 8, 9], [1, 2, 3]], pad_id=0)
+    logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0))
+    whole = summed_token_loss(logits[:, :5], tensors["labels"])
+    parts = [sequence_slice(tensors, 0, rank, 2)["shift_labels"] for rank in (0, 1)]
+    split = sum(aligned_token_loss(logits[:, 3 * r : 3 * r + 3], parts[r]) for r in (0, 1))
+    torch.testing.assert_close(split, whole)
+    chunked = sum(aligned_token_loss(logits[:, 3 * r : 3 * r + 3], parts[r], chunked=True) for r in (0, 1))
+    torch.testing.assert_close(chunked, whole)
+
+
+def test_sequence_parallel_batches_count_the_whole_batch_and_the_rounding_padding():
+    from datasets import Dataset
+
+    from lmscale.data.batches import BatchSettings, BatchStream
+
+    rows = [[1 + i % 7] * n for i, n in enumerate([5, 5, 3, 7, 7, 2])]
+    data = Dataset.from_dict({"input_ids": rows, "length": [len(r) for r in rows]})
+    shards = [
+        next(iter(BatchStream(data, BatchSettings("bucket", 64, 1, 8, 0, (rank, 2)), 0, 1, seed=1, pad_id=0)))
+        for rank in (0, 1)
+    ]
+    whole = next(iter(BatchStream(data, BatchSettings("bucket", 64, 1, 8, 0), 0, 1, seed=1, pad_id=0)))
+    for shard in shards:
+        assert (shard.real_tokens, shard.sequences) == (whole.real_tokens, whole.sequences)
+        assert shard.padded_tokens >= whole.padded_tokens and shard.padded_tokens % 2 == 0
+    assert sum(s.local_targets for s in shards) == whole.local_targets == whole.group_targets

@@ -57,7 +57,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_parallel(self) -> Config:
-        problems = tensor_parallel_problems(self)
+        problems = tensor_parallel_problems(self) + sequence_parallel_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -134,4 +134,36 @@ def tensor_parallel_problems(config: Config) -> list[str]:
             f"parallel.tensor={tensor} splits a language model's output layer, not a class head: "
             "use parallel.tensor=1 for finetune.task=classification"
         )
+    return problems
+
+
+def sequence_parallel_problems(config: Config) -> list[str]:
+    """What lmscale's Ulysses sequence parallelism does not combine with (the rank count and the model's
+    heads are checked later, in lmscale.ds_config and the worker)."""
+    sequence = config.parallel.sequence
+    if sequence == 1:
+        return []
+    key = f"parallel.sequence={sequence}"
+    problems = []
+    if config.model.attn_implementation == "eager":
+        problems.append(
+            f"{key} needs model.attn_implementation sdpa or flash_attention_2 (Ulysses drops the attention mask, "
+            "which eager attention needs): set model.attn_implementation=sdpa"
+        )
+    if config.data.batching == "pack":
+        problems.append(
+            f"{key} attends causally over whole rows, across packed documents: use data.batching=bucket"
+        )
+    if config.data.streaming:
+        problems.append(f"{key} slices planned batches: unset data.streaming")
+    if config.data.seq_len_warmup_steps:
+        problems.append(
+            f"{key} slices rows before the length warm-up could cut them: set data.seq_len_warmup_steps=0"
+        )
+    if config.finetune.method == "dpo" or config.finetune.task == "classification":
+        problems.append(f"{key} trains language models with cross-entropy: use it with finetune.method=sft")
+    if config.finetune.lora is not None:
+        problems.append(f"{key} is not tested with LoRA: unset finetune.lora")
+    if config.zero.offload != "none":
+        problems.append(f"{key} is not tested with zero.offload: set zero.offload=none")
     return problems

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
@@ -142,7 +143,9 @@ class EpochBatches(torch.utils.data.Dataset):
         rank: int,
         pad_id: int,
         pad_to: int | None,
+        sequence_shard: tuple[int, int] = (0, 1),
     ) -> None:
+        self.sequence_shard = sequence_shard
         # Fine-tuning data carries a prompt length (masked out of the loss) or a class label per sequence.
         self.extra = [c for c in TASK_COLUMNS if c in sequences.column_names]
         self.paired = "rejected_ids" in self.extra  # preference pairs (lmscale.data.preferences)
@@ -187,17 +190,49 @@ class EpochBatches(torch.utils.data.Dataset):
         members = [self.plan.row_sequences(int(r)) for b in self.plan.groups[group] for r in b if r != FILLER]
         own = self._own_lengths(row_ids, tensors)
         pairs = len(row_ids) if self.paired else 0
+        targets = pairs or target_count(tensors["labels"])
+        padded_tokens = tensors["input_ids"].numel()
+        shard_rank, shard_count = self.sequence_shard
+        if shard_count > 1:  # the counts stay the whole batch's: every rank of the group reports them
+            tensors = sequence_slice(tensors, self.pad_id, shard_rank, shard_count)
+            padded_tokens = tensors["input_ids"].numel() * shard_count  # with the rounding-up padding
+            targets = int((tensors["shift_labels"] != IGNORE_INDEX).sum())
         return Batch(
             tensors,
             real_tokens=int(own.sum()),
-            padded_tokens=tensors["input_ids"].numel(),
+            padded_tokens=padded_tokens,
             sequences=len(own),
             sum_sq_len=int((own**2).sum()),
-            local_targets=pairs or target_count(tensors["labels"]),
+            local_targets=targets,
             group_targets=int(self.plan.group_targets[group]),
             group_lengths=torch.as_tensor(np.concatenate(members) if members else np.zeros(0, np.int64)),
             pairs=pairs,
         )
+
+
+def sequence_slice(
+    tensors: dict[str, torch.Tensor], pad_id: int, rank: int, size: int
+) -> dict[str, torch.Tensor]:
+    """One sequence-parallel rank's share of a batch: the `rank`-th of `size` contiguous slices of every row.
+
+    Rows are padded to a multiple of `size` first. The labels are shifted to next-token targets before
+    slicing (`shift_labels`), because a slice's last token is predicted from the next slice; position ids
+    stay global (Ulysses gathers them, and rotary embeddings read them). No attention mask: Ulysses
+    attends causally by position, and right padding never precedes a real token.
+    """
+    input_ids = tensors["input_ids"]
+    rows, width = input_ids.shape
+    padded = -(-width // size) * size
+    extra = padded - width
+    positions = tensors.get("position_ids", torch.arange(width).repeat(rows, 1))
+    next_tokens = tensors["labels"][:, 1:]
+    full = {
+        "input_ids": F.pad(input_ids, (0, extra), value=pad_id),
+        "position_ids": torch.cat([positions, positions[:, -1:] + torch.arange(1, extra + 1)], dim=1),
+        "shift_labels": F.pad(next_tokens, (0, extra + 1), value=IGNORE_INDEX),
+    }
+    share = padded // size
+    return {name: tensor[:, rank * share : (rank + 1) * share].contiguous() for name, tensor in full.items()}
 
 
 def seq_len_cap(step: int, start: int, max_seq_len: int, warmup_steps: int) -> int | None:
@@ -233,6 +268,8 @@ class BatchSettings:
     micro_batch_size: int
     max_seq_len: int
     num_workers: int
+    # (this rank's place, ranks) in its sequence-parallel group: each batch is cut to that slice of every row
+    sequence_shard: tuple[int, int] = (0, 1)
 
 
 class BatchStream:
@@ -297,7 +334,8 @@ class BatchStream:
         """Batches `start` to `stop` (at most the epoch's end) of an epoch."""
         plan = self.plan(epoch)
         pad_to = self.pad_to
-        batches = EpochBatches(self.sequences, self.lengths, plan, self.rank, self.pad_id, pad_to)
+        shard = self.settings.sequence_shard
+        batches = EpochBatches(self.sequences, self.lengths, plan, self.rank, self.pad_id, pad_to, shard)
         workers = self.settings.num_workers
         return DataLoader(
             batches,

@@ -1,0 +1,155 @@
+"""Tensor parallelism (DeepSpeed AutoTP) and sequence parallelism (Ulysses) in real jobs on CPU ranks: the
+same losses as one process, replicas of a data x tensor / data x sequence layout that agree, a SIGKILLed
+rank that resumes exactly, exports that compute what the one-process run's export does, and a checkpoint
+that moves to another layout (tensor) or refuses to (sequence)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_lmscale
+
+pytestmark = pytest.mark.slow
+
+# fp32 and no dropout: one process and a tensor-parallel pair compute the same sums in another order only.
+ARGS = [
+    "model.preset=tiny-llama",
+    "precision=fp32",
+    "zero.stage=1",
+    "data.max_seq_len=64",
+    "data.vocab_size=1024",
+    "data.max_tokens_per_batch=1024",
+    "train.max_steps=10",
+    "schedule.warmup_steps=1",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    "checkpoint.save_every=5",
+    "data.num_workers=0",
+    "wandb.mode=disabled",
+]
+
+
+def losses(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def run(out, cache_dir, ranks, *extra, env=None):
+    command = ["launch", "--gpus-per-node", str(ranks)] if ranks > 1 else ["train"]
+    args = [*command, f"output_dir={out}", f"data.cache_dir={cache_dir}", *ARGS, *extra]
+    result = run_lmscale(*args, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def exported_logits(run_dir, out, tokens):
+    from transformers import AutoModelForCausalLM
+
+    result = run_lmscale("export", str(run_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache_dir):
+    """The one-process run every layout is compared with, and its export."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    run(out, cache_dir, 1)
+    return out
+
+
+def sigkill_and_resume(out, cache_dir, layout, expected):
+    """A rank SIGKILLed after step 7: the restart resumes from step 5 and repeats steps 6-10 exactly."""
+    result = run_lmscale(
+        "launch", "--gpus-per-node", "2", f"output_dir={out}", f"data.cache_dir={cache_dir}", *ARGS, layout,
+        env={"LMSCALE_FAULT": "kill@step=7,rank=1"}, timeout=900,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    resumed = run(out, cache_dir, 2, layout)
+    assert "continuing from" in resumed.stderr
+    assert {s: losses(out)[s] for s in range(6, 11)} == {s: expected[s] for s in range(6, 11)}
+
+
+TOKENS = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def test_tensor_parallel_pair_trains_like_one_process_resumes_exactly_and_exports(
+    tmp_path, cache_dir, single
+):
+    pair = tmp_path / "pair"
+    result = run(pair, cache_dir, 2, "parallel.tensor=2")
+    assert "1 data-parallel x 2 tensor-parallel rank(s)" in result.stderr
+    expected, got = losses(single), losses(pair)
+    assert sorted(got) == list(range(1, 11))
+    assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (expected, got)
+
+    sigkill_and_resume(tmp_path / "killed", cache_dir, "parallel.tensor=2", got)
+
+    # The pair's step-5 checkpoint continues in one process (tensor 2 -> 1, through the universal form).
+    moved = tmp_path / "moved"
+    shutil.copytree(pair, moved)
+    shutil.rmtree(moved / "checkpoints" / "step_00000010")
+    (moved / "checkpoints" / "latest").write_text("step_00000005")
+    result = run(moved, cache_dir, 1)
+    assert "2 tensor-parallel rank(s), continuing on 1 data-parallel rank(s)" in result.stderr
+    assert all(abs(losses(moved)[s] - got[s]) < 1e-4 for s in range(6, 11)), (losses(moved), got)
+
+    # The two tensor slices export to one HF model that computes what the one-process run's export does.
+    torch.testing.assert_close(
+        exported_logits(pair, tmp_path / "pair_hf", TOKENS),
+        exported_logits(single, tmp_path / "single_hf", TOKENS),
+        atol=1e-3,
+        rtol=0,
+    )
+
+
+def test_sequence_parallel_pair_trains_like_one_process_under_zero_1_and_3(tmp_path, cache_dir, single):
+    expected = losses(single)
+    pair = tmp_path / "pair"
+    result = run(pair, cache_dir, 2, "parallel.sequence=2")
+    assert "1 data-parallel x 2 sequence-parallel rank(s)" in result.stderr
+    got = losses(pair)
+    assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (expected, got)
+    # ZeRO-3 divides gradients by every rank of a sequence group too (lmscale.train.gradient_divisor).
+    zero3 = tmp_path / "zero3"
+    run(zero3, cache_dir, 2, "parallel.sequence=2", "zero.stage=3", "checkpoint.save_every=100")
+    assert all(abs(losses(zero3)[s] - expected[s]) < 1e-4 for s in expected), (expected, losses(zero3))
+
+    sigkill_and_resume(tmp_path / "killed", cache_dir, "parallel.sequence=2", got)
+
+    torch.testing.assert_close(
+        exported_logits(pair, tmp_path / "pair_hf", TOKENS),
+        exported_logits(single, tmp_path / "single_hf", TOKENS),
+        atol=1e-3,
+        rtol=0,
+    )
+
+    # A sequence-parallel checkpoint resumes on its own layout only, and says so before anything runs.
+    (pair / "checkpoints" / "latest").write_text("step_00000005")
+    shutil.rmtree(pair / "checkpoints" / "step_00000010")
+    refused = run_lmscale("train", f"output_dir={pair}", f"data.cache_dir={cache_dir}", *ARGS)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "was written with parallel.sequence=2 on 2 rank(s): resume it with the same" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("layout", "zero"), [("parallel.tensor=2", "zero.stage=1"), ("parallel.sequence=2", "zero.stage=2")]
+)
+def test_four_ranks_of_two_data_parallel_groups_train_with_agreeing_replicas(
+    tmp_path, cache_dir, layout, zero
+):
+    out = tmp_path / "quad"
+    result = run(out, cache_dir, 4, layout, zero, "train.max_steps=6")  # oversubscribed: 4 ranks, 2 cores
+    kind = layout.split(".")[1].split("=")[0]
+    assert f"2 data-parallel x 2 {kind}-parallel rank(s)" in result.stderr
+    assert "parameters identical on all 2 data-parallel replicas" in result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert steps[6]["loss"] < steps[1]["loss"] - 0.5
+    # Two data-parallel batches of at most 1,024 tokens a step, each counted once (not once per group rank).
+    assert 6 * 2 * 900 < steps[6]["tokens_seen"] <= 6 * 2 * 1024
