@@ -180,8 +180,8 @@ def train_step(
 def gradient_divisor(layout: Layout, zero_stage: int) -> int:
     """The ranks DeepSpeed (0.19) divides summed gradients by: the data-parallel ones; under ZeRO-3 with
     sequence parallelism, every rank of each sequence group too (ZeRO 0-2 sum a group's slices and divide
-    by the data-parallel ranks only). Pinned by tests/test_parallel_runs.py, which compares each
-    stage with one process."""
+    by the data-parallel ranks only). Pinned by tests/test_parallel_runs.py, which compares ZeRO-1 and
+    ZeRO-3 runs with one process."""
     if zero_stage == 3:
         return layout.data * layout.sequence
     return layout.data

@@ -1,0 +1,124 @@
+"""Memory of one long-sequence training step: sequence parallelism (Ulysses) and the chunked loss.
+
+A tiny Llama (4 layers, hidden 256, a 32k vocabulary so the logits weigh what they do in real models)
+takes one optimizer step on one row of `--tokens` tokens, under DeepSpeed ZeRO-1 (fp32, or bf16) on CPU ranks
+with gloo, in four set-ups: sequence 1 or 2 ranks, plain or chunked loss. Each set-up runs in fresh
+processes; each rank first takes a short step (so Adam's states and the gradients exist), then the
+long one, and reports the growth of its peak resident set over its resident set before that step:
+the step's activations, logits and loss temporaries. Prints each figure and the ratios of the
+issue's targets: sequence 2 / sequence 1 (target <= 0.6) and plain - chunked against the size of the
+fp32 logits (target >= 1).
+Usage: python bench/long_context.py [--tokens 4096] [--precision fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+
+import torch
+import torch.multiprocessing as mp
+
+VOCAB = 32000
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def step_growth(
+    rank: int, world_size: int, port: int, tokens: int, chunked: bool, precision: str, results
+) -> None:
+    """One rank: a short step, then the long one; records the long step's peak growth in bytes."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu",
+    )  # fmt: skip
+    import deepspeed
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lmscale.data.batches import collate, sequence_slice
+    from lmscale.engine import shutdown_distributed
+    from lmscale.loss import aligned_token_loss
+    from lmscale.sequence_parallel import register_ulysses
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=tokens, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.config.use_cache = False
+    mpu = register_ulysses(model, world_size) if world_size > 1 else None
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": 1,
+        "zero_optimization": {"stage": 1},
+        "sequence_parallel_size": world_size,
+        "bf16": {"enabled": precision == "bf16"},
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+
+    def step(length: int) -> None:
+        ids = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+        batch = sequence_slice(collate([ids], pad_id=0), 0, rank, world_size)
+        logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        engine.backward(aligned_token_loss(logits, batch["shift_labels"], chunked=chunked))
+        engine.step()
+
+    step(128)
+    before = rss_bytes()
+    step(tokens)
+    results[rank] = max(0, peak_rss_bytes() - before)
+    shutdown_distributed()
+
+
+def measure(world_size: int, tokens: int, chunked: bool, precision: str) -> int:
+    """The largest long-step growth over the ranks of one fresh job."""
+    from lmscale.engine import free_port
+
+    results = mp.Manager().dict()
+    args = (world_size, free_port(), tokens, chunked, precision, results)
+    mp.spawn(step_growth, args=args, nprocs=world_size, join=True)
+    return max(results.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens in the long row")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    args = parser.parse_args()
+    tokens, precision = args.tokens, args.precision
+    logits_bytes = tokens * VOCAB * 4
+    figures = {}
+    print(
+        f"one {precision} step on {tokens:,} tokens, 32k vocabulary "
+        f"(fp32 logits of the whole row: {logits_bytes / 2**20:,.0f} MiB)"
+    )
+    print(f"{'sequence ranks':>14}  {'loss':<8}{'peak growth per rank':>22}")
+    for world_size in (1, 2):
+        for chunked in (False, True):
+            figures[world_size, chunked] = measure(world_size, tokens, chunked, precision)
+            name = "chunked" if chunked else "plain"
+            print(f"{world_size:>14}  {name:<8}{figures[world_size, chunked] / 2**20:>18,.0f} MiB")
+    print(
+        f"ratio sequence2/sequence1 (plain loss): {figures[2, False] / figures[1, False]:.2f}  (target <= 0.6)"
+    )
+    print(f"ratio sequence2/sequence1 (chunked loss): {figures[2, True] / figures[1, True]:.2f}")
+    saved = figures[1, False] - figures[1, True]
+    print(
+        f"chunked loss saves {saved / 2**20:,.0f} MiB = {saved / logits_bytes:.2f}x the fp32 logits (target >= 1)"
+    )
+
+
+if __name__ == "__main__":
+    main()
