@@ -355,7 +355,15 @@ def _generate(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from lmscale.plan import GIB, Hardware, largest_token_budget, model_facts, plan_rows, recommend
+    from lmscale.plan import (
+        GIB,
+        Hardware,
+        largest_token_budget,
+        model_facts,
+        other_layouts,
+        plan_rows,
+        recommend,
+    )
     from lmscale.preflight import resolve_run_config
 
     if args.gpus_per_node is None:
@@ -368,21 +376,27 @@ def _plan(args: argparse.Namespace) -> int:
     hardware = Hardware(args.gpus_per_node, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB)
     facts = model_facts(config)
     tokens = config.data.max_tokens_per_batch
-    rows = plan_rows(facts, config, hardware, tokens if isinstance(tokens, int) else config.data.max_seq_len)
+    tokens = tokens if isinstance(tokens, int) else config.data.max_seq_len
+    rows = plan_rows(facts, config, hardware, tokens)
     best = recommend(rows)
+    extra = []  # when the configured layout does not fit: the first tensor/sequence layout that does
+    for tensor, sequence in [] if best else other_layouts(facts, config, hardware):
+        extra = plan_rows(facts, config, hardware, tokens, tensor, sequence)
+        best = recommend(extra)
+        if best:
+            break
+    shown = rows + (extra if best in extra else [])
     if args.json:
-        print(json.dumps([{**row.as_dict(), "recommended": row is best} for row in rows]))
+        print(json.dumps([{**row.as_dict(), "recommended": row is best} for row in shown]))
         return 0
-    _print_plan(facts, config, hardware, rows, best)
+    _print_plan(facts, config, hardware, shown, best)
     if best is not None:
         budget = largest_token_budget(facts, config, hardware, best)
-        offload = " zero.offload=cpu" if best.offload else ""
-        print(
-            f"recommended: zero.stage={best.stage}{offload} data.max_tokens_per_batch={budget} (largest that fits)"
-        )
+        print(f"recommended: {best.keys()} data.max_tokens_per_batch={budget} (largest that fits)")
     else:
         print(
-            "nothing fits: add GPUs, turn on model.activation_checkpointing, or lower data.max_tokens_per_batch"
+            "nothing fits: add GPUs, turn on model.activation_checkpointing and train.chunked_loss, or lower "
+            "data.max_tokens_per_batch"
         )
     return 0
 
@@ -405,6 +419,7 @@ def _print_plan(facts, config, hardware, rows, best) -> None:
         caption="GiB per GPU (host: per node); * = recommended",
     )
     for column in (
+        "layout",
         "ZeRO",
         "offload",
         "states",
@@ -425,7 +440,9 @@ def _print_plan(facts, config, hardware, rows, best) -> None:
             row.cpu_bytes,
         )
         estimate = row.deepspeed_estimate_bytes
+        layout = f"tp{row.tensor}" if row.tensor > 1 else f"sp{row.sequence}" if row.sequence > 1 else "dp"
         table.add_row(
+            layout,
             str(row.stage),
             "cpu" if row.offload else "-",
             *(f"{value / GIB:.2f}" for value in sizes),

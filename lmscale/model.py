@@ -27,7 +27,7 @@ def _gpt2(layers: int, hidden: int, heads: int) -> dict:
 
 
 def _llama(
-    layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, family: str = "llama"
+    layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, family: str = "llama", **extra
 ) -> dict:
     return {
         "family": family,
@@ -36,6 +36,7 @@ def _llama(
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "intermediate_size": intermediate,
+        **extra,
     }
 
 
@@ -48,6 +49,11 @@ PRESETS: dict[str, dict] = {
     "gpt2-124m": _gpt2(layers=12, hidden=768, heads=12),
     "gpt2-350m": _gpt2(layers=24, hidden=1024, heads=16),
     "llama-1b": _llama(layers=22, hidden=2048, heads=32, kv_heads=4, intermediate=5632),
+    # Llama 3 8B's shape: untied output layer, RoPE base 500,000 (for long contexts).
+    "llama-8b": _llama(
+        layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),  # fmt: skip
 }
 
 
@@ -64,9 +70,8 @@ def preset_config(
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=max_seq_len, **shape)
     config_class = MistralConfig if family == "mistral" else LlamaConfig
-    return config_class(
-        vocab_size=vocab_size, max_position_embeddings=max_seq_len, tie_word_embeddings=True, **shape
-    )
+    shape.setdefault("tie_word_embeddings", True)
+    return config_class(vocab_size=vocab_size, max_position_embeddings=max_seq_len, **shape)
 
 
 # Each dropout knob and the config attributes that hold it, by family (first one present wins).

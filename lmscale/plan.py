@@ -1,4 +1,5 @@
-"""`lmscale plan`: will this job fit? Per-GPU memory for ZeRO 0-3, with and without CPU offload.
+"""`lmscale plan`: will this job fit? Per-GPU memory for ZeRO 0-3, with and without CPU offload, for the
+configured tensor/sequence layout, and (when that does not fit) for tensor- and sequence-parallel ones.
 
 Model states follow the ZeRO paper's accounting (Rajbhandari et al., 2020) for Adam in mixed precision:
 2Ψ bytes of 16-bit weights, 2Ψ of 16-bit gradients and 12Ψ of optimizer states (fp32 master weights,
@@ -12,7 +13,13 @@ stages 2 and 3 as a cross-check when every parameter trains.
 Activations per token and layer follow Korthikanti et al. (2022): 34·h bytes in 16-bit, plus 5·a·s bytes
 for the attention scores when attention is not fused (eager); with activation checkpointing a layer keeps
 only its input (2·h) and one layer is recomputed at a time. The logits add 6·V bytes per token (16-bit
-logits and their fp32 copy for the loss). The arithmetic is written here by hand: no library computes it
+logits and their fp32 copy for the loss), 2·V with the chunked loss (no fp32 copy).
+
+Tensor parallelism (degree t) splits the attention and MLP weights (the block's linear layers) over t
+ranks, and of a layer's 34·h activation bytes the 24·h inside those layers (and the scores); ZeRO then
+partitions over the data-parallel ranks (ranks / t). Sequence parallelism (degree s) gives each rank
+1/s of every micro-batch's tokens, so all activations per rank divide by s; ZeRO partitions over every
+rank (DeepSpeed's sequence-data-parallel group). The arithmetic is written here by hand: no library computes it
 for a config; the planner is pure functions over numbers, tested against hand-worked figures.
 """
 
@@ -38,10 +45,16 @@ class ModelFacts:
     heads: int
     vocab: int
     frozen_params: int = 0  # weights only: no gradients, no optimizer states (LoRA's base model)
+    split_params: int = 0  # weights of the blocks' linear layers: what tensor parallelism divides
+    kv_heads: int = 0  # 0: as many as heads
 
     @property
     def trainable_params(self) -> int:
         return self.params - self.frozen_params
+
+    def params_per_rank(self, tensor: int) -> int:
+        """Weights one rank holds before ZeRO: the split linears' share and every other weight whole."""
+        return self.params - self.split_params + self.split_params // tensor
 
 
 def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
@@ -76,6 +89,12 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
         if any(True for _ in module.parameters(recurse=False))
     )
     c = model.config
+    # The blocks' linear layers (not the output layer, which lmscale keeps whole): AutoTP's split.
+    split = sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith(("lm_head", "score"))
+    )
     return ModelFacts(
         params=params,
         frozen_params=params - count_parameters(model, trainable_only=True),
@@ -84,6 +103,8 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
         hidden=c.hidden_size,
         heads=c.num_attention_heads,
         vocab=c.vocab_size,
+        split_params=split,
+        kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
     )
 
 
@@ -108,13 +129,20 @@ def model_state_bytes(
 
 
 def activation_bytes_per_token(
-    facts: ModelFacts, seq_len: int, checkpointing: bool, attention: str, precision: str
+    facts: ModelFacts,
+    seq_len: int,
+    checkpointing: bool,
+    attention: str,
+    precision: str,
+    tensor: int = 1,
+    chunked_loss: bool = False,
 ) -> float:
-    """Activation bytes one training token keeps for backward (16-bit; doubled in fp32)."""
+    """Activation bytes one training token keeps for backward on one rank (16-bit; doubled in fp32); a
+    tensor-parallel rank keeps 1/`tensor` of what lives inside the split layers."""
     scores = 5 * facts.heads * seq_len if attention == "eager" else 0  # fused kernels keep no s x s scores
-    per_layer = 34 * facts.hidden + scores
+    per_layer = 10 * facts.hidden + (24 * facts.hidden + scores) / tensor
     kept = 2 * facts.hidden * facts.layers + per_layer if checkpointing else per_layer * facts.layers
-    logits = 6 * facts.vocab
+    logits = (2 if chunked_loss else 6) * facts.vocab
     return (kept + logits) * (2 if precision == "fp32" else 1)
 
 
@@ -143,6 +171,17 @@ class PlanRow:
     cpu_bytes: int
     fits: bool
     deepspeed_estimate_bytes: int | None  # DeepSpeed's own model-state estimate (stages 2 and 3)
+    tensor: int = 1
+    sequence: int = 1
+
+    def keys(self) -> str:
+        """The config keys that select this row, as overrides."""
+        keys = [f"zero.stage={self.stage}"] + (["zero.offload=cpu"] if self.offload else [])
+        if self.tensor > 1:
+            keys.insert(0, f"parallel.tensor={self.tensor}")
+        if self.sequence > 1:
+            keys.insert(0, f"parallel.sequence={self.sequence}")
+        return " ".join(keys)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -177,8 +216,9 @@ class Hardware:
     cpu_mem_bytes: float = 512 * GIB  # per node
 
 
-def configured_activation_bytes(facts: ModelFacts, config: Config) -> float:
-    """Activation bytes per token for the config's sequence length, checkpointing, attention, precision."""
+def configured_activation_bytes(facts: ModelFacts, config: Config, tensor: int = 1) -> float:
+    """Activation bytes per token for the config's sequence length, checkpointing, attention, precision
+    and loss, on a rank of a `tensor`-way split."""
     model = config.model
     return activation_bytes_per_token(
         facts,
@@ -186,39 +226,79 @@ def configured_activation_bytes(facts: ModelFacts, config: Config) -> float:
         model.activation_checkpointing,
         model.attn_implementation,
         config.precision,
+        tensor,
+        config.train.chunked_loss,
     )
 
 
-def plan_rows(facts: ModelFacts, config: Config, hardware: Hardware, tokens: int) -> list[PlanRow]:
-    """Every stage, without and (for 2 and 3) with CPU offload, for `tokens` per micro-batch."""
+# The set-ups a layout offers, fastest first: less partitioning, then no offload.
+SETUPS = ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True))
+
+
+def plan_rows(
+    facts: ModelFacts,
+    config: Config,
+    hardware: Hardware,
+    tokens: int,
+    tensor: int | None = None,
+    sequence: int | None = None,
+) -> list[PlanRow]:
+    """Every ZeRO set-up of one layout (default: the configured one) for `tokens` per micro-batch of a
+    data-parallel replica; tensor parallelism runs with ZeRO 1-2 only, as lmscale does."""
+    tensor = config.parallel.tensor if tensor is None else tensor
+    sequence = config.parallel.sequence if sequence is None else sequence
     ranks = hardware.gpus_per_node * hardware.nodes
-    per_token = configured_activation_bytes(facts, config)
+    zero_ranks = ranks // tensor  # ZeRO partitions over the data-parallel ranks (sequence ranks included)
+    params = facts.params_per_rank(tensor)
+    trainable = params - facts.frozen_params
+    per_token = configured_activation_bytes(facts, config, tensor)
+    setups = [
+        (stage, offload) for stage, offload in SETUPS if tensor == 1 or (stage in (1, 2) and not offload)
+    ]
     rows = []
-    for stage, offload in ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)):
+    for stage, offload in setups:
         gpu_states, cpu_states = model_state_bytes(
-            facts.params, stage, ranks, offload, config.precision, facts.trainable_params
+            params, stage, zero_ranks, offload, config.precision, trainable
         )
-        activations = int(per_token * tokens)
-        buffers = buffer_bytes(facts.params, stage, facts.trainable_params)
+        activations = int(per_token * tokens / sequence)
+        buffers = buffer_bytes(params, stage, trainable)
         total = gpu_states + activations + buffers
         cpu_total = cpu_states * hardware.gpus_per_node  # every rank of a node offloads to that node's RAM
         fits = total <= HEADROOM * hardware.gpu_mem_bytes and cpu_total <= HEADROOM * hardware.cpu_mem_bytes
-        estimate = deepspeed_estimate(facts, stage, offload, hardware.gpus_per_node, hardware.nodes)
-        rows.append(
-            PlanRow(stage, offload, gpu_states, activations, buffers, total, cpu_total, fits, estimate)
+        plain = tensor == 1 and sequence == 1
+        estimate = (
+            deepspeed_estimate(facts, stage, offload, hardware.gpus_per_node, hardware.nodes)
+            if plain
+            else None
         )
+        row = PlanRow(stage, offload, gpu_states, activations, buffers, total, cpu_total, fits, estimate)
+        row.tensor, row.sequence = tensor, sequence
+        rows.append(row)
     return rows
 
 
+def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list[tuple[int, int]]:
+    """(tensor, sequence) layouts within a node that this model's heads allow, to try when the configured
+    one does not fit: sequence parallelism first (it also divides the activations of one long row), then
+    tensor parallelism (it divides the weights too), each from the smallest degree up."""
+    if config.parallel.tensor > 1 or config.parallel.sequence > 1:
+        return []
+    degrees = [d for d in (2, 4, 8, 16) if d <= hardware.gpus_per_node and hardware.gpus_per_node % d == 0]
+    kv = facts.kv_heads or facts.heads
+    sequences = [(1, d) for d in degrees if facts.heads % d == 0 and (kv % d == 0 or d % kv == 0)]
+    tensors = [(d, 1) for d in degrees if facts.heads % d == 0 and kv % d == 0 and facts.split_params]
+    return sequences + tensors
+
+
 def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, row: PlanRow) -> int:
-    """The most tokens per micro-batch that keep `row`'s stage within the GPU (a multiple of max_seq_len)."""
-    per_token = configured_activation_bytes(facts, config)
+    """The most tokens per micro-batch that keep `row`'s set-up within the GPU (a multiple of max_seq_len)."""
+    per_token = configured_activation_bytes(facts, config, row.tensor) / row.sequence
     free = HEADROOM * hardware.gpu_mem_bytes - row.model_state_bytes - row.buffer_bytes
     sequences = int(free // (per_token * config.data.max_seq_len))
     return max(0, sequences) * config.data.max_seq_len
 
 
 def recommend(rows: list[PlanRow]) -> PlanRow | None:
-    """The first that fits in order of speed: less partitioning and no offload first."""
+    """The first that fits in order of speed: less partitioning and no offload first (rows of one layout)."""
     fitting = [row for row in rows if row.fits]
     return min(fitting, key=lambda row: (row.offload, row.stage)) if fitting else None

@@ -160,7 +160,9 @@ def train_step(
     ):  # streamed batches: each rank knows only its own, so add them up (one tiny collective)
         own = sum(b.local_targets for b in micro_batches)
         targets = all_ranks_sum([own], engine.device)[0] / layout.copies
-    share = len(micro_batches) / max(targets, 1)  # this micro-batch's part of the step's mean, per summed unit
+    share = len(micro_batches) / max(
+        targets, 1
+    )  # this micro-batch's part of the step's mean, per summed unit
     scale = gradient_divisor(layout, engine.zero_optimization_stage()) * share
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):

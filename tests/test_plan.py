@@ -164,3 +164,64 @@ def test_predicted_partitions_match_what_two_ranks_write(tmp_path, cache_dir, st
         assert all(
             f.stat().st_size < 0.1 * 2 * psi for f in checkpoint.glob("zero_pp_rank_*_model_states.pt")
         )
+
+
+LLAMA3_8B = 8_030_261_248  # the published count: 32 layers x 4096, GQA 32/8 heads, 14336 MLP, vocab 128256
+
+
+def tiny_llama_facts():
+    return meta_facts(
+        LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=500, tie_word_embeddings=True)
+    )  # fmt: skip
+
+
+def test_tensor_parallelism_divides_the_blocks_linears_only():
+    facts = tiny_llama_facts()
+    # per layer: q 64x64, k and v 64x32, o 64x64, gate/up/down 3 x 64x176
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 176
+    assert facts.split_params == 2 * per_layer and facts.kv_heads == 2
+    whole = facts.params - facts.split_params  # embeddings (tied head) and norms stay whole
+    assert facts.params_per_rank(2) == whole + per_layer
+    h = 64
+    sdpa = activation_bytes_per_token(facts, 128, False, "sdpa", "bf16", tensor=2)
+    assert sdpa == 2 * (10 * h + 24 * h / 2) + 6 * 500
+    assert (
+        activation_bytes_per_token(facts, 128, False, "sdpa", "bf16", chunked_loss=True)
+        == 2 * 34 * h + 2 * 500
+    )
+
+
+def test_plan_rows_of_tensor_and_sequence_layouts():
+    facts, config = tiny_llama_facts(), Config()
+    hardware = Hardware(gpus_per_node=8, gpu_mem_bytes=80 * GIB)
+    plain = plan_rows(facts, config, hardware, tokens=4096)
+    tensor = plan_rows(facts, config, hardware, tokens=4096, tensor=2)
+    sequence = plan_rows(facts, config, hardware, tokens=4096, sequence=4)
+    assert [(r.stage, r.offload) for r in tensor] == [(1, False), (2, False)]  # AutoTP: ZeRO 1-2
+    assert tensor[0].keys() == "parallel.tensor=2 zero.stage=1"
+    # ZeRO-1 over 4 data-parallel ranks of the per-rank share; sequence ranks: ZeRO over all 8
+    per_rank = facts.params_per_rank(2)
+    assert tensor[0].model_state_bytes == model_state_bytes(per_rank, 1, 4, False, "bf16")[0]
+    assert sequence[1].model_state_bytes == plain[1].model_state_bytes
+    assert sequence[0].activation_bytes == plain[0].activation_bytes // 4
+    assert sequence[3].keys() == "parallel.sequence=4 zero.stage=2 zero.offload=cpu"
+
+
+def test_plan_recommends_sequence_parallelism_when_a_long_context_does_not_fit():
+    result = run_lmscale("plan", "configs/llama-8b-32k.yaml", "--gpus-per-node", "8", "--json", "parallel.sequence=1",
+                         "data.max_seq_len=131072", "data.max_tokens_per_batch=131072")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert not any(r["fits"] for r in rows if r["sequence"] == 1 and r["tensor"] == 1)
+    (best,) = [r for r in rows if r["recommended"]]
+    assert best["sequence"] > 1 and best["total_bytes"] <= 0.9 * 80 * GIB
+    text = run_lmscale("plan", "configs/llama-8b-32k.yaml", "--gpus-per-node", "8")
+    assert "recommended: parallel.sequence=4 zero.stage=1" in text.stdout, text.stdout + text.stderr
+    assert "8,030.3M parameters" in text.stdout  # Llama 3 8B's published count: 8,030,261,248
+
+
+def test_llama_8b_preset_has_the_published_parameter_count():
+    from lmscale.model import preset_config
+
+    assert meta_facts(preset_config("llama-8b", 128256, 8192, 0, 0)).params == LLAMA3_8B
