@@ -101,6 +101,7 @@ class ModelForward:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model, self.device = model, next(model.parameters()).device
+        self.module = model  # as DeepSpeed names the wrapped model
 
     def __call__(self, **inputs):
         return self.model(**inputs)

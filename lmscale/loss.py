@@ -71,12 +71,18 @@ def summed_loss(
     )
 
 
-def forward(engine: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of one batch, on the engine's device; for a sequence-parallel slice the labels are
-    `shift_labels`, each position's own next-token target."""
+def model_outputs(engine: Any, batch: Batch) -> tuple[Any, torch.Tensor]:
+    """(the model's outputs, labels) of one batch, on the engine's device; for a sequence-parallel slice the
+    labels are `shift_labels`, each position's own next-token target."""
     inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
     labels = batch["shift_labels"] if "shift_labels" in batch else batch["labels"]
-    return engine(**inputs).logits, labels.to(engine.device, non_blocking=True)
+    return engine(**inputs), labels.to(engine.device, non_blocking=True)
+
+
+def forward(engine: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of one batch (see `model_outputs`)."""
+    outputs, labels = model_outputs(engine, batch)
+    return outputs.logits, labels
 
 
 @dataclass
@@ -115,22 +121,40 @@ def objective_totals(
     return loss_sum, targets, sums
 
 
-def cross_entropy_objective(label_smoothing: float = 0.0, chunked: bool = False) -> Objective:
+def cross_entropy_objective(
+    label_smoothing: float = 0.0, chunked: bool = False, router_loss: bool = False
+) -> Objective:
     """Supervised training: cross-entropy of the next tokens, or of the class (with its accuracy);
-    `chunked` as in `summed_loss`."""
+    `chunked` as in `summed_loss`. A mixture-of-experts model's router load-balancing loss is always
+    reported (`router_aux_loss`), and with `router_loss` added to the objective as HF adds it."""
 
     def objective(engine: Any, batch: Batch) -> LossParts:
-        logits, labels = forward(engine, batch)
+        outputs, labels = model_outputs(engine, batch)
+        logits, sums = outputs.logits, {}
         if "shift_labels" in batch:  # a sequence-parallel slice: targets already aligned with the logits
-            return LossParts(
-                aligned_token_loss(logits, labels, label_smoothing, chunked), batch.local_targets
-            )
-        sums = {}
-        if labels.dim() == 1:  # ignored (filler) rows never match -100
-            sums["accuracy"] = (logits.argmax(dim=-1) == labels).sum()
-        return LossParts(summed_loss(logits, labels, label_smoothing, chunked), batch.local_targets, sums)
+            summed = aligned_token_loss(logits, labels, label_smoothing, chunked)
+        else:
+            summed = summed_loss(logits, labels, label_smoothing, chunked)
+            if labels.dim() == 1:  # ignored (filler) rows never match -100
+                sums["accuracy"] = (logits.argmax(dim=-1) == labels).sum()
+        parts = LossParts(summed, batch.local_targets, sums)
+        add_router_loss(parts, outputs, engine, router_loss)
+        return parts
 
     return objective
+
+
+def add_router_loss(parts: LossParts, outputs: Any, engine: Any, train: bool) -> None:
+    """A mixture-of-experts model's load-balancing loss (HF's `aux_loss`, a mean over the micro-batch's
+    tokens), weighted by the micro-batch's targets: divided by the step's targets as the summed loss is, it
+    enters the step's mean as HF adds it to its mean loss, `router_aux_loss_coef` x aux_loss."""
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is None:
+        return
+    parts.sums["router_aux_loss"] = aux.detach() * parts.targets
+    coefficient = getattr(engine.module.config, "router_aux_loss_coef", 0.0)
+    if train and coefficient:
+        parts.summed = parts.summed + coefficient * aux * parts.targets
 
 
 def perplexity(loss: float) -> float:

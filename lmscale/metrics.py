@@ -56,13 +56,16 @@ def model_shape(config: Any) -> ModelShape:
             gated_mlp=False,
         )
     heads = config.num_attention_heads
+    # Mixture of experts: a token runs through its num_experts_per_tok experts only (Mixtral's experts are
+    # intermediate_size wide, Qwen-MoE's moe_intermediate_size), so that is the MLP width its FLOPs see.
+    expert_width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     return ModelShape(
         layers=config.num_hidden_layers,
         hidden=config.hidden_size,
         heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        intermediate=config.intermediate_size,
+        intermediate=expert_width * (getattr(config, "num_experts_per_tok", None) or 1),
         vocab=config.vocab_size,
         gated_mlp=getattr(config, "hidden_act", "silu") in ("silu", "swiglu", "gelu_pytorch_tanh", "geglu"),
     )

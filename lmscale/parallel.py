@@ -106,6 +106,12 @@ def split_problems(model_config: Any, tensor: int) -> list[str]:
 
 def model_split_problems(model: Any, layout: Layout) -> list[str]:
     """Everything about the built model that rules out the layout's split, before DeepSpeed tries it."""
+    if layout.group > 1 and getattr(model.config, "num_experts_per_tok", None):
+        return [
+            f"{model.config.model_type} is a mixture-of-experts model: lmscale trains those with data parallelism "
+            "(ZeRO partitions the experts like any weight), not with parallel.tensor or parallel.sequence yet; "
+            "set both to 1"
+        ]
     if layout.tensor > 1:
         if not autotp_splits(model):
             return [

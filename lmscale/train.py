@@ -274,7 +274,9 @@ def train(
     `layout` defaults to data parallelism over every rank."""
     start = start or LoopStart()
     layout = layout or Layout(dist.get_world_size())
-    train_objective = hooks.objective or cross_entropy_objective(config.label_smoothing, config.chunked_loss)
+    train_objective = hooks.objective or cross_entropy_objective(
+        config.label_smoothing, config.chunked_loss, router_loss=True
+    )
     eval_objective = hooks.objective or cross_entropy_objective(chunked=config.chunked_loss)
     batches: Iterator[Batch] = iter(train_stream)
     initial_eval = final_eval = math.nan

@@ -60,3 +60,32 @@ def test_chunked_loss_is_a_config_key():
     assert load_config(None, ["train.chunked_loss=true"])[0].train.chunked_loss
     with pytest.raises(ConfigError, match="label smoothing"):
         load_config(None, ["train.chunked_loss=true", "train.label_smoothing=0.1"])
+
+
+def test_a_mixture_of_experts_router_loss_is_reported_and_trained_as_hf_adds_it():
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from lmscale.data.batches import Batch, collate, target_count
+    from lmscale.evaluation import ModelForward
+    from lmscale.loss import cross_entropy_objective
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.02,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    tensors = collate([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], pad_id=0)
+    targets = target_count(tensors["labels"])
+    batch = Batch(
+        tensors, real_tokens=12, padded_tokens=12, sequences=2, sum_sq_len=72, local_targets=targets
+    )
+    engine = ModelForward(model)
+    trained = cross_entropy_objective(router_loss=True)(engine, batch)
+    reported = cross_entropy_objective()(engine, batch)
+    hf = model(**{k: tensors[k] for k in ("input_ids", "attention_mask")}, labels=tensors["labels"])
+    # HF's loss is the mean cross-entropy plus 0.02 x aux_loss; lmscale's, summed over the targets.
+    torch.testing.assert_close(trained.summed / targets, hf.loss)
+    torch.testing.assert_close(reported.summed / targets, hf.loss - 0.02 * hf.aux_loss)
+    torch.testing.assert_close(reported.sums["router_aux_loss"] / targets, hf.aux_loss.detach())

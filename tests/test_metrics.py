@@ -129,3 +129,13 @@ def test_wandb_names_are_grouped_and_progress_lines_are_plain():
     assert (
         format_duration(3725) == "1h02m" and format_duration(65) == "1m05s" and format_duration(None) == "?"
     )
+
+
+def test_mixture_of_experts_flops_count_the_active_experts_only():
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
+    mixtral = model_shape(MixtralConfig(intermediate_size=344, num_local_experts=8, num_experts_per_tok=2))
+    assert mixtral.intermediate == 2 * 344
+    qwen = model_shape(Qwen3MoeConfig(moe_intermediate_size=172, intermediate_size=688, num_experts=8,
+                                      num_experts_per_tok=2, num_attention_heads=4, hidden_size=256))  # fmt: skip
+    assert qwen.intermediate == 2 * 172

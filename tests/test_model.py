@@ -16,7 +16,7 @@ def tokenizer():
     )
 
 
-@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama", "tiny-mixtral", "tiny-qwen3-moe"])
 def test_tiny_presets_follow_the_tokenizer(preset, tokenizer):
     model = build_model(ModelConfig(preset=preset), tokenizer, max_seq_len=32, seed=0)
     assert model.get_input_embeddings().num_embeddings == 300
@@ -113,3 +113,15 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
         model(ids, labels=ids).loss.backward()
         grads.append(model.transformer.h[0].mlp.c_fc.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(("preset", "experts"), [("tiny-mixtral", 4), ("tiny-qwen3-moe", 4)])
+def test_mixture_of_experts_presets_route_each_token_to_two_of_their_experts(preset, experts, tokenizer):
+    model = build_model(ModelConfig(preset=preset), tokenizer, max_seq_len=32, seed=0)
+    config = model.config
+    assert (getattr(config, "num_local_experts", None) or config.num_experts) == experts
+    assert config.num_experts_per_tok == 2 and config.output_router_logits
+    out = model(input_ids=torch.randint(0, 300, (2, 16)))
+    assert out.aux_loss is not None and torch.isfinite(out.aux_loss)
+    # the experts of a layer are one fused parameter each (ZeRO-3 gathers them like any weight)
+    assert any(p.dim() == 3 and p.shape[0] == experts for p in model.parameters())

@@ -187,3 +187,16 @@ def test_sequence_parallel_batches_count_the_whole_batch_and_the_rounding_paddin
         assert (shard.real_tokens, shard.sequences) == (whole.real_tokens, whole.sequences)
         assert shard.padded_tokens >= whole.padded_tokens and shard.padded_tokens % 2 == 0
     assert sum(s.local_targets for s in shards) == whole.local_targets == whole.group_targets
+
+
+def test_mixture_of_experts_models_train_data_parallel_only():
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    moe = AutoModelForCausalLM.from_config(
+        MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    )  # fmt: skip
+    for layout in (Layout(2, tensor=2), Layout(2, sequence=2)):
+        (problem,) = model_split_problems(moe, layout)
+        assert "mixtral is a mixture-of-experts model" in problem
+    assert model_split_problems(moe, Layout(2)) == []
