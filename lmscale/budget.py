@@ -72,7 +72,14 @@ def auto_token_budget(config: Config, model: torch.nn.Module, world_size: int) -
     """The budget `auto` stands for on this machine (logged with how it was found)."""
     seq_len = config.data.max_seq_len
     facts = facts_of(model)
-    if torch.cuda.is_available():
+    split = config.parallel.tensor * config.parallel.sequence > 1
+    if torch.cuda.is_available() and split:
+        # A probe would run the unsplit model on whole rows: plan the layout's per-rank share instead.
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        hardware = Hardware(gpus_per_node=world_size, gpu_mem_bytes=memory)
+        found = largest_token_budget(facts, config, hardware, _stage_row(facts, config, hardware))
+        how = "planned for the tensor/sequence-parallel layout"
+    elif torch.cuda.is_available():
         import os
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
