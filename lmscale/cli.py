@@ -547,6 +547,10 @@ def is_override(token: str) -> bool:
     return "=" in token and not token.startswith("-")
 
 
+# The HF libraries a command that reads no data uses (the others use both).
+HF_LIBRARIES_USED = {"plan": ("transformers",), "config": (), "schedule": (), "report": ()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # first: --help and --version need no torch (it takes most of a second to import)
     from lmscale.engine import select_accelerator
@@ -567,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         if args.command not in ("train", "launch"):  # those configure it per rank
-            configure_console(is_rank_zero=True)
+            configure_console(
+                is_rank_zero=True, libraries=HF_LIBRARIES_USED.get(args.command, ("datasets", "transformers"))
+            )
         return handlers[args.command](args)
     except LmscaleError as exc:
         if args.debug:

@@ -18,8 +18,10 @@ from lmscale.rundir import RunDir
 log = logging.getLogger("lmscale")
 
 
-def configure_console(is_rank_zero: bool) -> None:
-    """INFO on rank 0; other ranks speak only of problems, so a job prints each message once."""
+def configure_console(is_rank_zero: bool, libraries: tuple[str, ...] = ("datasets", "transformers")) -> None:
+    """INFO on rank 0; other ranks speak only of problems, so a job prints each message once. The HF
+    `libraries` a command uses are quieted (their progress bars and info lines); a command that uses
+    neither names none, and so never pays for importing them (about a second)."""
     logging.basicConfig(
         level=logging.INFO if is_rank_zero else logging.WARNING,
         format="lmscale: %(message)s",
@@ -28,13 +30,16 @@ def configure_console(is_rank_zero: bool) -> None:
     )
     for noisy in ("datasets", "DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import datasets
-    import transformers
+    if "datasets" in libraries:
+        import datasets
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_warning()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: \r redraws in a log file
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_warning()
+    if "transformers" in libraries:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: \r redraws in a log file
 
 
 class MetricsSink:

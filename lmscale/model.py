@@ -21,7 +21,6 @@ from transformers import (
 from lmscale.config import FinetuneConfig, ModelConfig
 from lmscale.errors import ConfigError
 from lmscale.finetune import apply_lora
-from lmscale.kernels import fuse_activations
 
 
 def _gpt2(layers: int, hidden: int, heads: int) -> dict:
@@ -215,6 +214,8 @@ def build_model(
     # Training never decodes: no KV cache (it costs memory, and HF ignores packed position ids when one exists).
     model.config.use_cache = False
     if options.fused_kernels:
+        from lmscale.kernels import fuse_activations  # here: transformers.activations costs ~0.6 s to import
+
         fuse_activations(model)
     if options.activation_checkpointing:
         # Non-reentrant checkpointing works with ZeRO-3's parameter gathering and needs no input grads.
