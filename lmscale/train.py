@@ -119,6 +119,12 @@ class Window:
     start_s: float = 0.0
     targets: int = 0  # this rank's loss targets, the divisor of `sums`
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's figures, on the device
+    compile_clock: Callable[[], float] | None = None  # seconds spent compiling so far (model.compile)
+    compile_start_s: float = 0.0
+
+    def compiling_s(self) -> float:
+        """Seconds spent compiling since the window started (not training throughput)."""
+        return self.compile_clock() - self.compile_start_s if self.compile_clock else 0.0
 
     def add(self, batch: Batch) -> None:
         self.real_tokens += batch.real_tokens
@@ -135,6 +141,7 @@ class Window:
         self.targets = 0
         self.sums = {}
         self.start_s = time.perf_counter()
+        self.compile_start_s = self.compile_clock() if self.compile_clock else 0.0
 
 
 def train_step(
@@ -209,6 +216,7 @@ class LoopHooks:
     # (step, is it the last) -> benchmark metrics to log at that step, or {} (every rank calls it)
     harness: Callable[[int, bool], dict[str, float]] = lambda step, is_last: {}
     objective: Objective | None = None  # the loss; None = cross-entropy with train.label_smoothing
+    compile_clock: Callable[[], float] | None = None  # model.compile: seconds spent compiling so far
 
 
 @dataclass
@@ -296,7 +304,9 @@ def train(
         sink.message(f"untrained {evaluation.describe()}")
         log_harness(0, False, hooks, sink)
     # The loss stays on the device between log steps: reading it every step would force a sync.
-    window = Window(loss_sum=torch.zeros((), dtype=torch.float64, device=engine.device))
+    window = Window(
+        loss_sum=torch.zeros((), dtype=torch.float64, device=engine.device), compile_clock=hooks.compile_clock
+    )
     window.reset()
     started_s, tokens_seen, best_eval = time.perf_counter(), start.tokens_seen, start.best_eval_loss
     step, stopped_by, checkpoint = start.step, None, None
@@ -442,7 +452,8 @@ def log_window(
     loss_total, micro_total, real, padded, sequences, sum_sq_len, data_wait_s, targets = totals[:8]
     # Each batch ran on every rank of its tensor or sequence group: count it once (means are unaffected).
     real, padded, sequences, sum_sq_len = (v / layout.copies for v in (real, padded, sequences, sum_sq_len))
-    elapsed_s = time.perf_counter() - window.start_s
+    compiling_s = window.compiling_s()
+    elapsed_s = time.perf_counter() - window.start_s - compiling_s
     grad_norm = own_grad_norm if own_grad_norm is not None else engine.get_global_grad_norm()
     metrics = {
         # Every rank's window holds its share of each step's mean (a tensor group's ranks, all of it).
@@ -459,6 +470,8 @@ def log_window(
         "skipped_steps": int(engine.skipped_steps),
     }
     metrics.update({n: t / max(targets, 1) for n, t in zip(names, totals[8:], strict=True)})
+    if compiling_s > 0:
+        metrics["compile_s"] = compiling_s
     if throughput is not None:
         metrics.update(throughput.figures(int(real), int(sum_sq_len), elapsed_s, world_size))
     scale = loss_scale(engine)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from lmscale import engine as ds_engine
 from lmscale.budget import auto_token_budget
+from lmscale.compiling import compile_model, compile_seconds, compiled_graphs
 from lmscale.config import Config, TrainConfig
 from lmscale.data import PreparedData, prepare_data
 from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap
@@ -219,6 +220,8 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     optimizer, scheduler, unfreezing = optimization(model, config)
     mpu = register_ulysses(model, layout.sequence) if layout.sequence > 1 else None
     engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config, mpu)
+    if config.model.compile:
+        compile_model(engine)
     lock = RunLock(output_dir)
     watchdog = HangWatchdog(output_dir, ds_engine.rank(), config.train.hang_timeout_s, on_tick=lock.touch)
     try:
@@ -314,6 +317,7 @@ def train_and_finish(
         progress=watchdog.beat,
         harness=harness_hook(config, engine, tokenizer, watchdog),
         objective=dpo_objective(config.finetune.dpo) if config.finetune.method == "dpo" else None,
+        compile_clock=compile_seconds if config.model.compile else None,
     )
     sink = MetricsSink(
         config, output_dir, config.train.max_steps, enabled=is_rank_zero, initial_step=start.step
@@ -321,6 +325,8 @@ def train_and_finish(
     result = train(
         engine, train_stream, eval_stream, config.train, config.checkpoint, sink, hooks, start, layout
     )
+    if config.model.compile:
+        log.info("compile: %d graph(s), %.1f s compiling in all", compiled_graphs(), compile_seconds())
     digest = check_replicas_agree(engine, config.zero.stage, layout)
     if digest:
         log.info(

@@ -42,3 +42,8 @@ class ModelConfig(Section):
     sliding_window: int | None = Field(
         None, ge=1, description="Local attention window in tokens, for families that support it (mistral)."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model under DeepSpeed (engine.compile, dynamic shapes): a one-time "
+        "compile (logged as compile_s, apart from throughput), then faster steps where it pays.",
+    )
