@@ -32,6 +32,26 @@ def tiny_gpt2_config(vocab_size: int):
     )
 
 
+# A 10-step fp32 tiny-Llama run logging every step and saving at step 5: runs of it that differ only in
+# how they compute (layouts, compile) give the same losses, up to summation order.
+EXACT_RUN_ARGS = [
+    "model.preset=tiny-llama",
+    "precision=fp32",
+    "zero.stage=1",
+    "data.max_seq_len=64",
+    "data.vocab_size=1024",
+    "data.max_tokens_per_batch=1024",
+    "train.max_steps=10",
+    "schedule.warmup_steps=1",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    "checkpoint.save_every=5",
+    "data.num_workers=0",
+    "wandb.mode=disabled",
+]
+
+
 def run_lmscale(
     *args: str, cwd: Path | None = None, timeout: int = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

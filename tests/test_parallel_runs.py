@@ -8,27 +8,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_lmscale
+from conftest import EXACT_RUN_ARGS, run_lmscale
 
 pytestmark = pytest.mark.slow
 
-# fp32 and no dropout: one process and a tensor-parallel pair compute the same sums in another order only.
-ARGS = [
-    "model.preset=tiny-llama",
-    "precision=fp32",
-    "zero.stage=1",
-    "data.max_seq_len=64",
-    "data.vocab_size=1024",
-    "data.max_tokens_per_batch=1024",
-    "train.max_steps=10",
-    "schedule.warmup_steps=1",
-    "train.eval_every=10",
-    "train.eval_batches=2",
-    "train.log_every=1",
-    "checkpoint.save_every=5",
-    "data.num_workers=0",
-    "wandb.mode=disabled",
-]
+ARGS = EXACT_RUN_ARGS
 
 
 def losses(out):
