@@ -6,7 +6,8 @@ the same DeepSpeed ZeRO-2 bf16 set-up on the same 2 CPU ranks, the same LR, warm
 lmscale batches by length under a token budget; HF Trainer pads each batch to its longest row, with
 random batches and with `group_by_length`, or removes padding altogether (`DataCollatorWithFlattening`:
 one row per batch, per-document position ids), at the batch size that gives the same real tokens per
-step; `--compile` adds HF's padding-free row with `torch_compile=True`. Prints real tokens/s for each,
+step; `--compile` adds lmscale with `model.compile=true` and HF's padding-free row with
+`torch_compile=True`. Prints real tokens/s for each,
 the held-out loss of each trained model (scored by the same `lmscale eval` on the same held-out file),
 the peak resident set of each setup's largest process (a rank), and the ratios against HF Trainer's
 fastest row. A second lmscale run with `model.fused_kernels=false` (HF's own GELU modules, as HF
@@ -128,12 +129,19 @@ def held_out_loss(target: Path, held_out: Path) -> float:
 
 
 def run_lmscale(
-    args, workdir: Path, train: Path, held_out: Path, steps: int, fused_kernels: bool = True
+    args,
+    workdir: Path,
+    train: Path,
+    held_out: Path,
+    steps: int,
+    fused_kernels: bool = True,
+    compiled: bool = False,
 ) -> dict:
-    out = workdir / ("lmscale" if fused_kernels else "lmscale-unfused")
+    out = workdir / f"lmscale{'' if fused_kernels else '-unfused'}{'-compiled' if compiled else ''}"
     overrides = [
         *lmscale_args(args, workdir, train, held_out),
         f"model.fused_kernels={str(fused_kernels).lower()}",
+        f"model.compile={str(compiled).lower()}",
         f"output_dir={out}",
         f"train.max_steps={steps}",
     ]
@@ -205,7 +213,10 @@ def main() -> None:
             "hf_trainer (group_by_length)": run_hf(args, workdir, held_out, batch_size, "--group-by-length"),
             "hf_trainer (padding-free)": run_hf(args, workdir, held_out, batch_size, "--padding-free"),
         }
-        if args.compile:
+        if args.compile:  # both with their compile time in the run's seconds, as HF's train_runtime has it
+            results["lmscale (bucket, compiled)"] = run_lmscale(
+                args, workdir, train, held_out, steps, compiled=True
+            )
             results["hf_trainer (padding-free, compiled)"] = run_hf(
                 args, workdir, held_out, batch_size, "--padding-free", "--torch-compile"
             )
