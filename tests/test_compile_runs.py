@@ -1,5 +1,5 @@
 """model.compile in real runs: the compiled model trains as the eager one does, reports its compile time
-apart from throughput, and resumes exactly after its process dies."""
+apart from throughput, and resumes after its process dies to the same losses (up to fp32 rounding)."""
 
 import json
 
@@ -41,4 +41,7 @@ def test_compiled_model_trains_like_eager_reports_compile_time_and_resumes_exact
     assert result.returncode != 0
     resumed = train(died, cache_dir, "model.compile=true")
     assert resumed.returncode == 0 and "continuing from" in resumed.stderr
-    assert {s: losses(died)[s] for s in range(6, 11)} == {s: got[s] for s in range(6, 11)}
+    # The restarted process compiles anew, for the shapes it meets first: its kernels may sum in another
+    # order than the first process's did, so the resumed losses agree to fp32 rounding (eager: bitwise).
+    resumed_losses = losses(died)
+    assert all(abs(resumed_losses[s] - got[s]) < 1e-5 for s in range(6, 11)), (resumed_losses, got)
