@@ -72,29 +72,13 @@ def auto_token_budget(config: Config, model: torch.nn.Module, world_size: int) -
     """The budget `auto` stands for on this machine (logged with how it was found)."""
     seq_len = config.data.max_seq_len
     facts = facts_of(model)
-    split = config.parallel.tensor * config.parallel.sequence > 1
-    if torch.cuda.is_available() and split:
-        # A probe would run the unsplit model on whole rows: plan the layout's per-rank share instead.
-        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        hardware = Hardware(gpus_per_node=world_size, gpu_mem_bytes=memory)
-        found = largest_token_budget(facts, config, hardware, _stage_row(facts, config, hardware))
-        how = "planned for the tensor/sequence-parallel layout"
-    elif torch.cuda.is_available():
+    if torch.cuda.is_available():
         import os
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         hardware = Hardware(gpus_per_node=world_size, gpu_mem_bytes=memory)
-        row = plan_rows(facts, config, hardware, seq_len)[0]
-        ceiling = max(seq_len, 4 * largest_token_budget(facts, config, hardware, row))
-        model.cuda()
-        found = search_token_budget(gpu_probe(model, facts.vocab, seq_len), seq_len, ceiling)
-        model.cpu()
-        if found == 0:  # the whole model does not train on one GPU (ZeRO-3 will partition it): plan instead
-            found = largest_token_budget(facts, config, hardware, _stage_row(facts, config, hardware))
-            how = "planned (the unpartitioned model does not fit one GPU to measure)"
-        else:
-            how = "measured by forward/backward on this GPU"
+        found, how = gpu_token_budget(model, facts, config, hardware)
     else:
         import psutil
 
@@ -105,6 +89,24 @@ def auto_token_budget(config: Config, model: torch.nn.Module, world_size: int) -
     budget = agreed_minimum(with_margin(found, seq_len))  # every rank must plan the same batches
     log.info("data: max_tokens_per_batch=auto -> %d tokens per micro-batch (%s, 10%% margin)", budget, how)
     return budget
+
+
+def gpu_token_budget(model: torch.nn.Module, facts, config: Config, hardware: Hardware) -> tuple[int, str]:
+    """Tokens per micro-batch on this GPU, measured where the unsplit model fits, planned otherwise; and how."""
+    seq_len = config.data.max_seq_len
+    if config.parallel.tensor * config.parallel.sequence > 1:
+        # A probe would run the unsplit model on whole rows: plan the layout's per-rank share instead.
+        found = largest_token_budget(facts, config, hardware, _stage_row(facts, config, hardware))
+        return found, "planned for the tensor/sequence-parallel layout"
+    row = plan_rows(facts, config, hardware, seq_len)[0]
+    ceiling = max(seq_len, 4 * largest_token_budget(facts, config, hardware, row))
+    model.cuda()
+    found = search_token_budget(gpu_probe(model, facts.vocab, seq_len), seq_len, ceiling)
+    model.cpu()
+    if found == 0:  # the whole model does not train on one GPU (ZeRO-3 will partition it): plan instead
+        found = largest_token_budget(facts, config, hardware, _stage_row(facts, config, hardware))
+        return found, "planned (the unpartitioned model does not fit one GPU to measure)"
+    return found, "measured by forward/backward on this GPU"
 
 
 def agreed_minimum(value: int) -> int:

@@ -316,10 +316,8 @@ def written_by(checkpoint: Path) -> int:
 
 
 def tensor_degree(engine: Any) -> int:
-    """The engine's AutoTP degree (1 without tensor parallelism)."""
-    return (
-        max(1, int(engine.autotp_size())) if hasattr(engine, "autotp_size") else 1
-    )  # DeepSpeed says 0 for off
+    """The engine's AutoTP degree (1 without tensor parallelism; DeepSpeed says 0 then)."""
+    return max(1, int(engine.autotp_size())) if hasattr(engine, "autotp_size") else 1
 
 
 def written_tensor_degree(checkpoint: Path) -> int:

@@ -271,9 +271,21 @@ def plan_rows(
             if plain
             else None
         )
-        row = PlanRow(stage, offload, gpu_states, activations, buffers, total, cpu_total, fits, estimate)
-        row.tensor, row.sequence = tensor, sequence
-        rows.append(row)
+        rows.append(
+            PlanRow(
+                stage,
+                offload,
+                gpu_states,
+                activations,
+                buffers,
+                total,
+                cpu_total,
+                fits,
+                estimate,
+                tensor,
+                sequence,
+            )
+        )
     return rows
 
 

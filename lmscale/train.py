@@ -167,9 +167,8 @@ def train_step(
     ):  # streamed batches: each rank knows only its own, so add them up (one tiny collective)
         own = sum(b.local_targets for b in micro_batches)
         targets = all_ranks_sum([own], engine.device)[0] / layout.copies
-    share = len(micro_batches) / max(
-        targets, 1
-    )  # this micro-batch's part of the step's mean, per summed unit
+    # What one summed unit of a micro-batch's loss is of the step's mean (x accumulation steps).
+    share = len(micro_batches) / max(targets, 1)
     scale = gradient_divisor(layout, engine.zero_optimization_stage()) * share
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):
@@ -438,7 +437,6 @@ def log_window(
     totals = all_ranks_sum(
         [
             window.loss_sum,
-            window.micro_steps,
             window.real_tokens,
             window.padded_tokens,
             window.sequences,
@@ -449,7 +447,7 @@ def log_window(
         ],
         engine.device,
     )
-    loss_total, micro_total, real, padded, sequences, sum_sq_len, data_wait_s, targets = totals[:8]
+    loss_total, real, padded, sequences, sum_sq_len, data_wait_s, targets = totals[:7]
     # Each batch ran on every rank of its tensor or sequence group: count it once (means are unaffected).
     real, padded, sequences, sum_sq_len = (v / layout.copies for v in (real, padded, sequences, sum_sq_len))
     compiling_s = window.compiling_s()
@@ -469,7 +467,7 @@ def log_window(
         "tokens_seen": tokens_before + int(real),
         "skipped_steps": int(engine.skipped_steps),
     }
-    metrics.update({n: t / max(targets, 1) for n, t in zip(names, totals[8:], strict=True)})
+    metrics.update({n: t / max(targets, 1) for n, t in zip(names, totals[7:], strict=True)})
     if compiling_s > 0:
         metrics["compile_s"] = compiling_s
     if throughput is not None:
