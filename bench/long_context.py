@@ -2,12 +2,14 @@
 
 A tiny Llama (4 layers, hidden 256, a 32k vocabulary so the logits weigh what they do in real models)
 takes one optimizer step on one row of `--tokens` tokens, under DeepSpeed ZeRO-1 (fp32, or bf16) on CPU ranks
-with gloo, in four set-ups: sequence 1 or 2 ranks, plain or chunked loss. Each set-up runs in fresh
-processes; each rank first takes a short step (so Adam's states and the gradients exist), then the
-long one, and reports the growth of its peak resident set over its resident set before that step:
-the step's activations, logits and loss temporaries. Prints each figure and the ratios of the
-issue's targets: sequence 2 / sequence 1 (target <= 0.6) and plain - chunked against the size of the
-fp32 logits (target >= 1).
+with gloo, with sequence 1 or 2 ranks and three losses: plain (whole logits, an fp32 copy), blockwise
+(whole logits, no fp32 copy: `train.chunked_loss` on families whose logits cannot be fused) and fused (the
+output layer inside the loss, no whole logits: `train.chunked_loss` on Llama and the other fusable
+families, lmscale.fused_head). Each set-up runs in fresh processes; each rank first takes a short step (so
+Adam's states and the gradients exist), then the long one, and reports the growth of its peak resident
+set over its resident set before that step: the step's activations, logits and loss temporaries. Prints
+each figure and the ratios of the issue's targets: sequence 2 / sequence 1 (target <= 0.6) and the
+chunked loss's saving against the size of the fp32 logits (target >= 1).
 Usage: python bench/long_context.py [--tokens 4096] [--precision fp32|bf16]
 """
 
@@ -33,8 +35,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+LOSSES = ("plain", "blockwise", "fused")
+
+
 def step_growth(
-    rank: int, world_size: int, port: int, tokens: int, chunked: bool, precision: str, results
+    rank: int, world_size: int, port: int, tokens: int, loss: str, precision: str, results
 ) -> None:
     """One rank: a short step, then the long one; records the long step's peak growth in bytes."""
     os.environ.update(
@@ -46,6 +51,7 @@ def step_growth(
 
     from lmscale.data.batches import collate, sequence_slice
     from lmscale.engine import shutdown_distributed
+    from lmscale.fused_head import install_fused_head, loss_targets
     from lmscale.loss import aligned_token_loss
     from lmscale.sequence_parallel import register_ulysses
 
@@ -67,12 +73,21 @@ def step_growth(
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    if loss == "fused":
+        install_fused_head(engine.module)
 
     def step(length: int) -> None:
         ids = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(length)).tolist()
         batch = sequence_slice(collate([ids], pad_id=0), 0, rank, world_size)
-        logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        engine.backward(aligned_token_loss(logits, batch["shift_labels"], chunked=chunked))
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        if loss == "fused":
+            with loss_targets(engine.module, batch["shift_labels"]):
+                summed = engine(**inputs).logits  # the fused output layer returns the summed loss
+        else:
+            summed = aligned_token_loss(
+                engine(**inputs).logits, batch["shift_labels"], chunked=loss == "blockwise"
+            )
+        engine.backward(summed)
         engine.step()
 
     step(128)
@@ -82,12 +97,12 @@ def step_growth(
     shutdown_distributed()
 
 
-def measure(world_size: int, tokens: int, chunked: bool, precision: str) -> int:
+def measure(world_size: int, tokens: int, loss: str, precision: str) -> int:
     """The largest long-step growth over the ranks of one fresh job."""
     from lmscale.engine import free_port
 
     results = mp.Manager().dict()
-    args = (world_size, free_port(), tokens, chunked, precision, results)
+    args = (world_size, free_port(), tokens, loss, precision, results)
     mp.spawn(step_growth, args=args, nprocs=world_size, join=True)
     return max(results.values())
 
@@ -104,19 +119,19 @@ def main() -> None:
         f"one {precision} step on {tokens:,} tokens, 32k vocabulary "
         f"(fp32 logits of the whole row: {logits_bytes / 2**20:,.0f} MiB)"
     )
-    print(f"{'sequence ranks':>14}  {'loss':<8}{'peak growth per rank':>22}")
-    for world_size in (1, 2):
-        for chunked in (False, True):
-            figures[world_size, chunked] = measure(world_size, tokens, chunked, precision)
-            name = "chunked" if chunked else "plain"
-            print(f"{world_size:>14}  {name:<8}{figures[world_size, chunked] / 2**20:>18,.0f} MiB")
+    print(f"{'sequence ranks':>14}  {'loss':<10}{'peak growth per rank':>22}")
+    for world_size, loss in [(1, "plain"), (1, "blockwise"), (1, "fused"), (2, "plain"), (2, "fused")]:
+        figures[world_size, loss] = measure(world_size, tokens, loss, precision)
+        print(f"{world_size:>14}  {loss:<10}{figures[world_size, loss] / 2**20:>20,.0f} MiB")
+    plain_ratio = figures[2, "plain"] / figures[1, "plain"]
+    print(f"ratio sequence2/sequence1 (plain loss): {plain_ratio:.2f}  (target <= 0.6)")
+    print(f"ratio sequence2/sequence1 (fused loss): {figures[2, 'fused'] / figures[1, 'fused']:.2f}")
+    for loss in ("blockwise", "fused"):
+        saved = figures[1, "plain"] - figures[1, loss]
+        print(f"{loss} loss saves {saved / 2**20:,.0f} MiB = {saved / logits_bytes:.2f}x the fp32 logits")
+    saved = figures[1, "plain"] - figures[1, "fused"]
     print(
-        f"ratio sequence2/sequence1 (plain loss): {figures[2, False] / figures[1, False]:.2f}  (target <= 0.6)"
-    )
-    print(f"ratio sequence2/sequence1 (chunked loss): {figures[2, True] / figures[1, True]:.2f}")
-    saved = figures[1, False] - figures[1, True]
-    print(
-        f"chunked loss saves {saved / 2**20:,.0f} MiB = {saved / logits_bytes:.2f}x the fp32 logits (target >= 1)"
+        f"ratio chunked-loss saving/fp32 logits: {saved / logits_bytes:.2f}  (target >= 1; fused, as Llama trains)"
     )
 
 

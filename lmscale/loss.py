@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmscale.data.batches import IGNORE_INDEX, Batch
+from lmscale.fused_head import has_fused_head, loss_targets, summed_fused_loss
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
 
@@ -34,13 +35,15 @@ def aligned_token_loss(
     )
 
 
-def chunked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`summed_token_loss` without fp32 [tokens, vocab] tensors (see `aligned_token_loss`).
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Each position's own target (the next label; the last position gets an ignored one). Shifting the
+    labels instead of the logits avoids `logits[:, :-1]`, which would copy the whole logits tensor."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
-    The labels are shifted instead of the logits (the last position gets an ignored target), because
-    slicing `logits[:, :-1]` and flattening it would copy the whole logits tensor.
-    """
-    return aligned_token_loss(logits, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX), chunked=True)
+
+def chunked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`summed_token_loss` without fp32 [tokens, vocab] tensors (see `aligned_token_loss`)."""
+    return aligned_token_loss(logits, next_token_targets(labels), chunked=True)
 
 
 def summed_token_loss(
@@ -77,6 +80,19 @@ def model_outputs(engine: Any, batch: Batch) -> tuple[Any, torch.Tensor]:
     inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
     labels = batch["shift_labels"] if "shift_labels" in batch else batch["labels"]
     return engine(**inputs), labels.to(engine.device, non_blocking=True)
+
+
+def fused_model_loss(engine: Any, batch: Batch) -> tuple[Any, torch.Tensor]:
+    """(the model's outputs, the summed next-token loss) of one batch through the fused output layer
+    (lmscale.fused_head): the logits never exist whole."""
+    inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+    if "shift_labels" in batch:  # a sequence-parallel slice: targets already aligned with the positions
+        targets = batch["shift_labels"]
+    else:
+        targets = next_token_targets(batch["labels"])
+    with loss_targets(engine.module, targets.to(engine.device, non_blocking=True)):
+        outputs = engine(**inputs)
+    return outputs, summed_fused_loss(outputs)
 
 
 def forward(engine: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,10 +141,16 @@ def cross_entropy_objective(
     label_smoothing: float = 0.0, chunked: bool = False, router_loss: bool = False
 ) -> Objective:
     """Supervised training: cross-entropy of the next tokens, or of the class (with its accuracy);
-    `chunked` as in `summed_loss`. A mixture-of-experts model's router load-balancing loss is always
+    `chunked` as in `summed_loss`, or through the fused output layer where the engine's model has one. A mixture-of-experts model's router load-balancing loss is always
     reported (`router_aux_loss`), and with `router_loss` added to the objective as HF adds it."""
 
     def objective(engine: Any, batch: Batch) -> LossParts:
+        next_tokens = "shift_labels" in batch or batch["labels"].dim() == 2
+        if chunked and next_tokens and has_fused_head(engine.module):
+            outputs, summed = fused_model_loss(engine, batch)
+            parts = LossParts(summed, batch.local_targets)
+            add_router_loss(parts, outputs, engine, router_loss)
+            return parts
         outputs, labels = model_outputs(engine, batch)
         logits, sums = outputs.logits, {}
         if "shift_labels" in batch:  # a sequence-parallel slice: targets already aligned with the logits

@@ -13,7 +13,9 @@ stages 2 and 3 as a cross-check when every parameter trains.
 Activations per token and layer follow Korthikanti et al. (2022): 34·h bytes in 16-bit, plus 5·a·s bytes
 for the attention scores when attention is not fused (eager); with activation checkpointing a layer keeps
 only its input (2·h) and one layer is recomputed at a time. The logits add 6·V bytes per token (16-bit
-logits and their fp32 copy for the loss), 2·V with the chunked loss (no fp32 copy).
+logits and their fp32 copy for the loss), 2·V with the blockwise chunked loss (no fp32 copy), and with
+the chunked loss fused into the output layer (lmscale.fused_head) only one fp32 block about the size of
+the hidden states (4·h).
 
 Tensor parallelism (degree t) splits the attention and MLP weights (the block's linear layers) over t
 ranks, and of a layer's 34·h activation bytes the 24·h inside those layers (and the scores); ZeRO then
@@ -47,6 +49,7 @@ class ModelFacts:
     frozen_params: int = 0  # weights only: no gradients, no optimizer states (LoRA's base model)
     split_params: int = 0  # weights of the blocks' linear layers: what tensor parallelism divides
     kv_heads: int = 0  # 0: as many as heads
+    fusable_head: bool = False  # the chunked loss fuses the output layer (lmscale.fused_head)
 
     @property
     def trainable_params(self) -> int:
@@ -80,6 +83,7 @@ def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
 
 
 def facts_of(model: torch.nn.Module) -> ModelFacts:
+    from lmscale.fused_head import fused_head_problem
     from lmscale.model import count_parameters
 
     params = count_parameters(model)
@@ -105,6 +109,7 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
         vocab=c.vocab_size,
         split_params=split,
         kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        fusable_head=fused_head_problem(model) is None,
     )
 
 
@@ -142,6 +147,8 @@ def activation_bytes_per_token(
     scores = 5 * facts.heads * seq_len if attention == "eager" else 0  # fused kernels keep no s x s scores
     per_layer = 10 * facts.hidden + (24 * facts.hidden + scores) / tensor
     kept = 2 * facts.hidden * facts.layers + per_layer if checkpointing else per_layer * facts.layers
+    if chunked_loss and facts.fusable_head:  # one fp32 block of logits at a time, whatever the precision
+        return kept * (2 if precision == "fp32" else 1) + 4 * facts.hidden
     logits = (2 if chunked_loss else 6) * facts.vocab
     return (kept + logits) * (2 if precision == "fp32" else 1)
 

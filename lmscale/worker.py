@@ -30,6 +30,7 @@ from lmscale.dpo import dpo_objective, load_reference, reference_logps, save_ref
 from lmscale.engine import select_accelerator
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.finetune import Unfreezing, all_joined_step, is_joined
+from lmscale.fused_head import fused_head_problem, install_fused_head
 from lmscale.harness import flat_metrics, run_harness
 from lmscale.kernels import describe_fused
 from lmscale.logging import MetricsSink, configure_console, log
@@ -220,6 +221,8 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     optimizer, scheduler, unfreezing = optimization(model, config)
     mpu = register_ulysses(model, layout.sequence) if layout.sequence > 1 else None
     engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config, mpu)
+    if config.train.chunked_loss:
+        set_up_chunked_loss(engine.module, config.finetune.task)
     if config.model.compile:
         compile_model(engine)
     lock = RunLock(output_dir)
@@ -242,6 +245,16 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         watchdog.stop()
         lock.release()
     ds_engine.shutdown_distributed()
+
+
+def set_up_chunked_loss(model: torch.nn.Module, task: str) -> None:
+    """Fuse the output layer into the loss where the family allows it, else the blockwise loss; says which."""
+    problem = "classification heads are small" if task == "classification" else fused_head_problem(model)
+    if problem is None:
+        install_fused_head(model)
+        log.info("chunked loss: output layer fused into the loss (the logits never exist whole)")
+    else:
+        log.info("chunked loss: blockwise over the logits, no fp32 copy (not fused: %s)", problem)
 
 
 def attach_reference(

@@ -1,6 +1,7 @@
 """The memory planner against hand-worked numbers, and against the partitions DeepSpeed really writes."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -186,8 +187,15 @@ def test_tensor_parallelism_divides_the_blocks_linears_only():
     h = 64
     sdpa = activation_bytes_per_token(facts, 128, False, "sdpa", "bf16", tensor=2)
     assert sdpa == 2 * (10 * h + 24 * h / 2) + 6 * 500
+    # The chunked loss: Llama's output layer fuses into it (one fp32 block the size of the hidden states);
+    # a family that cannot fuse keeps its 16-bit logits, without the fp32 copy.
+    assert facts.fusable_head
     assert (
-        activation_bytes_per_token(facts, 128, False, "sdpa", "bf16", chunked_loss=True)
+        activation_bytes_per_token(facts, 128, False, "sdpa", "bf16", chunked_loss=True) == 2 * 34 * h + 4 * h
+    )
+    blockwise = replace(facts, fusable_head=False)
+    assert (
+        activation_bytes_per_token(blockwise, 128, False, "sdpa", "bf16", chunked_loss=True)
         == 2 * 34 * h + 2 * 500
     )
 
@@ -210,7 +218,7 @@ def test_plan_rows_of_tensor_and_sequence_layouts():
 
 def test_plan_recommends_sequence_parallelism_when_a_long_context_does_not_fit():
     result = run_lmscale("plan", "configs/llama-8b-32k.yaml", "--gpus-per-node", "8", "--json", "parallel.sequence=1",
-                         "data.max_seq_len=131072", "data.max_tokens_per_batch=131072")  # fmt: skip
+                         "data.max_seq_len=262144", "data.max_tokens_per_batch=262144")  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert not any(r["fits"] for r in rows if r["sequence"] == 1 and r["tensor"] == 1)

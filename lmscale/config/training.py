@@ -37,8 +37,9 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss.")
     chunked_loss: bool = Field(
         False,
-        description="Next-token loss in blocks of rows, never holding fp32 [tokens, vocab] copies of the "
-        "logits (long contexts, large vocabularies); same loss and gradients.",
+        description="Next-token loss without whole [tokens, vocab] logits: the output layer fused into the "
+        "loss where the family allows, else blockwise with no fp32 copy (long contexts, large vocabularies); "
+        "same loss and gradients.",
     )
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     grad_clip: float = Field(
