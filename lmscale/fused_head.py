@@ -24,8 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmscale.data.batches import IGNORE_INDEX
-
 # HF families whose causal-LM forward returns `lm_head(hidden_states)` as the logits, untransformed
 # (gemma 2/3 soft-cap them, cohere and granite scale them: those keep the blockwise loss).
 FUSABLE_FAMILIES = frozenset(
@@ -63,6 +61,10 @@ def _fused_forward(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     if targets is None:
         return F.linear(hidden, head.weight, head.bias)
     from deepspeed.sequence.linear_cross_entropy import vocab_parallel_linear_cross_entropy
+
+    from lmscale.data.batches import (
+        IGNORE_INDEX,  # here: lmscale.data loads `datasets`, which plan never needs
+    )
 
     return vocab_parallel_linear_cross_entropy(
         hidden, head.weight, targets, bias=head.bias, ignore_index=IGNORE_INDEX, reduction="sum"

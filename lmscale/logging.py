@@ -36,10 +36,15 @@ def configure_console(is_rank_zero: bool, libraries: tuple[str, ...] = ("dataset
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_warning()
     if "transformers" in libraries:
-        import transformers
+        quiet_transformers()
 
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: \r redraws in a log file
+
+def quiet_transformers() -> None:
+    """transformers' info lines and progress bars off (for commands that import it only when needed)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: \r redraws in a log file
 
 
 class MetricsSink:

@@ -55,8 +55,9 @@ class Layout:
 def layout_problems(tensor: int, sequence: int, world_size: int) -> list[str]:
     if tensor > 1 and sequence > 1:
         return [
-            f"parallel.tensor={tensor} with parallel.sequence={sequence}: lmscale does not combine the two yet; "
-            "use one of them (tensor for large models, sequence for long contexts)"
+            f"parallel.tensor={tensor} with parallel.sequence={sequence}: DeepSpeed's AutoTP replaces the "
+            "sequence-parallel groups with its own, so the two do not combine; use one of them (tensor for "
+            "large models, sequence for long contexts)"
         ]
     degree, key = (tensor, "parallel.tensor") if tensor > 1 else (sequence, "parallel.sequence")
     if world_size % degree:

@@ -27,7 +27,11 @@ for a config; the planner is pure functions over numbers, tested against hand-wo
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -61,18 +65,34 @@ class ModelFacts:
 
 
 def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
-    """The configured model's sizes (with its LoRA adapters), counted on the meta device (no memory)."""
+    """The configured model's sizes (with its LoRA adapters), counted on the meta device (no memory), or
+    read from the cache of an earlier count of the same model (see `facts_cache_path`)."""
+    vocab = vocab_size or config.data.vocab_size
+    cache = facts_cache_path(config, vocab)
+    if cache is not None and cache.is_file():
+        try:
+            return ModelFacts(**json.loads(cache.read_text()))
+        except (ValueError, TypeError):  # unreadable or from another ModelFacts: count again
+            pass
+    facts = count_model_facts(config, vocab)
+    if cache is not None:
+        write_facts_cache(cache, facts)
+    return facts
+
+
+def count_model_facts(config: Config, vocab: int) -> ModelFacts:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lmscale.finetune import apply_lora
+    from lmscale.logging import quiet_transformers
     from lmscale.model import apply_model_options, preset_config
 
+    quiet_transformers()
     if config.model.path:
         hf_config = AutoConfig.from_pretrained(
             config.model.path, trust_remote_code=config.model.trust_remote_code
         )
     else:
-        vocab = vocab_size or config.data.vocab_size
         hf_config = preset_config(config.model.preset, vocab, config.data.max_seq_len, 0, 0)
     apply_model_options(hf_config, config.model)
     with torch.device("meta"):
@@ -80,6 +100,50 @@ def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
         if config.finetune.lora is not None:
             model = apply_lora(model, config.finetune.lora, "causal_lm")
     return facts_of(model)
+
+
+def facts_cache_path(config: Config, vocab: int) -> Path | None:
+    """Where the facts of this model are cached: a file named by a hash of everything that decides them
+    (the preset's shape or the model's config.json, the vocabulary, length, model options, LoRA, and the
+    versions of lmscale, transformers and peft). Counting builds the model on the meta device, which
+    imports its HF modeling code: about half of `lmscale plan`'s time. None when the model is not local,
+    runs code of its own (trust_remote_code), or the cache is off (LMSCALE_CACHE=off)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from lmscale import __version__
+    from lmscale.presets import PRESETS
+
+    if os.environ.get("LMSCALE_CACHE") == "off" or config.model.trust_remote_code:  # code may change
+        return None
+    if config.model.path:
+        config_json = Path(config.model.path).expanduser() / "config.json"
+        if not config_json.is_file():
+            return None
+        source = config_json.read_text()
+    else:
+        source = json.dumps(PRESETS.get(config.model.preset), sort_keys=True)
+    versions = []
+    for package in ("transformers", "peft"):
+        try:
+            versions.append(version(package))
+        except PackageNotFoundError:
+            versions.append(None)
+    lora = config.finetune.lora.model_dump() if config.finetune.lora is not None else None
+    key = [source, vocab, config.data.max_seq_len, config.model.model_dump(), lora, __version__, versions]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return home / "lmscale" / "model-facts" / f"{digest}.json"
+
+
+def write_facts_cache(path: Path, facts: ModelFacts) -> None:
+    """Best effort (a read-only home only costs the next plan its speed), and atomic: written aside, renamed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(asdict(facts)))
+        partial.replace(path)
+    except OSError:
+        pass
 
 
 def facts_of(model: torch.nn.Module) -> ModelFacts:

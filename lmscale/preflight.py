@@ -74,7 +74,7 @@ def hub_cache() -> str:
 
 def model_problems(config: Config) -> list[str]:
     """The model source: a known preset, or a directory holding an HF model."""
-    from lmscale.model import PRESETS
+    from lmscale.presets import PRESETS
 
     path = config.model.path
     if path is None:

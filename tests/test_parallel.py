@@ -115,7 +115,7 @@ def test_sequence_parallel_deepspeed_config():
     ("world_size", "overrides", "message"),
     [
         (3, [], "parallel.sequence=2 does not divide the job's 3 rank(s)"),
-        (4, ["parallel.tensor=2", "zero.stage=1"], "does not combine the two yet"),
+        (4, ["parallel.tensor=2", "zero.stage=1"], "replaces the sequence-parallel groups with its own"),
         (2, ["model.attn_implementation=eager"], "needs model.attn_implementation sdpa"),
         (2, ["data.batching=pack"], "across packed documents: use data.batching=bucket"),
         (2, ["data.streaming=true", "train.max_steps=10", "schedule.warmup_steps=1"], "unset data.streaming"),

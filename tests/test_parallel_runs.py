@@ -131,9 +131,11 @@ def test_four_ranks_of_two_data_parallel_groups_train_with_agreeing_replicas(
     tmp_path, cache_dir, layout, zero
 ):
     out = tmp_path / "quad"
-    result = run(out, cache_dir, 4, layout, zero, "train.max_steps=6")  # oversubscribed: 4 ranks, 2 cores
+    # oversubscribed: 4 ranks, 2 cores; the output layer fused into the loss under AutoTP and Ulysses
+    result = run(out, cache_dir, 4, layout, zero, "train.max_steps=6", "train.chunked_loss=true")
     kind = layout.split(".")[1].split("=")[0]
     assert f"2 data-parallel x 2 {kind}-parallel rank(s)" in result.stderr
+    assert "chunked loss: output layer fused into the loss" in result.stderr
     assert "parameters identical on all 2 data-parallel replicas" in result.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in records if "loss" in r}

@@ -233,3 +233,30 @@ def test_llama_8b_preset_has_the_published_parameter_count():
     from lmscale.model import preset_config
 
     assert meta_facts(preset_config("llama-8b", 128256, 8192, 0, 0)).params == LLAMA3_8B
+
+
+def test_model_facts_are_counted_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    import lmscale.plan as plan
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = Config(model={"preset": "tiny-llama"})
+    counted = plan.model_facts(config)
+    (cached_file,) = (tmp_path / "lmscale" / "model-facts").glob("*.json")
+
+    def no_counting(*_):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(plan, "count_model_facts", no_counting)
+    assert plan.model_facts(config) == counted
+    # Anything that changes the model is another entry: a vocabulary, LoRA adapters.
+    with pytest.raises(AssertionError, match="counted again"):
+        plan.model_facts(config, vocab_size=4096)
+    with pytest.raises(AssertionError, match="counted again"):
+        plan.model_facts(Config(model={"preset": "tiny-llama"}, finetune={"lora": {"r": 4}}))
+    monkeypatch.setenv("LMSCALE_CACHE", "off")
+    with pytest.raises(AssertionError, match="counted again"):
+        plan.model_facts(config)
+    monkeypatch.delenv("LMSCALE_CACHE")
+    cached_file.write_text("{not json")  # a damaged entry is counted again, not an error
+    with pytest.raises(AssertionError, match="counted again"):
+        plan.model_facts(config)
