@@ -138,5 +138,29 @@ def report(run_dir: str, out_dir: str | None = None) -> tuple[dict[str, Any], Pa
     """The run's summary, and its dashboard written to `out_dir` (default: the run dir)."""
     directory = Path(run_dir)
     records = read_metrics(directory)
-    dashboard = write_dashboard(records, Path(out_dir) if out_dir else directory, str(directory))
+    dashboard = write_dashboard(records, Path(out_dir) if out_dir else directory, run_title(directory))
     return summarize(records), dashboard
+
+
+def run_title(directory: Path) -> str:
+    """The run dir, and what was trained how: model, precision, ZeRO stage and any tensor/sequence layout
+    (read from the run's DeepSpeed config, which holds the degrees as the engine got them)."""
+    run = RunDir(directory)
+    try:
+        import yaml
+
+        config = yaml.safe_load(run.config.read_text())
+        ds_config = json.loads(run.ds_config.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return str(directory)  # metrics without the run's files: the plots still say whose they are
+    model = config.get("model", {})
+    parts = [
+        str(model.get("path") or model.get("preset")),
+        str(config.get("precision")),
+        f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}",
+    ]
+    tensor = ds_config.get("tensor_parallel", {}).get("autotp_size", 1)
+    sequence = ds_config.get("sequence_parallel_size", 1)
+    parts += [f"tensor {tensor}"] if tensor > 1 else []
+    parts += [f"sequence {sequence}"] if sequence > 1 else []
+    return f"{directory} ({', '.join(parts)})"

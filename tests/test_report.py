@@ -93,3 +93,13 @@ def test_report_command(tmp_path):
     elsewhere = run_lmscale("report", str(tmp_path), "--out", str(tmp_path / "plots"))
     assert elsewhere.returncode == 0 and (tmp_path / "plots" / "report.png").is_file()
     assert run_lmscale("report", str(tmp_path / "nope")).returncode == 1
+
+
+def test_dashboard_title_names_the_model_and_layout(tmp_path):
+    from lmscale.report import run_title
+
+    assert run_title(tmp_path) == str(tmp_path)  # metrics only: the directory alone
+    (tmp_path / "config.yaml").write_text("model:\n  preset: tiny-llama\nprecision: bf16\n")
+    ds_config = {"zero_optimization": {"stage": 3}, "sequence_parallel_size": 2}
+    (tmp_path / "ds_config.json").write_text(json.dumps(ds_config))
+    assert run_title(tmp_path) == f"{tmp_path} (tiny-llama, bf16, ZeRO-3, sequence 2)"
