@@ -141,8 +141,9 @@ def cross_entropy_objective(
     label_smoothing: float = 0.0, chunked: bool = False, router_loss: bool = False
 ) -> Objective:
     """Supervised training: cross-entropy of the next tokens, or of the class (with its accuracy);
-    `chunked` as in `summed_loss`, or through the fused output layer where the engine's model has one. A mixture-of-experts model's router load-balancing loss is always
-    reported (`router_aux_loss`), and with `router_loss` added to the objective as HF adds it."""
+    `chunked` as in `summed_loss`, or through the fused output layer where the engine's model has one
+    (lmscale.fused_head). A mixture-of-experts model's router load-balancing loss is always reported
+    (`router_aux_loss`), and with `router_loss` added to the objective as HF adds it."""
 
     def objective(engine: Any, batch: Batch) -> LossParts:
         next_tokens = "shift_labels" in batch or batch["labels"].dim() == 2
