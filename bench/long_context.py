@@ -53,6 +53,7 @@ def step_growth(
     from lmscale.engine import shutdown_distributed
     from lmscale.fused_head import install_fused_head, loss_targets
     from lmscale.loss import aligned_token_loss
+    from lmscale.parallel import Layout
     from lmscale.sequence_parallel import register_ulysses
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -63,7 +64,7 @@ def step_growth(
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     model.config.use_cache = False
-    mpu = register_ulysses(model, world_size) if world_size > 1 else None
+    mpu = register_ulysses(model, Layout(world_size, sequence=world_size)) if world_size > 1 else None
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
         "train_batch_size": 1,

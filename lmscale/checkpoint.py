@@ -98,8 +98,11 @@ def save_checkpoint(
     keep_last: int,
     rank_data_position: dict[str, Any] | None = None,
     adapters_only: bool = False,
+    sequence: int | None = None,
 ) -> Path:
     """Save on every rank (DeepSpeed writes each rank's ZeRO shard), atomically; returns the checkpoint dir.
+    `sequence` is the job's sequence-parallel degree, recorded for resumes (default: the engine's, which
+    DeepSpeed reports as 1 when AutoTP is on too).
 
     `rank_data_position` is this rank's own data position when ranks differ (streamed shards); DeepSpeed
     keeps only rank 0's client state, so it goes into `data_rank<R>.json`. `adapters_only` (LoRA) leaves
@@ -149,7 +152,7 @@ def save_checkpoint(
             "step": step,
             "world_size": dist.get_world_size(),
             "tensor": tensor_degree(engine),
-            "sequence": int(getattr(engine, "sequence_parallel_size", 1)),
+            "sequence": sequence or int(getattr(engine, "sequence_parallel_size", 1)),
             "files": files,
         }
         _write_atomically(RunDir.complete_marker(final), json.dumps(meta) + "\n")

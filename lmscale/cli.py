@@ -440,7 +440,7 @@ def _print_plan(facts, config, hardware, rows, best) -> None:
             row.cpu_bytes,
         )
         estimate = row.deepspeed_estimate_bytes
-        layout = f"tp{row.tensor}" if row.tensor > 1 else f"sp{row.sequence}" if row.sequence > 1 else "dp"
+        layout = "".join(f"{k}{n}" for k, n in (("sp", row.sequence), ("tp", row.tensor)) if n > 1) or "dp"
         table.add_row(
             layout,
             str(row.stage),

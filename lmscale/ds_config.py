@@ -139,9 +139,11 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
     ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     ds["gradient_accumulation_steps"] = train.grad_accum_steps
     # DeepSpeed checks this against every rank, tensor-parallel ones included (AutoTP's groups are made
-    # after the config is read), but not sequence-parallel ones (it divides those out); lmscale's own
+    # after the config is read), but not sequence-parallel ones (it divides those out), unless AutoTP is on
+    # too (then it is told nothing of the sequence groups: see lmscale.sequence_parallel); lmscale's own
     # batches are planned for the data-parallel ranks.
-    counted_ranks = world_size // config.parallel.sequence
+    sequence_told = config.parallel.sequence if config.parallel.tensor == 1 else 1
+    counted_ranks = world_size // sequence_told
     ds["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * counted_ranks
     ds["gradient_clipping"] = train.grad_clip
     ds.setdefault("steps_per_print", 10**9)  # lmscale does its own logging
@@ -158,8 +160,8 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
         ds["tensor_parallel"] = {**ds.get("tensor_parallel", {}), **autotp}
     else:
         ds.pop("tensor_parallel", None)
-    if config.parallel.sequence > 1:
-        ds["sequence_parallel_size"] = config.parallel.sequence
+    if sequence_told > 1:
+        ds["sequence_parallel_size"] = sequence_told
     else:
         ds.pop("sequence_parallel_size", None)
     if config.optim.name != "adamw":

@@ -1,10 +1,11 @@
-"""How a job's ranks divide: data-parallel replicas of tensor-parallel groups (DeepSpeed AutoTP) or of
-sequence-parallel groups (DeepSpeed Ulysses).
+"""How a job's ranks divide: data-parallel replicas of groups that compute one batch together, each
+group `sequence` x `tensor` ranks (DeepSpeed Ulysses and AutoTP; either, or both).
 
-DeepSpeed lays both out over consecutive ranks: a tensor group (or a sequence group) is `tensor`
-(`sequence`) consecutive ranks, so on one node it never crosses the network. Every rank of a tensor
-group computes on the same batch with its own slice of the weights; the ranks of a sequence group
-share one batch, each holding a contiguous slice of every row. Either way the batches are planned for
+Ranks are laid out data-major, then sequence, then tensor: rank = (d x sequence + s) x tensor + t. A tensor
+group is `tensor` consecutive ranks, as DeepSpeed's AutoTP mesh makes it, so on one node it never crosses
+the network; a sequence group is the ranks `tensor` apart within one data-parallel group. Every rank of a
+tensor group computes on the same batch (or slice) with its own slice of the weights; the ranks of a
+sequence group share one batch, each holding a contiguous slice of every row. The batches are planned for
 the data-parallel ranks only, and a batch counted on every rank is counted `copies` times.
 """
 
@@ -22,7 +23,7 @@ class Layout:
 
     @property
     def group(self) -> int:
-        """Ranks that compute one batch together (a tensor or a sequence group)."""
+        """Ranks that compute one batch together (tensor x sequence)."""
         return self.tensor * self.sequence
 
     @property
@@ -37,7 +38,15 @@ class Layout:
         return rank % self.tensor
 
     def sequence_rank(self, rank: int) -> int:
-        return rank % self.sequence
+        return (rank // self.tensor) % self.sequence
+
+    def sequence_groups(self) -> list[list[int]]:
+        """Every sequence group's ranks, in the same order on every rank (for `new_group`)."""
+        return [
+            [(d * self.sequence + s) * self.tensor + t for s in range(self.sequence)]
+            for d in range(self.data)
+            for t in range(self.tensor)
+        ]
 
     @property
     def copies(self) -> int:
@@ -45,27 +54,25 @@ class Layout:
         return self.group
 
     def describe(self) -> str:
-        if self.tensor > 1:
-            return f"{self.data} data-parallel x {self.tensor} tensor-parallel rank(s)"
-        if self.sequence > 1:
-            return f"{self.data} data-parallel x {self.sequence} sequence-parallel rank(s)"
-        return f"{self.world_size} data-parallel rank(s)"
+        parts = [f"{self.data} data-parallel"]
+        parts += [f"{self.sequence} sequence-parallel"] if self.sequence > 1 else []
+        parts += [f"{self.tensor} tensor-parallel"] if self.tensor > 1 else []
+        return " x ".join(parts) + " rank(s)"
 
 
 def layout_problems(tensor: int, sequence: int, world_size: int) -> list[str]:
+    if world_size % (tensor * sequence) == 0:
+        return []
     if tensor > 1 and sequence > 1:
         return [
-            f"parallel.tensor={tensor} with parallel.sequence={sequence}: DeepSpeed's AutoTP replaces the "
-            "sequence-parallel groups with its own, so the two do not combine; use one of them (tensor for "
-            "large models, sequence for long contexts)"
+            f"parallel.tensor={tensor} x parallel.sequence={sequence} = {tensor * sequence} ranks per group does "
+            f"not divide the job's {world_size} rank(s): launch a multiple of {tensor * sequence} ranks"
         ]
     degree, key = (tensor, "parallel.tensor") if tensor > 1 else (sequence, "parallel.sequence")
-    if world_size % degree:
-        return [
-            f"{key}={degree} does not divide the job's {world_size} rank(s): launch a multiple of "
-            f"{degree} ranks, or set {key} to a divisor of {world_size}"
-        ]
-    return []
+    return [
+        f"{key}={degree} does not divide the job's {world_size} rank(s): launch a multiple of "
+        f"{degree} ranks, or set {key} to a divisor of {world_size}"
+    ]
 
 
 # Model config attributes whose values the tensor-parallel split divides, by what they count.
@@ -113,6 +120,7 @@ def model_split_problems(model: Any, layout: Layout) -> list[str]:
             "(ZeRO partitions the experts like any weight), not with parallel.tensor or parallel.sequence yet; "
             "set both to 1"
         ]
+    problems = []
     if layout.tensor > 1:
         if not autotp_splits(model):
             return [
@@ -120,7 +128,7 @@ def model_split_problems(model: Any, layout: Layout) -> list[str]:
                 "use a family with a tensor-parallel plan (e.g. model.preset=tiny-llama or a Llama/Mistral/Qwen "
                 "model.path), or parallel.tensor=1"
             ]
-        return split_problems(model.config, layout.tensor)
+        problems += split_problems(model.config, layout.tensor)
     if layout.sequence > 1:
         if model.config.model_type in ULYSSES_UNFIT:
             return [
@@ -128,8 +136,9 @@ def model_split_problems(model: Any, layout: Layout) -> list[str]:
                 "Ulysses (its output is reshaped for the local heads only): use a Llama-style family (e.g. "
                 "model.preset=tiny-llama), or parallel.sequence=1"
             ]
-        return head_split_problems(model.config, layout.sequence)
-    return []
+        if not problems:  # the heads a tensor slice holds are what Ulysses deals out
+            problems += head_split_problems(model.config, layout.sequence, layout.tensor)
+    return problems
 
 
 # Families whose attention was seen to break under Ulysses here (GPT-2 folds the heads back with its own
@@ -137,22 +146,28 @@ def model_split_problems(model: Any, layout: Layout) -> list[str]:
 ULYSSES_UNFIT = ("gpt2",)
 
 
-def head_split_problems(model_config: Any, sequence: int) -> list[str]:
-    """Ulysses gives each rank of a sequence group whole attention heads: it must divide the head count,
-    and the key-value heads must divide among the ranks or be replicated to them."""
+def attention_heads(model_config: Any) -> tuple[int, int]:
+    """(attention heads, key-value heads) of a model config."""
     heads = next(
         getattr(model_config, a) for a in ("num_attention_heads", "n_head") if hasattr(model_config, a)
     )
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    return heads, getattr(model_config, "num_key_value_heads", None) or heads
+
+
+def head_split_problems(model_config: Any, sequence: int, tensor: int = 1) -> list[str]:
+    """Ulysses gives each rank of a sequence group whole attention heads (of the `tensor` slice's share): it
+    must divide the head count, and the key-value heads must divide among the ranks or be replicated to them."""
+    heads, kv_heads = (count // tensor for count in attention_heads(model_config))
+    whose = "the model's" if tensor == 1 else "each tensor slice's"
     problems = []
     if heads % sequence:
         problems.append(
-            f"parallel.sequence={sequence} does not divide the model's {heads} attention heads: choose a "
+            f"parallel.sequence={sequence} does not divide {whose} {heads} attention heads: choose a "
             f"parallel.sequence that divides {heads}"
         )
     if kv_heads % sequence and sequence % kv_heads:
         problems.append(
-            f"parallel.sequence={sequence} and the model's {kv_heads} key-value heads: one must divide the other; "
+            f"parallel.sequence={sequence} and {whose} {kv_heads} key-value heads: one must divide the other; "
             "choose another parallel.sequence"
         )
     return problems

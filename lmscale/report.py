@@ -144,7 +144,7 @@ def report(run_dir: str, out_dir: str | None = None) -> tuple[dict[str, Any], Pa
 
 def run_title(directory: Path) -> str:
     """The run dir, and what was trained how: model, precision, ZeRO stage and any tensor/sequence layout
-    (read from the run's DeepSpeed config, which holds the degrees as the engine got them)."""
+    (read from the run's config and DeepSpeed config)."""
     run = RunDir(directory)
     try:
         import yaml
@@ -159,8 +159,9 @@ def run_title(directory: Path) -> str:
         str(config.get("precision")),
         f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}",
     ]
-    tensor = ds_config.get("tensor_parallel", {}).get("autotp_size", 1)
-    sequence = ds_config.get("sequence_parallel_size", 1)
+    parallel = config.get("parallel") or {}
+    tensor = parallel.get("tensor") or ds_config.get("tensor_parallel", {}).get("autotp_size", 1)
+    sequence = parallel.get("sequence") or ds_config.get("sequence_parallel_size", 1)
     parts += [f"tensor {tensor}"] if tensor > 1 else []
     parts += [f"sequence {sequence}"] if sequence > 1 else []
     return f"{directory} ({', '.join(parts)})"

@@ -145,8 +145,9 @@ def checkpoint_saver(
         adapters_only = config.finetune.lora is not None
         with unfreezing.everything_trainable():  # a layer not yet unfrozen is still part of the checkpoint
             path = save_checkpoint(
-                engine, output_dir, step, state, config.checkpoint.keep_last, own, adapters_only
-            )
+                engine, output_dir, step, state, config.checkpoint.keep_last, own, adapters_only,
+                sequence=config.parallel.sequence,
+            )  # fmt: skip
         if is_best and is_rank_zero:
             mark_best(output_dir, step)
         return path

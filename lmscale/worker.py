@@ -219,7 +219,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     train_stream, eval_stream = batch_streams(config, data, layout, ds_engine.rank())
     settle_training_length(config, train_stream, layout.data)
     optimizer, scheduler, unfreezing = optimization(model, config)
-    mpu = register_ulysses(model, layout.sequence) if layout.sequence > 1 else None
+    mpu = register_ulysses(model, layout) if layout.sequence > 1 else None
     engine = ds_engine.build_engine(model, optimizer, scheduler, ds_config, mpu)
     if config.train.chunked_loss:
         set_up_chunked_loss(engine.module, config.finetune.task)

@@ -105,6 +105,34 @@ def test_sequence_groups_share_batches_and_count_them_once():
     assert layout.describe() == "2 data-parallel x 2 sequence-parallel rank(s)"
 
 
+def test_tensor_and_sequence_groups_compose_tensor_fastest():
+    layout = Layout(world_size=8, tensor=2, sequence=2)
+    assert layout.data == 2 and layout.copies == 4
+    assert [layout.tensor_rank(r) for r in range(8)] == [0, 1] * 4
+    assert [layout.sequence_rank(r) for r in range(8)] == [0, 0, 1, 1] * 2
+    assert [layout.data_rank(r) for r in range(8)] == [0] * 4 + [1] * 4
+    # a sequence group: the ranks holding the same tensor slice of one data-parallel group
+    assert layout.sequence_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert Layout(4, sequence=2).sequence_groups() == [[0, 1], [2, 3]]
+    assert layout.describe() == "2 data-parallel x 2 sequence-parallel x 2 tensor-parallel rank(s)"
+
+
+def test_tensor_with_sequence_parallel_deepspeed_config():
+    _, ds = resolved(
+        4, "parallel.tensor=2", "parallel.sequence=2", "zero.stage=1", "train.micro_batch_size=3"
+    )
+    # AutoTP's mesh replaces the sequence groups inside DeepSpeed, which then counts every rank
+    assert ds["tensor_parallel"]["autotp_size"] == 2 and "sequence_parallel_size" not in ds
+    assert ds["train_batch_size"] == 3 * 4
+
+
+def test_ulysses_deals_out_each_tensor_slices_heads():
+    llama = LlamaConfig(num_attention_heads=8, num_key_value_heads=4, hidden_size=64)
+    assert head_split_problems(llama, 2, tensor=2) == []
+    (problem,) = head_split_problems(llama, 8, tensor=2)[:1]
+    assert "does not divide each tensor slice's 4 attention heads" in problem
+
+
 def test_sequence_parallel_deepspeed_config():
     _, ds = resolved(4, "parallel.sequence=2", "zero.stage=2", "train.micro_batch_size=3")
     assert ds["sequence_parallel_size"] == 2 and "tensor_parallel" not in ds
@@ -115,7 +143,11 @@ def test_sequence_parallel_deepspeed_config():
     ("world_size", "overrides", "message"),
     [
         (3, [], "parallel.sequence=2 does not divide the job's 3 rank(s)"),
-        (4, ["parallel.tensor=2", "zero.stage=1"], "replaces the sequence-parallel groups with its own"),
+        (
+            6,
+            ["parallel.tensor=2", "zero.stage=1"],
+            "parallel.tensor=2 x parallel.sequence=2 = 4 ranks per group",
+        ),
         (2, ["model.attn_implementation=eager"], "needs model.attn_implementation sdpa"),
         (2, ["data.batching=pack"], "across packed documents: use data.batching=bucket"),
         (2, ["data.streaming=true", "train.max_steps=10", "schedule.warmup_steps=1"], "unset data.streaming"),

@@ -1,7 +1,7 @@
 """Tensor parallelism (DeepSpeed AutoTP) and sequence parallelism (Ulysses) in real jobs on CPU ranks: the
 same losses as one process, replicas of a data x tensor / data x sequence layout that agree, a SIGKILLed
 rank that resumes exactly, exports that compute what the one-process run's export does, and a checkpoint
-that moves to another layout (tensor) or refuses to (sequence)."""
+that moves to another layout (tensor) or refuses to (sequence), and both kinds together."""
 
 import json
 import shutil
@@ -142,3 +142,29 @@ def test_four_ranks_of_two_data_parallel_groups_train_with_agreeing_replicas(
     assert steps[6]["loss"] < steps[1]["loss"] - 0.5
     # Two data-parallel batches of at most 1,024 tokens a step, each counted once (not once per group rank).
     assert 6 * 2 * 900 < steps[6]["tokens_seen"] <= 6 * 2 * 1024
+
+
+def test_tensor_and_sequence_parallel_together_train_like_one_process_resume_and_export(
+    tmp_path, cache_dir, single
+):
+    """2 tensor x 2 sequence ranks (4 ranks on 2 cores): a rank SIGKILLed after step 7, the restart resumes
+    from step 5, and every step's loss is one process's; the export computes what one process's does."""
+    out, layout = tmp_path / "both", ("parallel.tensor=2", "parallel.sequence=2")
+    killed = run_lmscale(
+        "launch", "--gpus-per-node", "4", f"output_dir={out}", f"data.cache_dir={cache_dir}", *ARGS, *layout,
+        env={"LMSCALE_FAULT": "kill@step=7,rank=1"}, timeout=900,
+    )  # fmt: skip
+    assert killed.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    resumed = run(out, cache_dir, 4, *layout)
+    assert "1 data-parallel x 2 sequence-parallel x 2 tensor-parallel rank(s)" in resumed.stderr
+    assert "continuing from" in resumed.stderr
+    expected, got = losses(single), losses(out)
+    assert sorted(got) == list(range(1, 11))
+    assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (expected, got)
+    torch.testing.assert_close(
+        exported_logits(out, tmp_path / "both_hf", TOKENS),
+        exported_logits(single, tmp_path / "single_hf", TOKENS),
+        atol=1e-3,
+        rtol=0,
+    )

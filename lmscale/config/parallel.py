@@ -11,12 +11,13 @@ class ParallelConfig(Section):
     tensor: int = Field(
         1,
         ge=1,
-        description="Tensor-parallel degree: ranks that split every attention and MLP weight and the "
-        "output layer (DeepSpeed AutoTP) and see the same batches; data-parallel ranks = ranks / tensor.",
+        description="Tensor-parallel degree: ranks that split every attention and MLP weight (DeepSpeed "
+        "AutoTP) and see the same batches; data-parallel ranks = ranks / (tensor x sequence).",
     )
     sequence: int = Field(
         1,
         ge=1,
         description="Sequence-parallel degree (DeepSpeed Ulysses): ranks that share each batch, every one "
-        "holding a contiguous slice of every row, for contexts too long for one device's activations.",
+        "holding a contiguous slice of every row, for contexts too long for one device's activations; "
+        "combines with tensor.",
     )
