@@ -363,14 +363,22 @@ def plan_rows(
 def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list[tuple[int, int]]:
     """(tensor, sequence) layouts within a node that this model's heads allow, to try when the configured
     one does not fit: sequence parallelism first (it also divides the activations of one long row), then
-    tensor parallelism (it divides the weights too), each from the smallest degree up."""
+    tensor parallelism (it divides the weights too), each from the smallest degree up, then both."""
     if config.parallel.tensor > 1 or config.parallel.sequence > 1:
         return []
     degrees = [d for d in (2, 4, 8, 16) if d <= hardware.gpus_per_node and hardware.gpus_per_node % d == 0]
     kv = facts.kv_heads or facts.heads
-    sequences = [(1, d) for d in degrees if facts.heads % d == 0 and (kv % d == 0 or d % kv == 0)]
-    tensors = [(d, 1) for d in degrees if facts.heads % d == 0 and kv % d == 0 and facts.split_params]
-    return sequences + tensors
+    tensors = [1] + [d for d in degrees if facts.heads % d == 0 and kv % d == 0 and facts.split_params]
+
+    def sequence_fits(tensor: int, d: int) -> bool:  # Ulysses deals out each tensor slice's heads
+        heads, kv_heads = facts.heads // tensor, kv // tensor
+        return heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)
+
+    sequences = [(1, d) for d in degrees if sequence_fits(1, d)]
+    both = [
+        (t, s) for t in tensors[1:] for s in degrees if t * s <= hardware.gpus_per_node and sequence_fits(t, s)
+    ]
+    return sequences + [(t, 1) for t in tensors[1:]] + sorted(both, key=lambda layout: layout[0] * layout[1])
 
 
 def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, row: PlanRow) -> int:

@@ -260,3 +260,15 @@ def test_model_facts_are_counted_once_then_read_from_the_cache(tmp_path, monkeyp
     cached_file.write_text("{not json")  # a damaged entry is counted again, not an error
     with pytest.raises(AssertionError, match="counted again"):
         plan.model_facts(config)
+
+
+def test_layouts_tried_when_nothing_fits_go_sequence_then_tensor_then_both():
+    from lmscale.plan import other_layouts
+
+    facts = tiny_llama_facts()  # 4 heads, 2 key-value heads
+    hardware = Hardware(gpus_per_node=8, gpu_mem_bytes=80 * GIB)
+    layouts = other_layouts(facts, Config(), hardware)
+    assert layouts[:4] == [(1, 2), (1, 4), (2, 1), (2, 2)]  # sequence 8 and tensor 4 do not divide the heads
+    assert all(t * s <= 8 and (4 // t) % s == 0 for t, s in layouts)
+    configured = Config(parallel={"tensor": 2}, zero={"stage": 1})
+    assert other_layouts(facts, configured, hardware) == []  # a configured layout stays
