@@ -376,7 +376,10 @@ def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list
 
     sequences = [(1, d) for d in degrees if sequence_fits(1, d)]
     both = [
-        (t, s) for t in tensors[1:] for s in degrees if t * s <= hardware.gpus_per_node and sequence_fits(t, s)
+        (t, s)
+        for t in tensors[1:]
+        for s in degrees
+        if t * s <= hardware.gpus_per_node and sequence_fits(t, s)
     ]
     return sequences + [(t, 1) for t in tensors[1:]] + sorted(both, key=lambda layout: layout[0] * layout[1])
 
