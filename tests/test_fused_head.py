@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig
+from conftest import tiny_gpt2_config
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from lmscale.data.batches import IGNORE_INDEX, Batch, collate, sequence_slice
 from lmscale.fused_head import fused_head_problem, has_fused_head, install_fused_head
@@ -27,18 +28,7 @@ def tiny_model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     shape = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=2)
     if family == "gpt2":
-        config = GPT2Config(
-            n_embd=32,
-            n_positions=64,
-            n_layer=2,
-            n_head=2,
-            vocab_size=VOCAB,
-            resid_pdrop=0,
-            embd_pdrop=0,
-            attn_pdrop=0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+        config = tiny_gpt2_config(VOCAB)
     else:
         config = LlamaConfig(hidden_size=32, intermediate_size=64, tie_word_embeddings=False, **shape)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
