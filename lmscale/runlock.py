@@ -53,7 +53,17 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # someone else's live process
-    return True
+    return not is_zombie(pid)
+
+
+def is_zombie(pid: int) -> bool:
+    """A process that has died but not been reaped by its parent (a SIGKILLed job's rank, for a moment, or
+    for good under a container init that never reaps): it still answers kill(pid, 0) but holds nothing."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (macOS): kill(pid, 0) is all there is
+    return stat.rpartition(")")[2].split()[0] == "Z"  # the state follows the parenthesised command name
 
 
 def is_stale(path: Path, holder: Holder | None) -> bool:

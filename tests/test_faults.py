@@ -17,7 +17,7 @@ from lmscale.data.fingerprint import changed_data, data_fingerprint
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.faults import Fault, parse_faults
 from lmscale.rundir import RunDir
-from lmscale.runlock import STALE_AFTER_S, RunLock, check_unlocked
+from lmscale.runlock import STALE_AFTER_S, RunLock, check_unlocked, is_zombie
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +70,19 @@ def test_a_live_holder_blocks_and_a_dead_one_does_not(tmp_path, live_process):
     assert json.loads(RunDir(run).lock.read_text())["pid"] == os.getpid()
     lock.release()
     assert not RunDir(run).lock.exists()
+
+
+def test_a_killed_holder_not_yet_reaped_does_not_block(tmp_path, live_process):
+    """A SIGKILLed rank stays a zombie until its parent reaps it (under some container inits, for good):
+    it answers kill(pid, 0) but holds nothing, so its lock is stale."""
+    run = tmp_path / "run"
+    write_lock(run, socket.gethostname(), live_process.pid)
+    live_process.kill()  # not reaped: this test process is its parent and has not waited yet
+    deadline = time.time() + 30
+    while not is_zombie(live_process.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert is_zombie(live_process.pid)
+    check_unlocked(run)  # no error
 
 
 def test_another_hosts_lock_blocks_while_its_heartbeat_is_fresh(tmp_path):

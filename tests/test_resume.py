@@ -32,6 +32,29 @@ ARGS = [
 STREAMING = ["data.streaming=true", "data.shuffle_buffer=300", "data.tokenizer_docs=300"]
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of group `pgid` that have not died (zombies excluded: they hold nothing)."""
+    members = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()  # state, ppid, pgrp, ...
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def wait_for_group_exit(pgid: int, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while live_group_members(pgid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not live_group_members(pgid), (
+        f"processes of the killed job still alive: {live_group_members(pgid)}"
+    )
+
+
 def launch(out, cache_dir, zero, extra=()):
     command = [
         sys.executable,
@@ -79,6 +102,7 @@ def test_sigkill_then_resume_continues_the_same_curve(tmp_path, cache_dir, zero,
     assert marker.exists(), job.communicate()[0][-3000:]
     os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both ranks, wherever they are
     job.wait()
+    wait_for_group_exit(job.pid)  # the ranks die after the launcher; the restart must not race them
     assert max(losses(out)) < STEPS, "the job finished before it could be killed"
 
     resumed = launch(out, cache_dir, zero, extra)
