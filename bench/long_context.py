@@ -35,9 +35,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-LOSSES = ("plain", "blockwise", "fused")
-
-
 def step_growth(
     rank: int, world_size: int, port: int, tokens: int, loss: str, precision: str, results
 ) -> None:

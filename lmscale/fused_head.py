@@ -62,9 +62,8 @@ def _fused_forward(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, head.weight, head.bias)
     from deepspeed.sequence.linear_cross_entropy import vocab_parallel_linear_cross_entropy
 
-    from lmscale.data.batches import (
-        IGNORE_INDEX,  # here: lmscale.data loads `datasets`, which plan never needs
-    )
+    # imported here: lmscale.data loads `datasets`, which `lmscale plan` (it imports this module) never needs
+    from lmscale.data.batches import IGNORE_INDEX
 
     return vocab_parallel_linear_cross_entropy(
         hidden, head.weight, targets, bias=head.bias, ignore_index=IGNORE_INDEX, reduction="sum"

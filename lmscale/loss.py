@@ -77,15 +77,19 @@ def summed_loss(
 def model_outputs(engine: Any, batch: Batch) -> tuple[Any, torch.Tensor]:
     """(the model's outputs, labels) of one batch, on the engine's device; for a sequence-parallel slice the
     labels are `shift_labels`, each position's own next-token target."""
-    inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
     labels = batch["shift_labels"] if "shift_labels" in batch else batch["labels"]
-    return engine(**inputs), labels.to(engine.device, non_blocking=True)
+    return engine(**model_inputs(engine, batch)), labels.to(engine.device, non_blocking=True)
+
+
+def model_inputs(engine: Any, batch: Batch) -> dict[str, torch.Tensor]:
+    """The batch's model inputs (whichever of MODEL_INPUTS it has), on the engine's device."""
+    return {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
 
 
 def fused_model_loss(engine: Any, batch: Batch) -> tuple[Any, torch.Tensor]:
     """(the model's outputs, the summed next-token loss) of one batch through the fused output layer
     (lmscale.fused_head): the logits never exist whole."""
-    inputs = {k: batch[k].to(engine.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+    inputs = model_inputs(engine, batch)
     if "shift_labels" in batch:  # a sequence-parallel slice: targets already aligned with the positions
         targets = batch["shift_labels"]
     else:

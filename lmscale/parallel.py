@@ -155,10 +155,15 @@ def attention_heads(model_config: Any) -> tuple[int, int]:
 
 
 def head_split_problems(model_config: Any, sequence: int, tensor: int = 1) -> list[str]:
-    """Ulysses gives each rank of a sequence group whole attention heads (of the `tensor` slice's share): it
-    must divide the head count, and the key-value heads must divide among the ranks or be replicated to them."""
+    """`ulysses_split_problems` of a model config's heads (a tensor slice's share of them)."""
     heads, kv_heads = (count // tensor for count in attention_heads(model_config))
     whose = "the model's" if tensor == 1 else "each tensor slice's"
+    return ulysses_split_problems(heads, kv_heads, sequence, whose)
+
+
+def ulysses_split_problems(heads: int, kv_heads: int, sequence: int, whose: str = "the model's") -> list[str]:
+    """Ulysses gives each rank of a sequence group whole attention heads: `sequence` must divide the head
+    count, and the key-value heads must divide among the ranks or be replicated to them."""
     problems = []
     if heads % sequence:
         problems.append(

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from lmscale.config import Config
+from lmscale.parallel import ulysses_split_problems
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = GIB  # CUDA context, kernels and allocator slack, per GPU
@@ -368,20 +369,16 @@ def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list
         return []
     degrees = [d for d in (2, 4, 8, 16) if d <= hardware.gpus_per_node and hardware.gpus_per_node % d == 0]
     kv = facts.kv_heads or facts.heads
-    tensors = [1] + [d for d in degrees if facts.heads % d == 0 and kv % d == 0 and facts.split_params]
+    tensors = [d for d in degrees if facts.heads % d == 0 and kv % d == 0 and facts.split_params]
 
     def sequence_fits(tensor: int, d: int) -> bool:  # Ulysses deals out each tensor slice's heads
-        heads, kv_heads = facts.heads // tensor, kv // tensor
-        return heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)
+        return not ulysses_split_problems(facts.heads // tensor, kv // tensor, d)
 
     sequences = [(1, d) for d in degrees if sequence_fits(1, d)]
     both = [
-        (t, s)
-        for t in tensors[1:]
-        for s in degrees
-        if t * s <= hardware.gpus_per_node and sequence_fits(t, s)
+        (t, s) for t in tensors for s in degrees if t * s <= hardware.gpus_per_node and sequence_fits(t, s)
     ]
-    return sequences + [(t, 1) for t in tensors[1:]] + sorted(both, key=lambda layout: layout[0] * layout[1])
+    return sequences + [(t, 1) for t in tensors] + sorted(both, key=lambda layout: layout[0] * layout[1])
 
 
 def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, row: PlanRow) -> int:

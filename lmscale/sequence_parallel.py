@@ -41,7 +41,7 @@ def register_ulysses(model: torch.nn.Module, layout: Layout) -> Any:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     implementation = model.config._attn_implementation
-    mpu, process_group = sequence_groups(layout)
+    mpu, process_group = ulysses_groups(layout)
     shape = model.config.get_text_config()
     heads = shape.num_attention_heads
     kv_heads = getattr(shape, "num_key_value_heads", None) or heads
@@ -68,7 +68,7 @@ def register_ulysses(model: torch.nn.Module, layout: Layout) -> Any:
     return mpu
 
 
-def sequence_groups(layout: Layout) -> tuple[Any, Any]:
+def ulysses_groups(layout: Layout) -> tuple[Any, Any]:
     """(mpu for `deepspeed.initialize`, this rank's sequence group).
 
     Alone, DeepSpeed's own groups (consecutive ranks) are passed to the engine, which then reduces
