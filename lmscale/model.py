@@ -21,7 +21,7 @@ from transformers import (
 from lmscale.config import FinetuneConfig, ModelConfig
 from lmscale.errors import ConfigError
 from lmscale.finetune import apply_lora
-from lmscale.presets import PRESETS
+from lmscale.presets import PRESETS, preset_shape
 
 
 def preset_config(
@@ -30,17 +30,15 @@ def preset_config(
     """An HF config for a named preset, sized to the tokenizer's vocabulary and the sequence length."""
     if preset not in PRESETS:
         raise ConfigError(f"model.preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}")
-    shape = dict(PRESETS[preset])
-    family = shape.pop("family")
+    family, shape = preset_shape(preset, vocab_size, max_seq_len)
     # HF's defaults point at GPT-2's own token ids (50256), which do not exist in a trained vocabulary.
     shape.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_positions=max_seq_len, **shape)
+        return GPT2Config(**shape)
     config_class = {"mistral": MistralConfig, "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig}.get(
         family, LlamaConfig
     )
-    shape.setdefault("tie_word_embeddings", True)
-    return config_class(vocab_size=vocab_size, max_position_embeddings=max_seq_len, **shape)
+    return config_class(**shape)
 
 
 # Each dropout knob and the config attributes that hold it, by family (first one present wins).

@@ -66,9 +66,15 @@ class ModelFacts:
 
 
 def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
-    """The configured model's sizes (with its LoRA adapters), counted on the meta device (no memory), or
-    read from the cache of an earlier count of the same model (see `facts_cache_path`)."""
+    """The configured model's sizes (with its LoRA adapters): worked out from its config for the common
+    families (lmscale.config_count), else counted on the meta device (no memory) or read from the cache of
+    an earlier count of the same model (see `facts_cache_path`)."""
+    from lmscale.config_count import facts_from_config
+
     vocab = vocab_size or config.data.vocab_size
+    facts = facts_from_config(config, vocab)
+    if facts is not None:
+        return facts
     cache = facts_cache_path(config, vocab)
     if cache is not None and cache.is_file():
         try:

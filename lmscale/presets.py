@@ -61,3 +61,14 @@ PRESETS: dict[str, dict] = {
         rope_theta=500000.0,
     ),  # fmt: skip
 }
+
+
+def preset_shape(preset: str, vocab_size: int, max_seq_len: int) -> tuple[str, dict]:
+    """A preset's family and HF config keys, sized to the vocabulary and the sequence length (the output
+    layer of the non-GPT-2 presets is tied to the embeddings unless the preset says otherwise)."""
+    shape = dict(PRESETS[preset])
+    family = shape.pop("family")
+    if family == "gpt2":
+        return family, {**shape, "vocab_size": vocab_size, "n_positions": max_seq_len}
+    shape.setdefault("tie_word_embeddings", True)
+    return family, {**shape, "vocab_size": vocab_size, "max_position_embeddings": max_seq_len}

@@ -239,7 +239,9 @@ def test_model_facts_are_counted_once_then_read_from_the_cache(tmp_path, monkeyp
     import lmscale.plan as plan
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = Config(model={"preset": "tiny-llama"})
+    config = Config(
+        model={"preset": "tiny-qwen3-moe"}
+    )  # Qwen3-MoE: counted on the meta device, not from its config
     counted = plan.model_facts(config)
     (cached_file,) = (tmp_path / "lmscale" / "model-facts").glob("*.json")
 
@@ -252,7 +254,7 @@ def test_model_facts_are_counted_once_then_read_from_the_cache(tmp_path, monkeyp
     with pytest.raises(AssertionError, match="counted again"):
         plan.model_facts(config, vocab_size=4096)
     with pytest.raises(AssertionError, match="counted again"):
-        plan.model_facts(Config(model={"preset": "tiny-llama"}, finetune={"lora": {"r": 4}}))
+        plan.model_facts(Config(model={"preset": "tiny-qwen3-moe"}, finetune={"lora": {"r": 4}}))
     monkeypatch.setenv("LMSCALE_CACHE", "off")
     with pytest.raises(AssertionError, match="counted again"):
         plan.model_facts(config)

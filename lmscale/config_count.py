@@ -1,0 +1,155 @@
+"""The planner's model facts worked out from the HF config alone, for the common dense families.
+
+Counting by building the model on the meta device imports the family's HF modeling code (with
+`torch._dynamo`): most of a first `lmscale plan`'s time. transformers has no count without building the
+model, so these few formulas are written here; tests check each against the built model (`plan.facts_of`)
+and each default below against the family's config class. Other families (MoE, remote code, LoRA) are
+still built on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lmscale.fused_head import FUSABLE_FAMILIES
+
+if TYPE_CHECKING:
+    from lmscale.config import Config
+    from lmscale.plan import ModelFacts
+
+# What each family's config class sets when config.json leaves a key out (saved configs keep only the
+# keys that differ from these). None: worked out from other keys, as the config class does.
+FAMILY_DEFAULTS: dict[str, dict] = {
+    "gpt2": {
+        "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+        "tie_word_embeddings": True, "add_cross_attention": False,
+    },
+    "llama": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False,
+    },
+    "mistral": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "tie_word_embeddings": False,
+    },
+    "mixtral": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "tie_word_embeddings": False,
+        "num_local_experts": 8,
+    },
+    "qwen2": {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False,
+    },
+    "qwen3": {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "tie_word_embeddings": False,
+        "attention_bias": False,
+    },
+}  # fmt: skip
+
+
+def facts_from_config(config: Config, vocab: int) -> ModelFacts | None:
+    """The configured model's facts without building it, or None where they must be counted on a built model:
+    another family (Qwen3-MoE's sparse-layer rules among them), LoRA adapters, remote code, or a model option the family may not have (building
+    checks it)."""
+    options = config.model
+    knobs = (
+        options.embedding_dropout,
+        options.attention_dropout,
+        options.residual_dropout,
+        options.sliding_window,
+    )
+    if config.finetune.lora is not None or options.trust_remote_code or any(k is not None for k in knobs):
+        return None
+    if options.path:
+        family, keys = read_config_json(Path(options.path).expanduser() / "config.json")
+    else:
+        from lmscale.presets import PRESETS, preset_shape
+
+        if options.preset not in PRESETS:
+            return None  # building the model names the problem
+        family, keys = preset_shape(options.preset, vocab, config.data.max_seq_len)
+    if family not in FAMILY_DEFAULTS or keys is None:
+        return None
+    shape = {**FAMILY_DEFAULTS[family], **keys}
+    return gpt2_facts(shape) if family == "gpt2" else decoder_facts(family, shape)
+
+
+def read_config_json(path: Path) -> tuple[str | None, dict | None]:
+    """model_type and keys of a local config.json; (None, None) for what only transformers should read."""
+    try:
+        keys = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None, None  # loading it names the problem
+    if not isinstance(keys, dict) or "auto_map" in keys or "quantization_config" in keys:
+        return None, None
+    return keys.get("model_type"), keys
+
+
+def gpt2_facts(c: dict) -> ModelFacts | None:
+    from lmscale.plan import ModelFacts
+
+    if c["add_cross_attention"]:
+        return None
+    h, layers, vocab = c["n_embd"], c["n_layer"], c["vocab_size"]
+    inner = c["n_inner"] or 4 * h
+    # Conv1D layers (weight and bias): qkv, attention output, MLP in and out; two LayerNorms (weight and bias)
+    modules = [h * 3 * h + 3 * h, h * h + h, h * inner + inner, inner * h + h]
+    per_layer = sum(modules) + 2 * 2 * h
+    head = 0 if c["tie_word_embeddings"] else vocab * h
+    embeddings = vocab * h + c["n_positions"] * h
+    return ModelFacts(
+        params=layers * per_layer + embeddings + 2 * h + head,
+        largest_layer_params=max(*modules, vocab * h, c["n_positions"] * h),
+        layers=layers,
+        hidden=h,
+        heads=c["n_head"],
+        vocab=vocab,
+        split_params=0,  # Conv1D, not nn.Linear: AutoTP does not split GPT-2 (lmscale.parallel)
+        kv_heads=c["n_head"],
+        fusable_head="gpt2" in FUSABLE_FAMILIES,
+    )
+
+
+def decoder_facts(family: str, c: dict) -> ModelFacts:
+    """Llama-style decoders: attention with grouped key-value heads, gated MLP, RMSNorms, no position weights."""
+    from lmscale.plan import ModelFacts
+
+    h, layers, vocab, inner = (
+        c["hidden_size"],
+        c["num_hidden_layers"],
+        c["vocab_size"],
+        c["intermediate_size"],
+    )
+    heads = c["num_attention_heads"]
+    kv_heads = c["num_key_value_heads"] or heads
+    head_dim = c.get("head_dim") or h // heads
+    qkv_bias = family == "qwen2" or c.get("attention_bias", False)
+    out_bias = family != "qwen2" and c.get("attention_bias", False)
+    q, kv, o = h * heads * head_dim, h * kv_heads * head_dim, heads * head_dim * h
+    attention = [q + qkv_bias * heads * head_dim, kv + qkv_bias * kv_heads * head_dim, o + out_bias * h]
+    if family == "mixtral":  # the experts' gate/up and down weights in one module (not nn.Linear); a router
+        mlp = [3 * c["num_local_experts"] * h * inner, c["num_local_experts"] * h]
+        linear_weights = q + 2 * kv + o
+    else:  # gate, up and down projections
+        mlp_bias = c.get("mlp_bias", False)
+        mlp = [h * inner + mlp_bias * inner, h * inner + mlp_bias * inner, inner * h + mlp_bias * h]
+        linear_weights = q + 2 * kv + o + 3 * h * inner
+    norms = 2 * h + (2 * head_dim if family == "qwen3" else 0)  # Qwen3 norms queries and keys per head
+    per_layer = attention[0] + 2 * attention[1] + attention[2] + sum(mlp) + norms
+    head = 0 if c["tie_word_embeddings"] else vocab * h
+    return ModelFacts(
+        params=layers * per_layer + vocab * h + h + head,
+        largest_layer_params=max(*attention, *mlp, vocab * h),
+        layers=layers,
+        hidden=h,
+        heads=heads,
+        vocab=vocab,
+        split_params=layers * linear_weights,
+        kv_heads=kv_heads,
+        fusable_head=family in FUSABLE_FAMILIES,
+    )
