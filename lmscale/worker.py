@@ -174,6 +174,9 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         ds_engine.set_single_process_env()
     is_rank_zero = ds_engine.rank() == 0
     configure_console(is_rank_zero)
+    threads = ds_engine.share_cpu_cores()
+    if threads:
+        log.info("cpu: %s", threads)
     world_size = int(os.environ["WORLD_SIZE"])
     config, ds_config = resolve_run_config(config_path, overrides, world_size, ds_engine.has_gpu())
     layout = Layout(world_size, config.parallel.tensor, config.parallel.sequence)

@@ -33,3 +33,23 @@ def test_no_ssh_node_of_a_multi_node_job_with_force():
         str(LAUNCHER_SCRIPT),
         "--force",
     ]
+
+
+def test_cpu_ranks_on_one_host_share_its_cores(monkeypatch):
+    import torch
+
+    from lmscale import engine
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(engine, "has_gpu", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", str(before))  # DeepSpeed's launcher: as many ranks as cores
+    try:
+        assert engine.share_cpu_cores().startswith(f"1 torch thread(s) per rank, {before} rank(s) sharing")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+        assert engine.share_cpu_cores() is None and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

@@ -1,6 +1,7 @@
 """Real training runs: debug mode in one process, and 2 CPU ranks through the deepspeed launcher."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -202,6 +203,8 @@ def test_two_cpu_ranks_learn_under_zero(tmp_path, cache_dir, zero):
     assert result.returncode == 0, result.stderr[-3000:]
     assert_learned(out, world_size=2)
     assert not (out / "wandb").exists()
+    if "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores instead of each taking them all
+        assert re.search(r"cpu: \d+ torch thread\(s\) per rank, 2 rank\(s\) sharing", result.stderr)
     assert shared_memory_files() <= shared_before  # DeepSpeed's CPU all-reduce buffers are not left behind
 
 
