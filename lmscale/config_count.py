@@ -53,9 +53,9 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 
 
 def facts_from_config(config: Config, vocab: int) -> ModelFacts | None:
-    """The configured model's facts without building it, or None where they must be counted on a built model:
-    another family (Qwen3-MoE's sparse-layer rules among them), LoRA adapters, remote code, or a model option the family may not have (building
-    checks it)."""
+    """The configured model's facts without building it, or None where they must be counted on a built
+    model: another family (Qwen3-MoE with its sparse-layer rules among them), LoRA adapters, remote code,
+    or a model option the family may not have (building the model checks it)."""
     options = config.model
     knobs = (
         options.embedding_dropout,
