@@ -144,8 +144,9 @@ def run_lmscale(
     steps: int,
     fused_kernels: bool = True,
     compiled: bool = False,
+    run: int = 0,
 ) -> dict:
-    out = workdir / f"lmscale{'' if fused_kernels else '-unfused'}{'-compiled' if compiled else ''}"
+    out = workdir / f"lmscale{'' if fused_kernels else '-unfused'}{'-compiled' if compiled else ''}-{run}"
     overrides = [
         *lmscale_args(args, workdir, train, held_out),
         f"model.fused_kernels={str(fused_kernels).lower()}",
@@ -172,8 +173,8 @@ def run_lmscale(
     }
 
 
-def run_hf(args, workdir: Path, held_out: Path, batch_size: int, *flags: str) -> dict:
-    out = workdir / ("hf" + "".join(flags).replace("--", "-"))
+def run_hf(args, workdir: Path, held_out: Path, batch_size: int, *flags: str, run: int = 0) -> dict:
+    out = workdir / ("hf" + "".join(flags).replace("--", "-") + f"-{run}")
     command = [
         shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", str(REPO / "bench" / "hf_trainer_worker.py"),
         "--sequences", str(workdir / "sequences"), "--tokenizer", str(workdir / "tokenizer"),
@@ -189,7 +190,6 @@ def run_hf(args, workdir: Path, held_out: Path, batch_size: int, *flags: str) ->
         "seconds": figures["train_runtime_s"],
         "eval_loss": held_out_loss(out / "model", held_out),
         "peak_mb": peak_mb,
-        "rerun": lambda: run_hf(args, workdir, held_out, batch_size, *flags),
     }
 
 
@@ -220,26 +220,36 @@ def main() -> None:
             f"HF Trainer {batch_size} rows per device"
         )
         started = time.time()
-        results = {
-            "lmscale (bucket)": run_lmscale(args, workdir, train, held_out, steps),
-            "lmscale (bucket, unfused)": run_lmscale(args, workdir, train, held_out, steps, False),
-            "hf_trainer (random)": run_hf(args, workdir, held_out, batch_size),
-            "hf_trainer (group_by_length)": run_hf(args, workdir, held_out, batch_size, "--group-by-length"),
-            "hf_trainer (padding-free)": run_hf(args, workdir, held_out, batch_size, "--padding-free"),
+        rows = {  # each a function of the run's number (a repeat runs in a directory of its own)
+            "lmscale (bucket)": lambda run: run_lmscale(args, workdir, train, held_out, steps, run=run),
+            "lmscale (bucket, unfused)": lambda run: run_lmscale(
+                args, workdir, train, held_out, steps, False, run=run
+            ),
+            "hf_trainer (random)": lambda run: run_hf(args, workdir, held_out, batch_size, run=run),
+            "hf_trainer (group_by_length)": lambda run: run_hf(
+                args, workdir, held_out, batch_size, "--group-by-length", run=run
+            ),
+            "hf_trainer (padding-free)": lambda run: run_hf(
+                args, workdir, held_out, batch_size, "--padding-free", run=run
+            ),
         }
         if args.compile:  # both with their compile time in the run's seconds, as HF's train_runtime has it
-            results["lmscale (bucket, compiled)"] = run_lmscale(
-                args, workdir, train, held_out, steps, compiled=True
+            rows["lmscale (bucket, compiled)"] = lambda run: run_lmscale(
+                args, workdir, train, held_out, steps, compiled=True, run=run
             )
             # HF's best batching on this CPU (group_by_length; padding-free is its slowest here)
-            results["hf_trainer (group_by_length, compiled)"] = run_hf(
-                args, workdir, held_out, batch_size, "--group-by-length", "--torch-compile"
+            rows["hf_trainer (group_by_length, compiled)"] = lambda run: run_hf(
+                args, workdir, held_out, batch_size, "--group-by-length", "--torch-compile", run=run
             )
+        results = {}
+        for name, row in rows.items():
+            results[name] = row(0)
+            print(f"  {name}: {results[name]['seconds']:.1f} s", flush=True)  # what a crash would lose
         fastest_hf = max(
             (n for n in results if n.startswith("hf_trainer")),
             key=lambda n: results[n]["tokens"] / results[n]["seconds"],
         )
-        repeat_fastest(args, results, fastest_hf, lambda: run_lmscale(args, workdir, train, held_out, steps))
+        repeat_fastest(args, results, rows, fastest_hf)
         report(results)
         print(f"(whole benchmark {time.time() - started:.0f} s)")
         ours, best = results["lmscale (bucket)"], results[fastest_hf]
@@ -247,17 +257,15 @@ def main() -> None:
         print(f"ratio lmscale/hf_trainer: {ours['tokens_per_s'] / best['tokens_per_s']:.2f}")
 
 
-def repeat_fastest(args, results: dict[str, dict], fastest_hf: str, run_ours) -> None:
+def repeat_fastest(args, results: dict[str, dict], rows: dict, fastest_hf: str) -> None:
     """Run lmscale and HF's fastest row `args.repeats - 1` more times, alternately; keep the median times."""
     if args.repeats < 2:
         return
-    times = {
-        "lmscale (bucket)": [results["lmscale (bucket)"]["seconds"]],
-        fastest_hf: [results[fastest_hf]["seconds"]],
-    }
-    for _ in range(args.repeats - 1):
-        times["lmscale (bucket)"].append(run_ours()["seconds"])
-        times[fastest_hf].append(results[fastest_hf]["rerun"]()["seconds"])
+    times = {name: [results[name]["seconds"]] for name in ("lmscale (bucket)", fastest_hf)}
+    for run in range(1, args.repeats):
+        for name, seconds in times.items():
+            seconds.append(rows[name](run)["seconds"])
+            print(f"  {name}, run {run + 1}: {seconds[-1]:.1f} s", flush=True)
     for name, seconds in times.items():
         results[name]["seconds"] = statistics.median(seconds)
         print(f"{name}: {', '.join(f'{s:.1f}' for s in seconds)} s (median {results[name]['seconds']:.1f})")
