@@ -1,7 +1,7 @@
-"""Start-up times, measured as a user meets them: `lmscale --help`, `lmscale plan` (of a GPT-2, whose facts
-come from its config; of a Qwen3-MoE model, whose facts are counted on the meta device the first
-time and cached), and the embedded default's time from the command to its first optimizer step with warm
-caches.
+"""Start-up times, measured as a user meets them: `lmscale --help`; `lmscale plan` of a GPT-2 and of a
+Llama with LoRA adapters (facts worked out from the config) and of a Qwen3-MoE model (facts counted on the
+meta device the first time, then cached); and the embedded default's time from the command to its first
+optimizer step with warm caches.
 
     python bench/startup.py [--repeats 3]
 
@@ -25,10 +25,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PLAN = ["plan", "configs/gpt2-124m.yaml", "--gpus-per-node", "8"]
+PLAN_LORA = ["plan", "configs/llama-1b.yaml", "finetune.lora.r=16", "--gpus-per-node", "8"]
 PLAN_MOE = ["plan", "model.preset=tiny-qwen3-moe", "--gpus-per-node", "8"]
 TARGETS_S = {
     "lmscale --help": 1.0,
     "lmscale plan": 3.0,
+    "lmscale plan, LoRA": 3.0,
     "lmscale plan, Qwen3-MoE": 3.0,
     "lmscale plan, Qwen3-MoE uncached": 3.0,
     "first optimizer step": 20.0,
@@ -85,6 +87,7 @@ def main() -> None:
         "lmscale --help": lambda: timed([*lmscale(), "--help"]),
         # GPT-2's facts come from its config (lmscale.config_count), never from the cache.
         "lmscale plan": lambda: timed([*lmscale(), *PLAN], env={"LMSCALE_CACHE": "off"}),
+        "lmscale plan, LoRA": lambda: timed([*lmscale(), *PLAN_LORA], env={"LMSCALE_CACHE": "off"}),
         # A Qwen3-MoE model is built on the meta device the first time, then read from the cache
         # (lmscale.plan.facts_cache_path).
         "lmscale plan, Qwen3-MoE": lambda: timed([*lmscale(), *PLAN_MOE]),

@@ -52,10 +52,16 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 }  # fmt: skip
 
 
+# peft's default LoRA targets for these families (peft.utils.constants; a test keeps them equal).
+PEFT_DEFAULT_TARGETS = {"gpt2": ["c_attn"]}
+PEFT_DEFAULT_TARGETS.update({family: ["q_proj", "v_proj"] for family in FAMILY_DEFAULTS if family != "gpt2"})
+
+
 def facts_from_config(config: Config, vocab: int) -> ModelFacts | None:
     """The configured model's facts without building it, or None where they must be counted on a built
-    model: another family (Qwen3-MoE with its sparse-layer rules among them), LoRA adapters, remote code,
-    or a model option the family may not have (building the model checks it)."""
+    model: another family (Qwen3-MoE with its sparse-layer rules among them), remote code, LoRA targets
+    named other than by a projection's own name, or a model option the family may not have (building the
+    model checks it)."""
     options = config.model
     knobs = (
         options.embedding_dropout,
@@ -63,7 +69,7 @@ def facts_from_config(config: Config, vocab: int) -> ModelFacts | None:
         options.residual_dropout,
         options.sliding_window,
     )
-    if config.finetune.lora is not None or options.trust_remote_code or any(k is not None for k in knobs):
+    if options.trust_remote_code or any(k is not None for k in knobs):
         return None
     if options.path:
         family, keys = read_config_json(Path(options.path).expanduser() / "config.json")
@@ -76,7 +82,54 @@ def facts_from_config(config: Config, vocab: int) -> ModelFacts | None:
     if family not in FAMILY_DEFAULTS or keys is None:
         return None
     shape = {**FAMILY_DEFAULTS[family], **keys}
-    return gpt2_facts(shape) if family == "gpt2" else decoder_facts(family, shape)
+    facts = gpt2_facts(shape) if family == "gpt2" else decoder_facts(family, shape)
+    if facts is None or config.finetune.lora is None:
+        return facts
+    return with_lora(facts, family, shape, config.finetune.lora.r, config.finetune.lora.target_modules)
+
+
+def block_projections(family: str, c: dict) -> list[tuple[str, int, int]]:
+    """Each block's projections LoRA can adapt: (name, inputs, outputs)."""
+    if family == "gpt2":
+        h = c["n_embd"]
+        inner = c["n_inner"] or 4 * h
+        return [("c_attn", h, 3 * h), ("c_proj", h, h), ("c_fc", h, inner), ("c_proj", inner, h)]
+    h, inner, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    head_dim = c.get("head_dim") or h // heads
+    kv = (c["num_key_value_heads"] or heads) * head_dim
+    attention = [
+        ("q_proj", h, heads * head_dim),
+        ("k_proj", h, kv),
+        ("v_proj", h, kv),
+        ("o_proj", heads * head_dim, h),
+    ]
+    if family == "mixtral":  # the experts are parameters of one module, not projections peft adapts
+        return attention
+    return attention + [("gate_proj", h, inner), ("up_proj", h, inner), ("down_proj", inner, h)]
+
+
+def with_lora(
+    facts: ModelFacts, family: str, c: dict, rank: int, targets: list[str] | None
+) -> ModelFacts | None:
+    """The facts once peft wraps the targeted projections of every block in rank-`rank` adapters (A: in x r,
+    B: r x out, both nn.Linear, so AutoTP's count includes them); the base model is frozen. None when a
+    target is not a projection's own name (peft decides what it matches; building the model asks it)."""
+    from dataclasses import replace
+
+    targets = PEFT_DEFAULT_TARGETS[family] if targets is None else targets
+    projections = block_projections(family, c)
+    if not targets or any(t not in {name for name, _, _ in projections} for t in targets):
+        return None
+    targeted = [(inputs, outputs) for name, inputs, outputs in projections if name in targets]
+    added = facts.layers * sum(rank * (inputs + outputs) for inputs, outputs in targeted)
+    largest_adapter = max(rank * max(inputs, outputs) for inputs, outputs in targeted)
+    return replace(
+        facts,
+        params=facts.params + added,
+        frozen_params=facts.params,
+        split_params=facts.split_params + added,
+        largest_layer_params=max(facts.largest_layer_params, largest_adapter),
+    )
 
 
 def read_config_json(path: Path) -> tuple[str | None, dict | None]:

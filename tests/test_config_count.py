@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmscale.config import Config
-from lmscale.config_count import FAMILY_DEFAULTS, facts_from_config
+from lmscale.config_count import FAMILY_DEFAULTS, PEFT_DEFAULT_TARGETS, facts_from_config
 from lmscale.plan import count_model_facts, facts_of
 from lmscale.presets import PRESETS
 
@@ -50,11 +50,31 @@ def test_the_defaults_are_the_config_classes(family):
             assert getattr(hf_config, key) == value, key
 
 
+@pytest.mark.parametrize(
+    ("preset", "targets"),
+    [
+        ("tiny-gpt2", None),
+        ("tiny-gpt2", ["c_proj", "c_fc"]),  # c_proj: the attention's and the MLP's
+        ("tiny-llama", None),
+        ("tiny-llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        ("tiny-mixtral", ["o_proj"]),
+    ],
+)
+def test_lora_facts_match_the_built_model(preset, targets):
+    config = Config(model={"preset": preset}, finetune={"lora": {"r": 4, "target_modules": targets}})
+    assert facts_from_config(config, vocab=1000) == count_model_facts(config, 1000)
+
+
+def test_the_default_lora_targets_are_peft_s():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
+
+    assert PEFT_DEFAULT_TARGETS == {family: PEFT[family] for family in FAMILY_DEFAULTS}
+
+
 def test_what_must_be_built_to_be_counted_is_left_to_the_meta_model(tmp_path):
     assert facts_from_config(Config(model={"preset": "tiny-qwen3-moe"}), vocab=1000) is None
-    assert (
-        facts_from_config(Config(model={"preset": "tiny-llama"}, finetune={"lora": {"r": 4}}), 1000) is None
-    )
+    lora = {"r": 4, "target_modules": ["self_attn.q_proj"]}  # what peft matches is for peft to say
+    assert facts_from_config(Config(model={"preset": "tiny-llama"}, finetune={"lora": lora}), 1000) is None
     assert facts_from_config(Config(model={"preset": "tiny-gpt2", "residual_dropout": 0.1}), 1000) is None
     (tmp_path / "config.json").write_text('{"model_type": "llama", "auto_map": {"AutoModel": "x.Model"}}')
     assert facts_from_config(Config(model={"path": str(tmp_path)}), 1000) is None
