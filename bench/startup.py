@@ -1,6 +1,6 @@
 """Start-up times, measured as a user meets them: `lmscale --help`; `lmscale plan` of a GPT-2 and of a
-Llama with LoRA adapters (facts worked out from the config) and of a Qwen3-MoE model (facts counted on the
-meta device the first time, then cached); and the embedded default's time from the command to its first
+Llama with LoRA adapters (facts worked out from the config) and of a GPT-NeoX model (a family whose facts are
+counted on the meta device the first time, then cached); and the embedded default's time from the command to its first
 optimizer step with warm caches.
 
     python bench/startup.py [--repeats 3]
@@ -26,13 +26,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PLAN = ["plan", "configs/gpt2-124m.yaml", "--gpus-per-node", "8"]
 PLAN_LORA = ["plan", "configs/llama-1b.yaml", "finetune.lora.r=16", "--gpus-per-node", "8"]
-PLAN_MOE = ["plan", "model.preset=tiny-qwen3-moe", "--gpus-per-node", "8"]
+
+
+def plan_neox(directory: Path) -> list[str]:
+    """`lmscale plan` of a local GPT-NeoX model (Pythia-160M's shape), a family lmscale.config_count leaves
+    to the meta device."""
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        AutoConfig.for_model("gpt_neox", hidden_size=768, num_attention_heads=12, num_hidden_layers=12,
+                             intermediate_size=3072, vocab_size=50304).save_pretrained(directory)  # fmt: skip
+    return ["plan", f"model.path={directory}", "--gpus-per-node", "8"]
+
+
 TARGETS_S = {
     "lmscale --help": 1.0,
     "lmscale plan": 3.0,
     "lmscale plan, LoRA": 3.0,
-    "lmscale plan, Qwen3-MoE": 3.0,
-    "lmscale plan, Qwen3-MoE uncached": 3.0,
+    "lmscale plan, GPT-NeoX": 3.0,
+    "lmscale plan, GPT-NeoX uncached": 3.0,
     "first optimizer step": 20.0,
 }
 
@@ -88,17 +100,18 @@ def main() -> None:
         # GPT-2's facts come from its config (lmscale.config_count), never from the cache.
         "lmscale plan": lambda: timed([*lmscale(), *PLAN], env={"LMSCALE_CACHE": "off"}),
         "lmscale plan, LoRA": lambda: timed([*lmscale(), *PLAN_LORA], env={"LMSCALE_CACHE": "off"}),
-        # A Qwen3-MoE model is built on the meta device the first time, then read from the cache
-        # (lmscale.plan.facts_cache_path).
-        "lmscale plan, Qwen3-MoE": lambda: timed([*lmscale(), *PLAN_MOE]),
-        "lmscale plan, Qwen3-MoE uncached": lambda: timed(
-            [*lmscale(), *PLAN_MOE], env={"LMSCALE_CACHE": "off"}
-        ),
     }
     with tempfile.TemporaryDirectory() as tmp:
+        neox = plan_neox(Path(tmp) / "neox")
+        # A GPT-NeoX model is built on the meta device the first time, then read from the cache
+        # (lmscale.plan.facts_cache_path).
+        runs["lmscale plan, GPT-NeoX"] = lambda: timed([*lmscale(), *neox])
+        runs["lmscale plan, GPT-NeoX uncached"] = lambda: timed(
+            [*lmscale(), *neox], env={"LMSCALE_CACHE": "off"}
+        )
         run_dir = Path(tmp) / "run"
         first_step_s(run_dir)  # warms the caches
-        timed([*lmscale(), *PLAN_MOE])  # and the Qwen3-MoE model's facts
+        timed([*lmscale(), *neox])  # and the GPT-NeoX model's facts
         runs["first optimizer step"] = lambda: first_step_s(run_dir)
         print(f"{'what':<34}{'median s':>10}{'target s':>10}")
         for name, run in runs.items():

@@ -40,6 +40,12 @@ FAMILY_DEFAULTS: dict[str, dict] = {
         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "tie_word_embeddings": False,
         "num_local_experts": 8,
     },
+    "qwen3_moe": {
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "tie_word_embeddings": False,
+        "attention_bias": False, "num_local_experts": 128, "moe_intermediate_size": 768, "decoder_sparse_step": 1,
+        "mlp_only_layers": None,
+    },
     "qwen2": {
         "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False,
@@ -51,15 +57,28 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     },
 }  # fmt: skip
 
+# Other names a config.json may use for a key (the config classes' attribute_map; a test keeps them equal).
+ALIASES: dict[str, dict[str, str]] = {
+    "gpt2": {
+        "hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+    },
+    "mixtral": {"num_experts": "num_local_experts"},
+    "qwen3_moe": {"num_experts": "num_local_experts"},
+}  # fmt: skip
+
 
 # peft's default LoRA targets for these families (peft.utils.constants; a test keeps them equal).
+# peft has none for Qwen3-MoE (get_peft_model then asks for target_modules: building the model says so).
 PEFT_DEFAULT_TARGETS = {"gpt2": ["c_attn"]}
-PEFT_DEFAULT_TARGETS.update({family: ["q_proj", "v_proj"] for family in FAMILY_DEFAULTS if family != "gpt2"})
+PEFT_DEFAULT_TARGETS.update(
+    {f: ["q_proj", "v_proj"] for f in FAMILY_DEFAULTS if f not in ("gpt2", "qwen3_moe")}
+)
 
 
 def facts_from_config(config: Config, vocab: int) -> ModelFacts | None:
     """The configured model's facts without building it, or None where they must be counted on a built
-    model: another family (Qwen3-MoE with its sparse-layer rules among them), remote code, LoRA targets
+    model: another family, remote code, LoRA targets
     named other than by a projection's own name, or a model option the family may not have (building the
     model checks it)."""
     options = config.model
@@ -81,6 +100,7 @@ def facts_from_config(config: Config, vocab: int) -> ModelFacts | None:
         family, keys = preset_shape(options.preset, vocab, config.data.max_seq_len)
     if family not in FAMILY_DEFAULTS or keys is None:
         return None
+    keys = {ALIASES.get(family, {}).get(key, key): value for key, value in keys.items()}
     shape = {**FAMILY_DEFAULTS[family], **keys}
     facts = gpt2_facts(shape) if family == "gpt2" else decoder_facts(family, shape)
     if facts is None or config.finetune.lora is None:
@@ -103,7 +123,7 @@ def block_projections(family: str, c: dict) -> list[tuple[str, int, int]]:
         ("v_proj", h, kv),
         ("o_proj", heads * head_dim, h),
     ]
-    if family == "mixtral":  # the experts are parameters of one module, not projections peft adapts
+    if family in ("mixtral", "qwen3_moe"):  # experts are parameters of one module, not projections
         return attention
     return attention + [("gate_proj", h, inner), ("up_proj", h, inner), ("down_proj", inner, h)]
 
@@ -116,7 +136,7 @@ def with_lora(
     target is not a projection's own name (peft decides what it matches; building the model asks it)."""
     from dataclasses import replace
 
-    targets = PEFT_DEFAULT_TARGETS[family] if targets is None else targets
+    targets = PEFT_DEFAULT_TARGETS.get(family) if targets is None else targets
     projections = block_projections(family, c)
     if not targets or any(t not in {name for name, _, _ in projections} for t in targets):
         return None
@@ -169,15 +189,11 @@ def gpt2_facts(c: dict) -> ModelFacts | None:
 
 
 def decoder_facts(family: str, c: dict) -> ModelFacts:
-    """Llama-style decoders: attention with grouped key-value heads, gated MLP, RMSNorms, no position weights."""
+    """Llama-style decoders: attention with grouped key-value heads, gated MLP or experts, RMSNorms, no
+    position weights."""
     from lmscale.plan import ModelFacts
 
-    h, layers, vocab, inner = (
-        c["hidden_size"],
-        c["num_hidden_layers"],
-        c["vocab_size"],
-        c["intermediate_size"],
-    )
+    h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
     heads = c["num_attention_heads"]
     kv_heads = c["num_key_value_heads"] or heads
     head_dim = c.get("head_dim") or h // heads
@@ -185,24 +201,39 @@ def decoder_facts(family: str, c: dict) -> ModelFacts:
     out_bias = family != "qwen2" and c.get("attention_bias", False)
     q, kv, o = h * heads * head_dim, h * kv_heads * head_dim, heads * head_dim * h
     attention = [q + qkv_bias * heads * head_dim, kv + qkv_bias * kv_heads * head_dim, o + out_bias * h]
-    if family == "mixtral":  # the experts' gate/up and down weights in one module (not nn.Linear); a router
-        mlp = [3 * c["num_local_experts"] * h * inner, c["num_local_experts"] * h]
-        linear_weights = q + 2 * kv + o
-    else:  # gate, up and down projections
-        mlp_bias = c.get("mlp_bias", False)
-        mlp = [h * inner + mlp_bias * inner, h * inner + mlp_bias * inner, inner * h + mlp_bias * h]
-        linear_weights = q + 2 * kv + o + 3 * h * inner
-    norms = 2 * h + (2 * head_dim if family == "qwen3" else 0)  # Qwen3 norms queries and keys per head
-    per_layer = attention[0] + 2 * attention[1] + attention[2] + sum(mlp) + norms
+    norms = 2 * h + (2 * head_dim if family in ("qwen3", "qwen3_moe") else 0)  # Qwen3 norms q and k per head
+    mlps = [mlp_modules(family, c, layer) for layer in range(layers)]
     head = 0 if c["tie_word_embeddings"] else vocab * h
+    blocks = sum(attention[0] + 2 * attention[1] + attention[2] + sum(mlp) + norms for mlp, _ in mlps)
     return ModelFacts(
-        params=layers * per_layer + vocab * h + h + head,
-        largest_layer_params=max(*attention, *mlp, vocab * h),
+        params=blocks + vocab * h + h + head,
+        largest_layer_params=max(*attention, *(m for mlp, _ in mlps for m in mlp), vocab * h),
         layers=layers,
         hidden=h,
         heads=heads,
         vocab=vocab,
-        split_params=layers * linear_weights,
+        split_params=sum(q + 2 * kv + o + linear for _, linear in mlps),
         kv_heads=kv_heads,
         fusable_head=family in FUSABLE_FAMILIES,
     )
+
+
+def mlp_modules(family: str, c: dict, layer: int) -> tuple[list[int], int]:
+    """One block's MLP: each of its modules' parameter count, and the weights of those that are nn.Linear."""
+    h, inner = c["hidden_size"], c["intermediate_size"]
+    if is_expert_layer(family, c, layer):  # experts' gate/up and down weights in one module; a router
+        experts = c["num_local_experts"]
+        width = inner if family == "mixtral" else c["moe_intermediate_size"]
+        return [3 * experts * h * width, experts * h], 0
+    bias = c.get("mlp_bias", False)  # gate, up and down projections
+    return [h * inner + bias * inner, h * inner + bias * inner, inner * h + bias * h], 3 * h * inner
+
+
+def is_expert_layer(family: str, c: dict, layer: int) -> bool:
+    if family == "mixtral":
+        return True
+    if family != "qwen3_moe":
+        return False
+    # Qwen3-MoE's rule: dense where listed in mlp_only_layers, else experts every decoder_sparse_step layers
+    listed = layer in (c["mlp_only_layers"] or [])
+    return not listed and c["num_local_experts"] > 0 and (layer + 1) % c["decoder_sparse_step"] == 0

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmscale.config import Config
-from lmscale.config_count import FAMILY_DEFAULTS, PEFT_DEFAULT_TARGETS, facts_from_config
+from lmscale.config_count import ALIASES, FAMILY_DEFAULTS, PEFT_DEFAULT_TARGETS, facts_from_config
 from lmscale.plan import count_model_facts, facts_of
 from lmscale.presets import PRESETS
 
@@ -20,6 +20,19 @@ VARIANTS = [
     ("mistral", {**SMALL, "num_key_value_heads": 4, "head_dim": 8, "tie_word_embeddings": True}),
     ("mixtral", {**SMALL, "num_key_value_heads": 2, "num_local_experts": 4}),
     ("qwen2", {**SMALL, "num_key_value_heads": 2}),
+    ("qwen3_moe", {**SMALL, "num_key_value_heads": 2, "num_experts": 4, "moe_intermediate_size": 32}),
+    (
+        "qwen3_moe",
+        {
+            **SMALL,
+            "num_hidden_layers": 4,
+            "num_experts": 4,
+            "decoder_sparse_step": 2,
+            "mlp_only_layers": [3],
+            "moe_intermediate_size": 32,
+            "attention_bias": True,
+        },
+    ),
     ("qwen3", {**SMALL, "num_key_value_heads": 2, "head_dim": 16}),
     ("qwen3", {**SMALL, "num_key_value_heads": 4, "head_dim": 16, "attention_bias": True}),
 ]
@@ -43,8 +56,9 @@ def test_a_presets_facts_match_the_built_model(preset):
 
 
 @pytest.mark.parametrize("family", FAMILY_DEFAULTS)
-def test_the_defaults_are_the_config_classes(family):
+def test_the_defaults_and_aliases_are_the_config_classes(family):
     hf_config = AutoConfig.for_model(family)
+    assert ALIASES.get(family, {}) == hf_config.attribute_map
     for key, value in FAMILY_DEFAULTS[family].items():
         if value is not None:  # None: derived from other keys, as the class derives it
             assert getattr(hf_config, key) == value, key
@@ -58,6 +72,7 @@ def test_the_defaults_are_the_config_classes(family):
         ("tiny-llama", None),
         ("tiny-llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
         ("tiny-mixtral", ["o_proj"]),
+        ("tiny-qwen3-moe", ["q_proj", "k_proj"]),
     ],
 )
 def test_lora_facts_match_the_built_model(preset, targets):
@@ -68,11 +83,18 @@ def test_lora_facts_match_the_built_model(preset, targets):
 def test_the_default_lora_targets_are_peft_s():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
 
-    assert PEFT_DEFAULT_TARGETS == {family: PEFT[family] for family in FAMILY_DEFAULTS}
+    assert PEFT_DEFAULT_TARGETS == {family: PEFT[family] for family in FAMILY_DEFAULTS if family in PEFT}
+    assert set(FAMILY_DEFAULTS) - set(PEFT) == {"qwen3_moe"}
 
 
 def test_what_must_be_built_to_be_counted_is_left_to_the_meta_model(tmp_path):
-    assert facts_from_config(Config(model={"preset": "tiny-qwen3-moe"}), vocab=1000) is None
+    AutoConfig.for_model("gpt_neox", hidden_size=64, num_attention_heads=4).save_pretrained(tmp_path)
+    assert facts_from_config(Config(model={"path": str(tmp_path)}), vocab=1000) is None  # another family
+    qwen3_moe_lora = {"r": 4}  # peft has no default targets for it: building the model says so
+    assert (
+        facts_from_config(Config(model={"preset": "tiny-qwen3-moe"}, finetune={"lora": qwen3_moe_lora}), 1000)
+        is None
+    )
     lora = {"r": 4, "target_modules": ["self_attn.q_proj"]}  # what peft matches is for peft to say
     assert facts_from_config(Config(model={"preset": "tiny-llama"}, finetune={"lora": lora}), 1000) is None
     assert facts_from_config(Config(model={"preset": "tiny-gpt2", "residual_dropout": 0.1}), 1000) is None

@@ -236,25 +236,26 @@ def test_llama_8b_preset_has_the_published_parameter_count():
 
 
 def test_model_facts_are_counted_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
     import lmscale.plan as plan
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = Config(
-        model={"preset": "tiny-qwen3-moe"}
-    )  # Qwen3-MoE: counted on the meta device, not from its config
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # GPT-NeoX: a family lmscale.config_count leaves to the meta device
+    neox = AutoConfig.for_model("gpt_neox", hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    neox.save_pretrained(tmp_path / "neox")
+    config = Config(model={"path": str(tmp_path / "neox")})
     counted = plan.model_facts(config)
-    (cached_file,) = (tmp_path / "lmscale" / "model-facts").glob("*.json")
+    (cached_file,) = (tmp_path / "cache" / "lmscale" / "model-facts").glob("*.json")
 
     def no_counting(*_):
         raise AssertionError("counted again")
 
     monkeypatch.setattr(plan, "count_model_facts", no_counting)
     assert plan.model_facts(config) == counted
-    # Anything that changes the model is another entry: a vocabulary, LoRA adapters.
+    # Anything that changes the model is another entry: LoRA adapters, say.
     with pytest.raises(AssertionError, match="counted again"):
-        plan.model_facts(config, vocab_size=4096)
-    with pytest.raises(AssertionError, match="counted again"):
-        plan.model_facts(Config(model={"preset": "tiny-qwen3-moe"}, finetune={"lora": {"r": 4}}))
+        plan.model_facts(Config(model={"path": str(tmp_path / "neox")}, finetune={"lora": {"r": 4}}))
     monkeypatch.setenv("LMSCALE_CACHE", "off")
     with pytest.raises(AssertionError, match="counted again"):
         plan.model_facts(config)
