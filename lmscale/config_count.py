@@ -78,9 +78,8 @@ PEFT_DEFAULT_TARGETS.update(
 
 def facts_from_config(config: Config, vocab: int) -> ModelFacts | None:
     """The configured model's facts without building it, or None where they must be counted on a built
-    model: another family, remote code, LoRA targets
-    named other than by a projection's own name, or a model option the family may not have (building the
-    model checks it)."""
+    model: another family, remote code, LoRA targets named other than by a projection's own name, or a
+    model option the family may not have (building the model checks it)."""
     options = config.model
     knobs = (
         options.embedding_dropout,
