@@ -1,10 +1,11 @@
-"""The planner's model facts worked out from the HF config alone, for the common dense families.
+"""The planner's model facts worked out from the HF config alone, for the common families (GPT-2, Llama,
+Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE), with or without LoRA adapters.
 
 Counting by building the model on the meta device imports the family's HF modeling code (with
 `torch._dynamo`): most of a first `lmscale plan`'s time. transformers has no count without building the
 model, so these few formulas are written here; tests check each against the built model (`plan.facts_of`)
-and each default below against the family's config class. Other families (MoE, remote code, LoRA) are
-still built on the meta device.
+and each default and key alias below against the family's config class. Other families and remote code
+are still built on the meta device (and the count cached: lmscale.plan).
 """
 
 from __future__ import annotations
