@@ -1,7 +1,7 @@
 """Start-up times, measured as a user meets them: `lmscale --help`; `lmscale plan` of a GPT-2 and of a
-Llama with LoRA adapters (facts worked out from the config) and of a GPT-NeoX model (a family whose facts are
-counted on the meta device the first time, then cached); and the embedded default's time from the command to its first
-optimizer step with warm caches.
+Llama with LoRA adapters (facts worked out from the config) and of a GPT-NeoX model (a family whose facts
+are counted on the meta device the first time, then cached); and the embedded default's time from the
+command to its first optimizer step with warm caches.
 
     python bench/startup.py [--repeats 3]
 

@@ -181,8 +181,11 @@ def run_hf(args, workdir: Path, held_out: Path, batch_size: int, *flags: str, ru
         "--model-config", str(workdir / "model_config"), "--out", str(out), "--batch-size", str(batch_size),
         "--lr", str(args.lr), "--warmup-steps", str(args.warmup), "--seed", str(SEED),
     ]  # fmt: skip
-    # Each of the 2 ranks its share of the cores (lmscale's default; DeepSpeed's launcher gives each all).
-    threads = str(max(1, (os.cpu_count() or 2) // 2))
+    # Each of the 2 ranks its share of the cores, counted as lmscale.engine.share_cpu_cores counts them
+    # (DeepSpeed's launcher gives each rank all of them).
+    import torch
+
+    threads = str(max(1, torch.get_num_threads() // 2))
     output, peak_mb = run_measured([*command, *flags], env={"OMP_NUM_THREADS": threads})
     figures = json.loads([line for line in output.splitlines() if line.startswith('{"real_tokens"')][-1])
     return {

@@ -114,18 +114,23 @@ def block_projections(family: str, c: dict) -> list[tuple[str, int, int]]:
         h = c["n_embd"]
         inner = c["n_inner"] or 4 * h
         return [("c_attn", h, 3 * h), ("c_proj", h, h), ("c_fc", h, inner), ("c_proj", inner, h)]
-    h, inner, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
-    head_dim = c.get("head_dim") or h // heads
-    kv = (c["num_key_value_heads"] or heads) * head_dim
+    h, inner = c["hidden_size"], c["intermediate_size"]
+    heads, kv_heads, head_dim = attention_heads(c)
     attention = [
         ("q_proj", h, heads * head_dim),
-        ("k_proj", h, kv),
-        ("v_proj", h, kv),
+        ("k_proj", h, kv_heads * head_dim),
+        ("v_proj", h, kv_heads * head_dim),
         ("o_proj", heads * head_dim, h),
     ]
     if family in ("mixtral", "qwen3_moe"):  # experts are parameters of one module, not projections
         return attention
     return attention + [("gate_proj", h, inner), ("up_proj", h, inner), ("down_proj", inner, h)]
+
+
+def attention_heads(c: dict) -> tuple[int, int, int]:
+    """(query heads, key-value heads, head width) of a Llama-style config, as its attention module reads them."""
+    heads = c["num_attention_heads"]
+    return heads, c["num_key_value_heads"] or heads, c.get("head_dim") or c["hidden_size"] // heads
 
 
 def with_lora(
@@ -169,9 +174,8 @@ def gpt2_facts(c: dict) -> ModelFacts | None:
     if c["add_cross_attention"]:
         return None
     h, layers, vocab = c["n_embd"], c["n_layer"], c["vocab_size"]
-    inner = c["n_inner"] or 4 * h
     # Conv1D layers (weight and bias): qkv, attention output, MLP in and out; two LayerNorms (weight and bias)
-    modules = [h * 3 * h + 3 * h, h * h + h, h * inner + inner, inner * h + h]
+    modules = [inputs * outputs + outputs for _, inputs, outputs in block_projections("gpt2", c)]
     per_layer = sum(modules) + 2 * 2 * h
     head = 0 if c["tie_word_embeddings"] else vocab * h
     embeddings = vocab * h + c["n_positions"] * h
@@ -194,17 +198,17 @@ def decoder_facts(family: str, c: dict) -> ModelFacts:
     from lmscale.plan import ModelFacts
 
     h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    heads = c["num_attention_heads"]
-    kv_heads = c["num_key_value_heads"] or heads
-    head_dim = c.get("head_dim") or h // heads
+    heads, kv_heads, head_dim = attention_heads(c)
     qkv_bias = family == "qwen2" or c.get("attention_bias", False)
     out_bias = family != "qwen2" and c.get("attention_bias", False)
-    q, kv, o = h * heads * head_dim, h * kv_heads * head_dim, heads * head_dim * h
-    attention = [q + qkv_bias * heads * head_dim, kv + qkv_bias * kv_heads * head_dim, o + out_bias * h]
+    projections = block_projections(family, c)[:4]  # q, k, v, o: (name, inputs, outputs)
+    biases = (qkv_bias, qkv_bias, qkv_bias, out_bias)
+    attention = [i * o + bias * o for (_, i, o), bias in zip(projections, biases, strict=True)]
+    attention_weights = sum(i * o for _, i, o in projections)
     norms = 2 * h + (2 * head_dim if family in ("qwen3", "qwen3_moe") else 0)  # Qwen3 norms q and k per head
     mlps = [mlp_modules(family, c, layer) for layer in range(layers)]
     head = 0 if c["tie_word_embeddings"] else vocab * h
-    blocks = sum(attention[0] + 2 * attention[1] + attention[2] + sum(mlp) + norms for mlp, _ in mlps)
+    blocks = sum(sum(attention) + sum(mlp) + norms for mlp, _ in mlps)
     return ModelFacts(
         params=blocks + vocab * h + h + head,
         largest_layer_params=max(*attention, *(m for mlp, _ in mlps for m in mlp), vocab * h),
@@ -212,7 +216,7 @@ def decoder_facts(family: str, c: dict) -> ModelFacts:
         hidden=h,
         heads=heads,
         vocab=vocab,
-        split_params=sum(q + 2 * kv + o + linear for _, linear in mlps),
+        split_params=sum(attention_weights + linear for _, linear in mlps),
         kv_heads=kv_heads,
         fusable_head=family in FUSABLE_FAMILIES,
     )
