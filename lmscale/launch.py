@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from lmscale.errors import ConfigError
 from lmscale.resources import resource
@@ -137,4 +141,75 @@ def run_deepspeed(command: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     print("lmscale: " + " ".join(command), file=sys.stderr, flush=True)
-    return subprocess.call(command, env=env)
+    # Its own session (and process group), so a Ctrl-C at the terminal reaches only this process: DeepSpeed's
+    # per-node launcher answers SIGINT by terminating every rank's process tree (data workers, W&B's
+    # service) and killing it 30 s later, which loses the step. StopForwarder hands the ranks the
+    # signal instead; they agree to stop, save a checkpoint together and exit 0.
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    with StopForwarder(process):
+        return process.wait()
+
+
+class StopForwarder:
+    """While the launcher runs: a first SIGINT, SIGTERM or SIGUSR1 goes to the ranks as their stop
+    request; a second SIGINT (or a stop before any rank exists) ends the whole launch at once."""
+
+    def __init__(self, launcher: subprocess.Popen) -> None:
+        self.launcher = launcher
+        self.forwarded = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopForwarder:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        ranks = rank_processes(self.launcher.pid)
+        if (self.forwarded and signum == signal.SIGINT) or not ranks:
+            print("lmscale: stopping the ranks now, without a checkpoint", file=sys.stderr, flush=True)
+            _signal_group(self.launcher.pid, signal.SIGINT)
+            return
+        name = signal.Signals(signum).name
+        if not self.forwarded:
+            print(
+                f"lmscale: {name}: the ranks save a checkpoint at the end of this step and stop "
+                "(Ctrl-C again stops them at once, without one)",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.forwarded = True
+        for rank in ranks:
+            try:
+                rank.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def rank_processes(launcher_pid: int) -> list[psutil.Process]:
+    """This node's ranks: the children of DeepSpeed's per-node launcher (`deepspeed.launcher.launch`)
+    under the `deepspeed` runner. None when the ranks run elsewhere (a hostfile job over ssh)."""
+    try:
+        descendants = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for process in descendants:
+        try:
+            parent = process.parent()
+            if parent is not None and "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
+                ranks.append(process)
+        except psutil.Error:
+            continue
+    return ranks
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass

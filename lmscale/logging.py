@@ -7,6 +7,7 @@ import logging
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ class MetricsSink:
             handle.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             # "step" is the x-axis (define_metric), not W&B's own counter
-            self.wandb_run.log({"step": step, **wandb_names(metrics)})
+            self._to_wandb(lambda run: run.log({"step": step, **wandb_names(metrics)}))
         for key, value in metrics.items():
             self.history.setdefault(key, []).append(value)
             if self.tensorboard is not None:
@@ -128,12 +129,25 @@ class MetricsSink:
         summary = self.summary(result)
         print_summary_table(summary)
         if self.wandb_run is not None:
-            self.wandb_run.summary.update(wandb_summary(summary))
             directory = self.wandb_run.dir
             offline = self.wandb_run.settings.mode == "offline"
-            self.wandb_run.finish()
+            self._to_wandb(lambda run: run.summary.update(wandb_summary(summary)))
+            self._to_wandb(lambda run: run.finish())
             if offline:
                 log.info("W&B run saved offline; upload it with: wandb sync %s", Path(directory).parent)
+
+    def _to_wandb(self, action: Callable[[Any], object]) -> None:
+        """W&B is a mirror of metrics.jsonl: if its service is gone (a signal sent to the whole process
+        tree ends it too), warn once and go on, so the run still finishes its step and checkpoint."""
+        if self.wandb_run is None:
+            return
+        try:
+            action(self.wandb_run)
+        except Exception as exc:  # wandb raises ConnectionResetError, BrokenPipeError or its own errors
+            log.warning(
+                "W&B stopped answering (%s): metrics go on in %s only", exc or type(exc).__name__, self.path
+            )
+            self.wandb_run = None
 
 
 class ProgressLines:

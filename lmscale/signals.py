@@ -10,11 +10,10 @@ import logging
 import signal
 from typing import Any
 
+from lmscale.data.batches import STOP_SIGNALS
 from lmscale.engine import any_rank, cpu_group
 
 log = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:

@@ -3,10 +3,14 @@ a full disk and a SIGKILL while a checkpoint is written, a corrupt newest checkp
 line and a non-zero exit, leaves the last complete checkpoint intact, and the same command resumes."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from conftest import run_lmscale
+from conftest import REPO, run_lmscale
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +128,34 @@ def test_full_disk_kill_mid_save_and_a_corrupt_checkpoint_lose_nothing(tmp_path,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step_00000010 is damaged" in result.stderr and "trying step_00000008" in result.stderr
     assert "step_00000008 (step 8)" in result.stderr and latest(out) == "step_00000012"
+
+
+def test_ctrl_c_under_launch_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, cache_dir):
+    """A terminal's Ctrl-C reaches the launcher's whole process group: the ranks finish the step, save
+    together and exit 0 (DeepSpeed's launcher alone would terminate them and lose the step)."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "lmscale.cli", "launch", "--gpus-per-node", "2", f"output_dir={out}"]
+    command += [f"data.cache_dir={cache_dir}", *ARGS, "train.max_steps=30", "checkpoint.save_every=1000"]
+    log = tmp_path / "launch.log"
+    with log.open("w") as handle:
+        launcher = subprocess.Popen(
+            command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 3:
+                assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            os.killpg(launcher.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+            assert launcher.wait(timeout=120) == 0, log.read_text()[-3000:]
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Traceback" not in text and "stopped by SIGINT" in text, text[-3000:]
+    stopped_at = latest(out)
+    assert (out / "checkpoints" / stopped_at).is_dir() and int(stopped_at.split("_")[1]) < 30
+    resumed = run_lmscale(*command[3:], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing from" in resumed.stderr and stopped_at in resumed.stderr
+    assert latest(out) == "step_00000030"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -16,6 +17,18 @@ from lmscale.data.bucketing import FILLER, EpochPlan, plan_resumed_epoch
 from lmscale.data.epoch import EpochFigures, epoch_figures
 
 log = logging.getLogger(__name__)
+
+# Signals by which a rank is asked to stop at a step boundary (lmscale.signals): they may reach a whole
+# process group or tree (Ctrl-C at a terminal, DeepSpeed's launcher terminating the ranks' trees, SLURM).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore stop signals: the rank they serve decides when to stop (and closes them);
+    a worker killed by one would break that rank's last step before its checkpoint."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
 
 IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
 # per-sequence columns of fine-tuning data (lmscale.data.tasks, lmscale.data.preferences, lmscale.dpo)
@@ -343,6 +356,7 @@ class BatchStream:
             sampler=range(start, len(plan) if stop is None else min(stop, len(plan))),
             num_workers=workers,
             prefetch_factor=4 if workers else None,
+            worker_init_fn=ignore_stop_signals,
             pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
             # Its own generator: creating an iterator must not draw from the global RNG, which dropout
             # uses, or a resumed run would see different dropout masks than an uninterrupted one.

@@ -23,7 +23,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from lmscale.config import DataConfig
-from lmscale.data.batches import Batch, BatchSettings, collate
+from lmscale.data.batches import Batch, BatchSettings, collate, ignore_stop_signals
 from lmscale.data.bucketing import fixed_batches, length_buckets
 from lmscale.data.cleaning import clean_text, content_hash
 from lmscale.data.sources import (
@@ -290,6 +290,7 @@ class StreamingBatches:
             self.dataset,
             batch_size=None,
             num_workers=self.num_workers,
+            worker_init_fn=ignore_stop_signals,
             generator=generator,
             pin_memory=torch.cuda.is_available(),
         )
