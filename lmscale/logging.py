@@ -14,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lmscale.config import Config
+from lmscale.method_figures import console_extras
 from lmscale.rundir import RunDir
 
 log = logging.getLogger("lmscale")
@@ -168,7 +169,7 @@ class ProgressLines:
         eta = self.eta_s(step)
         return (
             f"step {step}/{self.total_steps}: loss {metrics['loss']:.4f}, lr {metrics.get('lr', 0):.3e}, "
-            f"{metrics.get('tokens_per_s', 0):,.0f} tokens/s, ETA {format_duration(eta)}"
+            f"{metrics.get('tokens_per_s', 0):,.0f} tokens/s{console_extras(metrics)}, ETA {format_duration(eta)}"
         )
 
 
@@ -228,6 +229,7 @@ SUMMARY_ROWS = [
     ("eval_ppl", "final eval perplexity", "{:.2f}"),
     ("eval_accuracy", "final eval accuracy", "{:.3f}"),
     ("eval_pref_accuracy", "final eval preference accuracy", "{:.3f}"),
+    ("eval_rewards_margin", "final eval reward margin", "{:+.3f}"),
     ("best_eval_loss", "best eval loss", "{:.4f}"),
     ("checkpoint", "checkpoint", "{}"),
 ]

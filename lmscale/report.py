@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from lmscale.errors import LmscaleError
+from lmscale.method_figures import LANGUAGE_MODEL, MethodFigures, Panel, figures_of, method_of
 from lmscale.rundir import RunDir
 
-# The dashboard's panels, in reading order: (title, y label, metric keys, y axis starts at zero).
-# Rates and sizes start at zero so a small wobble does not look like a collapse.
-PANELS: list[tuple[str, str, tuple[str, ...], bool]] = [
-    ("Loss by step", "loss (nats/token)", ("loss", "eval_loss"), False),
-    ("Loss by tokens", "loss (nats/token)", ("loss", "eval_loss"), False),
+# Every run's panels, in reading order: (title, y label, metric keys, y axis starts at zero); the loss
+# panels take the method's loss label, and the method's own panels follow. Rates and sizes start at zero
+# so a small wobble does not look like a collapse.
+PANELS: list[Panel] = [
+    ("Loss by step", LANGUAGE_MODEL.loss_label, ("loss", "eval_loss"), False),
+    ("Loss by tokens", LANGUAGE_MODEL.loss_label, ("loss", "eval_loss"), False),
     ("Learning rate", "lr", ("lr",), True),
     ("Gradient norm", "global L2 norm (before clipping)", ("grad_norm",), True),
     ("Throughput", "real tokens/s (all ranks)", ("tokens_per_s",), True),
@@ -38,8 +40,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Steps, tokens, final and best held-out loss, mean throughput and MFU."""
+def summarize(records: list[dict[str, Any]], figures: MethodFigures = LANGUAGE_MODEL) -> dict[str, Any]:
+    """Steps, tokens, the method's final held-out figures, best held-out loss, mean throughput and MFU."""
     summary: dict[str, Any] = {"steps": max(r["step"] for r in records)}
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -50,8 +52,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         if mfus:
             summary["mean_mfu"] = sum(mfus) / len(mfus)
     if evals:
-        summary["eval_loss"] = evals[-1]["eval_loss"]
-        summary["eval_ppl"] = evals[-1]["eval_ppl"]
+        summary |= {key: evals[-1][key] for key in figures.summary_keys if key in evals[-1]}
         summary["best_eval_loss"] = min(r["eval_loss"] for r in evals)
     return summary
 
@@ -107,8 +108,19 @@ def _add_mfu(axes, records: list[dict[str, Any]]) -> None:
     axes.legend(lines, [line.get_label() for line in lines], loc="best", fontsize="small")
 
 
-def write_dashboard(records: list[dict[str, Any]], out_dir: Path, title: str) -> Path:
-    """Every panel of PANELS in one PNG, `report.png`."""
+def dashboard_panels(figures: MethodFigures) -> list[Panel]:
+    """PANELS with the method's loss label, then the method's own panels."""
+    common = [
+        (title, figures.loss_label, keys, zero) if title.startswith("Loss") else (title, label, keys, zero)
+        for title, label, keys, zero in PANELS
+    ]
+    return common + list(figures.panels)
+
+
+def write_dashboard(
+    records: list[dict[str, Any]], out_dir: Path, title: str, figures: MethodFigures = LANGUAGE_MODEL
+) -> Path:
+    """Every panel of the run's method in one PNG, `report.png`."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -116,8 +128,12 @@ def write_dashboard(records: list[dict[str, Any]], out_dir: Path, title: str) ->
     from matplotlib.ticker import EngFormatter
 
     tokens = tokens_at(records)
-    figure, grid = plt.subplots(2, 4, figsize=(20, 9))
-    for axes, panel in zip(grid.flat, PANELS, strict=True):
+    panels = dashboard_panels(figures)
+    rows = -(-len(panels) // 4)
+    figure, grid = plt.subplots(rows, 4, figsize=(20, 4.5 * rows))
+    for axes in grid.flat[len(panels) :]:
+        axes.set_visible(False)
+    for axes, panel in zip(grid.flat, panels, strict=False):
         by_tokens = panel[0] == "Loss by tokens"
         x_of = (lambda r: tokens[r["step"]]) if by_tokens else (lambda r: r["step"])
         _draw_panel(axes, records, panel, x_of, "tokens seen" if by_tokens else "step")
@@ -138,24 +154,41 @@ def report(run_dir: str, out_dir: str | None = None) -> tuple[dict[str, Any], Pa
     """The run's summary, and its dashboard written to `out_dir` (default: the run dir)."""
     directory = Path(run_dir)
     records = read_metrics(directory)
-    dashboard = write_dashboard(records, Path(out_dir) if out_dir else directory, run_title(directory))
-    return summarize(records), dashboard
+    config, ds_config = saved_configs(directory)
+    figures = figures_of(config)
+    title = run_title(directory, config, ds_config)
+    dashboard = write_dashboard(records, Path(out_dir) if out_dir else directory, title, figures)
+    return summarize(records, figures), dashboard
 
 
-def run_title(directory: Path) -> str:
-    """The run dir, and what was trained how: model, precision, ZeRO stage and any tensor/sequence layout
-    (read from the run's config and DeepSpeed config)."""
+def saved_configs(directory: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The run's config.yaml and DeepSpeed config as dicts; None for each when missing or unreadable
+    (metrics copied without the run's files still make a report)."""
+    import yaml
+
     run = RunDir(directory)
     try:
-        import yaml
-
         config = yaml.safe_load(run.config.read_text())
-        ds_config = json.loads(run.ds_config.read_text())
     except (OSError, ValueError, yaml.YAMLError):
+        config = None
+    try:
+        ds_config = json.loads(run.ds_config.read_text())
+    except (OSError, ValueError):
+        ds_config = None
+    return (config if isinstance(config, dict) else None), (
+        ds_config if isinstance(ds_config, dict) else None
+    )
+
+
+def run_title(directory: Path, config: dict[str, Any] | None, ds_config: dict[str, Any] | None) -> str:
+    """The run dir, and what was trained how: model, method, precision, ZeRO stage and any tensor/sequence
+    layout (read from the run's config and DeepSpeed config)."""
+    if config is None or ds_config is None:
         return str(directory)  # metrics without the run's files: the plots still say whose they are
     model = config.get("model", {})
     parts = [
         str(model.get("path") or model.get("preset")),
+        *([method_of(config)] if method_of(config) != "lm" else []),
         str(config.get("precision")),
         f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}",
     ]

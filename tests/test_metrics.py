@@ -126,6 +126,9 @@ def test_wandb_names_are_grouped_and_progress_lines_are_plain():
     assert (
         line.startswith("step 10/100: loss 3.2100, lr 1.000e-03, 1,234 tokens/s, ETA ") and "\r" not in line
     )
+    dpo = {"loss": 0.6, "lr": 1e-5, "tokens_per_s": 10.0, "pref_accuracy": 0.75, "rewards_margin": 0.123}
+    dpo_line = ProgressLines(total_steps=100, initial_step=0).line(10, dpo)
+    assert "10 tokens/s, pref_acc 0.750, margin +0.123, ETA" in dpo_line
     assert (
         format_duration(3725) == "1h02m" and format_duration(65) == "1m05s" and format_duration(None) == "?"
     )

@@ -96,10 +96,54 @@ def test_report_command(tmp_path):
 
 
 def test_dashboard_title_names_the_model_and_layout(tmp_path):
-    from lmscale.report import run_title
+    from lmscale.report import run_title, saved_configs
 
-    assert run_title(tmp_path) == str(tmp_path)  # metrics only: the directory alone
+    assert run_title(tmp_path, *saved_configs(tmp_path)) == str(tmp_path)  # metrics only: the directory alone
     (tmp_path / "config.yaml").write_text("model:\n  preset: tiny-llama\nprecision: bf16\n")
     ds_config = {"zero_optimization": {"stage": 3}, "sequence_parallel_size": 2}
     (tmp_path / "ds_config.json").write_text(json.dumps(ds_config))
-    assert run_title(tmp_path) == f"{tmp_path} (tiny-llama, bf16, ZeRO-3, sequence 2)"
+    assert (
+        run_title(tmp_path, *saved_configs(tmp_path)) == f"{tmp_path} (tiny-llama, bf16, ZeRO-3, sequence 2)"
+    )
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  preset: tiny-llama\nprecision: bf16\nfinetune:\n  method: dpo\n"
+    )
+    assert (
+        run_title(tmp_path, *saved_configs(tmp_path))
+        == f"{tmp_path} (tiny-llama, dpo, bf16, ZeRO-3, sequence 2)"
+    )
+
+
+def test_report_of_a_dpo_run_shows_its_preference_figures(tmp_path):
+    """A DPO run logs no perplexity: its summary and panels are the method's (preference accuracy, rewards)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [{"step": 0, "eval_loss": 0.69, "eval_pref_accuracy": 0.5, "eval_rewards_margin": 0.0}]
+    for step in range(1, 11):
+        figures = {"loss": 0.69 - step / 100, "tokens_per_s": 10.0, "tokens_seen": step * 10, "lr": 1e-4}
+        figures |= {
+            "pref_accuracy": 0.5 + step / 40,
+            "rewards_chosen": step / 10,
+            "rewards_rejected": -step / 10,
+        }
+        records.append({"step": step, **figures, "rewards_margin": step / 5})
+    records.append({"step": 10, "eval_loss": 0.5, "eval_pref_accuracy": 0.875, "eval_rewards_margin": 1.5})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (tmp_path / "config.yaml").write_text("model:\n  preset: tiny-llama\nfinetune:\n  method: dpo\n")
+    saved = []
+    original = plt.Figure.savefig
+    plt.Figure.savefig = lambda figure, *a, **k: (saved.append(figure), original(figure, *a, **k))[1]
+    try:
+        summary, dashboard = report(str(tmp_path))
+    finally:
+        plt.Figure.savefig = original
+    assert summary["eval_pref_accuracy"] == 0.875 and summary["eval_rewards_margin"] == 1.5
+    assert "eval_ppl" not in summary and summary["eval_loss"] == 0.5
+    panels = {axes.get_title(): axes for axes in saved[0].axes if axes.get_title()}
+    assert panels["Loss by step"].get_ylabel() == "DPO loss (nats/pair)"
+    accuracy = panels["Preference accuracy"]
+    assert [line.get_label() for line in accuracy.get_lines()] == ["pref_accuracy", "eval_pref_accuracy"]
+    assert "rewards_margin" in [line.get_label() for line in panels["Rewards"].get_lines()]
