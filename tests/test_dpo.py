@@ -10,11 +10,11 @@ from conftest import tiny_gpt2_config
 from datasets import Dataset
 from transformers import GPT2LMHeadModel
 
-from lmscale.config import Config, DpoConfig, build_config
+from lmscale.config import Config, DataConfig, DpoConfig, build_config
 from lmscale.data.batches import IGNORE_INDEX, EpochBatches
 from lmscale.data.bucketing import plan_epoch
 from lmscale.data.preferences import encode_preferences, pair_sequences
-from lmscale.data.tasks import PLAIN_CHAT_TEMPLATE, check_problems
+from lmscale.data.tasks import PLAIN_CHAT_TEMPLATE, check_problems, task_format
 from lmscale.dpo import dpo_objective, pair_scores, preference_figures, sequence_logps, with_reference
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.evaluation import ModelForward
@@ -77,13 +77,17 @@ def test_message_list_pairs_with_and_without_a_prompt_render_the_same_prompt(tok
             "share every message but the last",
         ),
         ({"chosen": [{"role": "user", "content": "w1"}], "rejected": []}, "assistant"),
+        ({"prompt": "w1", "chosen": "w2", "rejected": None}, "it has no 'rej' field (data.rejected_field)"),
     ],
 )
 def test_unusable_records_name_their_problem(tokenizer, record, problem):
     rows = encode([record], tokenizer)
-    assert problem in rows["problem"][0]
-    with pytest.raises(ConfigError, match="data.on_bad_record=skip"):
-        check_problems(Dataset.from_dict(rows), "train", "error")
+    fmt = task_format(DataConfig(format="preference", rejected_field="rej"), "causal_lm")
+    with pytest.raises(ConfigError) as error:
+        check_problems(Dataset.from_dict(rows), ["pairs.jsonl line 8"], fmt, "train", "error")
+    message = str(error.value)
+    assert "1 unusable record(s): pairs.jsonl line 8: " in message and problem in message
+    assert "data.prompt_field='prompt', data.chosen_field='chosen', data.rejected_field='rej'" in message
 
 
 def test_a_pair_whose_prompt_fills_the_context_is_dropped():

@@ -1,5 +1,7 @@
 """Fine-tuning pieces without processes: unfreezing schedule, prompt masking, labels, LoRA wrapping, config."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -220,10 +222,24 @@ def test_a_bad_instruction_record_is_named_or_skipped(tmp_path):
     config = DataConfig(
         path=str(path), format="prompt_completion", cache_dir=str(tmp_path / "c"), vocab_size=300
     )
-    with pytest.raises(
-        ConfigError, match=r"1 unusable record\(s\) \(record \d+: .*completion non-empty.*on_bad_record=skip"
-    ):
+    with pytest.raises(ConfigError) as error:
         prepare_data(config)
+    # the file's own line (records are shuffled and split before they are checked), and every field key
+    assert f"1 unusable record(s): {path} line 8: prompt and completion must be strings" in str(error.value)
+    assert "data.prompt_field='prompt', data.completion_field='completion'" in str(error.value)
+    assert str(error.value).endswith("fix the record(s), or set data.on_bad_record=skip")
+    del records[4]["completion"]  # a record without a field names it, at its line
+    records.insert(2, {"prompt": "a", "completion": "b"})
+    path.write_text(
+        "\n".join(json.dumps(r) for r in records[:3]) + "\n\n" + "\n".join(json.dumps(r) for r in records[3:])
+    )
+    with pytest.raises(ConfigError) as error:
+        prepare_data(config)
+    message = str(error.value)
+    assert (
+        "2 unusable record(s): " + f"{path} line 7: it has no 'completion' field (data.completion_field)"
+        in message
+    )
     skipped = prepare_data(config.model_copy(update={"on_bad_record": "skip"}))
     assert len(skipped.train) + len(skipped.eval) == 59
 

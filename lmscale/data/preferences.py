@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from lmscale.data.tasks import chat_problem, chat_prompt_and_completion, instruction_sequence
+from lmscale.data.tasks import chat_problem, chat_prompt_and_completion, instruction_sequence, missing_field
 
 EMPTY_PAIR = {"input_ids": [], "rejected_ids": [], "prompt_len": 0, "length": 0, "tokens": 0, "targets": 0}
 
@@ -33,6 +33,9 @@ def conversations(prompt, chosen: list, rejected: list) -> tuple[list, list] | s
 
 def pair_texts(prompt, chosen, rejected, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, str] | str:
     """(prompt, chosen reply, rejected reply) as text, or why the record cannot be used."""
+    absent = missing_field({"chosen": chosen, "rejected": rejected})
+    if absent:
+        return absent
     if isinstance(chosen, list) and isinstance(rejected, list):
         whole = conversations(prompt, chosen, rejected)
         if isinstance(whole, str):

@@ -187,6 +187,37 @@ def load_table(source: Path, config: DataConfig, cache_dir: str, fields: list[st
         ) from None
 
 
+def record_origins(source: Path, count: int, fields: list[str]) -> list[str]:
+    """Where each of `count` records loaded from `source` is in it, as a person finds it: the 1-based line
+    of a jsonl or csv file, else the 1-based record number (records are shuffled and mixed before they are
+    checked, so a position in the dataset would name the wrong record)."""
+    if source.is_file() and source.suffix == ".jsonl":
+        lines = _record_lines(source, count, fields)
+        if len(lines) == count:
+            return [f"{source} line {n}" for n in lines]
+    if source.is_file() and source.suffix == ".csv":
+        return [f"{source} line {n + 2}" for n in range(count)]  # line 1 is the header
+    return [f"{source} record {n + 1}" for n in range(count)]
+
+
+def _record_lines(path: Path, count: int, fields: list[str]) -> list[int]:
+    """Line numbers of a jsonl file's `count` records: its non-blank lines, or, when malformed lines were
+    skipped (`_good_json_records`), the lines that are objects holding every field."""
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        lines = [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+    if len(lines) == count:
+        return [number for number, _ in lines]
+    kept = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and all(f in record for f in fields):
+            kept.append(number)
+    return kept
+
+
 def is_table(source: Path) -> bool:
     return is_disk_dataset(source) or (source.is_file() and source.suffix in LOADERS)
 

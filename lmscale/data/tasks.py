@@ -18,13 +18,13 @@ from transformers import PreTrainedTokenizerBase
 
 from lmscale.config import DataConfig
 from lmscale.data.sources import (
-    BAD_LINES_SHOWN,
     existing_source,
     is_hub_dataset,
     is_table,
     load_documents,
     load_hub_dataset,
     load_table,
+    record_origins,
 )
 from lmscale.data.tokenize import tokenizer_digest
 from lmscale.errors import ConfigError
@@ -39,6 +39,16 @@ PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+
+
+ORIGIN = "origin"  # a record's column naming its file and line, for errors about it
+MISSING = "missing: "  # a problem that names the record field a record lacks
+
+
+def missing_field(values: dict[str, object]) -> str | None:
+    """The problem of a record lacking one of `values` ({field name here: value}), or None."""
+    absent = [name for name, value in values.items() if value is None]
+    return f"{MISSING}{absent[0]}" if absent else None
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,13 @@ def record_loader(fmt: TaskFormat):
             )
         present = {k: v for k, v in fmt.fields.items() if k in records.column_names}
         records = records.select_columns(list(present))
-        return records.rename_columns({k: v for k, v in present.items() if k != v})
+        records = records.rename_columns({k: v for k, v in present.items() if k != v})
+        origins = (
+            [f"{path} record {n + 1}" for n in range(len(records))]
+            if is_hub_dataset(path)
+            else record_origins(source, len(records), list(fmt.fields))
+        )
+        return records.add_column(ORIGIN, origins)
 
     return load
 
@@ -133,6 +149,8 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
 
 def chat_problem(messages) -> str | None:
     """Why a chat record cannot be trained on, or None."""
+    if messages is None:
+        return f"{MISSING}messages"
     if not isinstance(messages, list) or not messages:
         return "messages is not a non-empty list"
     if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
@@ -177,7 +195,9 @@ def encode_instructions(batch: dict, fmt: TaskFormat, tokenizer, max_seq_len: in
         else:
             prompt, completion = batch["prompt"][i], batch["completion"][i]
             ok = isinstance(prompt, str) and isinstance(completion, str) and completion.strip()
-            problem = None if ok else "prompt and completion must be strings, the completion non-empty"
+            problem = missing_field({"prompt": prompt, "completion": completion}) or (
+                None if ok else "prompt and completion must be strings, the completion non-empty"
+            )
         sequence = None
         if problem is None:
             encoded = tokenizer([prompt, completion], add_special_tokens=False)["input_ids"]
@@ -195,12 +215,17 @@ def encode_labelled(batch: dict, tokenizer, max_seq_len: int, label_ids: dict) -
     encoded = tokenizer([str(t) for t in batch["text"]], add_special_tokens=False)["input_ids"]
     ids = [[*e, tokenizer.eos_token_id][:max_seq_len] for e in encoded]
     labels = [label_ids.get(str(label), -1) for label in batch["label"]]
+    problems = [
+        missing_field({"text": text, "label": label})
+        or ("" if label_id >= 0 else "label is not one of the training labels")
+        for text, label, label_id in zip(batch["text"], batch["label"], labels, strict=True)
+    ]
     return {
         "input_ids": ids,
         "length": [len(i) for i in ids],
         "targets": [1] * len(ids),
         "label": labels,
-        "problem": ["" if label >= 0 else "label is not one of the training labels" for label in labels],
+        "problem": problems,
     }
 
 
@@ -223,19 +248,45 @@ def label_names(train: Dataset, num_labels: int | None) -> list[str]:
     return names
 
 
-def check_problems(sequences: Dataset, split: str, on_bad_record: str) -> Dataset:
-    """Stop on (or drop and count) records that could not become a sequence; too-long ones are dropped."""
+def file_order(origin: str) -> tuple[str, int]:
+    """Sort key of an origin ("PATH line N" / "PATH record N"): by file, then by number."""
+    where, number = origin.rsplit(" ", 1)
+    return where, int(number)
+
+
+def describe_problem(problem: str, fmt: TaskFormat) -> str:
+    """A record's problem in the user's terms: a missing field by the name it is read from."""
+    if not problem.startswith(MISSING):
+        return problem
+    name = problem.removeprefix(MISSING)
+    column = next((c for c, n in fmt.fields.items() if n == name), name)
+    return f"it has no {column!r} field (data.{name}_field)"
+
+
+def fields_read(fmt: TaskFormat) -> str:
+    return ", ".join(f"data.{name}_field={column!r}" for column, name in fmt.fields.items())
+
+
+def check_problems(
+    sequences: Dataset, origins: list[str], fmt: TaskFormat, split: str, on_bad_record: str
+) -> Dataset:
+    """Stop on (or drop and count) records that could not become a sequence; too-long ones are dropped.
+    `origins` names each record's file and line, in the order of `sequences`."""
     problems = sequences["problem"]
     too_long = [i for i, p in enumerate(problems) if p == "too long"]
-    bad = [i for i, p in enumerate(problems) if p and p != "too long"]
+    bad = sorted(
+        (i for i, p in enumerate(problems) if p and p != "too long"), key=lambda i: file_order(origins[i])
+    )
+    if bad:
+        first = f"{origins[bad[0]]}: {describe_problem(problems[bad[0]], fmt)}"
+        others = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
     if bad and on_bad_record == "error":
-        shown = ", ".join(str(i) for i in bad[:BAD_LINES_SHOWN])
         raise ConfigError(
-            f"the {split} data has {len(bad)} unusable record(s) (record {shown}: {problems[bad[0]]}): "
-            "fix them, or set data.on_bad_record=skip"
+            f"the {split} data has {len(bad)} unusable record(s): {first}{others} (fields read: "
+            f"{fields_read(fmt)}): fix the record(s), or set data.on_bad_record=skip"
         )
     if bad:
-        log.warning("data/%s: skipped %d unusable record(s) (%s)", split, len(bad), problems[bad[0]])
+        log.warning("data/%s: skipped %d unusable record(s), first %s", split, len(bad), first)
     if too_long:
         log.warning(
             "data/%s: dropped %d record(s) whose prompt leaves no completion token within data.max_seq_len",
@@ -279,7 +330,7 @@ def tokenize_records(
         new_fingerprint=fingerprint,
         desc=f"tokenizing {fmt.name}",
     )
-    sequences = check_problems(sequences, split, config.on_bad_record)
+    sequences = check_problems(sequences, records[ORIGIN], fmt, split, config.on_bad_record)
     if len(sequences) == 0:
         raise ConfigError(f"the {split} data has no usable {fmt.name} records: check data.path")
     return sequences
