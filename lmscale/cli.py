@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -552,6 +553,17 @@ HF_LIBRARIES_USED = {"plan": (), "config": (), "schedule": (), "report": ()}  # 
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run_command(argv)
+    except BrokenPipeError:
+        # The reader went away (`lmscale config keys | head`): what it read is what it wanted. Point
+        # stdout at /dev/null so the interpreter's final flush cannot raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    """Parse the command line and run its subcommand; an LmscaleError becomes one line and its exit code."""
     args = parse_args(argv)  # first: --help and --version need no torch (it takes most of a second to import)
     from lmscale.engine import select_accelerator
 

@@ -222,3 +222,18 @@ def test_importing_lmscale_does_no_work():
     )
     # and the CLI itself imports no torch, so `lmscale --help` is quick
     assert result.stdout.split() == ["False", "False", "False"], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv", [["config", "keys"], ["--help"]])
+def test_a_closed_pipe_ends_the_output_quietly(argv):
+    """`lmscale config keys | head`: the reader leaves early; no BrokenPipeError traceback, exit 0."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    command = [sys.executable, "-m", "lmscale.cli", *argv]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # closed before the first write: every write meets a closed pipe
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and b"Traceback" not in stderr, stderr.decode()[-2000:]
