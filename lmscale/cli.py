@@ -280,14 +280,16 @@ def _schedule(args: argparse.Namespace) -> int:
     marks = sorted(
         {
             0,
-            config.schedule.warmup_steps,
+            config.schedule.warmup_for(config.train.max_steps),
             len(curve) // 4,
             len(curve) // 2,
             3 * len(curve) // 4,
             len(curve) - 1,
         }
     )
-    print(f"{config.schedule.name} schedule, {len(curve)} steps, warm-up {config.schedule.warmup_steps}:")
+    print(
+        f"{config.schedule.name} schedule, {len(curve)} steps, warm-up {config.schedule.warmup_for(len(curve))}:"
+    )
     for step in marks:
         print(f"  step {step + 1:>8}: lr {curve[step]:.3e}")
     if args.plot:

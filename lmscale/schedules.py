@@ -105,7 +105,8 @@ SCHEDULES: dict[str, Callable[[int, int, float, ScheduleConfig], float]] = {
 def lr_at(step: int, config: Config) -> float:
     """LR of optimizer step `step` (0-based): a linear warm-up to optim.lr (to the first piecewise value
     for `piecewise`, whose points are absolute steps), then schedule.name over the steps after it."""
-    s, lr, max_steps = config.schedule, config.optim.lr, config.train.max_steps
+    lr, max_steps = config.optim.lr, config.train.max_steps
+    s = config.schedule.settled(lr, max_steps)
     after = SCHEDULES[s.name]
     if s.name == "piecewise":
         target = after(max(step - s.warmup_steps, 0), 0, lr, s)

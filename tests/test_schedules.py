@@ -33,6 +33,21 @@ def test_constant_linear_and_cosine():
     assert cosine[60] == pytest.approx(0.55) and lr_at(110, lr_config()) == pytest.approx(0.1)
 
 
+def test_min_lr_ratio_and_warmup_fraction_scale_with_the_run():
+    """A fine-tune of a recipe: the floor follows the LR and the warm-up the run's length."""
+    values = lr_curve(lr_config(lr=3e-4, max_steps=20, min_lr=2e-4, warmup_steps=25, min_lr_ratio=0.1,
+                                warmup_fraction=0.1))  # fmt: skip
+    assert values[:2] == pytest.approx([1.5e-4, 3e-4])  # 2 warm-up steps, not the recipe's 25
+    assert lr_at(
+        20, lr_config(lr=3e-4, max_steps=20, min_lr_ratio=0.1, warmup_fraction=0.1)
+    ) == pytest.approx(3e-5)
+    assert min(values) > 3e-5 and values[-1] < 0.2 * 3e-4
+    # without them the recipe's floor is most of the peak, and its warm-up refuses a 20-step run
+    assert lr_at(20, lr_config(lr=3e-4, max_steps=20, min_lr=2e-4, warmup_steps=2)) == pytest.approx(2e-4)
+    with pytest.raises(ConfigError, match="schedule.warmup_fraction"):
+        lr_config(lr=3e-4, max_steps=20, warmup_steps=25)
+
+
 def test_cosine_restarts_jump_back_to_the_peak_with_growing_cycles():
     values = curve(name="cosine_restarts", restart_period=20, restart_mult=2.0)
     assert values[10] == values[30] == values[70] == pytest.approx(1.0)  # cycles of 20, then 40

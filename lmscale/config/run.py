@@ -40,45 +40,45 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
-    def _check_lr_plan(self) -> Config:
-        problems = []
-        if self.schedule.min_lr > self.optim.lr:
-            problems.append(
-                f"schedule.min_lr={self.schedule.min_lr} exceeds optim.lr={self.optim.lr}: set min_lr <= lr"
-            )
-        steps, warmup = self.train.max_steps, self.schedule.warmup_steps
-        if steps is not None and warmup >= steps:
-            problems.append(
-                f"schedule.warmup_steps={warmup} is not below train.max_steps={steps}: shorten the warm-up"
-            )
+    def _check_across_sections(self) -> Config:
+        """Every rule that spans sections, all reported at once (one fix per run, not one per try)."""
+        problems = lr_plan_problems(self)
+        problems += tensor_parallel_problems(self) + sequence_parallel_problems(self)
+        problems += task_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
-    @model_validator(mode="after")
-    def _check_parallel(self) -> Config:
-        problems = tensor_parallel_problems(self) + sequence_parallel_problems(self)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
 
-    @model_validator(mode="after")
-    def _check_task(self) -> Config:
-        if self.finetune.method == "dpo" or self.data.format == "preference":
-            problems = dpo_problems(self)
-            if problems:
-                raise ValueError("; ".join(problems))
-        if self.finetune.task != "classification":
-            return self
-        if self.data.format != "text":
-            raise ValueError(
-                f"finetune.task=classification reads data.text_field and data.label_field, so data.format must "
-                f"be text (got {self.data.format})"
-            )
-        problems = whole_record_problems(self.data, "finetune.task=classification")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+def lr_plan_problems(config: Config) -> list[str]:
+    problems = []
+    schedule, lr, steps = config.schedule, config.optim.lr, config.train.max_steps
+    if schedule.floor_lr(lr) > lr:
+        problems.append(
+            f"schedule.min_lr={schedule.min_lr} exceeds optim.lr={lr}: set min_lr <= lr, "
+            "or schedule.min_lr_ratio (e.g. 0.1) for a floor that follows the LR"
+        )
+    warmup = schedule.warmup_for(steps)
+    if steps is not None and warmup >= steps:
+        problems.append(
+            f"schedule.warmup_steps={warmup} is not below train.max_steps={steps}: shorten the warm-up, "
+            "or set schedule.warmup_fraction (e.g. 0.05) for one that scales with the run"
+        )
+    return problems
+
+
+def task_problems(config: Config) -> list[str]:
+    problems = []
+    if config.finetune.method == "dpo" or config.data.format == "preference":
+        problems += dpo_problems(config)
+    if config.finetune.task != "classification":
+        return problems
+    if config.data.format != "text":
+        return problems + [
+            f"finetune.task=classification reads data.text_field and data.label_field, so data.format must "
+            f"be text (got {config.data.format})"
+        ]
+    return problems + whole_record_problems(config.data, "finetune.task=classification")
 
 
 def dpo_problems(config: Config) -> list[str]:

@@ -118,7 +118,19 @@ class ScheduleConfig(Section):
     min_lr: float = Field(
         2e-4, ge=0, description="Floor of linear/cosine/exponential/wsd decays and of cyclic's low point."
     )
+    min_lr_ratio: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Floor as a fraction of optim.lr (e.g. 0.1); when set it replaces min_lr (fine-tuning LRs).",
+    )
     warmup_steps: int = Field(25, ge=0, description="Steps of linear warm-up from 0 to optim.lr.")
+    warmup_fraction: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Warm-up as a fraction of the run's steps (e.g. 0.05); when set it replaces warmup_steps.",
+    )
     restart_period: int = Field(100, ge=1, description="cosine_restarts: steps of the first cycle.")
     restart_mult: float = Field(
         1.0, ge=1, description="cosine_restarts: each cycle is this many times longer."
@@ -139,6 +151,25 @@ class ScheduleConfig(Section):
     decay_fraction: float = Field(
         0.2, gt=0, le=1, description="wsd: fraction of the post-warm-up steps spent decaying to min_lr."
     )
+
+    def floor_lr(self, lr: float) -> float:
+        """The decays' floor for a peak LR of `lr`: min_lr, or min_lr_ratio x lr when that is set."""
+        return self.min_lr if self.min_lr_ratio is None else self.min_lr_ratio * lr
+
+    def warmup_for(self, max_steps: int | None) -> int:
+        """Warm-up steps of a run of `max_steps`: warmup_steps, or warmup_fraction of the run when set
+        (a fraction needs the step count: 0 until it is known)."""
+        if self.warmup_fraction is None:
+            return self.warmup_steps
+        return int(self.warmup_fraction * max_steps) if max_steps else 0
+
+    def settled(self, lr: float, max_steps: int) -> ScheduleConfig:
+        """A copy whose min_lr and warmup_steps are the values this run uses (the fractions applied)."""
+        if self.min_lr_ratio is None and self.warmup_fraction is None:
+            return self
+        return self.model_copy(
+            update={"min_lr": self.floor_lr(lr), "warmup_steps": self.warmup_for(max_steps)}
+        )
 
     @model_validator(mode="after")
     def _check_points(self) -> ScheduleConfig:
