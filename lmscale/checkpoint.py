@@ -30,6 +30,7 @@ import torch.distributed as dist
 from filelock import FileLock
 
 from lmscale import faults
+from lmscale.atomic import fsync_directory, write_atomically
 from lmscale.engine import any_rank, cpu_group
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.rundir import RunDir
@@ -75,19 +76,7 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    with temporary.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    fsync_directory(directory)
 
 
 def save_checkpoint(
@@ -135,6 +124,8 @@ def save_checkpoint(
         faults.while_saving(step, rank)
     except OSError as exc:
         failure = exc
+    except RuntimeError as exc:
+        failure = torch_write_failure(exc, partial)
     if any_rank(failure is not None):  # also the barrier: every rank has written its files
         abandon_partial(partial, rank, step, directory, failure)
     checksums = file_checksums(partial, rank, dist.get_world_size())
@@ -155,11 +146,25 @@ def save_checkpoint(
             "sequence": sequence or int(getattr(engine, "sequence_parallel_size", 1)),
             "files": files,
         }
-        _write_atomically(RunDir.complete_marker(final), json.dumps(meta) + "\n")
-        _write_atomically(run.latest, tag)  # the pointer moves last
+        write_atomically(RunDir.complete_marker(final), json.dumps(meta) + "\n")
+        write_atomically(run.latest, tag)  # the pointer moves last
         prune_checkpoints(directory, keep_last)
     dist.barrier()
     return directory / tag
+
+
+# torch.save reports a failed write from its C++ zip writer as a RuntimeError, not an OSError.
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container.cc", "file write failed")
+
+
+def torch_write_failure(exc: RuntimeError, partial: Path) -> OSError:
+    """The OSError behind torch.save's RuntimeError: ENOSPC when the disk is (nearly) full, else EIO.
+    Any other RuntimeError is not a write failure, and is raised again."""
+    if not any(marker in str(exc) for marker in TORCH_WRITE_FAILURES):
+        raise exc
+    full = shutil.disk_usage(partial.parent).free < 1 << 20
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code), str(partial))
 
 
 def abandon_partial(partial: Path, rank: int, step: int, directory: Path, failure: OSError | None) -> None:
@@ -235,7 +240,7 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
 
 def mark_best(output_dir: Path, step: int) -> None:
     """Record the checkpoint of `step` as the best so far by eval loss (rank 0)."""
-    _write_atomically(RunDir(output_dir).best, checkpoint_tag(step))
+    write_atomically(RunDir(output_dir).best, checkpoint_tag(step))
 
 
 def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:

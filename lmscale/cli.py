@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmscale import __version__
-from lmscale.errors import LmscaleError
+from lmscale.errors import LmscaleError, is_write_failure, write_failure_line
 from lmscale.logging import configure_console
 from lmscale.resources import find_file
 
@@ -594,6 +594,11 @@ def run_command(argv: list[str] | None = None) -> int:
             raise
         tqdm.write(f"lmscale: error: {exc}", file=sys.stderr)  # clears an open progress bar line first
         return exc.exit_code
+    except OSError as exc:  # a full disk or a read-only place (report --out, export --out, a run's files)
+        if args.debug or not is_write_failure(exc):
+            raise
+        tqdm.write(f"lmscale: error: {write_failure_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

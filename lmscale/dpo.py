@@ -10,7 +10,7 @@ sigmoid and hinge on summed log-ratios, IPO on per-token mean log-ratios.
 from __future__ import annotations
 
 import contextlib
-import os
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lmscale.atomic import write_atomically
 from lmscale.config import DpoConfig
 from lmscale.data.batches import IGNORE_INDEX, Batch, BatchStream
 from lmscale.data.bucketing import FILLER
@@ -176,10 +177,9 @@ def with_reference(pairs, table: np.ndarray, split: str):
 
 def save_reference(path: Path, tables: dict[str, np.ndarray]) -> None:
     """Written whole or not at all (a crash mid-write must not leave a run that resumes against garbage)."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
-        np.savez(handle, **tables)
-    os.replace(partial, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **tables)
+    write_atomically(path, buffer.getvalue())
 
 
 def load_reference(path: Path) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lmscale.atomic import write_atomically
 from lmscale.config import Config, saved_config
 from lmscale.data import prepare_held_out
 from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
@@ -201,7 +202,7 @@ def harness_scores(
     saved = RunDir(target).harness_results(pick_checkpoint(target, None).name)
     saved.parent.mkdir(parents=True, exist_ok=True)
     record = {"harness": table, "limit": limit, "num_fewshot": num_fewshot, "include_path": include_path}
-    saved.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    write_atomically(saved, json.dumps(record, indent=1) + "\n")
     return table, saved
 
 

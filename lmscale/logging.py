@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lmscale.atomic import write_atomically
 from lmscale.config import Config
 from lmscale.method_figures import console_extras
 from lmscale.rundir import RunDir
@@ -265,7 +266,7 @@ def wandb_run_id(output_dir: Path) -> str:
     if path.is_file():
         return path.read_text(encoding="utf-8").strip()
     run_id = secrets.token_hex(8)
-    path.write_text(run_id + "\n", encoding="utf-8")
+    write_atomically(path, run_id + "\n")
     return run_id
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from lmscale.atomic import write_atomically
 from lmscale.config import Config
 from lmscale.parallel import ulysses_split_problems
 
@@ -146,9 +147,7 @@ def write_facts_cache(path: Path, facts: ModelFacts) -> None:
     """Best effort (a read-only home only costs the next plan its speed), and atomic: written aside, renamed."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(asdict(facts)))
-        partial.replace(path)
+        write_atomically(path, json.dumps(asdict(facts)))
     except OSError:
         pass
 

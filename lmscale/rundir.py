@@ -7,14 +7,15 @@ No other module spells a run directory's file names: they ask a RunDir.
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
+from lmscale.atomic import write_atomically
 from lmscale.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -135,8 +136,21 @@ def check_output_dir(output_dir: Path, force: bool, resume: str) -> None:
         raise ConfigError(
             f"output_dir={output_dir} is inside {probe}, which is a file: choose a directory path"
         )
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"output_dir={output_dir} is not writable: choose a directory you can write to")
+    problem = cannot_create_in(probe)
+    if problem:
+        raise ConfigError(
+            f"output_dir={output_dir} cannot be written ({problem} in {probe}): choose a directory you can write to"
+        )
+
+
+def cannot_create_in(directory: Path) -> str | None:
+    """Why nothing can be created in `directory`, found by creating (and removing) an empty directory
+    there: os.access says yes to root on a read-only filesystem, /proc or /sys."""
+    try:
+        Path(tempfile.mkdtemp(dir=directory, prefix=".lmscale-probe-")).rmdir()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
 
 
 def check_resume_compatible(output_dir: Path, config: Config) -> None:
@@ -197,15 +211,15 @@ def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: b
             path.unlink(missing_ok=True)
         shutil.rmtree(run.checkpoints, ignore_errors=True)
     run.finished.unlink(missing_ok=True)  # this run is not finished until it says so
-    run.config.write_text(config_to_yaml(config), encoding="utf-8")
+    write_atomically(run.config, config_to_yaml(config))
     if forced or not run.data_fingerprint.is_file():  # a resume keeps the start's fingerprint
         write_fingerprint(run.data_fingerprint, config.data)
-    run.ds_config.write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+    write_atomically(run.ds_config, json.dumps(ds_config, indent=2) + "\n")
 
 
 def write_labels(output_dir: Path, labels: list[str] | None) -> None:
     if labels is not None:
-        RunDir(output_dir).labels.write_text(json.dumps(labels) + "\n", encoding="utf-8")
+        write_atomically(RunDir(output_dir).labels, json.dumps(labels) + "\n")
 
 
 def read_labels(output_dir: Path) -> list[str] | None:
@@ -214,9 +228,7 @@ def read_labels(output_dir: Path) -> list[str] | None:
 
 
 def mark_finished(output_dir: Path, step: int, reason: str) -> None:
-    RunDir(output_dir).finished.write_text(
-        json.dumps({"step": step, "reason": reason}) + "\n", encoding="utf-8"
-    )
+    write_atomically(RunDir(output_dir).finished, json.dumps({"step": step, "reason": reason}) + "\n")
 
 
 def truncate_metrics(output_dir: Path, last_step: int) -> None:
@@ -231,6 +243,4 @@ def truncate_metrics(output_dir: Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             continue  # a line cut by the crash
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, "".join(f"{line}\n" for line in kept))

@@ -112,8 +112,12 @@ class RunLock:
                 if existing == read_holder(self.path):  # no one else took it over meanwhile
                     self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(holder.__dict__, handle)
+            try:
+                with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                    json.dump(holder.__dict__, handle)
+            except OSError as exc:  # a full disk: leave no empty lock behind, and name the file
+                self.path.unlink(missing_ok=True)
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
             self.held = True
             return
         check_unlocked(self.path.parent)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
+from lmscale.atomic import write_atomically
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.launch import LAUNCHER_SCRIPT
 from lmscale.resources import resource
@@ -107,13 +108,13 @@ def submit(job: SlurmJob, script: str) -> str:
     slurm_dir = RunDir(job.run_dir).slurm
     slurm_dir.mkdir(parents=True, exist_ok=True)  # sbatch writes the job's log here
     path = slurm_dir / "lmscale.sbatch"
-    path.write_text(script, encoding="utf-8")
+    write_atomically(path, script)
     result = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         reason = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
         raise LmscaleError(f"sbatch refused {path}: {reason}")
     job_id = result.stdout.strip().split(";")[0]
-    (slurm_dir / JOB_ID_FILE).write_text(job_id + "\n", encoding="utf-8")
+    write_atomically(slurm_dir / JOB_ID_FILE, job_id + "\n")
     return job_id
 
 

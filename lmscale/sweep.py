@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmscale.atomic import write_atomically
 from lmscale.config import Config, config_to_yaml, flatten, load_config
 from lmscale.errors import ConfigError
 from lmscale.rundir import RunDir
@@ -299,7 +300,7 @@ def write_results(study, spec: SweepSpec, sweep_dir: Path) -> None:
     config, _ = load_config(
         spec.base, overrides_for(spec, best.params, sweep_dir / f"trial_{best.number:03d}")
     )
-    (sweep_dir / "best.yaml").write_text(config_to_yaml(config), encoding="utf-8")
+    write_atomically(sweep_dir / "best.yaml", config_to_yaml(config))
     print(
         f"best: trial {best.number}, {spec.metric} {best.value:.4f}, {best.params}; config {sweep_dir / 'best.yaml'}"
     )

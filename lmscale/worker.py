@@ -28,7 +28,7 @@ from lmscale.data.epoch import batch_line, step_figures, steps_to_train, stop_ke
 from lmscale.data.streaming import StreamingBatches, StreamSettings
 from lmscale.dpo import dpo_objective, load_reference, reference_logps, save_reference, with_reference
 from lmscale.engine import select_accelerator
-from lmscale.errors import ConfigError, LmscaleError
+from lmscale.errors import ConfigError, LmscaleError, is_write_failure, write_failure_line
 from lmscale.finetune import Unfreezing, all_joined_step, is_joined
 from lmscale.fused_head import fused_head_problem, install_fused_head
 from lmscale.harness import flat_metrics, run_harness
@@ -445,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not is_lost_peer(exc):
             raise
         tqdm.write(f"lmscale: error: {lost_peer_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk or a read-only place, met after the start-up checks
+        if args.debug or not is_write_failure(exc):
+            raise
+        tqdm.write(f"lmscale: error: {write_failure_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -4,6 +4,7 @@ line and a non-zero exit, leaves the last complete checkpoint intact, and the sa
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +160,53 @@ def test_ctrl_c_under_launch_saves_a_checkpoint_and_the_same_command_resumes(tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing from" in resumed.stderr and stopped_at in resumed.stderr
     assert latest(out) == "step_00000030"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 100 MiB filesystem (tmpfs) that a run can fill; skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_really_full_disk_keeps_the_run_resumable(small_disk, cache_dir):
+    """The disk fills while a checkpoint is written, and is still full at the next start: each is one line,
+    the run directory stays an lmscale run with its newest complete checkpoint, and it resumes once there
+    is space."""
+    out = small_disk / "run"
+
+    def train():
+        return run_lmscale(
+            "train", f"output_dir={out}", f"data.cache_dir={cache_dir}", *ARGS, "train.max_steps=12"
+        )
+
+    result = train()  # each checkpoint of the tiny model takes ~45 MB: the third does not fit
+    (line,) = error_lines(result)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "no space left on" in line and "the checkpoint of step 4 is intact" in line
+    assert latest(out) == "step_00000004" and not list((out / "checkpoints").glob("*.partial"))
+    filler = small_disk / "filler"
+    with filler.open("wb") as handle:  # fill what is left
+        while True:
+            try:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+            except OSError:
+                break
+    result = train()
+    (line,) = error_lines(result)
+    assert result.returncode == 1 and "No space left on device" in line and "Traceback" not in result.stderr
+    assert "model:" in (out / "config.yaml").read_text() and not (out / "lmscale.lock").exists()
+    filler.unlink()
+    shutil.rmtree(out / "checkpoints" / "step_00000002")  # the user frees space
+    result = train()
+    assert "step_00000004 (step 4)" in result.stderr, result.stderr[-3000:]

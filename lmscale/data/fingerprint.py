@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from lmscale.atomic import write_atomically
 from lmscale.config import DataConfig
 from lmscale.data.sources import directory_files, is_disk_dataset, is_hub_dataset
 
@@ -66,7 +67,7 @@ def changed_data(saved: dict[str, dict], now: dict[str, dict]) -> str | None:
 
 
 def write_fingerprint(path: Path, config: DataConfig) -> None:
-    path.write_text(json.dumps(data_fingerprint(config), indent=1) + "\n", encoding="utf-8")
+    write_atomically(path, json.dumps(data_fingerprint(config), indent=1) + "\n")
 
 
 def read_fingerprint(path: Path) -> dict[str, dict] | None:
