@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -28,6 +29,19 @@ def run(*command, cwd=None):
     return result
 
 
+def share_site_packages(python) -> None:
+    """Let the venv of `python` import what this interpreter has installed, wherever that is (a venv of its
+    own, a user site, the system's): one path per line of a .pth file. --system-site-packages would give the
+    base interpreter's packages only, which lack the dependencies when the tests run inside a venv. The
+    directories' own .pth files are not read, so an editable install of the checkout stays invisible."""
+    import site
+
+    directories = [*site.getsitepackages(), site.getusersitepackages()]
+    inner = run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    lines = [d for d in dict.fromkeys(directories) if os.path.isdir(d)]
+    (Path(inner) / "outer_site_packages.pth").write_text("\n".join(lines) + "\n")
+
+
 def test_wheel_carries_its_files_and_slurm_submit_works_from_it(tmp_path):
     # No build isolation: the build needs only setuptools, which the test environment has.
     run(
@@ -49,10 +63,11 @@ def test_wheel_carries_its_files_and_slurm_submit_works_from_it(tmp_path):
         in_repo = {f"lmscale/resources/{pattern}{p.name}" for p in (REPO / pattern).iterdir()}
         assert shipped <= in_repo and shipped, pattern  # real files, the same as the repository's
 
-    # Installed into a fresh environment that sees the same dependencies but not the source tree.
+    # Installed into a fresh environment that sees this interpreter's dependencies but not the source tree.
     venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", "--system-site-packages", str(venv))
+    run(sys.executable, "-m", "venv", str(venv))
     python = venv / "bin" / "python"
+    share_site_packages(python)
     run(str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
