@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmscale import __version__
-from lmscale.errors import LmscaleError, is_write_failure, write_failure_line
+from lmscale.errors import ConfigError, LmscaleError, is_write_failure, write_failure_line
 from lmscale.logging import configure_console
 from lmscale.resources import find_file
 
@@ -206,14 +206,17 @@ def _launch(args: argparse.Namespace) -> int:
     from lmscale.checkpoint import find_resume_checkpoint
     from lmscale.engine import free_port, has_gpu
     from lmscale.logging import configure_console
-    from lmscale.preflight import resolve_run_config
+    from lmscale.preflight import launch_problems, resolve_run_config
     from lmscale.runlock import check_unlocked
 
     configure_console(is_rank_zero=True)
     config_path, overrides = split_config_and_overrides(args)
     node, world_size = _launch_topology(args)
-    # Validate here, once, so a bad config fails before any rank starts.
+    # Validate here, once, so a bad config fails before any rank starts (and not once per rank, late).
     config, _ = resolve_run_config(config_path, overrides, world_size, has_gpu())
+    problems = launch_problems(config, world_size)
+    if problems:
+        raise ConfigError("; ".join(problems))
     rundir.check_output_dir(Path(config.output_dir), args.force, config.checkpoint.resume)
     check_unlocked(Path(config.output_dir))
     if not args.force:

@@ -114,30 +114,38 @@ def split_problems(model_config: Any, tensor: int) -> list[str]:
 
 def model_split_problems(model: Any, layout: Layout) -> list[str]:
     """Everything about the built model that rules out the layout's split, before DeepSpeed tries it."""
-    if layout.group > 1 and getattr(model.config, "num_experts_per_tok", None):
+    if (
+        layout.tensor > 1
+        and not autotp_splits(model)
+        and not getattr(model.config, "num_experts_per_tok", None)
+    ):
         return [
-            f"{model.config.model_type} is a mixture-of-experts model: lmscale trains those with data parallelism "
+            f"parallel.tensor={layout.tensor}: DeepSpeed AutoTP cannot split {model.config.model_type} models: "
+            "use a family with a tensor-parallel plan (e.g. model.preset=tiny-llama or a Llama/Mistral/Qwen "
+            "model.path), or parallel.tensor=1"
+        ]
+    return config_split_problems(model.config, layout)
+
+
+def config_split_problems(model_config: Any, layout: Layout) -> list[str]:
+    """What the model's HF config alone rules out of the layout's split (checked by the launcher before any
+    rank starts, and by every rank on the built model)."""
+    if layout.group > 1 and getattr(model_config, "num_experts_per_tok", None):
+        return [
+            f"{model_config.model_type} is a mixture-of-experts model: lmscale trains those with data parallelism "
             "(ZeRO partitions the experts like any weight), not with parallel.tensor or parallel.sequence yet; "
             "set both to 1"
         ]
-    problems = []
-    if layout.tensor > 1:
-        if not autotp_splits(model):
-            return [
-                f"parallel.tensor={layout.tensor}: DeepSpeed AutoTP cannot split {model.config.model_type} models: "
-                "use a family with a tensor-parallel plan (e.g. model.preset=tiny-llama or a Llama/Mistral/Qwen "
-                "model.path), or parallel.tensor=1"
-            ]
-        problems += split_problems(model.config, layout.tensor)
+    problems = split_problems(model_config, layout.tensor)
     if layout.sequence > 1:
-        if model.config.model_type in ULYSSES_UNFIT:
+        if model_config.model_type in ULYSSES_UNFIT:
             return [
-                f"parallel.sequence={layout.sequence}: {model.config.model_type} attention does not fit DeepSpeed "
+                f"parallel.sequence={layout.sequence}: {model_config.model_type} attention does not fit DeepSpeed "
                 "Ulysses (its output is reshaped for the local heads only): use a Llama-style family (e.g. "
                 "model.preset=tiny-llama), or parallel.sequence=1"
             ]
         if not problems:  # the heads a tensor slice holds are what Ulysses deals out
-            problems += head_split_problems(model.config, layout.sequence, layout.tensor)
+            problems += head_split_problems(model_config, layout.sequence, layout.tensor)
     return problems
 
 

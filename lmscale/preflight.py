@@ -13,6 +13,7 @@ import io
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from lmscale.config import Config
 from lmscale.errors import ConfigError
@@ -159,3 +160,49 @@ def preflight(config: Config) -> Config:
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def data_path_problems(config: Config) -> list[str]:
+    """Local data files that do not exist (Hub datasets are checked where they are read)."""
+    from lmscale.data.sources import EVAL_PATH_FIX, is_hub_dataset
+
+    data = config.data
+    paths = [("data.path", data.path)] + [("data.sources", source.path) for source in data.sources]
+    problems = [
+        f"{key}={path} does not exist: fix the path, or unset it for the embedded corpus"
+        for key, path in paths
+        if path and not is_hub_dataset(path) and not Path(path).expanduser().exists()
+    ]
+    if (
+        data.eval_path
+        and not is_hub_dataset(data.eval_path)
+        and not Path(data.eval_path).expanduser().exists()
+    ):
+        problems.append(f"data.eval_path={data.eval_path} does not exist: {EVAL_PATH_FIX}")
+    return problems
+
+
+def layout_problems(config: Config, world_size: int) -> list[str]:
+    """What the model's config rules out of the tensor/sequence layout (the ranks check the built model too)."""
+    from lmscale.parallel import Layout, config_split_problems
+
+    layout = Layout(world_size, config.parallel.tensor, config.parallel.sequence)
+    if layout.group == 1:
+        return []
+    return config_split_problems(hf_model_config(config), layout)
+
+
+def hf_model_config(config: Config) -> Any:
+    """The HF config of the model the run builds, without building it (a preset's or model.path's)."""
+    if config.model.path is None:
+        from lmscale.model import preset_config
+
+        return preset_config(config.model.preset, config.data.vocab_size, config.data.max_seq_len, 0, 0)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+
+
+def launch_problems(config: Config, world_size: int) -> list[str]:
+    """What the launcher checks once, before any rank starts, beyond what every command checks."""
+    return data_path_problems(config) + layout_problems(config, world_size)

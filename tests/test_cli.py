@@ -35,6 +35,19 @@ def test_bad_input_writes_nothing(tmp_path, command, overrides, fragments):
     assert not out.exists()
 
 
+def test_launch_checks_data_and_layout_once_before_any_rank_starts(tmp_path):
+    """What the ranks would find 15 s later, once per rank in launcher noise: one line from the launcher."""
+    out = tmp_path / "run"
+    missing = run_lmscale("launch", "--gpus-per-node", "2", f"output_dir={out}", f"data.path={tmp_path}/a.jsonl",
+                          f"data.eval_path={tmp_path}/b.jsonl")  # fmt: skip
+    assert_one_line_error(
+        missing, f"data.path={tmp_path}/a.jsonl does not exist", "unset data.eval_path to hold out"
+    )
+    unfit = run_lmscale("launch", "--gpus-per-node", "2", f"output_dir={out}", "parallel.sequence=2")
+    assert_one_line_error(unfit, "gpt2 attention does not fit DeepSpeed Ulysses", "parallel.sequence=1")
+    assert "deepspeed" not in missing.stderr + unfit.stderr and not out.exists()  # no launcher was started
+
+
 def test_existing_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -164,10 +164,16 @@ def is_disk_dataset(source: Path) -> bool:
     )
 
 
+EVAL_PATH_FIX = "fix the path, or unset data.eval_path to hold out data.eval_fraction of the training data"
+
+
 def existing_source(path: str, key: str) -> Path:
     source = Path(path).expanduser()
     if not source.exists():
-        raise ConfigError(f"{key}={path} does not exist: fix the path, or unset it for the embedded corpus")
+        fix = (
+            EVAL_PATH_FIX if key == "data.eval_path" else "fix the path, or unset it for the embedded corpus"
+        )
+        raise ConfigError(f"{key}={path} does not exist: {fix}")
     return source
 
 
