@@ -359,17 +359,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import json
-
-    from lmscale.plan import (
-        GIB,
-        Hardware,
-        largest_token_budget,
-        model_facts,
-        other_layouts,
-        plan_rows,
-        recommend,
-    )
+    from lmscale.plan import GIB, Hardware
+    from lmscale.plan_command import plan_command
     from lmscale.preflight import resolve_run_config
 
     if args.gpus_per_node is None:
@@ -380,82 +371,8 @@ def _plan(args: argparse.Namespace) -> int:
     world_size = args.gpus_per_node * args.nodes
     config = resolve_run_config(config_path, overrides, world_size, has_gpu=True)[0]  # planned for GPUs
     hardware = Hardware(args.gpus_per_node, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB)
-    facts = model_facts(config)
-    tokens = config.data.max_tokens_per_batch
-    tokens = tokens if isinstance(tokens, int) else config.data.max_seq_len
-    rows = plan_rows(facts, config, hardware, tokens)
-    best = recommend(rows)
-    extra = []  # when the configured layout does not fit: the first tensor/sequence layout that does
-    for tensor, sequence in [] if best else other_layouts(facts, config, hardware):
-        extra = plan_rows(facts, config, hardware, tokens, tensor, sequence)
-        best = recommend(extra)
-        if best:
-            break
-    shown = rows + (extra if best in extra else [])
-    if args.json:
-        print(json.dumps([{**row.as_dict(), "recommended": row is best} for row in shown]))
-        return 0
-    _print_plan(facts, config, hardware, shown, best)
-    if best is not None:
-        budget = largest_token_budget(facts, config, hardware, best)
-        print(f"recommended: {best.keys()} data.max_tokens_per_batch={budget} (largest that fits)")
-    else:
-        print(
-            "nothing fits: add GPUs, turn on model.activation_checkpointing and train.chunked_loss, or lower "
-            "data.max_tokens_per_batch"
-        )
+    plan_command(config, hardware, args.json)
     return 0
-
-
-def _trainable_part(facts) -> str:
-    return f" ({facts.trainable_params / 1e6:,.2f}M trainable)" if facts.frozen_params else ""
-
-
-def _print_plan(facts, config, hardware, rows, best) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from lmscale.plan import GIB
-
-    table = Table(
-        title=f"{facts.params / 1e6:,.1f}M parameters{_trainable_part(facts)}, {hardware.nodes} x "
-        f"{hardware.gpus_per_node} GPUs of "
-        f"{hardware.gpu_mem_bytes / GIB:.0f} GiB, {config.data.max_tokens_per_batch} tokens per micro-batch, "
-        f"{config.precision}",
-        caption="GiB per GPU (host: per node); * = recommended",
-    )
-    for column in (
-        "layout",
-        "ZeRO",
-        "offload",
-        "states",
-        "activations",
-        "buffers",
-        "GPU total",
-        "host",
-        "DS est.",
-        "fits",
-    ):
-        table.add_column(column, justify="right")
-    for row in rows:
-        sizes = (
-            row.model_state_bytes,
-            row.activation_bytes,
-            row.buffer_bytes,
-            row.total_bytes,
-            row.cpu_bytes,
-        )
-        estimate = row.deepspeed_estimate_bytes
-        layout = "".join(f"{k}{n}" for k, n in (("sp", row.sequence), ("tp", row.tensor)) if n > 1) or "dp"
-        table.add_row(
-            layout,
-            str(row.stage),
-            "cpu" if row.offload else "-",
-            *(f"{value / GIB:.2f}" for value in sizes),
-            "-" if estimate is None else f"{estimate / GIB:.2f}",
-            ("yes *" if row is best else "yes") if row.fits else "no",
-        )
-    Console(width=110).print(table)
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -392,9 +392,3 @@ def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, 
     free = HEADROOM * hardware.gpu_mem_bytes - row.model_state_bytes - row.buffer_bytes
     sequences = int(free // (per_token * config.data.max_seq_len))
     return max(0, sequences) * config.data.max_seq_len
-
-
-def recommend(rows: list[PlanRow]) -> PlanRow | None:
-    """The first that fits in order of speed: less partitioning and no offload first (rows of one layout)."""
-    fitting = [row for row in rows if row.fits]
-    return min(fitting, key=lambda row: (row.offload, row.stage)) if fitting else None

@@ -1,11 +1,12 @@
 """The memory planner against hand-worked numbers, and against the partitions DeepSpeed really writes."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import run_lmscale
+from conftest import REPO, run_lmscale
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lmscale.config import Config
@@ -19,8 +20,8 @@ from lmscale.plan import (
     largest_token_budget,
     model_state_bytes,
     plan_rows,
-    recommend,
 )
+from lmscale.plan_command import recommend
 
 GPT2_124M = 124_439_808  # the published count (tied embeddings, vocab 50257, 1024 positions)
 TINYLLAMA_1B = 1_100_048_384  # 22 layers x 2048, GQA 32/4 heads, 5632 MLP, vocab 32000, untied head
@@ -95,7 +96,7 @@ def test_activation_bytes_per_token_by_hand():
     assert activation_bytes_per_token(gpt2, 1024, False, "sdpa", "fp32") == 2 * 614_886
 
 
-def test_recommendation_prefers_no_partitioning_then_no_offload():
+def test_recommendation_is_the_fastest_set_up_that_fits():
     facts = meta_facts(GPT2Config())
     config = Config()
     small_gpu = Hardware(gpus_per_node=8, gpu_mem_bytes=3 * GIB)
@@ -103,7 +104,10 @@ def test_recommendation_prefers_no_partitioning_then_no_offload():
     fits = {(r.stage, r.offload): r.fits for r in rows}
     assert not fits[(0, False)] and fits[(3, False)]
     best = recommend(rows)
-    assert (best.stage, best.offload) == min((s, o) for (s, o), ok in fits.items() if ok and not o)
+    assert (best.stage, best.offload) == ((2, False) if fits[(2, False)] else (3, False))
+    roomy = plan_rows(facts, config, Hardware(gpus_per_node=8), tokens=1024)
+    # ZeRO-1 moves what ZeRO-0 moves; ZeRO-2 reduces after every micro-batch, so it leads only without accumulation
+    assert recommend(roomy, grad_accum_steps=4).stage == 1 and recommend(roomy, grad_accum_steps=1).stage == 2
     budget = largest_token_budget(facts, config, small_gpu, best)
     assert budget > 0 and budget % config.data.max_seq_len == 0
     assert recommend(plan_rows(facts, config, Hardware(8, gpu_mem_bytes=0.5 * GIB), 1024)) is None
@@ -112,7 +116,7 @@ def test_recommendation_prefers_no_partitioning_then_no_offload():
 def test_plan_command_prints_json_rows():
     result = run_lmscale("plan", "configs/gpt2-124m.yaml", "--gpus-per-node", "8", "--json")
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["rows"]
     assert [(r["stage"], r["offload"]) for r in rows] == [
         (0, False),
         (1, False),
@@ -129,7 +133,7 @@ def test_plan_command_sizes_a_lora_run_by_its_adapters():
     full, lora = (
         json.loads(
             run_lmscale("plan", "configs/gpt2-124m.yaml", "--gpus-per-node", "1", "--json", *extra).stdout
-        )
+        )["rows"]
         for extra in ([], ["finetune.lora.r=8"])
     )
     assert lora[0]["model_state_bytes"] < full[0]["model_state_bytes"] / 7  # 2 bytes per weight, not 16
@@ -220,12 +224,15 @@ def test_plan_recommends_sequence_parallelism_when_a_long_context_does_not_fit()
     result = run_lmscale("plan", "configs/llama-8b-32k.yaml", "--gpus-per-node", "8", "--json", "parallel.sequence=1",
                          "data.max_seq_len=262144", "data.max_tokens_per_batch=262144")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["rows"]
     assert not any(r["fits"] for r in rows if r["sequence"] == 1 and r["tensor"] == 1)
     (best,) = [r for r in rows if r["recommended"]]
     assert best["sequence"] > 1 and best["total_bytes"] <= 0.9 * 80 * GIB
     text = run_lmscale("plan", "configs/llama-8b-32k.yaml", "--gpus-per-node", "8")
-    assert "recommended: parallel.sequence=4 zero.stage=1" in text.stdout, text.stdout + text.stderr
+    assert "recommended: parallel.sequence=4 zero.stage=1 (47.2 GiB per GPU at 32,768 tokens" in text.stdout
+    # the headroom is offered as the same 524,288-token step in fewer micro-batches, never as a silently larger step
+    assert "524,288 tokens per optimizer step" in text.stdout
+    assert "data.max_tokens_per_batch=262144 train.grad_accum_steps=1 (69.5 GiB per GPU)" in text.stdout
     assert "8,030.3M parameters" in text.stdout  # Llama 3 8B's published count: 8,030,261,248
 
 
@@ -275,3 +282,19 @@ def test_layouts_tried_when_nothing_fits_go_sequence_then_tensor_then_both():
     assert all(t * s <= 8 and (4 // t) % s == 0 for t, s in layouts)
     configured = Config(parallel={"tensor": 2}, zero={"stage": 1})
     assert other_layouts(facts, configured, hardware) == []  # a configured layout stays
+
+
+@pytest.mark.parametrize("recipe", ["llama-1b", "llama-8b-32k"])
+def test_recipes_say_what_the_planner_says(recipe, capsys):
+    """A recipe's ZeRO stage is the planner's recommendation, and its comment quotes the planner's total."""
+    from lmscale.plan_command import plan_command
+    from lmscale.preflight import resolve_run_config
+
+    text = (REPO / "configs" / f"{recipe}.yaml").read_text()
+    config = resolve_run_config(str(REPO / "configs" / f"{recipe}.yaml"), [], 8, has_gpu=True)[0]
+    _, best, advice = plan_command(config, Hardware(8), as_json=True)
+    capsys.readouterr()
+    assert best.stage == config.zero.stage and (best.tensor, best.sequence) == (1, config.parallel.sequence)
+    quoted = re.search(r"~(\d+(?:\.\d+)?) GiB per GPU", text)
+    assert quoted and abs(float(quoted.group(1)) - advice.total_bytes / GIB) < 0.6, (quoted, advice)
+    assert f"{advice.step_tokens:,} tokens" in text.replace("\n# ", " ")
