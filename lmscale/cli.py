@@ -174,7 +174,18 @@ def _add_tool_commands(commands) -> None:
     evaluate.add_argument("--num-fewshot", type=int, help="with --harness: few-shot examples per prompt")
     generate = commands.add_parser("generate", help="sample text from an exported model (or a run)")
     generate.add_argument("target", help="an exported model directory, or a run's output_dir")
-    generate.add_argument("--prompt", required=True, help="text to continue")
+    given = generate.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="text to continue (with --chat: the user's message)")
+    given.add_argument(
+        "--messages",
+        help="a JSON file of a conversation ([{role, content}, ...] or {messages: [...]}) ending with a user "
+        "turn: the model writes the assistant's reply, through the tokenizer's chat template",
+    )
+    generate.add_argument(
+        "--chat",
+        action="store_true",
+        help="--prompt is a user message: render it with the tokenizer's chat template and print the reply",
+    )
     generate.add_argument(
         "--max-new-tokens", type=int, default=100, help="tokens to add, within the model's positions"
     )
@@ -349,12 +360,20 @@ def _eval_harness(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lmscale.inference import Sampling, generate_text, load_for_inference
+    from lmscale.inference import Sampling, chat_prompt, generate_text, load_for_inference, read_messages
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     sampling.check()
+    messages = read_messages(Path(args.messages)) if args.messages else None
+    if args.chat and messages is None:
+        messages = [{"role": "user", "content": args.prompt}]
     model, tokenizer = load_for_inference(Path(args.target))
-    print(args.prompt + generate_text(model, tokenizer, args.prompt, sampling))
+    if messages is None:
+        print(args.prompt + generate_text(model, tokenizer, args.prompt, sampling))
+        return 0
+    # The template writes any special tokens itself (a BOS among them): the tokenizer must not add more.
+    rendered = chat_prompt(tokenizer, messages)
+    print(generate_text(model, tokenizer, rendered, sampling, add_special_tokens=False))
     return 0
 
 

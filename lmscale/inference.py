@@ -76,12 +76,16 @@ def check_context(prompt_tokens: int, max_new_tokens: int, positions: int | None
 
 @torch.no_grad()
 def generate_text(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, sampling: Sampling
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    sampling: Sampling,
+    add_special_tokens: bool = True,
 ) -> str:
     """The prompt's continuation (without the prompt), sampled by HF `generate`."""
     sampling.check()
     torch.manual_seed(sampling.seed)
-    encoded = tokenizer(prompt, return_tensors="pt")
+    encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
     inputs = {k: encoded[k] for k in ("input_ids", "attention_mask")}
     if inputs["input_ids"].shape[1] == 0:
         raise LmscaleError("the prompt is empty: give --prompt some text")
@@ -97,3 +101,44 @@ def generate_text(
         pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def read_messages(path: Path) -> list[dict]:
+    """A conversation from a JSON file: a list of {role, content} messages, or {"messages": [...]}, ending
+    with a turn the model answers (not the assistant's)."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmscaleError(f"--messages {path} does not exist: give a JSON file of chat messages") from None
+    except json.JSONDecodeError as exc:
+        raise LmscaleError(f"--messages {path} is not JSON (line {exc.lineno}): fix the file") from None
+    messages = loaded.get("messages") if isinstance(loaded, dict) else loaded
+    well_formed = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    )
+    if not well_formed:
+        raise LmscaleError(
+            f'--messages {path} must hold a list of {{"role": ..., "content": ...}} messages '
+            '(or {"messages": [...]})'
+        )
+    if messages[-1]["role"] == "assistant":
+        raise LmscaleError(
+            f"--messages {path} ends with the assistant's turn: end it with the turn to answer"
+        )
+    return messages
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
+    """The conversation rendered by the tokenizer's chat template, up to where the assistant's reply starts
+    (the template a chat fine-tune saved with its run and export)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise LmscaleError(
+            "this model's tokenizer has no chat template: --chat and --messages need one (a run fine-tuned "
+            "with data.format=chat saves it); give the prompt as plain text instead"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
