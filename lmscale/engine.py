@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from datetime import timedelta
@@ -63,7 +65,10 @@ def init_distributed(hang_timeout_s: float | None = None) -> None:
 
     backend = "nccl" if has_gpu() else "gloo"
     timeout = max(PROCESS_GROUP_TIMEOUT, timedelta(seconds=2 * (hang_timeout_s or 0)))
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    # On CPUs DeepSpeed prints "deepspeed_shm_comm_op built successfully" from every rank of every run;
+    # a failed build still raises. (A first build's compiler output goes to the terminal, not through here.)
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def release_shared_memory_names() -> None:

@@ -16,6 +16,8 @@ import io
 import logging
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -75,8 +77,26 @@ def consolidated_weights(checkpoint: Path, zero_stage: int) -> dict[str, torch.T
         return {name: tensor.float() for name, tensor in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
+    # It prints a line per step of its work, and draws a "Loading checkpoint shards" bar whose carriage
+    # returns garble a log file (tqdm reads TQDM_DISABLE when a bar is made).
+    quiet_bar = {} if sys.stderr.isatty() else {"TQDM_DISABLE": "1"}
+    with contextlib.redirect_stdout(io.StringIO()), environment(quiet_bar):
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in os.environ for the block, then restored."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def universal_weights(universal: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -120,7 +121,9 @@ def deepspeed_command(
         raise ConfigError(
             "the `deepspeed` launcher is not on PATH: pip install deepspeed, or activate its environment"
         )
-    command = [launcher, "--master_port", str(master_port)]
+    # --log_level=error: the launcher's INFO lines (its base64 world info, CUDA_VISIBLE_DEVICES on a CPU host,
+    # each rank's whole command line) say nothing lmscale's own lines do not; its errors still show.
+    command = [launcher, "--log_level=error", "--master_port", str(master_port)]
     if nproc:
         command += ["--num_gpus", str(nproc)]
     if hostfile:
@@ -140,7 +143,7 @@ def run_deepspeed(command: list[str]) -> int:
     """Run the launcher; on a machine with no GPU its ranks use DeepSpeed's CPU accelerator."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    print("lmscale: " + " ".join(command), file=sys.stderr, flush=True)
+    print("lmscale: " + shell_lines(command), file=sys.stderr, flush=True)
     # Its own session (and process group), so a Ctrl-C at the terminal reaches only this process: DeepSpeed's
     # per-node launcher answers SIGINT by terminating every rank's process tree (data workers, W&B's
     # service) and killing it 30 s later, which loses the step. StopForwarder hands the ranks the
@@ -148,6 +151,19 @@ def run_deepspeed(command: list[str]) -> int:
     process = subprocess.Popen(command, env=env, start_new_session=True)
     with StopForwarder(process):
         return process.wait()
+
+
+def shell_lines(command: list[str], width: int = 110) -> str:
+    """The command as a shell would take it, folded into lines of about `width` with backslashes (a log
+    keeps it readable; a copy still runs)."""
+    lines, line = [], ""
+    for word in map(shlex.quote, command):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = "    " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return " \\\n".join([*lines, line])
 
 
 class StopForwarder:

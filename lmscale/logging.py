@@ -7,6 +7,7 @@ import logging
 import secrets
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,14 @@ from lmscale.rundir import RunDir
 log = logging.getLogger("lmscale")
 
 
+# Deprecations that one library's call of another raises on every rank, which a user cannot act on: peft
+# reads transformers' `is_gradient_checkpointing`, DeepSpeed's ZeRO-3 calls torch's all_gather_into_tensor.
+LIBRARY_DEPRECATIONS = (
+    r"`is_gradient_checkpointing` is deprecated",
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+)
+
+
 def configure_console(is_rank_zero: bool, libraries: tuple[str, ...] = ("datasets", "transformers")) -> None:
     """INFO on rank 0; other ranks speak only of problems, so a job prints each message once. The HF
     `libraries` a command uses are quieted (their progress bars and info lines); a command that uses
@@ -33,6 +42,8 @@ def configure_console(is_rank_zero: bool, libraries: tuple[str, ...] = ("dataset
     )
     for noisy in ("datasets", "DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for message in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     if "datasets" in libraries:
         import datasets
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from lmscale import engine as ds_engine
 from lmscale.budget import auto_token_budget
+from lmscale.checkpoint import checkpoint_step
 from lmscale.compiling import compile_model, compile_seconds, compiled_graphs
 from lmscale.config import Config, TrainConfig
 from lmscale.data import PreparedData, prepare_data
@@ -187,6 +188,8 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     if not force:
         check_resume_compatible(output_dir, config)
     resume = plan_resume(config, force, world_size)
+    if already_done(resume.checkpoint, config, is_rank_zero):
+        return
     ds_config = resume.apply_to(ds_config)
     data = prepare_data(
         config.data,
@@ -248,6 +251,21 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         watchdog.stop()
         lock.release()
     ds_engine.shutdown_distributed()
+
+
+def already_done(checkpoint: Path | None, config: Config, is_rank_zero: bool) -> bool:
+    """A run whose newest checkpoint is at train.max_steps has nothing left to train: say so at once, before
+    data, model, engine or W&B are touched (every rank decides the same from the same files)."""
+    steps = config.train.max_steps
+    if checkpoint is None or steps is None or checkpoint_step(checkpoint) < steps:
+        return False
+    if is_rank_zero:
+        mark_finished(Path(config.output_dir), checkpoint_step(checkpoint), "reached train.max_steps")
+        print(
+            f"nothing to do: the run in {config.output_dir} already reached step {checkpoint_step(checkpoint)} "
+            f"(train.max_steps={steps}); raise train.max_steps to train it further"
+        )
+    return True
 
 
 def set_up_chunked_loss(model: torch.nn.Module, task: str) -> None:

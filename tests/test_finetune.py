@@ -324,3 +324,15 @@ def test_merge_is_refused_for_a_run_without_lora(tmp_path):
     with pytest.raises(LmscaleError, match="is not a LoRA run.*export it without --merge"):
         export(tmp_path, tmp_path / "out", merge=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tiny_held_out_set_is_warned_about(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "sft.jsonl", instruction_records(60))
+    config = DataConfig(
+        path=str(path), format="prompt_completion", cache_dir=str(tmp_path / "c"), vocab_size=300
+    )
+    with caplog.at_level("WARNING", logger="lmscale"):
+        data = prepare_data(config)
+    assert len(data.eval) < 20
+    assert f"the held-out set has only {len(data.eval)} record(s)" in caplog.text
+    assert "raise data.eval_fraction or set data.eval_path" in caplog.text

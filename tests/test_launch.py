@@ -7,6 +7,7 @@ def test_one_node_command():
     command = deepspeed_command(2, "configs/tiny-cpu.yaml", ["zero.stage=2"], None, False, 29500)
     assert command[0].endswith("deepspeed")
     assert command[1:] == [
+        "--log_level=error",
         "--master_port",
         "29500",
         "--num_gpus",
@@ -21,6 +22,7 @@ def test_one_node_command():
 def test_no_ssh_node_of_a_multi_node_job_with_force():
     command = deepspeed_command(None, None, [], "hosts", True, 29501, NodeLaunch(1, "10.1.2.3"))
     assert command[1:] == [
+        "--log_level=error",
         "--master_port",
         "29501",
         "--hostfile",

@@ -144,6 +144,15 @@ def test_debug_mode_trains_and_writes_the_run_dir(tmp_path, cache_dir):
     report = run_lmscale("report", str(out))
     assert report.returncode == 0 and (out / "report.png").stat().st_size > 50_000
 
+    # The same command again: the run is done, and it says so at once (no data, engine or W&B run).
+    wandb_runs = len(list(out.glob("wandb/offline-run-*")))
+    again = run_lmscale("train", str(REPO / "configs" / "tiny-cpu.yaml"), f"output_dir={out}",
+                        f"data.cache_dir={cache_dir}", "wandb.mode=offline", *QUICK, "data.batching=pad")  # fmt: skip
+    assert again.returncode == 0 and "nothing to do: the run in" in again.stdout, again.stderr[-2000:]
+    assert "already reached step 80 (train.max_steps=80)" in again.stdout
+    assert "data/" not in again.stderr and "run summary" not in again.stderr and "nan" not in again.stdout
+    assert len(list(out.glob("wandb/offline-run-*"))) == wandb_runs
+
 
 def test_max_tokens_becomes_steps_from_the_epoch_plan(tmp_path, cache_dir):
     """train.max_tokens is turned into optimizer steps before training (the LR schedule needs them)."""

@@ -13,7 +13,10 @@ class ModelConfig(Section):
     preset: str = Field(
         "tiny-gpt2", description="Model shape from lmscale.model.PRESETS, used when `path` is unset."
     )
-    path: str | None = Field(None, description="Local HF model directory to start from (pretrained weights).")
+    path: str | None = Field(
+        None,
+        description="Pretrained model to start from: a save_pretrained directory or a Hub id (org/name).",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run Python code shipped in model.path / its tokenizer (custom architectures); "

@@ -114,7 +114,28 @@ def prepare_task_data(
         train = tokenize_records(train_records, fmt, tokenizer, config, "train", labels)
         held_out = tokenize_records(eval_records, fmt, tokenizer, config, "eval", labels)
     log.info("data/%s: train %s; held-out %s", fmt.name, dataset_summary(train), dataset_summary(held_out))
+    warn_if_small_held_out(len(held_out), "record(s)", config)
     return PreparedData(train=train, eval=held_out, tokenizer=tokenizer, labels=labels)
+
+
+# Below this many held-out records or sequences, eval_loss moves by chance more than by learning.
+SMALL_HELD_OUT = 20
+
+
+def warn_if_small_held_out(count: int, unit: str, config: DataConfig) -> None:
+    if count >= SMALL_HELD_OUT:
+        return
+    fix = (
+        "add records to data.eval_path"
+        if config.eval_path
+        else "raise data.eval_fraction or set data.eval_path"
+    )
+    log.warning(
+        "data: the held-out set has only %d %s: eval_loss and best-checkpoint choices will be noisy; %s",
+        count,
+        unit,
+        fix,
+    )
 
 
 def prepare_data(
@@ -160,6 +181,7 @@ def prepare_data(
         len(held_out),
         config.max_seq_len,
     )
+    warn_if_small_held_out(len(held_out), "sequence(s)", config)
     return PreparedData(train=train, eval=held_out, tokenizer=tokenizer)
 
 
