@@ -11,7 +11,7 @@ import signal
 from typing import Any
 
 from lmscale.data.batches import STOP_SIGNALS
-from lmscale.engine import any_rank, cpu_group
+from lmscale.engine import any_rank, cpu_group, rank
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ class StopRequest:
         if signum == signal.SIGINT and self.signal_name is not None:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self.signal_name = name
-        log.warning("received %s: saving a checkpoint at the end of this step, then stopping", name)
+        say = log.warning if rank() == 0 else log.debug  # every rank gets it: one line is enough
+        say("received %s: saving a checkpoint at the end of this step, then stopping", name)
 
     def agreed(self) -> bool:
         """True on every rank once any rank has been asked to stop (a collective: call on all ranks)."""

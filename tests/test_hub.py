@@ -99,7 +99,7 @@ def test_hub_model_is_planned_and_an_uncached_dataset_is_one_line(hub_cache, tmp
         "plan", "model.path=acme/tiny-gpt2", "--gpus-per-node", "1", "--json", env=offline(hf_home)
     )
     assert plan.returncode == 0, plan.stderr[-2000:]
-    assert json.loads(plan.stdout)[0]["model_state_bytes"] > 0
+    assert json.loads(plan.stdout)["rows"][0]["model_state_bytes"] > 0
     missing = run_lmscale(
         "train",
         "data.path=hf://datasets/acme/no-such-set",
