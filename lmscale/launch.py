@@ -167,7 +167,7 @@ def shell_lines(command: list[str], width: int = 110) -> str:
 
 
 class StopForwarder:
-    """While the launcher runs: a first SIGINT, SIGTERM or SIGUSR1 goes to the ranks as their stop
+    """While the launcher runs: a first SIGINT, SIGTERM, SIGUSR1 or SIGHUP goes to the ranks as their stop
     request; a second SIGINT (or a stop before any rank exists) ends the whole launch at once."""
 
     def __init__(self, launcher: subprocess.Popen) -> None:
@@ -176,7 +176,7 @@ class StopForwarder:
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopForwarder:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
             self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -191,6 +191,10 @@ class StopForwarder:
             _signal_group(self.launcher.pid, signal.SIGINT)
             return
         name = signal.Signals(signum).name
+        if (
+            signum == signal.SIGHUP
+        ):  # the terminal closed: the ranks, in their own session, would run on unseen
+            signum = signal.SIGTERM
         if not self.forwarded:
             print(
                 f"lmscale: {name}: the ranks save a checkpoint at the end of this step and stop "

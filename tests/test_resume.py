@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from conftest import REPO
 
@@ -100,9 +101,14 @@ def test_sigkill_then_resume_continues_the_same_curve(tmp_path, cache_dir, zero,
     while not marker.exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert marker.exists(), job.communicate()[0][-3000:]
-    os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both ranks, wherever they are
+    # The whole job at once: lmscale's launcher, and DeepSpeed's launchers and ranks, which run in a process
+    # group of their own (so that a terminal's Ctrl-C reaches only lmscale's, which hands it to the ranks).
+    groups = [child.pid for child in psutil.Process(job.pid).children()] + [job.pid]
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
     job.wait()
-    wait_for_group_exit(job.pid)  # the ranks die after the launcher; the restart must not race them
+    for group in groups:
+        wait_for_group_exit(group)  # the ranks die after the launcher; the restart must not race them
     assert max(losses(out)) < STEPS, "the job finished before it could be killed"
 
     resumed = launch(out, cache_dir, zero, extra)
