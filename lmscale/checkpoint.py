@@ -79,6 +79,11 @@ def _fsync_tree(directory: Path) -> None:
     fsync_directory(directory)
 
 
+# A checkpoint's own copy of config.yaml: a later start that changes a resumable key (train.max_steps)
+# rewrites the run's config.yaml, never what an older checkpoint was written with.
+CHECKPOINT_CONFIG = "config.yaml"
+
+
 def save_checkpoint(
     engine: Any,
     output_dir: Path,
@@ -121,6 +126,8 @@ def save_checkpoint(
         torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
         if rank_data_position is not None:
             (partial / f"data_rank{rank}.json").write_text(json.dumps(rank_data_position), encoding="utf-8")
+        if rank == 0 and run.config.is_file():  # the config this checkpoint was trained with, kept with it
+            shutil.copyfile(run.config, partial / CHECKPOINT_CONFIG)
         faults.while_saving(step, rank)
     except OSError as exc:
         failure = exc

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from lmscale.checkpoint import (
+    CHECKPOINT_CONFIG,
     complete_checkpoints,
     ensure_universal,
     verify_checkpoint,
@@ -40,8 +41,14 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "lmscale.yaml"  # the run's config, kept beside an exported model for `lmscale eval`
 
 
-def run_config(run_dir: Path) -> Config:
-    path = RunDir(run_dir).config
+def config_file(run_dir: Path, checkpoint: Path | None = None) -> Path:
+    """The config.yaml `checkpoint` was written with (its own copy), else the run's (older checkpoints)."""
+    own = checkpoint / CHECKPOINT_CONFIG if checkpoint is not None else None
+    return own if own is not None and own.is_file() else RunDir(run_dir).config
+
+
+def run_config(run_dir: Path, checkpoint: Path | None = None) -> Config:
+    path = config_file(run_dir, checkpoint)
     if not path.is_file():
         raise LmscaleError(f"{run_dir} has no config.yaml: pass the output_dir of an lmscale run")
     return saved_config(yaml.safe_load(path.read_text(encoding="utf-8")))
@@ -159,10 +166,10 @@ def export(
         raise LmscaleError(f"{out} already exists and is not empty: choose another --out, or pass --force")
     if dtype is not None and dtype not in DTYPES:
         raise LmscaleError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    config = run_config(run_dir)
+    chosen = pick_checkpoint(run_dir, checkpoint)
+    config = run_config(run_dir, chosen)
     if merge and config.finetune.lora is None:
         raise LmscaleError(f"{run_dir} is not a LoRA run (finetune.lora unset): export it without --merge")
-    chosen = pick_checkpoint(run_dir, checkpoint)
     model, tokenizer = load_trained_model(run_dir, chosen, config)
     if merge:
         model = model.merge_and_unload()
@@ -175,7 +182,7 @@ def export(
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(str(partial))
     tokenizer.save_pretrained(str(partial))
-    (partial / RUN_CONFIG).write_text(RunDir(run_dir).config.read_text(encoding="utf-8"), encoding="utf-8")
+    shutil.copyfile(config_file(run_dir, chosen), partial / RUN_CONFIG)
     if RunDir(run_dir).reference_logps.is_file():  # DPO: `lmscale eval` of the export scores like the run
         shutil.copyfile(RunDir(run_dir).reference_logps, RunDir(partial).reference_logps)
     make_readable(partial)

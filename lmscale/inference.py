@@ -40,7 +40,8 @@ def load_for_inference(target: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     if RunDir(target).config.is_file():
         from lmscale.export import load_trained_model, pick_checkpoint, run_config
 
-        return load_trained_model(target, pick_checkpoint(target, None), run_config(target))
+        checkpoint = pick_checkpoint(target, None)
+        return load_trained_model(target, checkpoint, run_config(target, checkpoint))
     raise LmscaleError(
         f"{target} is neither a model directory (config.json) nor an lmscale run (config.yaml): "
         "pass the --out of lmscale export, or a run's output_dir"

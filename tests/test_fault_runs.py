@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from conftest import REPO, run_lmscale
 
 pytestmark = pytest.mark.slow
@@ -115,6 +116,15 @@ def test_full_disk_kill_mid_save_and_a_corrupt_checkpoint_lose_nothing(tmp_path,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping incomplete" in result.stderr and "step_00000008 (step 8)" in result.stderr
     assert not list((out / "checkpoints").glob("*.partial"))
+    # each checkpoint keeps the config it was written with: the longer run did not rewrite step 8's
+    saved = {
+        tag: yaml.safe_load((out / "checkpoints" / tag / "config.yaml").read_text())
+        for tag in ("step_00000008", "step_00000010")
+    }
+    assert (
+        saved["step_00000008"]["train"]["max_steps"] == 8
+        and saved["step_00000010"]["train"]["max_steps"] == 10
+    )
 
     # A shard of the newest checkpoint is corrupted (same size): resume falls back to the one before, with
     # a warning naming both; asked for by name, it is one line.
