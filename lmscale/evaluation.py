@@ -22,6 +22,7 @@ from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
 from lmscale.errors import LmscaleError
 from lmscale.inference import Sampling, generate_text, load_for_inference
 from lmscale.loss import objective_totals, summed_loss, summed_token_loss
+from lmscale.methods import method_for
 from lmscale.rundir import RunDir, read_labels
 
 
@@ -213,14 +214,15 @@ def evaluate_target(
     if not target.is_dir():
         raise LmscaleError(f"{target} does not exist: pass an exported model directory or a run's output_dir")
     config = evaluation_config(target, data)
-    if config.finetune.method == "dpo" and data:
+    method = method_for(config.finetune)
+    if method.needs_reference and data:
         raise LmscaleError(
-            "--data cannot be scored against a DPO run's reference (its log-probabilities cover the run's own "
-            "held-out pairs): drop --data"
+            f"--data cannot be scored against a {method.key} run's reference (its log-probabilities cover the "
+            "run's own held-out data): drop --data"
         )
     model, tokenizer = load_for_inference(target)
     sequences = prepare_held_out(config.data, tokenizer, config.finetune.task, read_labels_of(target))
-    if config.finetune.method == "dpo":
+    if method.needs_reference:
         scores = preference_scores(model, sequences, config, target, tokenizer.pad_token_id, max_batches)
     else:
         scores = held_out_scores(model, sequences, config, tokenizer.pad_token_id, max_batches)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from lmscale.atomic import write_atomically
 from lmscale.config import Config
-from lmscale.method_figures import console_extras
+from lmscale.methods import console_extras
 from lmscale.rundir import RunDir
 
 log = logging.getLogger("lmscale")

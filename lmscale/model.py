@@ -21,6 +21,7 @@ from transformers import (
 from lmscale.config import FinetuneConfig, ModelConfig
 from lmscale.errors import ConfigError
 from lmscale.finetune import apply_lora
+from lmscale.methods import method_for
 from lmscale.presets import PRESETS, preset_shape
 
 
@@ -117,9 +118,7 @@ def build_model(
     check_attention(options.attn_implementation)
     vocab_size = len(tokenizer)
     classify = finetune.task == "classification"
-    # DPO compares the policy's log-probabilities with the reference's, computed without dropout: dropout
-    # noise in the policy would bias that ratio, so (as TRL does) it is off unless model.*_dropout says otherwise.
-    dropout_off = finetune.method == "dpo"
+    dropout_off = method_for(finetune).dropout_off  # unless model.*_dropout says otherwise
     auto_class = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
     if options.path:
         # Absolute, because exports record it (a LoRA adapter names its base model by this path).

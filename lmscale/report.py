@@ -7,15 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from lmscale.errors import LmscaleError
-from lmscale.method_figures import LANGUAGE_MODEL, MethodFigures, Panel, figures_of, method_of
+from lmscale.methods import SFT, MethodFigures, Panel, method_of_saved
 from lmscale.rundir import RunDir
 
 # Every run's panels, in reading order: (title, y label, metric keys, y axis starts at zero); the loss
 # panels take the method's loss label, and the method's own panels follow. Rates and sizes start at zero
 # so a small wobble does not look like a collapse.
 PANELS: list[Panel] = [
-    ("Loss by step", LANGUAGE_MODEL.loss_label, ("loss", "eval_loss"), False),
-    ("Loss by tokens", LANGUAGE_MODEL.loss_label, ("loss", "eval_loss"), False),
+    ("Loss by step", SFT.figures.loss_label, ("loss", "eval_loss"), False),
+    ("Loss by tokens", SFT.figures.loss_label, ("loss", "eval_loss"), False),
     ("Learning rate", "lr", ("lr",), True),
     ("Gradient norm", "global L2 norm (before clipping)", ("grad_norm",), True),
     ("Throughput", "real tokens/s (all ranks)", ("tokens_per_s",), True),
@@ -40,7 +40,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def summarize(records: list[dict[str, Any]], figures: MethodFigures = LANGUAGE_MODEL) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], figures: MethodFigures = SFT.figures) -> dict[str, Any]:
     """Steps, tokens, the method's final held-out figures, best held-out loss, mean throughput and MFU."""
     summary: dict[str, Any] = {"steps": max(r["step"] for r in records)}
     train = [r for r in records if "loss" in r]
@@ -118,7 +118,7 @@ def dashboard_panels(figures: MethodFigures) -> list[Panel]:
 
 
 def write_dashboard(
-    records: list[dict[str, Any]], out_dir: Path, title: str, figures: MethodFigures = LANGUAGE_MODEL
+    records: list[dict[str, Any]], out_dir: Path, title: str, figures: MethodFigures = SFT.figures
 ) -> Path:
     """Every panel of the run's method in one PNG, `report.png`."""
     import matplotlib
@@ -155,7 +155,7 @@ def report(run_dir: str, out_dir: str | None = None) -> tuple[dict[str, Any], Pa
     directory = Path(run_dir)
     records = read_metrics(directory)
     config, ds_config = saved_configs(directory)
-    figures = figures_of(config)
+    figures = method_of_saved(config).figures
     title = run_title(directory, config, ds_config)
     dashboard = write_dashboard(records, Path(out_dir) if out_dir else directory, title, figures)
     return summarize(records, figures), dashboard
@@ -188,7 +188,7 @@ def run_title(directory: Path, config: dict[str, Any] | None, ds_config: dict[st
     model = config.get("model", {})
     parts = [
         str(model.get("path") or model.get("preset")),
-        *([method_of(config)] if method_of(config) != "lm" else []),
+        *([method_of_saved(config).name] if method_of_saved(config) is not SFT else []),
         str(config.get("precision")),
         f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}",
     ]

@@ -20,6 +20,7 @@ from lmscale.data.batches import Batch, BatchStream, step_targets, truncate_batc
 from lmscale.errors import LmscaleError
 from lmscale.logging import MetricsSink
 from lmscale.loss import Objective, add_sums, cross_entropy_objective, objective_totals, perplexity
+from lmscale.methods import SFT, Method
 from lmscale.metrics import ThroughputModel
 from lmscale.parallel import Layout
 
@@ -50,25 +51,19 @@ def all_ranks_sum(values: list[float | torch.Tensor], device: torch.device) -> l
 class Evaluation:
     loss: float  # mean per target over all ranks
     means: dict[str, float]  # the objective's other figures per target: accuracy, pref_accuracy, rewards_*
+    method: Method = SFT  # how its figures read
 
     @property
     def accuracy(self) -> float | None:
-        """Classification: share of rows whose top class is the label; DPO: share of pairs ranked right."""
-        return self.means.get("accuracy", self.means.get("pref_accuracy"))
+        """The method's held-out share (classification: rows classified right; DPO: pairs ranked right)."""
+        return self.means.get(self.method.accuracy_metric) if self.method.accuracy_metric else None
 
     def describe(self) -> str:
-        if "pref_accuracy" in self.means:
-            return (
-                f"held-out DPO loss {self.loss:.4f}, preference accuracy {self.means['pref_accuracy']:.3f}, "
-                f"reward margin {self.means['rewards_margin']:+.3f}"
-            )
-        if self.accuracy is not None:
-            return f"held-out loss {self.loss:.4f}, accuracy {self.accuracy:.3f}"
-        return f"held-out loss {self.loss:.4f}, perplexity {perplexity(self.loss):.2f}"
+        return self.method.describe_evaluation(self.loss, self.means)
 
     def metrics(self) -> dict[str, float]:
         figures = {"eval_loss": self.loss}
-        if "pref_accuracy" not in self.means:  # exp of a DPO loss is no perplexity
+        if self.method.perplexity:  # exp of a DPO loss or of a class cross-entropy is no perplexity
             figures["eval_ppl"] = perplexity(self.loss)
         return figures | {f"eval_{name}": value for name, value in self.means.items()}
 
@@ -80,6 +75,7 @@ def evaluate(
     max_batches: int,
     objective: Objective,
     progress: Callable[[], None] = lambda: None,
+    method: Method = SFT,
 ) -> Evaluation:
     """Held-out loss (and the objective's other figures) over all ranks; every rank runs the same
     batches. `progress` is called after each batch (the hang watchdog's heartbeat)."""
@@ -90,7 +86,8 @@ def evaluate(
     names = sorted(sums)  # the same on every rank: every batch of an objective reports the same figures
     totals = all_ranks_sum([loss_sum, targets, *(sums[n] for n in names)], engine.device)
     count = max(totals[1], 1)
-    return Evaluation(totals[0] / count, {n: t / count for n, t in zip(names, totals[2:], strict=True)})
+    means = {n: t / count for n, t in zip(names, totals[2:], strict=True)}
+    return Evaluation(totals[0] / count, means, method)
 
 
 def gradient_norm(engine: Any) -> float | None:
@@ -216,6 +213,7 @@ class LoopHooks:
     # (step, is it the last) -> benchmark metrics to log at that step, or {} (every rank calls it)
     harness: Callable[[int, bool], dict[str, float]] = lambda step, is_last: {}
     objective: Objective | None = None  # the loss; None = cross-entropy with train.label_smoothing
+    method: Method = SFT  # how evaluations read (the objective is the method's)
     compile_clock: Callable[[], float] | None = None  # model.compile: seconds spent compiling so far
 
 
@@ -297,6 +295,7 @@ def train(
             config.eval_batches,
             eval_objective,
             lambda: hooks.progress(0, "evaluation"),
+            hooks.method,
         )
         initial_eval = final_eval = evaluation.loss
         initial_accuracy = final_accuracy = evaluation.accuracy
@@ -345,6 +344,7 @@ def train(
                 config.eval_batches,
                 eval_objective,
                 partial(hooks.progress, step, "evaluation"),
+                hooks.method,
             )
             final_eval, final_accuracy = evaluation.loss, evaluation.accuracy
             is_best, best_eval = final_eval < best_eval, min(best_eval, final_eval)

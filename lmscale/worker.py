@@ -27,7 +27,7 @@ from lmscale.data import PreparedData, prepare_data
 from lmscale.data.batches import BatchSettings, BatchStream, seq_len_cap
 from lmscale.data.epoch import batch_line, step_figures, steps_to_train, stop_key
 from lmscale.data.streaming import StreamingBatches, StreamSettings
-from lmscale.dpo import dpo_objective, load_reference, reference_logps, save_reference, with_reference
+from lmscale.dpo import load_reference, reference_logps, save_reference, with_reference
 from lmscale.engine import select_accelerator
 from lmscale.errors import ConfigError, LmscaleError, is_write_failure, write_failure_line
 from lmscale.finetune import Unfreezing, all_joined_step, is_joined
@@ -36,6 +36,7 @@ from lmscale.harness import flat_metrics, run_harness
 from lmscale.kernels import describe_fused
 from lmscale.logging import MetricsSink, configure_console, log
 from lmscale.loss import perplexity
+from lmscale.methods import SFT, Method, method_for
 from lmscale.metrics import ThroughputModel, model_shape, peak_tflops
 from lmscale.model import build_model, describe_parameters
 from lmscale.optim import build_optimizer, group_depths, num_layers_of, params_by_depth
@@ -241,7 +242,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
             data.tokenizer.save_pretrained(str(RunDir(output_dir).tokenizer))
             write_labels(output_dir, data.labels)
         watchdog.start()
-        if config.finetune.method == "dpo":
+        if method_for(config.finetune).needs_reference:
             attach_reference(config, data, engine, resume.checkpoint is not None, watchdog, layout)
             train_stream, eval_stream = batch_streams(config, data, layout, ds_engine.rank())
         start = resume_point(engine, train_stream, output_dir, resume, is_rank_zero, config)
@@ -337,6 +338,7 @@ def train_and_finish(
     output_dir, is_rank_zero = Path(config.output_dir), ds_engine.rank() == 0
     stop = StopRequest()
     stop.install()
+    method = method_for(config.finetune)
     hooks = LoopHooks(
         save=checkpoint_saver(engine, train_stream, output_dir, config, is_rank_zero, unfreezing),
         stop_requested=stop.agreed,
@@ -350,7 +352,8 @@ def train_and_finish(
         before_step=unfreezing.apply,
         progress=watchdog.beat,
         harness=harness_hook(config, engine, tokenizer, watchdog),
-        objective=dpo_objective(config.finetune.dpo) if config.finetune.method == "dpo" else None,
+        objective=method.objective(config) if method.objective else None,
+        method=method,
         compile_clock=compile_seconds if config.model.compile else None,
     )
     sink = MetricsSink(
@@ -375,19 +378,18 @@ def finish(
     result: TrainResult, sink: MetricsSink, is_rank_zero: bool, start: LoopStart, config: Config
 ) -> None:
     """Summary table, W&B summary, and the closing line."""
+    method = method_for(config.finetune)
     summary = {
         "steps": result.steps,
         "tokens": result.tokens,
         "wall_time_s": round(result.wall_time_s, 1),
         "eval_loss": result.final_eval_loss,
-        "eval_ppl": perplexity(result.final_eval_loss),
         "checkpoint": str(result.checkpoint),
     }
-    accuracy_name = "pref_accuracy" if config.finetune.method == "dpo" else "accuracy"
-    if result.final_eval_accuracy is not None:
-        summary[f"eval_{accuracy_name}"] = result.final_eval_accuracy
-    if accuracy_name == "pref_accuracy":
-        del summary["eval_ppl"]
+    if method.perplexity:
+        summary["eval_ppl"] = perplexity(result.final_eval_loss)
+    if method.accuracy_metric and result.final_eval_accuracy is not None:
+        summary[f"eval_{method.accuracy_metric}"] = result.final_eval_accuracy
     sink.close(summary)
     if not is_rank_zero:
         return
@@ -411,15 +413,16 @@ def finish(
         )
     else:
         print(
-            f"{closing_figure(result, config.finetune.method)} after {result.steps} steps, {result.tokens:,} tokens in "
+            f"{closing_figure(result, method)} after {result.steps} steps, {result.tokens:,} tokens in "
             f"{result.wall_time_s:.0f} s; checkpoint {result.checkpoint}"
         )
 
 
-def closing_figure(result: TrainResult, method: str = "sft") -> str:
-    """Held-out accuracy for a classifier or DPO (their exp(loss) means nothing to a reader), perplexity otherwise."""
+def closing_figure(result: TrainResult, method: Method = SFT) -> str:
+    """The method's held-out share where it has one (a classifier's or DPO's exp(loss) means nothing to a
+    reader), perplexity otherwise."""
     if result.final_eval_accuracy is not None:
-        name = "preference accuracy" if method == "dpo" else "accuracy"
+        name = method.accuracy_label
         untrained = (
             ""
             if result.initial_eval_accuracy is None

@@ -296,7 +296,10 @@ def test_lora_target_modules_that_do_not_exist_name_the_real_ones():
     [
         (["data.format=chat", "data.batching=pack"], "data.batching=pack does not apply to data.format=chat"),
         (["data.format=prompt_completion", "data.streaming=true"], "data.streaming=True does not apply"),
-        (["finetune.task=classification", "data.format=chat"], "data.format must be text"),
+        (
+            ["finetune.task=classification", "data.format=chat"],
+            "trains on data.format text: set data.format=text",
+        ),
         (["finetune.unfreeze.start_from=top"], r"finetune.unfreeze.every_steps"),
         (["finetune.lora.rank=4"], "finetune.lora.rank: unknown key"),
         (["finetune.task=regression"], "finetune.task"),

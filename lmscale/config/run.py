@@ -13,6 +13,7 @@ from lmscale.config.parallel import ParallelConfig
 from lmscale.config.reporting import EvalConfig, LoggingConfig, MetricsConfig, WandbConfig
 from lmscale.config.section import Section
 from lmscale.config.training import CheckpointConfig, OptimConfig, ScheduleConfig, TrainConfig, ZeroConfig
+from lmscale.methods import method_for, method_problems
 
 
 class Config(Section):
@@ -68,41 +69,10 @@ def lr_plan_problems(config: Config) -> list[str]:
 
 
 def task_problems(config: Config) -> list[str]:
-    problems = []
-    if config.finetune.method == "dpo" or config.data.format == "preference":
-        problems += dpo_problems(config)
-    if config.finetune.task != "classification":
-        return problems
-    if config.data.format != "text":
-        return problems + [
-            f"finetune.task=classification reads data.text_field and data.label_field, so data.format must "
-            f"be text (got {config.data.format})"
-        ]
-    return problems + whole_record_problems(config.data, "finetune.task=classification")
-
-
-def dpo_problems(config: Config) -> list[str]:
-    """DPO trains on whole preference pairs, both replies of a pair side by side in one micro-batch."""
-    data, method = config.data, config.finetune.method
-    if method == "dpo" and data.format != "preference":
-        return [
-            f"finetune.method=dpo trains on preference pairs: set data.format=preference (got {data.format})"
-        ]
-    if method != "dpo":
-        return ["data.format=preference is for DPO: set finetune.method=dpo"]
-    problems = []  # packing, streaming and length warm-up are refused by DataConfig for any record format
-    if config.finetune.task != "causal_lm":
-        problems.append("finetune.method=dpo needs finetune.task=causal_lm")
-    if data.batching == "pad":
-        problems.append("data.batching=pad does not apply to preference pairs: use bucket")
-    budget = data.max_tokens_per_batch
-    if isinstance(budget, int) and budget < 2 * data.max_seq_len:
-        problems.append(
-            f"data.max_tokens_per_batch={budget} cannot hold a pair of data.max_seq_len={data.max_seq_len} "
-            f"replies: raise it to at least {2 * data.max_seq_len}"
-        )
-    if config.train.label_smoothing:
-        problems.append("train.label_smoothing applies to cross-entropy, not DPO: set it to 0")
+    problems = method_problems(config)
+    method = method_for(config.finetune)
+    if method.whole_records and config.data.format == "text":  # record formats are checked by DataConfig
+        problems += whole_record_problems(config.data, method.key)
     return problems
 
 
@@ -129,10 +99,11 @@ def tensor_parallel_problems(config: Config) -> list[str]:
         problems.append(
             f"parallel.tensor={tensor} does not split LoRA adapters: train LoRA with parallel.tensor=1"
         )
-    if config.finetune.task == "classification":
+    method = method_for(config.finetune)
+    if not method.tensor_parallel:
         problems.append(
-            f"parallel.tensor={tensor} splits a language model's output layer, not a class head: "
-            "use parallel.tensor=1 for finetune.task=classification"
+            f"parallel.tensor={tensor} splits a language model's output layer, not what {method.key} trains: "
+            "use parallel.tensor=1"
         )
     return problems
 
@@ -160,7 +131,7 @@ def sequence_parallel_problems(config: Config) -> list[str]:
         problems.append(
             f"{key} slices rows before the length warm-up could cut them: set data.seq_len_warmup_steps=0"
         )
-    if config.finetune.method == "dpo" or config.finetune.task == "classification":
+    if not method_for(config.finetune).sequence_parallel:
         problems.append(f"{key} trains language models with cross-entropy: use it with finetune.method=sft")
     if config.finetune.lora is not None:
         problems.append(f"{key} is not tested with LoRA: unset finetune.lora")
