@@ -1,11 +1,8 @@
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -14,56 +11,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def cache_dir(tmp_path_factory) -> Path:
     """One data cache for the whole session: the embedded corpus is tokenized once."""
     return tmp_path_factory.mktemp("lmscale-cache")
-
-
-def tiny_gpt2_config(vocab_size: int):
-    """A two-layer GPT-2 without dropout, so two runs of the same batch give the same numbers."""
-    from transformers import GPT2Config
-
-    return GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=32,
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-
-
-# A 10-step fp32 tiny-Llama run logging every step and saving at step 5: runs of it that differ only in
-# how they compute (layouts, compile) give the same losses, up to summation order.
-EXACT_RUN_ARGS = [
-    "model.preset=tiny-llama",
-    "precision=fp32",
-    "zero.stage=1",
-    "data.max_seq_len=64",
-    "data.vocab_size=1024",
-    "data.max_tokens_per_batch=1024",
-    "train.max_steps=10",
-    "schedule.warmup_steps=1",
-    "train.eval_every=10",
-    "train.eval_batches=2",
-    "train.log_every=1",
-    "checkpoint.save_every=5",
-    "data.num_workers=0",
-    "wandb.mode=disabled",
-]
-
-
-def run_lmscale(
-    *args: str, cwd: Path | None = None, timeout: int = 900, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run the real `lmscale` CLI in a subprocess, as a user would (`env` adds variables)."""
-    return subprocess.run(
-        [sys.executable, "-m", "lmscale.cli", *args],
-        cwd=cwd or REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
 
 
 @pytest.fixture

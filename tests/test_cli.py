@@ -1,7 +1,7 @@
 """The CLI as a user meets it: bad input stops before anything is written, with one line and exit 2."""
 
 import pytest
-from conftest import run_lmscale
+from helpers import run_lmscale
 
 from lmscale.cli import parse_args, split_config_and_overrides
 from lmscale.config import load_config
@@ -243,7 +243,7 @@ def test_a_closed_pipe_ends_the_output_quietly(argv):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     command = [sys.executable, "-m", "lmscale.cli", *argv]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

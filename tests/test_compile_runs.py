@@ -4,7 +4,7 @@ apart from throughput, and resumes after its process dies to the same losses (up
 import json
 
 import pytest
-from conftest import EXACT_RUN_ARGS, run_lmscale
+from helpers import EXACT_RUN_ARGS, run_lmscale
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_gpt2_config
 from datasets import Dataset
+from helpers import tiny_gpt2_config
 from transformers import GPT2LMHeadModel
 
 from lmscale.config import Config, DataConfig, DpoConfig, build_config

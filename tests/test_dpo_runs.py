@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import run_lmscale
 from finetune_data import preference_records, save_pretrained_model, write_jsonl
+from helpers import run_lmscale
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import run_lmscale
+from helpers import run_lmscale
 
 pytestmark = pytest.mark.slow
 

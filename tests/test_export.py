@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_lmscale
+from helpers import run_lmscale
 
 pytestmark = pytest.mark.slow
 

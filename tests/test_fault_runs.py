@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from conftest import REPO, run_lmscale
+from helpers import REPO, run_lmscale
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_gpt2_config
 from finetune_data import instruction_records, labelled_records, write_jsonl
+from helpers import tiny_gpt2_config
 
 from lmscale.config import (
     Config,

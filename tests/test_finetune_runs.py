@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from conftest import run_lmscale
 from finetune_data import (
     chat_records,
     instruction_records,
@@ -13,6 +12,7 @@ from finetune_data import (
     save_pretrained_model,
     write_jsonl,
 )
+from helpers import run_lmscale
 
 pytestmark = pytest.mark.slow
 

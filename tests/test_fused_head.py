@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_gpt2_config
+from helpers import tiny_gpt2_config
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from lmscale.data.batches import IGNORE_INDEX, Batch, collate, sequence_slice

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_lmscale
+from helpers import run_lmscale
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_lmscale
+from helpers import run_lmscale
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

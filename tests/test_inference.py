@@ -19,7 +19,7 @@ def test_generation_past_the_positions_is_refused_with_the_room_left():
 
 def _chat_model_dir(tmp_path, template):
     """A tiny GPT-2 and a word-level tokenizer saved as an export is: with or without a chat template."""
-    from conftest import tiny_gpt2_config
+    from helpers import tiny_gpt2_config
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 

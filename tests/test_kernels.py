@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_gpt2_config
+from helpers import tiny_gpt2_config
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.activations import ACT2CLS

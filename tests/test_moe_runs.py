@@ -4,7 +4,7 @@ load-balancing loss logged and trained, held-out loss falling."""
 import json
 
 import pytest
-from conftest import run_lmscale
+from helpers import run_lmscale
 
 pytestmark = pytest.mark.slow
 

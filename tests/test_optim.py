@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_gpt2_config
+from helpers import tiny_gpt2_config
 
 from lmscale.config import OptimConfig
 from lmscale.optim import build_optimizer, parameter_groups

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import EXACT_RUN_ARGS, run_lmscale
+from helpers import EXACT_RUN_ARGS, run_lmscale
 
 pytestmark = pytest.mark.slow
 

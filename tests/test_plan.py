@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import REPO, run_lmscale
+from helpers import REPO, run_lmscale
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lmscale.config import Config

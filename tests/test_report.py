@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import run_lmscale
+from helpers import run_lmscale
 
 from lmscale.errors import LmscaleError
 from lmscale.report import report, summarize

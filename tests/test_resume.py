@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import slurm_cluster
-from conftest import REPO, run_lmscale
+from helpers import REPO, run_lmscale
 
 TRAIN = [
     "data.max_seq_len=64",

@@ -4,7 +4,7 @@ import csv
 
 import pytest
 import yaml
-from conftest import run_lmscale
+from helpers import run_lmscale
 
 from lmscale.errors import ConfigError
 from lmscale.sweep import load_spec

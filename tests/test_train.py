@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_lmscale
+from helpers import REPO, run_lmscale
 
 pytestmark = pytest.mark.slow
 

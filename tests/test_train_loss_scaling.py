@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_gpt2_config
 from datasets import Dataset
+from helpers import tiny_gpt2_config
 from transformers import GPT2LMHeadModel
 
 from lmscale.data.batches import BatchSettings, BatchStream, collate

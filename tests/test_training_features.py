@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import REPO, run_lmscale
+from helpers import REPO, run_lmscale
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_gpt2_config
+from helpers import tiny_gpt2_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lmscale.data.batches import IGNORE_INDEX, Batch, collate, collate_packed, seq_len_cap, truncate_batch
