@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmscale import __version__
-from lmscale.errors import ConfigError, LmscaleError, is_write_failure, write_failure_line
+from lmscale.errors import LmscaleError, is_write_failure, write_failure_line
 from lmscale.logging import configure_console
 from lmscale.resources import find_file
 
@@ -213,60 +213,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from lmscale import launch, rundir
-    from lmscale.checkpoint import find_resume_checkpoint
-    from lmscale.engine import free_port, has_gpu
+    from lmscale.launch import LaunchFlags, launch_job
     from lmscale.logging import configure_console
-    from lmscale.preflight import launch_problems, resolve_run_config
-    from lmscale.runlock import check_unlocked
 
     configure_console(is_rank_zero=True)
     config_path, overrides = split_config_and_overrides(args)
-    node, world_size = _launch_topology(args)
-    # Validate here, once, so a bad config fails before any rank starts (and not once per rank, late).
-    config, _ = resolve_run_config(config_path, overrides, world_size, has_gpu())
-    problems = launch_problems(config, world_size)
-    if problems:
-        raise ConfigError("; ".join(problems))
-    rundir.check_output_dir(Path(config.output_dir), args.force, config.checkpoint.resume)
-    check_unlocked(Path(config.output_dir))
-    if not args.force:
-        rundir.check_resume_compatible(Path(config.output_dir), config)
-        find_resume_checkpoint(Path(config.output_dir), config.checkpoint.resume)
-    if args.master_port is not None and (node is None or node.node_rank == 0):
-        launch.check_port_free(args.master_port)
-    command = launch.deepspeed_command(
-        args.gpus_per_node,
-        config_path,
-        overrides,
-        args.hostfile,
-        args.force,
-        args.master_port or free_port(),
-        node,
+    flags = LaunchFlags(
+        args.gpus_per_node, args.hostfile, args.node_rank, args.master_addr, args.master_port, args.force
     )
-    return launch.run_deepspeed(command)
-
-
-def _launch_topology(args: argparse.Namespace):
-    """(this node's no-ssh launch or None, total ranks), with the hostfile and flags checked."""
-    from lmscale import launch
-
-    if args.gpus_per_node is not None and args.gpus_per_node < 1:
-        raise LmscaleError(f"--gpus-per-node {args.gpus_per_node} must be at least 1")
-    if args.hostfile is None:
-        if args.node_rank is not None:
-            raise LmscaleError("--node-rank needs --hostfile (the list of all nodes, the same file on each)")
-        return None, args.gpus_per_node or 1
-    hosts = launch.read_hostfile(Path(args.hostfile))
-    world_size = launch.ranks_in(hosts, args.gpus_per_node)
-    if args.node_rank is None:
-        launch.check_reachable(list(hosts))
-        return None, world_size
-    if not 0 <= args.node_rank < len(hosts) or not args.master_addr:
-        raise LmscaleError(
-            f"--node-rank {args.node_rank} needs 0 <= rank < {len(hosts)} (the hostfile's hosts) and --master-addr"
-        )
-    return launch.NodeLaunch(args.node_rank, args.master_addr), world_size
+    return launch_job(config_path, overrides, flags)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -419,8 +374,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _slurm(args: argparse.Namespace) -> int:
-    from lmscale import rundir, slurm
-    from lmscale.runlock import check_unlocked
+    from lmscale import slurm
 
     if args.slurm_command == "status":
         print(slurm.status(Path(args.run_dir)))
@@ -444,30 +398,8 @@ def _slurm(args: argparse.Namespace) -> int:
         master_port=args.master_port,
         job_name=args.job_name,
     )
-    job.check()
-    config = _validated_for(job)
-    job.run_dir = Path(config.output_dir).resolve()
-    script = slurm.render(job)
-    if args.dry_run:
-        print(script, end="")
-        return 0
-    rundir.check_output_dir(job.run_dir, False, config.checkpoint.resume)
-    check_unlocked(job.run_dir)
-    rundir.check_resume_compatible(job.run_dir, config)
-    job_id = slurm.submit(job, script)
-    print(
-        f"submitted job {job_id}: log {job.run_dir / 'slurm' / (job_id + '.out')}; "
-        f"lmscale slurm status {job.run_dir}"
-    )
+    print(slurm.submit_job(job, args.dry_run), end="")
     return 0
-
-
-def _validated_for(job):
-    """The config, checked for the job's rank count (batch sizes) and device (fp16 needs GPUs)."""
-    from lmscale.preflight import resolve_run_config
-
-    world_size = job.nodes * job.ranks_per_node
-    return resolve_run_config(job.config_path, job.overrides, world_size, has_gpu=not job.cpu)[0]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -139,6 +139,59 @@ def deepspeed_command(
     return command + list(overrides)
 
 
+@dataclass(frozen=True)
+class LaunchFlags:
+    """`lmscale launch`'s flags: where the ranks run."""
+
+    gpus_per_node: int | None = None
+    hostfile: str | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    force: bool = False
+
+
+def launch_job(config_path: str | None, overrides: list[str], flags: LaunchFlags) -> int:
+    """Check everything that can be checked before ranks start, once, then run the `deepspeed` launcher."""
+    from lmscale.engine import free_port, has_gpu
+    from lmscale.preflight import launch_problems, resolve_run_config
+    from lmscale.run_start import check_start
+
+    node, world_size = launch_topology(flags)
+    config, _ = resolve_run_config(config_path, overrides, world_size, has_gpu())
+    problems = launch_problems(config, world_size)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    check_start(config, flags.force)
+    if flags.master_port is not None and (node is None or node.node_rank == 0):
+        check_port_free(flags.master_port)
+    port = flags.master_port or free_port()
+    command = deepspeed_command(
+        flags.gpus_per_node, config_path, overrides, flags.hostfile, flags.force, port, node
+    )
+    return run_deepspeed(command)
+
+
+def launch_topology(flags: LaunchFlags) -> tuple[NodeLaunch | None, int]:
+    """(this node's no-ssh launch or None, total ranks), with the hostfile and flags checked."""
+    if flags.gpus_per_node is not None and flags.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node {flags.gpus_per_node} must be at least 1")
+    if flags.hostfile is None:
+        if flags.node_rank is not None:
+            raise ConfigError("--node-rank needs --hostfile (the list of all nodes, the same file on each)")
+        return None, flags.gpus_per_node or 1
+    hosts = read_hostfile(Path(flags.hostfile))
+    world_size = ranks_in(hosts, flags.gpus_per_node)
+    if flags.node_rank is None:
+        check_reachable(list(hosts))
+        return None, world_size
+    if not 0 <= flags.node_rank < len(hosts) or not flags.master_addr:
+        raise ConfigError(
+            f"--node-rank {flags.node_rank} needs 0 <= rank < {len(hosts)} (the hostfile's hosts) and --master-addr"
+        )
+    return NodeLaunch(flags.node_rank, flags.master_addr), world_size
+
+
 def run_deepspeed(command: list[str]) -> int:
     """Run the launcher; on a machine with no GPU its ranks use DeepSpeed's CPU accelerator."""
     env = dict(os.environ)

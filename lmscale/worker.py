@@ -43,15 +43,14 @@ from lmscale.optim import build_optimizer, group_depths, num_layers_of, params_b
 from lmscale.parallel import Layout, model_split_problems
 from lmscale.preflight import resolve_run_config
 from lmscale.resume import checkpoint_saver, plan_resume, resume_point
+from lmscale.run_start import check_start
 from lmscale.rundir import (
     RunDir,
-    check_output_dir,
-    check_resume_compatible,
     mark_finished,
     write_labels,
     write_run_files,
 )
-from lmscale.runlock import RunLock, check_unlocked
+from lmscale.runlock import RunLock
 from lmscale.schedules import build_scheduler
 from lmscale.sequence_parallel import register_ulysses
 from lmscale.signals import StopRequest
@@ -184,10 +183,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     layout = Layout(world_size, config.parallel.tensor, config.parallel.sequence)
     data_rank = layout.data_rank(ds_engine.rank())
     output_dir = Path(config.output_dir)
-    check_output_dir(output_dir, force, config.checkpoint.resume)
-    check_unlocked(output_dir)
-    if not force:
-        check_resume_compatible(output_dir, config)
+    check_start(config, force, find_checkpoint=False)  # plan_resume finds and verifies it
     resume = plan_resume(config, force, world_size)
     if already_done(resume.checkpoint, config, is_rank_zero):
         return
