@@ -5,7 +5,7 @@ takes one optimizer step on one row of `--tokens` tokens, under DeepSpeed ZeRO-1
 with gloo, with sequence 1 or 2 ranks and three losses: plain (whole logits, an fp32 copy), blockwise
 (whole logits, no fp32 copy: `train.chunked_loss` on families whose logits cannot be fused) and fused (the
 output layer inside the loss, no whole logits: `train.chunked_loss` on Llama and the other fusable
-families, lmscale.fused_head). Each set-up runs in fresh processes; each rank first takes a short step (so
+families, lmscale.objectives.fused_head). Each set-up runs in fresh processes; each rank first takes a short step (so
 Adam's states and the gradients exist), then the long one, and reports the growth of its peak resident
 set over its resident set before that step: the step's activations, logits and loss temporaries. Prints
 each figure and the ratios of the issue's targets: sequence 2 / sequence 1 (target <= 0.6) and the
@@ -47,11 +47,11 @@ def step_growth(
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from lmscale.data.batches import collate, sequence_slice
-    from lmscale.engine import shutdown_distributed
-    from lmscale.fused_head import install_fused_head, loss_targets
-    from lmscale.loss import aligned_token_loss
-    from lmscale.parallel import Layout
-    from lmscale.sequence_parallel import register_ulysses
+    from lmscale.objectives.fused_head import install_fused_head, loss_targets
+    from lmscale.objectives.loss import aligned_token_loss
+    from lmscale.parallel.engine import shutdown_distributed
+    from lmscale.parallel.layout import Layout
+    from lmscale.parallel.ulysses import register_ulysses
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def step_growth(
 
 def measure(world_size: int, tokens: int, loss: str, precision: str) -> int:
     """The largest long-step growth over the ranks of one fresh job."""
-    from lmscale.engine import free_port
+    from lmscale.parallel.engine import free_port
 
     results = mp.Manager().dict()
     args = (world_size, free_port(), tokens, loss, precision, results)

@@ -29,7 +29,7 @@ PLAN_LORA = ["plan", "configs/llama-1b.yaml", "finetune.lora.r=16", "--gpus-per-
 
 
 def plan_neox(directory: Path) -> list[str]:
-    """`lmscale plan` of a local GPT-NeoX model (Pythia-160M's shape), a family lmscale.config_count leaves
+    """`lmscale plan` of a local GPT-NeoX model (Pythia-160M's shape), a family lmscale.planning.config_count leaves
     to the meta device."""
     from transformers import AutoConfig
 
@@ -97,14 +97,14 @@ def main() -> None:
     args = parser.parse_args()
     runs = {
         "lmscale --help": lambda: timed([*lmscale(), "--help"]),
-        # GPT-2's facts come from its config (lmscale.config_count), never from the cache.
+        # GPT-2's facts come from its config (lmscale.planning.config_count), never from the cache.
         "lmscale plan": lambda: timed([*lmscale(), *PLAN], env={"LMSCALE_CACHE": "off"}),
         "lmscale plan, LoRA": lambda: timed([*lmscale(), *PLAN_LORA], env={"LMSCALE_CACHE": "off"}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         neox = plan_neox(Path(tmp) / "neox")
         # A GPT-NeoX model is built on the meta device the first time, then read from the cache
-        # (lmscale.plan.facts_cache_path).
+        # (lmscale.planning.plan.facts_cache_path).
         runs["lmscale plan, GPT-NeoX"] = lambda: timed([*lmscale(), *neox])
         runs["lmscale plan, GPT-NeoX uncached"] = lambda: timed(
             [*lmscale(), *neox], env={"LMSCALE_CACHE": "off"}

@@ -88,7 +88,7 @@ def prepare(args, workdir: Path, train: Path, held_out: Path):
     from lmscale.config import load_config
     from lmscale.data import prepare_data
     from lmscale.data.bucketing import plan_epoch
-    from lmscale.model import preset_config
+    from lmscale.model.build import preset_config
 
     config, _ = load_config(None, lmscale_args(args, workdir, train, held_out))
     data = prepare_data(config.data)
@@ -181,7 +181,7 @@ def run_hf(args, workdir: Path, held_out: Path, batch_size: int, *flags: str, ru
         "--model-config", str(workdir / "model_config"), "--out", str(out), "--batch-size", str(batch_size),
         "--lr", str(args.lr), "--warmup-steps", str(args.warmup), "--seed", str(SEED),
     ]  # fmt: skip
-    # Each of the 2 ranks its share of the cores, counted as lmscale.engine.share_cpu_cores counts them
+    # Each of the 2 ranks its share of the cores, counted as lmscale.parallel.engine.share_cpu_cores counts them
     # (DeepSpeed's launcher gives each rank all of them).
     import torch
 

@@ -57,8 +57,8 @@ def bare_tokens_per_s(args, out: Path, compiled: bool = False) -> float:
     from lmscale.config import load_config
     from lmscale.data import prepare_data
     from lmscale.data.batches import BatchSettings, BatchStream
-    from lmscale.loss import summed_token_loss
-    from lmscale.model import build_model
+    from lmscale.model.build import build_model
+    from lmscale.objectives.loss import summed_token_loss
 
     config, _ = load_config(None, overrides(args, out))
     data = prepare_data(config.data)

@@ -26,9 +26,9 @@ def train_one_step(out: Path, cache: Path, stage: int) -> None:
 
 
 def main() -> None:
+    from lmscale.checkpointing.export import run_config
     from lmscale.data.tokenizer import local_tokenizer
-    from lmscale.export import run_config
-    from lmscale.plan import model_facts
+    from lmscale.planning.plan import model_facts
 
     print(f"{'ZeRO':>4}  {'what (per rank)':<34}{'predicted':>12}{'measured':>12}{'ratio':>8}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 import sys
 
-from lmscale.worker import main
+from lmscale.training.worker import main
 
 if __name__ == "__main__":
     sys.exit(main())

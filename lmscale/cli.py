@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from lmscale import __version__
 from lmscale.errors import LmscaleError, is_write_failure, write_failure_line
-from lmscale.logging import configure_console
+from lmscale.reporting.sink import configure_console
 from lmscale.resources import find_file
 
 
@@ -205,7 +205,7 @@ def split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, li
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lmscale import worker
+    from lmscale.training import worker
 
     config_path, overrides = split_config_and_overrides(args)
     worker.run(config_path, overrides, force=args.force)
@@ -213,8 +213,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from lmscale.launch import LaunchFlags, launch_job
-    from lmscale.logging import configure_console
+    from lmscale.jobs.launch import LaunchFlags, launch_job
+    from lmscale.reporting.sink import configure_console
 
     configure_console(is_rank_zero=True)
     config_path, overrides = split_config_and_overrides(args)
@@ -225,8 +225,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lmscale.logging import print_summary_table
-    from lmscale.report import report
+    from lmscale.reporting.report import report
+    from lmscale.reporting.sink import print_summary_table
 
     summary, dashboard = report(args.run_dir, args.out)
     print_summary_table(summary)
@@ -236,7 +236,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _schedule(args: argparse.Namespace) -> int:
     from lmscale.config import load_config
-    from lmscale.schedules import lr_curve, plot_curve
+    from lmscale.training.schedules import lr_curve, plot_curve
 
     config_path, overrides = split_config_and_overrides(args)
     config, _ = load_config(config_path, overrides)
@@ -268,7 +268,7 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from lmscale.export import export
+    from lmscale.checkpointing.export import export
 
     checkpoint = export(
         Path(args.run_dir), Path(args.out), args.checkpoint, args.force, args.merge, args.dtype
@@ -282,7 +282,7 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from lmscale.evaluation import evaluate_target
+    from lmscale.evaluation.held_out import evaluate_target
 
     if args.harness:
         return _eval_harness(args)
@@ -299,14 +299,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_harness(args: argparse.Namespace) -> int:
     import json
 
-    from lmscale.evaluation import harness_scores
+    from lmscale.evaluation.held_out import harness_scores
 
     tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
     table, saved = harness_scores(Path(args.target), tasks, args.include_path, args.limit, args.num_fewshot)
     if args.json:
         print(json.dumps({"harness": table}))
     else:
-        from lmscale.harness import print_table
+        from lmscale.evaluation.harness import print_table
 
         print_table(table)
     if saved is not None:
@@ -315,7 +315,13 @@ def _eval_harness(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lmscale.inference import Sampling, chat_prompt, generate_text, load_for_inference, read_messages
+    from lmscale.evaluation.inference import (
+        Sampling,
+        chat_prompt,
+        generate_text,
+        load_for_inference,
+        read_messages,
+    )
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     sampling.check()
@@ -333,9 +339,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from lmscale.plan import GIB, Hardware
-    from lmscale.plan_command import plan_command
-    from lmscale.preflight import resolve_run_config
+    from lmscale.planning.command import plan_command
+    from lmscale.planning.plan import GIB, Hardware
+    from lmscale.training.preflight import resolve_run_config
 
     if args.gpus_per_node is None:
         raise LmscaleError("lmscale plan needs --gpus-per-node N: the GPUs of each node to plan for")
@@ -353,7 +359,7 @@ def _config(args: argparse.Namespace) -> int:
     import json
 
     from lmscale.config import config_to_yaml, load_config
-    from lmscale.config_reference import config_keys
+    from lmscale.config.reference import config_keys
 
     if args.config_command == "keys":
         keys = config_keys()
@@ -367,14 +373,14 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from lmscale.sweep import run_sweep
+    from lmscale.jobs.sweep import run_sweep
 
     run_sweep(Path(args.spec))
     return 0
 
 
 def _slurm(args: argparse.Namespace) -> int:
-    from lmscale import slurm
+    from lmscale.jobs import slurm
 
     if args.slurm_command == "status":
         print(slurm.status(Path(args.run_dir)))
@@ -438,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(argv: list[str] | None = None) -> int:
     """Parse the command line and run its subcommand; an LmscaleError becomes one line and its exit code."""
     args = parse_args(argv)  # first: --help and --version need no torch (it takes most of a second to import)
-    from lmscale.engine import select_accelerator
+    from lmscale.parallel.engine import select_accelerator
 
     select_accelerator()  # before anything imports deepspeed, here or in the ranks a launch starts
     handlers = {

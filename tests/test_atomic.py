@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from lmscale.atomic import write_atomically
-from lmscale.checkpoint import torch_write_failure
+from lmscale.checkpointing.checkpoint import torch_write_failure
+from lmscale.checkpointing.rundir import check_output_dir
 from lmscale.errors import ConfigError, is_write_failure, write_failure_line
-from lmscale.rundir import check_output_dir
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from lmscale.budget import search_token_budget, with_margin
 from lmscale.config import build_config
 from lmscale.errors import ConfigError
+from lmscale.planning.budget import search_token_budget, with_margin
 
 
 def fake_gpu(limit: int):

@@ -178,7 +178,7 @@ def test_one_name_for_gpus_per_node_and_the_old_names_still_parse():
 
 
 def test_config_keys_lists_every_key_with_default_and_description():
-    from lmscale.config_reference import config_keys
+    from lmscale.config.reference import config_keys
 
     result = run_lmscale("config", "keys")
     assert result.returncode == 0, result.stderr
@@ -214,7 +214,7 @@ def test_config_show_prints_the_resolved_config():
     ],
 )
 def test_unknown_key_suggests_the_closest(unknown, meant):
-    from lmscale.config_reference import closest_key
+    from lmscale.config.reference import closest_key
 
     assert closest_key(unknown) == meant
 
@@ -226,7 +226,7 @@ def test_importing_lmscale_does_no_work():
 
     code = (
         "import os, sys; import lmscale.cli; cli_torch = 'torch' in sys.modules; "
-        "import lmscale.worker, lmscale.plan, lmscale.export; "
+        "import lmscale.training.worker, lmscale.planning.plan, lmscale.checkpointing.export; "
         "print('deepspeed' in sys.modules, 'DS_ACCELERATOR' in os.environ, cli_torch)"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "DS_ACCELERATOR"}

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmscale.config import Config
-from lmscale.config_count import ALIASES, FAMILY_DEFAULTS, PEFT_DEFAULT_TARGETS, facts_from_config
-from lmscale.plan import count_model_facts, facts_of
-from lmscale.presets import PRESETS
+from lmscale.model.presets import PRESETS
+from lmscale.planning.config_count import ALIASES, FAMILY_DEFAULTS, PEFT_DEFAULT_TARGETS, facts_from_config
+from lmscale.planning.plan import count_model_facts, facts_of
 
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96}
 VARIANTS = [

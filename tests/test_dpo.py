@@ -15,9 +15,15 @@ from lmscale.data.batches import IGNORE_INDEX, EpochBatches
 from lmscale.data.bucketing import plan_epoch
 from lmscale.data.preferences import encode_preferences, pair_sequences
 from lmscale.data.tasks import PLAIN_CHAT_TEMPLATE, check_problems, task_format
-from lmscale.dpo import dpo_objective, pair_scores, preference_figures, sequence_logps, with_reference
 from lmscale.errors import ConfigError, LmscaleError
-from lmscale.evaluation import ModelForward
+from lmscale.evaluation.held_out import ModelForward
+from lmscale.objectives.dpo import (
+    dpo_objective,
+    pair_scores,
+    preference_figures,
+    sequence_logps,
+    with_reference,
+)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import pytest
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from lmscale.config import load_config
-from lmscale.ds_config import deepspeed_config, resolve
 from lmscale.errors import ConfigError
+from lmscale.parallel.ds_config import deepspeed_config, resolve
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))

@@ -11,13 +11,13 @@ import time
 import pytest
 
 from lmscale import cli
-from lmscale.checkpoint import file_digest, find_resume_checkpoint
+from lmscale.checkpointing.checkpoint import file_digest, find_resume_checkpoint
+from lmscale.checkpointing.rundir import RunDir
+from lmscale.checkpointing.runlock import STALE_AFTER_S, RunLock, check_unlocked, is_zombie
 from lmscale.config import Config, config_to_yaml
 from lmscale.data.fingerprint import changed_data, data_fingerprint
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.faults import Fault, parse_faults
-from lmscale.rundir import RunDir
-from lmscale.runlock import STALE_AFTER_S, RunLock, check_unlocked, is_zombie
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +167,7 @@ def test_data_edited_in_place_is_named_and_force_starts_over(tmp_path, capsys):
 WATCHDOG_SCRIPT = """
 import sys, time
 from pathlib import Path
-from lmscale.watchdog import HangWatchdog
+from lmscale.training.watchdog import HangWatchdog
 watchdog = HangWatchdog(Path(sys.argv[1]), rank=1, timeout_s=1.0)
 watchdog.start()
 watchdog.beat(5, "training step")

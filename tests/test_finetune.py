@@ -28,11 +28,11 @@ from lmscale.data.tasks import (
     label_names,
 )
 from lmscale.errors import ConfigError
-from lmscale.finetune import Unfreezing, apply_lora, is_joined
-from lmscale.loss import summed_loss
-from lmscale.model import count_parameters
-from lmscale.optim import build_optimizer, group_depths, params_by_depth
-from lmscale.schedules import build_scheduler
+from lmscale.model.build import count_parameters
+from lmscale.model.finetune import Unfreezing, apply_lora, is_joined
+from lmscale.objectives.loss import summed_loss
+from lmscale.training.optim import build_optimizer, group_depths, params_by_depth
+from lmscale.training.schedules import build_scheduler
 
 
 def constant_lr(lr: float, max_steps: int, weight_decay: float = 0.1) -> Config:
@@ -319,9 +319,9 @@ def test_finetune_defaults_train_every_layer_of_the_whole_model():
 
 
 def test_merge_is_refused_for_a_run_without_lora(tmp_path):
+    from lmscale.checkpointing.export import export
     from lmscale.config import Config, config_to_yaml
     from lmscale.errors import LmscaleError
-    from lmscale.export import export
 
     (tmp_path / "config.yaml").write_text(config_to_yaml(Config()))
     with pytest.raises(LmscaleError, match="is not a LoRA run.*export it without --merge"):

@@ -67,7 +67,7 @@ def test_lora_fine_tune_lowers_eval_loss_exports_merges_and_resumes(workspace, t
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05
 
     # checkpoints hold the adapters (and DeepSpeed's copy of GPT-2's tied head), not the frozen base
-    from lmscale.export import consolidated_weights
+    from lmscale.checkpointing.export import consolidated_weights
 
     weights = consolidated_weights(run / "checkpoints" / "step_00000024", stage)
     assert any("lora_A" in name for name in weights)
@@ -115,7 +115,7 @@ def test_gradual_unfreezing_trains_only_the_joined_layers_under_zero2(workspace,
     assert "layer depth 1 joins training" in result.stderr
     from safetensors.torch import load_file
 
-    from lmscale.export import consolidated_weights
+    from lmscale.checkpointing.export import consolidated_weights
 
     # bf16 training: the fp32 masters start from the bf16-rounded pretrained weights
     start = {

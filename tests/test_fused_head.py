@@ -8,8 +8,8 @@ from helpers import tiny_gpt2_config
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from lmscale.data.batches import IGNORE_INDEX, Batch, collate, sequence_slice
-from lmscale.fused_head import fused_head_problem, has_fused_head, install_fused_head
-from lmscale.loss import cross_entropy_objective
+from lmscale.objectives.fused_head import fused_head_problem, has_fused_head, install_fused_head
+from lmscale.objectives.loss import cross_entropy_objective
 
 VOCAB = 97
 

@@ -3,7 +3,7 @@
 import pytest
 
 from lmscale.errors import LmscaleError
-from lmscale.inference import Sampling, check_context
+from lmscale.evaluation.inference import Sampling, check_context
 
 
 def test_generation_past_the_positions_is_refused_with_the_room_left():
@@ -43,7 +43,7 @@ def test_generate_chat_renders_the_saved_template_and_prints_the_reply(tmp_path,
 
     from lmscale.cli import main
     from lmscale.data.tasks import PLAIN_CHAT_TEMPLATE
-    from lmscale.inference import chat_prompt, generate_text, load_for_inference
+    from lmscale.evaluation.inference import chat_prompt, generate_text, load_for_inference
 
     directory, tokenizer = _chat_model_dir(tmp_path, PLAIN_CHAT_TEMPLATE)
     conversation = [{"role": "system", "content": "w1"}, {"role": "user", "content": "w2 w3"}]

@@ -6,8 +6,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.activations import ACT2CLS
 
 from lmscale.config import ModelConfig
-from lmscale.kernels import FUSED_TANH_GELU, describe_fused, fuse_activations
-from lmscale.model import build_model
+from lmscale.model.build import build_model
+from lmscale.model.kernels import FUSED_TANH_GELU, describe_fused, fuse_activations
 
 
 def tiny_gpt2(activation: str) -> torch.nn.Module:

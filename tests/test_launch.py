@@ -1,6 +1,6 @@
 """The `deepspeed` command lines `lmscale launch` builds."""
 
-from lmscale.launch import LAUNCHER_SCRIPT, NodeLaunch, deepspeed_command
+from lmscale.jobs.launch import LAUNCHER_SCRIPT, NodeLaunch, deepspeed_command
 
 
 def test_one_node_command():
@@ -40,7 +40,7 @@ def test_no_ssh_node_of_a_multi_node_job_with_force():
 def test_cpu_ranks_on_one_host_share_its_cores(monkeypatch):
     import torch
 
-    from lmscale import engine
+    from lmscale.parallel import engine
 
     before = torch.get_num_threads()
     monkeypatch.setattr(engine, "has_gpu", lambda: False)

@@ -6,7 +6,7 @@ import torch
 from lmscale.config import TrainConfig
 from lmscale.data.batches import IGNORE_INDEX
 from lmscale.errors import ConfigError
-from lmscale.loss import chunked_token_loss, summed_loss, summed_token_loss
+from lmscale.objectives.loss import chunked_token_loss, summed_loss, summed_token_loss
 
 
 def logits_and_labels(dtype: torch.dtype, rows: int = 3, width: int = 37, vocab: int = 301):
@@ -66,8 +66,8 @@ def test_a_mixture_of_experts_router_loss_is_reported_and_trained_as_hf_adds_it(
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from lmscale.data.batches import Batch, collate, target_count
-    from lmscale.evaluation import ModelForward
-    from lmscale.loss import cross_entropy_objective
+    from lmscale.evaluation.held_out import ModelForward
+    from lmscale.objectives.loss import cross_entropy_objective
 
     torch.manual_seed(0)
     config = MixtralConfig(

@@ -3,7 +3,7 @@
 import pytest
 from transformers import GPT2Config, LlamaConfig
 
-from lmscale.metrics import (
+from lmscale.reporting.throughput import (
     ModelShape,
     hardware_flops_per_token,
     matmul_parameters,
@@ -105,7 +105,7 @@ def test_utilization_is_in_tflops_not_gflops():
 
 
 def test_wandb_names_are_grouped_and_progress_lines_are_plain():
-    from lmscale.logging import ProgressLines, format_duration, wandb_name, wandb_summary
+    from lmscale.reporting.sink import ProgressLines, format_duration, wandb_name, wandb_summary
 
     assert [wandb_name(k) for k in ("loss", "eval_loss", "tokens_per_s", "mfu", "memory_rss_gb", "lr")] == [
         "train/loss",

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel, PreTrainedTokeni
 
 from lmscale.config import ModelConfig
 from lmscale.errors import ConfigError
-from lmscale.model import PRESETS, build_model, count_parameters, preset_config
+from lmscale.model.build import PRESETS, build_model, count_parameters, preset_config
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import torch
 from helpers import tiny_gpt2_config
 
 from lmscale.config import OptimConfig
-from lmscale.optim import build_optimizer, parameter_groups
+from lmscale.training.optim import build_optimizer, parameter_groups
 
 
 def toy_model():

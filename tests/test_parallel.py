@@ -7,9 +7,9 @@ from transformers import GPT2Config, LlamaConfig
 
 from lmscale.config import load_config
 from lmscale.data.batches import collate, sequence_slice
-from lmscale.ds_config import resolve
 from lmscale.errors import ConfigError
-from lmscale.parallel import Layout, head_split_problems, model_split_problems, split_problems
+from lmscale.parallel.ds_config import resolve
+from lmscale.parallel.layout import Layout, head_split_problems, model_split_problems, split_problems
 
 
 def resolved(world_size, *overrides):
@@ -191,7 +191,7 @@ def test_a_sequence_slice_holds_contiguous_tokens_global_positions_and_shifted_t
 
 
 def test_slicing_and_the_aligned_loss_give_the_unsplit_loss():
-    from lmscale.loss import aligned_token_loss, summed_token_loss
+    from lmscale.objectives.loss import aligned_token_loss, summed_token_loss
 
     tensors = collate([[5, 6, 7, 8, 9], [1, 2, 3]], pad_id=0)
     logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0))

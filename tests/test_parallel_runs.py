@@ -99,7 +99,7 @@ def test_sequence_parallel_pair_trains_like_one_process_under_zero_1_and_3(tmp_p
     assert "1 data-parallel x 2 sequence-parallel rank(s)" in result.stderr
     got = losses(pair)
     assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (expected, got)
-    # ZeRO-3 divides gradients by every rank of a sequence group too (lmscale.train.gradient_divisor); the
+    # ZeRO-3 divides gradients by every rank of a sequence group too (lmscale.training.loop.gradient_divisor); the
     # output layer fused into the loss (its weight gathered by ZeRO-3) gives the same losses.
     zero3 = tmp_path / "zero3"
     fused = ("train.chunked_loss=true", "zero.stage=3", "checkpoint.save_every=100")

@@ -10,7 +10,8 @@ from helpers import REPO, run_lmscale
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lmscale.config import Config
-from lmscale.plan import (
+from lmscale.planning.command import recommend
+from lmscale.planning.plan import (
     GIB,
     Hardware,
     ModelFacts,
@@ -21,7 +22,6 @@ from lmscale.plan import (
     model_state_bytes,
     plan_rows,
 )
-from lmscale.plan_command import recommend
 
 GPT2_124M = 124_439_808  # the published count (tied embeddings, vocab 50257, 1024 positions)
 TINYLLAMA_1B = 1_100_048_384  # 22 layers x 2048, GQA 32/4 heads, 5632 MLP, vocab 32000, untied head
@@ -68,7 +68,7 @@ def test_one_billion_llama_fp32_and_bf16():
 
 def test_lora_keeps_states_for_the_adapters_only():
     from lmscale.config import LoraConfig
-    from lmscale.finetune import apply_lora
+    from lmscale.model.finetune import apply_lora
 
     with torch.device("meta"):
         model = apply_lora(AutoModelForCausalLM.from_config(GPT2Config()), LoraConfig(r=8), "causal_lm")
@@ -151,9 +151,9 @@ def test_predicted_partitions_match_what_two_ranks_write(tmp_path, cache_dir, st
         "schedule.warmup_steps=0", "train.eval_batches=1", "wandb.mode=disabled", "precision=bf16",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    from lmscale.checkpointing.export import run_config
     from lmscale.data.tokenizer import local_tokenizer
-    from lmscale.export import run_config
-    from lmscale.plan import model_facts
+    from lmscale.planning.plan import model_facts
 
     vocab = len(local_tokenizer(str(out / "tokenizer"), "tokenizer"))
     psi = model_facts(run_config(out), vocab_size=vocab).params
@@ -237,7 +237,7 @@ def test_plan_recommends_sequence_parallelism_when_a_long_context_does_not_fit()
 
 
 def test_llama_8b_preset_has_the_published_parameter_count():
-    from lmscale.model import preset_config
+    from lmscale.model.build import preset_config
 
     assert meta_facts(preset_config("llama-8b", 128256, 8192, 0, 0)).params == LLAMA3_8B
 
@@ -245,10 +245,10 @@ def test_llama_8b_preset_has_the_published_parameter_count():
 def test_model_facts_are_counted_once_then_read_from_the_cache(tmp_path, monkeypatch):
     from transformers import AutoConfig
 
-    import lmscale.plan as plan
+    import lmscale.planning.plan as plan
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    # GPT-NeoX: a family lmscale.config_count leaves to the meta device
+    # GPT-NeoX: a family lmscale.planning.config_count leaves to the meta device
     neox = AutoConfig.for_model("gpt_neox", hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
     neox.save_pretrained(tmp_path / "neox")
     config = Config(model={"path": str(tmp_path / "neox")})
@@ -273,7 +273,7 @@ def test_model_facts_are_counted_once_then_read_from_the_cache(tmp_path, monkeyp
 
 
 def test_layouts_tried_when_nothing_fits_go_sequence_then_tensor_then_both():
-    from lmscale.plan import other_layouts
+    from lmscale.planning.plan import other_layouts
 
     facts = tiny_llama_facts()  # 4 heads, 2 key-value heads
     hardware = Hardware(gpus_per_node=8, gpu_mem_bytes=80 * GIB)
@@ -287,8 +287,8 @@ def test_layouts_tried_when_nothing_fits_go_sequence_then_tensor_then_both():
 @pytest.mark.parametrize("recipe", ["llama-1b", "llama-8b-32k"])
 def test_recipes_say_what_the_planner_says(recipe, capsys):
     """A recipe's ZeRO stage is the planner's recommendation, and its comment quotes the planner's total."""
-    from lmscale.plan_command import plan_command
-    from lmscale.preflight import resolve_run_config
+    from lmscale.planning.command import plan_command
+    from lmscale.training.preflight import resolve_run_config
 
     text = (REPO / "configs" / f"{recipe}.yaml").read_text()
     config = resolve_run_config(str(REPO / "configs" / f"{recipe}.yaml"), [], 8, has_gpu=True)[0]

@@ -4,7 +4,7 @@ import pytest
 from helpers import run_lmscale
 
 from lmscale.errors import LmscaleError
-from lmscale.report import report, summarize
+from lmscale.reporting.report import report, summarize
 
 
 def write_run(tmp_path):
@@ -44,7 +44,7 @@ def test_dashboard_panels_plot_what_they_name(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmscale.report import PANELS, tokens_at, write_dashboard
+    from lmscale.reporting.report import PANELS, tokens_at, write_dashboard
 
     write_run(tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -96,7 +96,7 @@ def test_report_command(tmp_path):
 
 
 def test_dashboard_title_names_the_model_and_layout(tmp_path):
-    from lmscale.report import run_title, saved_configs
+    from lmscale.reporting.report import run_title, saved_configs
 
     assert run_title(tmp_path, *saved_configs(tmp_path)) == str(tmp_path)  # metrics only: the directory alone
     (tmp_path / "config.yaml").write_text("model:\n  preset: tiny-llama\nprecision: bf16\n")

@@ -4,9 +4,7 @@ import json
 
 import pytest
 
-from lmscale.config import Config, config_to_yaml
-from lmscale.errors import ConfigError
-from lmscale.rundir import (
+from lmscale.checkpointing.rundir import (
     RunDir,
     check_output_dir,
     holds_run,
@@ -16,6 +14,8 @@ from lmscale.rundir import (
     write_labels,
     write_run_files,
 )
+from lmscale.config import Config, config_to_yaml
+from lmscale.errors import ConfigError
 
 
 def test_every_name_lives_under_the_run_and_checkpoint_pointers_under_checkpoints(tmp_path):

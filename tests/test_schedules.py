@@ -5,7 +5,7 @@ import torch
 
 from lmscale.config import Config, build_config
 from lmscale.errors import ConfigError
-from lmscale.schedules import SCHEDULES, build_scheduler, lr_at, lr_curve
+from lmscale.training.schedules import SCHEDULES, build_scheduler, lr_at, lr_curve
 
 
 def lr_config(lr: float = 1.0, max_steps: int = 110, **schedule) -> Config:
@@ -143,11 +143,11 @@ def test_a_key_from_before_the_sections_names_its_new_home(old, new):
 def test_every_schedule_and_optimizer_name_is_a_config_choice():
     from typing import get_args
 
-    from lmscale.optimizers import OPTIMIZERS
+    from lmscale.training.optimizers import OPTIMIZERS
 
     assert get_args(Config.model_fields["schedule"].annotation.model_fields["name"].annotation) == tuple(
         SCHEDULES
-    )
+    )  # the config names them without importing the registries (config/training.py)
     assert get_args(Config.model_fields["optim"].annotation.model_fields["name"].annotation) == tuple(
         OPTIMIZERS
     )

@@ -7,7 +7,7 @@ import yaml
 from helpers import run_lmscale
 
 from lmscale.errors import ConfigError
-from lmscale.sweep import load_spec
+from lmscale.jobs.sweep import load_spec
 
 
 def write_spec(tmp_path, **fields):
@@ -63,7 +63,7 @@ def test_missing_or_broken_spec_file(tmp_path):
 
 
 def test_parallel_trials_get_disjoint_devices_or_a_share_of_the_cores(tmp_path):
-    from lmscale.sweep import device_slots
+    from lmscale.jobs.sweep import device_slots
 
     fixed = {"overrides": {"output_dir": str(tmp_path / "sweep"), "schedule.min_lr": 0.0}}
     spec = load_spec(write_spec(tmp_path, parallel=2, **fixed))

@@ -3,8 +3,8 @@
 import pytest
 
 from lmscale.errors import LmscaleError
-from lmscale.loss import perplexity
-from lmscale.train import NonFiniteGuard
+from lmscale.objectives.loss import perplexity
+from lmscale.training.loop import NonFiniteGuard
 
 
 def test_non_finite_guard_counts_skips_in_a_row():

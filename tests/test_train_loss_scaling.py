@@ -12,10 +12,10 @@ from helpers import tiny_gpt2_config
 from transformers import GPT2LMHeadModel
 
 from lmscale.data.batches import BatchSettings, BatchStream, collate
-from lmscale.engine import free_port, shutdown_distributed
-from lmscale.loss import summed_token_loss
-from lmscale.parallel import Layout
-from lmscale.train import Window, train_step
+from lmscale.objectives.loss import summed_token_loss
+from lmscale.parallel.engine import free_port, shutdown_distributed
+from lmscale.parallel.layout import Layout
+from lmscale.training.loop import Window, train_step
 
 pytestmark = pytest.mark.slow
 

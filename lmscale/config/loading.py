@@ -81,7 +81,7 @@ def dotted_keys(raw: dict[str, Any]) -> set[str]:
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "config"
     if error["type"] == "extra_forbidden":
-        from lmscale.config_reference import closest_key
+        from lmscale.config.reference import closest_key
 
         guess = closest_key(key)
         hint = f"did you mean {guess}?" if guess else "remove it"

@@ -11,7 +11,7 @@ from lmscale.config.section import Section
 
 class ModelConfig(Section):
     preset: str = Field(
-        "tiny-gpt2", description="Model shape from lmscale.model.PRESETS, used when `path` is unset."
+        "tiny-gpt2", description="Model shape from lmscale.model.build.PRESETS, used when `path` is unset."
     )
     path: str | None = Field(
         None,

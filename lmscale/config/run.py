@@ -78,7 +78,7 @@ def task_problems(config: Config) -> list[str]:
 
 def tensor_parallel_problems(config: Config) -> list[str]:
     """What AutoTP training does not combine with, as lmscale runs it (the layout itself is checked
-    against the rank count in lmscale.ds_config, and against the model's shape in the worker)."""
+    against the rank count in lmscale.parallel.ds_config, and against the model's shape in the worker)."""
     tensor = config.parallel.tensor
     if tensor == 1:
         return []
@@ -110,7 +110,7 @@ def tensor_parallel_problems(config: Config) -> list[str]:
 
 def sequence_parallel_problems(config: Config) -> list[str]:
     """What lmscale's Ulysses sequence parallelism does not combine with (the rank count and the model's
-    heads are checked later, in lmscale.ds_config and the worker)."""
+    heads are checked later, in lmscale.parallel.ds_config and the worker)."""
     sequence = config.parallel.sequence
     if sequence == 1:
         return []

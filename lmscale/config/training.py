@@ -7,8 +7,21 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from lmscale.config.section import Section
-from lmscale.optimizers import OPTIMIZERS
-from lmscale.schedules import SCHEDULES
+
+# The names lmscale.training.optimizers and lmscale.training.schedules register (a test keeps them equal): the
+# config names its choices without importing the training code.
+OPTIMIZER_NAMES = ("adamw", "adafactor", "lion", "lamb", "sgd")
+SCHEDULE_NAMES = (
+    "constant",
+    "linear",
+    "cosine",
+    "cosine_restarts",
+    "step",
+    "exponential",
+    "piecewise",
+    "cyclic",
+    "wsd",
+)
 
 
 class EarlyStoppingConfig(Section):
@@ -93,7 +106,7 @@ class TrainConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal[tuple(OPTIMIZERS)] = Field(
+    name: Literal[OPTIMIZER_NAMES] = Field(
         "adamw", description="adamw, adafactor, lion, lamb or sgd (with momentum)."
     )
     lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
@@ -112,7 +125,7 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal[tuple(SCHEDULES)] = Field(
+    name: Literal[SCHEDULE_NAMES] = Field(
         "cosine", description="LR shape after the warm-up (see the LR schedules section)."
     )
     min_lr: float = Field(

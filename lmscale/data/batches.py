@@ -18,7 +18,7 @@ from lmscale.data.epoch import EpochFigures, epoch_figures
 
 log = logging.getLogger(__name__)
 
-# Signals by which a rank is asked to stop at a step boundary (lmscale.signals): they may reach a whole
+# Signals by which a rank is asked to stop at a step boundary (lmscale.training.signals): they may reach a whole
 # process group or tree (Ctrl-C at a terminal, DeepSpeed's launcher terminating the ranks' trees, SLURM).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -31,7 +31,7 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
-# per-sequence columns of fine-tuning data (lmscale.data.tasks, lmscale.data.preferences, lmscale.dpo)
+# per-sequence columns of fine-tuning data (lmscale.data.tasks, lmscale.data.preferences, lmscale.objectives.dpo)
 TASK_COLUMNS = ("prompt_len", "label", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp")
 
 

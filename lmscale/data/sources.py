@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,14 @@ def is_table(source: Path) -> bool:
 HUB_DATASET = "hf://datasets/"
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, also when it was set after huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").upper()
+    return value in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
+
+
 def is_hub_dataset(path: str) -> bool:
     return path.startswith(HUB_DATASET)
 
@@ -241,7 +250,6 @@ def load_hub_dataset(
     """A Hub dataset (`hf://datasets/org/name`), the split named by data.hub_split (data.hub_eval_split for
     data.eval_path). Online, `datasets` fetches only the files that split needs (or streams them);
     offline (HF_HUB_OFFLINE) the repository's snapshot in the Hugging Face cache is read as a local one."""
-    from lmscale.preflight import hub_offline
 
     repo = path.removeprefix(HUB_DATASET).strip("/")
     split = config.hub_eval_split if key == "data.eval_path" else config.hub_split

@@ -1,5 +1,5 @@
 """Direct preference optimisation on pairs of replies, against the starting model as reference (its
-log-probabilities are computed once, before training: lmscale.dpo)."""
+log-probabilities are computed once, before training: lmscale.objectives.dpo)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def dpo_rules(config: Config) -> list[str]:
 
 
 def dpo_objective(config: Config) -> Any:
-    from lmscale.dpo import dpo_objective as objective  # torch: imported where training starts
+    from lmscale.objectives.dpo import dpo_objective as objective  # torch: imported where training starts
 
     return objective(config.finetune.dpo)
 

@@ -6,7 +6,7 @@ from helpers import tiny_gpt2_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lmscale.data.batches import IGNORE_INDEX, Batch, collate, collate_packed, seq_len_cap, truncate_batch
-from lmscale.loss import summed_token_loss
+from lmscale.objectives.loss import summed_token_loss
 
 VOCAB = 50
 

@@ -1,0 +1,1 @@
+"""Run directories, their lock, checkpoints written atomically, resume, and HF export."""

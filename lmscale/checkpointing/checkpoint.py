@@ -1,0 +1,440 @@
+"""Atomic, resumable DeepSpeed checkpoints under `<output_dir>/checkpoints/`.
+
+A checkpoint counts only when complete: every rank writes into `<tag>.partial/`, all ranks wait for
+each other, then rank 0 syncs the files, renames the directory to `<tag>/`, writes a `COMPLETE`
+marker, and moves the `latest` pointer last. A crash at any moment leaves either the previous
+checkpoint as the newest complete one, or a `.partial` directory that is skipped with a warning.
+
+Next to DeepSpeed's own files (model, optimizer and scheduler state, ZeRO shards), each rank saves its
+RNG states in `rng_rank<R>.pt`, loaded back with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from filelock import FileLock
+
+from lmscale import faults
+from lmscale.atomic import fsync_directory, write_atomically
+from lmscale.checkpointing.rundir import RunDir
+from lmscale.errors import ConfigError, LmscaleError
+from lmscale.parallel.engine import any_rank, cpu_group
+
+log = logging.getLogger(__name__)
+
+UNIVERSAL = "universal"  # DeepSpeed's rank-count-independent form of a checkpoint, made on demand
+UNIVERSAL_INFO = "universal_checkpoint_info"  # client-state key ds_to_universal requires (DeepSpeed's name)
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_meta": [kind, position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    kind, position, has_gauss, cached = state["numpy_meta"]
+    np.random.set_state((kind, state["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_directory(directory)
+
+
+# A checkpoint's own copy of config.yaml: a later start that changes a resumable key (train.max_steps)
+# rewrites the run's config.yaml, never what an older checkpoint was written with.
+CHECKPOINT_CONFIG = "config.yaml"
+
+
+def save_checkpoint(
+    engine: Any,
+    output_dir: Path,
+    step: int,
+    client_state: dict[str, Any],
+    keep_last: int,
+    rank_data_position: dict[str, Any] | None = None,
+    adapters_only: bool = False,
+    sequence: int | None = None,
+) -> Path:
+    """Save on every rank (DeepSpeed writes each rank's ZeRO shard), atomically; returns the checkpoint dir.
+    `sequence` is the job's sequence-parallel degree, recorded for resumes (default: the engine's, which
+    DeepSpeed reports as 1 when AutoTP is on too).
+
+    `rank_data_position` is this rank's own data position when ranks differ (streamed shards); DeepSpeed
+    keeps only rank 0's client state, so it goes into `data_rank<R>.json`. `adapters_only` (LoRA) leaves
+    the frozen base weights out: they are rebuilt from model.path. A write that fails on any rank (a full
+    disk) removes the partial checkpoint on every rank and raises, naming the newest intact one.
+    """
+    run = RunDir(output_dir)
+    directory = run.checkpoints
+    tag = checkpoint_tag(step)
+    partial = directory / f"{tag}.partial"
+    rank = dist.get_rank()
+    state = {**client_state, "step": step}
+    # universal_checkpoint_info lets `deepspeed.checkpoint.ds_to_universal` convert this checkpoint
+    # for a different number of ranks later; without it the conversion refuses. AutoTP records its own
+    # (how each weight is split), which the client state must not overwrite.
+    if getattr(engine.module, UNIVERSAL_INFO, None) is None:
+        state[UNIVERSAL_INFO] = {"universal_checkpoint_version": 0.2}
+    failure = None
+    try:
+        engine.save_checkpoint(
+            str(directory),
+            tag=partial.name,
+            client_state=state,
+            save_latest=False,
+            exclude_frozen_parameters=adapters_only,
+        )
+        torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+        if rank_data_position is not None:
+            (partial / f"data_rank{rank}.json").write_text(json.dumps(rank_data_position), encoding="utf-8")
+        if rank == 0 and run.config.is_file():  # the config this checkpoint was trained with, kept with it
+            shutil.copyfile(run.config, partial / CHECKPOINT_CONFIG)
+        faults.while_saving(step, rank)
+    except OSError as exc:
+        failure = exc
+    except RuntimeError as exc:
+        failure = torch_write_failure(exc, partial)
+    if any_rank(failure is not None):  # also the barrier: every rank has written its files
+        abandon_partial(partial, rank, step, directory, failure)
+    checksums = file_checksums(partial, rank, dist.get_world_size())
+    if rank == 0:
+        final = directory / tag
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        _fsync_tree(partial)
+        os.replace(partial, final)
+        # The manifest lets a resume notice a file damaged after the fact (truncated, or bits changed).
+        files = {
+            name: {"bytes": (final / name).stat().st_size, "blake2b": digest} for name, digest in checksums
+        }
+        meta = {
+            "step": step,
+            "world_size": dist.get_world_size(),
+            "tensor": tensor_degree(engine),
+            "sequence": sequence or int(getattr(engine, "sequence_parallel_size", 1)),
+            "files": files,
+        }
+        write_atomically(RunDir.complete_marker(final), json.dumps(meta) + "\n")
+        write_atomically(run.latest, tag)  # the pointer moves last
+        prune_checkpoints(directory, keep_last)
+    dist.barrier()
+    return directory / tag
+
+
+# torch.save reports a failed write from its C++ zip writer as a RuntimeError, not an OSError.
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container.cc", "file write failed")
+
+
+def torch_write_failure(exc: RuntimeError, partial: Path) -> OSError:
+    """The OSError behind torch.save's RuntimeError: ENOSPC when the disk is (nearly) full, else EIO.
+    Any other RuntimeError is not a write failure, and is raised again."""
+    if not any(marker in str(exc) for marker in TORCH_WRITE_FAILURES):
+        raise exc
+    full = shutil.disk_usage(partial.parent).free < 1 << 20
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code), str(partial))
+
+
+def abandon_partial(partial: Path, rank: int, step: int, directory: Path, failure: OSError | None) -> None:
+    """A failed save: remove what was written (rank 0, once all have stopped writing) and say what is intact."""
+    dist.barrier(group=cpu_group())
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier(group=cpu_group())
+    intact = complete_checkpoints(directory)
+    kept = (
+        f"the checkpoint of step {checkpoint_step(intact[-1])} is intact"
+        if intact
+        else "no checkpoint is kept"
+    )
+    if failure is not None and failure.errno == errno.ENOSPC:
+        reason = f"no space left on {directory}"
+    elif failure is not None:
+        reason = f"{failure.strerror or failure} writing to {directory}"
+    else:
+        reason = f"another rank could not write to {directory}"
+    raise LmscaleError(
+        f"{reason} while saving step {step}; {kept}: free space (or fix the filesystem) and run the same "
+        "command again to resume from it"
+    )
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(TAG_PATTERN.match(checkpoint.name).group(1))
+
+
+def file_digest(path: Path) -> str:
+    """A 128-bit BLAKE2b of the file (fast, and any corruption changes it)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_checksums(directory: Path, rank: int, world_size: int) -> list[tuple[str, str]]:
+    """(name, checksum) of every file in `directory`, each rank reading its share (all ranks call it);
+    every rank gets the whole list."""
+    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    own = [(name, file_digest(directory / name)) for name in names[rank::world_size]]
+    shares: list[Any] = [None] * world_size
+    dist.all_gather_object(shares, own, group=cpu_group())
+    return sorted(pair for share in shares for pair in share)
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; partial ones are reported and skipped."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() and TAG_PATTERN.match(path.name) and RunDir.complete_marker(path).is_file():
+            found.append(path)
+        elif path.is_dir() and (path.name.endswith(".partial") or TAG_PATTERN.match(path.name)):
+            log.warning("checkpoint: skipping incomplete %s (the run stopped while writing it)", path)
+    return found
+
+
+def prune_checkpoints(directory: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints and the best one (by eval loss), if marked."""
+    checkpoints = complete_checkpoints(directory)
+    best = RunDir(directory.parent).best_tag()
+    for path in checkpoints[:-keep_last]:
+        if path.name != best:
+            shutil.rmtree(path, ignore_errors=True)
+    for stale in directory.glob("*.partial"):  # an earlier attempt's leftovers
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def mark_best(output_dir: Path, step: int) -> None:
+    """Record the checkpoint of `step` as the best so far by eval loss (rank 0)."""
+    write_atomically(RunDir(output_dir).best, checkpoint_tag(step))
+
+
+def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
+    """The COMPLETE marker's record: step, world size, and the size of every file written."""
+    try:
+        return json.loads(RunDir.complete_marker(checkpoint).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LmscaleError(
+            f"checkpoint {checkpoint} has an unreadable {RunDir.complete_marker(checkpoint).name} marker: delete {checkpoint} to resume from "
+            "the checkpoint before it"
+        ) from None
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against its manifest (sizes, then checksums), or None.
+
+    Markers written before checksums were recorded hold sizes alone; those are checked by size.
+    """
+    for name, record in checkpoint_meta(checkpoint).get("files", {}).items():
+        expected = record if isinstance(record, int) else record["bytes"]
+        path = checkpoint / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != expected:
+            found = "is missing" if actual is None else f"has {actual} bytes of the {expected} written"
+            return f"{name} {found}"
+        if isinstance(record, dict) and file_digest(path) != record["blake2b"]:
+            return f"{name} does not match the checksum it was written with"
+    return None
+
+
+def verify_checkpoint(checkpoint: Path) -> Path:
+    """Every file the checkpoint was written with is there, at its size and checksum; else a one-line error."""
+    damage = checkpoint_damage(checkpoint)
+    if damage:
+        raise LmscaleError(
+            f"checkpoint {checkpoint} is damaged: {damage}; delete {checkpoint} to resume from the "
+            "checkpoint before it, or set checkpoint.resume to another checkpoint"
+        )
+    return checkpoint
+
+
+def newest_intact(checkpoints: list[Path]) -> Path | None:
+    """The newest checkpoint whose files match its manifest; a damaged newer one is named in a warning."""
+    for checkpoint in reversed(checkpoints):
+        damage = checkpoint_damage(checkpoint)
+        if damage is None:
+            return checkpoint
+        older = [c for c in checkpoints if c.name < checkpoint.name]
+        if not older:
+            raise LmscaleError(
+                f"checkpoint {checkpoint} is damaged ({damage}) and no older one is intact: restore it, or "
+                "pass --force to start the run over"
+            )
+        log.warning("resume: checkpoint %s is damaged (%s); trying %s", checkpoint, damage, older[-1].name)
+    return None
+
+
+def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: `auto` = newest intact one in the run dir (a damaged newer one is
+    skipped with a warning); `none`; or a path (which must be intact)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return newest_intact(complete_checkpoints(RunDir(output_dir).checkpoints))
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(
+            f"checkpoint.resume={resume} does not exist: give a checkpoint directory, or use auto"
+        )
+    if not RunDir.complete_marker(path).is_file():
+        raise ConfigError(
+            f"checkpoint.resume={resume} is not a complete lmscale checkpoint (no {RunDir.complete_marker(path).name} "
+            "marker): pick another"
+        )
+    return verify_checkpoint(path)
+
+
+def written_by(checkpoint: Path) -> int:
+    """How many ranks wrote `checkpoint`."""
+    return int(checkpoint_meta(checkpoint)["world_size"])
+
+
+def tensor_degree(engine: Any) -> int:
+    """The engine's AutoTP degree (1 without tensor parallelism; DeepSpeed says 0 then)."""
+    return max(1, int(engine.autotp_size())) if hasattr(engine, "autotp_size") else 1
+
+
+def written_tensor_degree(checkpoint: Path) -> int:
+    """The tensor-parallel degree of the job that wrote `checkpoint` (1 before lmscale recorded it)."""
+    return max(1, int(checkpoint_meta(checkpoint).get("tensor", 1)))
+
+
+def written_sequence_degree(checkpoint: Path) -> int:
+    """The sequence-parallel degree of the job that wrote `checkpoint` (1 before lmscale recorded it)."""
+    return int(checkpoint_meta(checkpoint).get("sequence", 1))
+
+
+def _conversion_command(checkpoint: Path, output: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(checkpoint),
+        "--output_folder",
+        str(output),
+    ]
+
+
+def ensure_universal(checkpoint: Path, world_size: int) -> Path:
+    """Convert `checkpoint` to DeepSpeed's universal form once (any rank may call; one converts).
+
+    The universal form holds every parameter's fp32 weights and optimizer moments whole, so a job with
+    a different number of ranks can re-partition them. It is written beside the original, atomically.
+    """
+    target = checkpoint / UNIVERSAL
+    with FileLock(str(checkpoint / f"{UNIVERSAL}.lock")):
+        if target.is_dir():
+            return target
+        log.info(
+            "checkpoint: converting %s (written by %d ranks) to a universal checkpoint (once; kept beside it)",
+            checkpoint,
+            written_by(checkpoint),
+        )
+        partial = checkpoint / f"{UNIVERSAL}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        result = subprocess.run(
+            _conversion_command(checkpoint, partial), capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+            raise LmscaleError(
+                f"{checkpoint} (written by {written_by(checkpoint)} ranks) could not be converted for "
+                f"{world_size} rank(s): {last}; resume it on {written_by(checkpoint)} ranks, or convert it "
+                f"yourself: {' '.join(_conversion_command(checkpoint, target)[1:])}"
+            )
+        os.replace(partial, target)
+    return target
+
+
+def needs_universal(checkpoint: Path, world_size: int, zero_stage: int, tensor: int = 1) -> bool:
+    """Partitioned (ZeRO 1-3) states written by another rank count or tensor-parallel degree must be
+    re-partitioned."""
+    moved = written_by(checkpoint) != world_size or written_tensor_degree(checkpoint) != tensor
+    return zero_stage > 0 and moved
+
+
+def load_checkpoint(
+    engine: Any, checkpoint: Path, seed: int, universal: bool, adapters_only: bool = False
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG; returns the client state.
+
+    On the rank count that wrote it, everything comes back exactly. On another rank count (elastic
+    resume) ZeRO 1-3 weights and optimizer states come from the universal form (`universal`, see
+    `ensure_universal` and `"load_universal"` in the DeepSpeed config; ZeRO-0 states are whole and
+    load as they are), and each rank's RNG is seeded anew from (seed, step, rank): the old ranks'
+    random streams have no counterpart on the new ones.
+    """
+    elastic = universal or written_by(checkpoint) != dist.get_world_size()
+    directory, tag = (checkpoint, UNIVERSAL) if universal else (checkpoint.parent, checkpoint.name)
+    try:
+        # An adapters-only checkpoint (LoRA) has no frozen base weights: the model already holds them.
+        _, client_state = engine.load_checkpoint(
+            str(directory), tag=tag, load_module_strict=not adapters_only
+        )
+    except Exception as exc:  # torch/pickle/DeepSpeed raise many types for a damaged or foreign checkpoint
+        raise LmscaleError(
+            f"{checkpoint} does not fit this model ({type(exc).__name__}): resume with the config it was trained with"
+        ) from None
+    if client_state is None:
+        raise LmscaleError(
+            f"{checkpoint} could not be read: it is damaged; remove it to resume from an older one"
+        )
+    if elastic:
+        reseed(seed, client_state["step"], dist.get_rank())
+        return client_state
+    set_rng_state(torch.load(checkpoint / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
+    own_data = checkpoint / f"data_rank{dist.get_rank()}.json"
+    if own_data.is_file():
+        client_state["rank_data_position"] = json.loads(own_data.read_text(encoding="utf-8"))
+    return client_state
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Fresh, reproducible RNG streams for a rank with no saved state of its own."""
+    derived = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)

@@ -1,0 +1,1 @@
+"""Starting jobs: the deepspeed launcher, SLURM batch scripts, and sweeps of runs."""

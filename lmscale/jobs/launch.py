@@ -1,0 +1,290 @@
+"""Starting jobs: debug mode in this process, or the `deepspeed` launcher for several ranks/nodes.
+
+The launcher glue is ours; process spawning, rendezvous and multi-node fan-out are DeepSpeed's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from lmscale.errors import ConfigError
+from lmscale.resources import resource
+
+LAUNCHER_SCRIPT = resource("launcher/train.py")
+
+
+HOSTFILE_LINE = re.compile(r"^\S+\s+slots=[1-9]\d*$")
+
+
+def read_hostfile(path: Path) -> dict[str, int]:
+    """A DeepSpeed hostfile as {host: slots}: `hostname slots=N` per line (# comments, blank lines allowed)."""
+    if not path.is_file():
+        raise ConfigError(f"hostfile {path} does not exist: give a file of 'host slots=N' lines")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"hostfile {path} cannot be read ({exc.strerror}): fix its permissions") from None
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not HOSTFILE_LINE.match(text):
+            raise ConfigError(
+                f"hostfile {path} line {number} ({text!r}) is not 'host slots=N': fix that line"
+            )
+        host, slots = text.split()
+        if host in hosts:
+            raise ConfigError(f"hostfile {path} names a host twice: list each host once")
+        hosts[host] = int(slots.split("=")[1])
+    if not hosts:
+        raise ConfigError(f"hostfile {path} names no hosts: add 'host slots=N' lines")
+    return hosts
+
+
+def _is_this_host(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0])
+
+
+def check_reachable(hosts: list[str], timeout_s: float = 5.0) -> None:
+    """Every other host resolves and accepts connections on the ssh port, or the launch would hang in ssh."""
+    for host in hosts:
+        if _is_this_host(host):
+            continue
+        try:
+            address = socket.getaddrinfo(host, 22, type=socket.SOCK_STREAM)[0][4]
+        except socket.gaierror:
+            raise ConfigError(
+                f"hostfile host {host} does not resolve: fix the name, or add it to /etc/hosts"
+            ) from None
+        try:
+            with socket.create_connection(address[:2], timeout=timeout_s):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"hostfile host {host} is unreachable over ssh (port 22: {exc.strerror or 'timed out'}): check the "
+                "host, or start one launcher per node without ssh (lmscale launch --node-rank I --master-addr A)"
+            ) from None
+
+
+def ranks_in(hosts: dict[str, int], nproc: int | None) -> int:
+    """Ranks the launcher will start: --gpus-per-node per host if given, else each host's slots."""
+    return sum(min(slots, nproc) if nproc else slots for slots in hosts.values())
+
+
+def check_port_free(port: int) -> None:
+    """A rendezvous port already bound here would make rank 0 fail (or hang) after the launch."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            raise ConfigError(
+                f"--master-port {port} is in use on this host: pick another port, or leave it out to get a free one"
+            ) from None
+
+
+@dataclass
+class NodeLaunch:
+    """One node of a multi-node job started by hand on each node (DeepSpeed's --no_ssh mode)."""
+
+    node_rank: int
+    master_addr: str
+
+
+def deepspeed_command(
+    nproc: int | None,
+    config_path: str | None,
+    overrides: list[str],
+    hostfile: str | None,
+    force: bool,
+    master_port: int,
+    node: NodeLaunch | None = None,
+) -> list[str]:
+    """The `deepspeed` command line that runs the lmscale worker on `nproc` ranks per node."""
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        raise ConfigError(
+            "the `deepspeed` launcher is not on PATH: pip install deepspeed, or activate its environment"
+        )
+    # --log_level=error: the launcher's INFO lines (its base64 world info, CUDA_VISIBLE_DEVICES on a CPU host,
+    # each rank's whole command line) say nothing lmscale's own lines do not; its errors still show.
+    command = [launcher, "--log_level=error", "--master_port", str(master_port)]
+    if nproc:
+        command += ["--num_gpus", str(nproc)]
+    if hostfile:
+        command += ["--hostfile", hostfile]
+    if node:
+        command += ["--no_ssh", "--node_rank", str(node.node_rank), "--master_addr", node.master_addr]
+    # From a checkout, run the same script users pass to `deepspeed`; from an installed wheel, the module.
+    command += (
+        [str(LAUNCHER_SCRIPT)] if LAUNCHER_SCRIPT.is_file() else ["--module", "lmscale.training.worker"]
+    )
+    if config_path:
+        command += ["--config", config_path]
+    if force:
+        command.append("--force")
+    return command + list(overrides)
+
+
+@dataclass(frozen=True)
+class LaunchFlags:
+    """`lmscale launch`'s flags: where the ranks run."""
+
+    gpus_per_node: int | None = None
+    hostfile: str | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    force: bool = False
+
+
+def launch_job(config_path: str | None, overrides: list[str], flags: LaunchFlags) -> int:
+    """Check everything that can be checked before ranks start, once, then run the `deepspeed` launcher."""
+    from lmscale.parallel.engine import free_port, has_gpu
+    from lmscale.training.preflight import launch_problems, resolve_run_config
+    from lmscale.training.run_start import check_start
+
+    node, world_size = launch_topology(flags)
+    config, _ = resolve_run_config(config_path, overrides, world_size, has_gpu())
+    problems = launch_problems(config, world_size)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    check_start(config, flags.force)
+    if flags.master_port is not None and (node is None or node.node_rank == 0):
+        check_port_free(flags.master_port)
+    port = flags.master_port or free_port()
+    command = deepspeed_command(
+        flags.gpus_per_node, config_path, overrides, flags.hostfile, flags.force, port, node
+    )
+    return run_deepspeed(command)
+
+
+def launch_topology(flags: LaunchFlags) -> tuple[NodeLaunch | None, int]:
+    """(this node's no-ssh launch or None, total ranks), with the hostfile and flags checked."""
+    if flags.gpus_per_node is not None and flags.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node {flags.gpus_per_node} must be at least 1")
+    if flags.hostfile is None:
+        if flags.node_rank is not None:
+            raise ConfigError("--node-rank needs --hostfile (the list of all nodes, the same file on each)")
+        return None, flags.gpus_per_node or 1
+    hosts = read_hostfile(Path(flags.hostfile))
+    world_size = ranks_in(hosts, flags.gpus_per_node)
+    if flags.node_rank is None:
+        check_reachable(list(hosts))
+        return None, world_size
+    if not 0 <= flags.node_rank < len(hosts) or not flags.master_addr:
+        raise ConfigError(
+            f"--node-rank {flags.node_rank} needs 0 <= rank < {len(hosts)} (the hostfile's hosts) and --master-addr"
+        )
+    return NodeLaunch(flags.node_rank, flags.master_addr), world_size
+
+
+def run_deepspeed(command: list[str]) -> int:
+    """Run the launcher; on a machine with no GPU its ranks use DeepSpeed's CPU accelerator."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    print("lmscale: " + shell_lines(command), file=sys.stderr, flush=True)
+    # Its own session (and process group), so a Ctrl-C at the terminal reaches only this process: DeepSpeed's
+    # per-node launcher answers SIGINT by terminating every rank's process tree (data workers, W&B's
+    # service) and killing it 30 s later, which loses the step. StopForwarder hands the ranks the
+    # signal instead; they agree to stop, save a checkpoint together and exit 0.
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    with StopForwarder(process):
+        return process.wait()
+
+
+def shell_lines(command: list[str], width: int = 110) -> str:
+    """The command as a shell would take it, folded into lines of about `width` with backslashes (a log
+    keeps it readable; a copy still runs)."""
+    lines, line = [], ""
+    for word in map(shlex.quote, command):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = "    " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return " \\\n".join([*lines, line])
+
+
+class StopForwarder:
+    """While the launcher runs: a first SIGINT, SIGTERM, SIGUSR1 or SIGHUP goes to the ranks as their stop
+    request; a second SIGINT (or a stop before any rank exists) ends the whole launch at once."""
+
+    def __init__(self, launcher: subprocess.Popen) -> None:
+        self.launcher = launcher
+        self.forwarded = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopForwarder:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        ranks = rank_processes(self.launcher.pid)
+        if (self.forwarded and signum == signal.SIGINT) or not ranks:
+            print("lmscale: stopping the ranks now, without a checkpoint", file=sys.stderr, flush=True)
+            _signal_group(self.launcher.pid, signal.SIGINT)
+            return
+        name = signal.Signals(signum).name
+        if (
+            signum == signal.SIGHUP
+        ):  # the terminal closed: the ranks, in their own session, would run on unseen
+            signum = signal.SIGTERM
+        if not self.forwarded:
+            print(
+                f"lmscale: {name}: the ranks save a checkpoint at the end of this step and stop "
+                "(Ctrl-C again stops them at once, without one)",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.forwarded = True
+        for rank in ranks:
+            try:
+                rank.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def rank_processes(launcher_pid: int) -> list[psutil.Process]:
+    """This node's ranks: the children of DeepSpeed's per-node launcher (`deepspeed.launcher.launch`)
+    under the `deepspeed` runner. None when the ranks run elsewhere (a hostfile job over ssh)."""
+    try:
+        descendants = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for process in descendants:
+        try:
+            parent = process.parent()
+            if parent is not None and "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
+                ranks.append(process)
+        except psutil.Error:
+            continue
+    return ranks
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,1 @@
+"""Building the model: presets, pretrained weights, LoRA and unfreezing, fused kernels, compiling."""

@@ -1,0 +1,74 @@
+"""Named model shapes (`model.preset`): plain dicts, so that checking or planning a config needs no
+`transformers` import (lmscale.model.build turns them into HF configs)."""
+
+from __future__ import annotations
+
+
+def _gpt2(layers: int, hidden: int, heads: int) -> dict:
+    return {"family": "gpt2", "n_layer": layers, "n_embd": hidden, "n_head": heads}
+
+
+def _llama(
+    layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, family: str = "llama", **extra
+) -> dict:
+    return {
+        "family": family,
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": intermediate,
+        **extra,
+    }
+
+
+def _moe(family: str, **shape) -> dict:
+    """A mixture-of-experts shape: 4 layers of 4 heads (2 key-value), 4 experts of which each token uses 2,
+    and the router's load-balancing loss in the outputs (lmscale.objectives.loss adds it, as HF does)."""
+    common = {
+        "num_hidden_layers": 4,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts_per_tok": 2,
+        "output_router_logits": True,
+    }
+    return {"family": family, **common, **shape}
+
+
+# Shapes: the tiny ones train in minutes on a CPU; the others are the usual GPU reference shapes
+# (GPT-2 small/medium, and TinyLlama's 1.1B with grouped-query attention).
+PRESETS: dict[str, dict] = {
+    "tiny-gpt2": _gpt2(layers=4, hidden=256, heads=4),
+    "tiny-llama": _llama(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688),
+    "tiny-mistral": _llama(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688, family="mistral"),
+    "tiny-mixtral": _moe("mixtral", num_local_experts=4, intermediate_size=344),
+    # Expert widths are multiples of 8: torch's grouped matmul needs 16-byte strides in 16-bit precision.
+    "tiny-qwen3-moe": _moe(
+        "qwen3_moe", num_experts=4, moe_intermediate_size=176, intermediate_size=688, head_dim=64
+    ),
+    "gpt2-124m": _gpt2(layers=12, hidden=768, heads=12),
+    "gpt2-350m": _gpt2(layers=24, hidden=1024, heads=16),
+    "llama-1b": _llama(layers=22, hidden=2048, heads=32, kv_heads=4, intermediate=5632),
+    # Llama 3 8B's shape: untied output layer, RoPE base 500,000 (for long contexts).
+    "llama-8b": _llama(
+        layers=32,
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        intermediate=14336,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),  # fmt: skip
+}
+
+
+def preset_shape(preset: str, vocab_size: int, max_seq_len: int) -> tuple[str, dict]:
+    """A preset's family and HF config keys, sized to the vocabulary and the sequence length (the output
+    layer of the non-GPT-2 presets is tied to the embeddings unless the preset says otherwise)."""
+    shape = dict(PRESETS[preset])
+    family = shape.pop("family")
+    if family == "gpt2":
+        return family, {**shape, "vocab_size": vocab_size, "n_positions": max_seq_len}
+    shape.setdefault("tie_word_embeddings", True)
+    return family, {**shape, "vocab_size": vocab_size, "max_position_embeddings": max_seq_len}

@@ -1,0 +1,1 @@
+"""How ranks divide the work: the layout, DeepSpeed's engine and config, Ulysses sequence parallelism."""

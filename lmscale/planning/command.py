@@ -1,0 +1,173 @@
+"""`lmscale plan`: the memory table of a config on given hardware, and what it recommends.
+
+A recommendation is the fastest set-up that fits at the configured token budget, shown with its per-GPU
+total and the tokens an optimizer step then holds. It never changes the step size silently: more tokens per
+micro-batch are offered only with the gradient accumulation that keeps the step the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lmscale.config import Config
+from lmscale.planning.plan import (
+    GIB,
+    Hardware,
+    ModelFacts,
+    PlanRow,
+    largest_token_budget,
+    model_facts,
+    other_layouts,
+    plan_rows,
+)
+
+# Data-parallel ZeRO stages by speed. Stage 1 moves what stage 0 does (a reduce-scatter and an all-gather
+# per step are one all-reduce's volume) and holds less; stage 2 reduce-scatters gradients after every
+# micro-batch, so with gradient accumulation it moves more than stage 1 (the same without); stage 3 also
+# gathers the weights in every forward and backward; offload moves states over PCIe on every step.
+SPEED_ORDER_WITH_ACCUMULATION = (1, 2, 0, 3)
+SPEED_ORDER_WITHOUT = (2, 1, 0, 3)
+
+
+def recommend(rows: list[PlanRow], grad_accum_steps: int = 1) -> PlanRow | None:
+    """The fastest row that fits (rows of one layout): no offload first, then the stage order above."""
+    order = SPEED_ORDER_WITH_ACCUMULATION if grad_accum_steps > 1 else SPEED_ORDER_WITHOUT
+    fitting = [row for row in rows if row.fits]
+    return min(fitting, key=lambda row: (row.offload, order.index(row.stage))) if fitting else None
+
+
+@dataclass
+class Recommendation:
+    keys: str  # the overrides that select the set-up
+    tokens_per_micro_batch: int  # per data-parallel replica: the configured budget
+    total_bytes: int  # per GPU at that budget
+    step_tokens: int  # tokens an optimizer step holds: budget x replicas x grad_accum_steps
+    largest_tokens_per_micro_batch: int  # the most that fits in this set-up
+    # The same step in fewer, larger micro-batches, when the budget's headroom allows it (else None).
+    larger_tokens_per_micro_batch: int | None = None
+    larger_grad_accum_steps: int | None = None
+    larger_total_bytes: int | None = None
+
+
+def recommendation(
+    facts: ModelFacts, config: Config, hardware: Hardware, best: PlanRow, tokens: int
+) -> Recommendation:
+    replicas = hardware.gpus_per_node * hardware.nodes // (best.tensor * best.sequence)
+    accumulation = config.train.grad_accum_steps
+    largest = largest_token_budget(facts, config, hardware, best)
+    result = Recommendation(best.keys(), tokens, best.total_bytes, tokens * replicas * accumulation, largest)
+    # Fewer micro-batches of k times the tokens keep the step: k must divide the accumulation.
+    factor = max(
+        (k for k in range(2, accumulation + 1) if accumulation % k == 0 and k * tokens <= largest), default=1
+    )
+    if factor > 1:
+        larger = tokens * factor
+        row = _same_setup(plan_rows(facts, config, hardware, larger, best.tensor, best.sequence), best)
+        result.larger_tokens_per_micro_batch, result.larger_grad_accum_steps = larger, accumulation // factor
+        result.larger_total_bytes = row.total_bytes
+    return result
+
+
+def _same_setup(rows: list[PlanRow], like: PlanRow) -> PlanRow:
+    return next(row for row in rows if (row.stage, row.offload) == (like.stage, like.offload))
+
+
+def recommendation_lines(advice: Recommendation) -> list[str]:
+    lines = [
+        f"recommended: {advice.keys} ({advice.total_bytes / GIB:.1f} GiB per GPU at "
+        f"{advice.tokens_per_micro_batch:,} tokens per micro-batch; {advice.step_tokens:,} tokens per optimizer step)"
+    ]
+    if advice.larger_tokens_per_micro_batch:
+        lines.append(
+            f"the same step in fewer, larger micro-batches: data.max_tokens_per_batch="
+            f"{advice.larger_tokens_per_micro_batch} train.grad_accum_steps={advice.larger_grad_accum_steps} "
+            f"({advice.larger_total_bytes / GIB:.1f} GiB per GPU)"
+        )
+    elif advice.largest_tokens_per_micro_batch > advice.tokens_per_micro_batch:
+        lines.append(
+            f"room for up to data.max_tokens_per_batch={advice.largest_tokens_per_micro_batch} per micro-batch, "
+            "which makes each step larger: raise it together with the LR and step count you mean"
+        )
+    return lines
+
+
+def plan_command(
+    config: Config, hardware: Hardware, as_json: bool
+) -> tuple[list[PlanRow], PlanRow | None, Recommendation | None]:
+    """The table's rows (the configured layout, and when nothing fits there the first other layout that
+    does), the recommended row and the recommendation; printed as a table or as JSON."""
+    facts = model_facts(config)
+    tokens = config.data.max_tokens_per_batch
+    tokens = tokens if isinstance(tokens, int) else config.data.max_seq_len
+    accumulation = config.train.grad_accum_steps
+    rows = plan_rows(facts, config, hardware, tokens)
+    best = recommend(rows, accumulation)
+    extra: list[PlanRow] = []
+    for tensor, sequence in [] if best else other_layouts(facts, config, hardware):
+        extra = plan_rows(facts, config, hardware, tokens, tensor, sequence)
+        best = recommend(extra, accumulation)
+        if best:
+            break
+    shown = rows + (extra if best in extra else [])
+    advice = recommendation(facts, config, hardware, best, tokens) if best else None
+    if as_json:
+        print(plan_json(shown, best, advice))
+    else:
+        print_plan(facts, config, hardware, shown, best)
+        for line in recommendation_lines(advice) if advice else [NOTHING_FITS]:
+            print(line)
+    return shown, best, advice
+
+
+NOTHING_FITS = (
+    "nothing fits: add GPUs, turn on model.activation_checkpointing and train.chunked_loss, or lower "
+    "data.max_tokens_per_batch"
+)
+
+
+def plan_json(rows: list[PlanRow], best: PlanRow | None, advice: Recommendation | None) -> str:
+    import json
+
+    document: dict[str, Any] = {
+        "rows": [{**row.as_dict(), "recommended": row is best} for row in rows],
+        "recommendation": asdict(advice) if advice else None,
+    }
+    return json.dumps(document)
+
+
+def print_plan(facts: ModelFacts, config: Config, hardware: Hardware, rows: list[PlanRow], best) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    trainable = f" ({facts.trainable_params / 1e6:,.2f}M trainable)" if facts.frozen_params else ""
+    table = Table(
+        title=f"{facts.params / 1e6:,.1f}M parameters{trainable}, {hardware.nodes} x {hardware.gpus_per_node} "
+        f"GPUs of {hardware.gpu_mem_bytes / GIB:.0f} GiB, {config.data.max_tokens_per_batch} tokens per "
+        f"micro-batch, {config.precision}",
+        caption="GiB per GPU (host: per node); * = recommended; DS est.: DeepSpeed's own estimate of the "
+        "model states, for ZeRO 2-3 of plain data parallelism with every weight trained (- elsewhere)",
+    )
+    for column in ("layout", "ZeRO", "offload", "states", "activations", "buffers", "GPU total", "host"):
+        table.add_column(column, justify="right")
+    table.add_column("DS est.", justify="right")
+    table.add_column("fits", justify="right")
+    for row in rows:
+        sizes = (
+            row.model_state_bytes,
+            row.activation_bytes,
+            row.buffer_bytes,
+            row.total_bytes,
+            row.cpu_bytes,
+        )
+        estimate = row.deepspeed_estimate_bytes
+        layout = "".join(f"{k}{n}" for k, n in (("sp", row.sequence), ("tp", row.tensor)) if n > 1) or "dp"
+        table.add_row(
+            layout,
+            str(row.stage),
+            "cpu" if row.offload else "-",
+            *(f"{value / GIB:.2f}" for value in sizes),
+            "-" if estimate is None else f"{estimate / GIB:.2f}",
+            ("yes *" if row is best else "yes") if row.fits else "no",
+        )
+    Console(width=110).print(table)

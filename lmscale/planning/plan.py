@@ -1,0 +1,394 @@
+"""`lmscale plan`: will this job fit? Per-GPU memory for ZeRO 0-3, with and without CPU offload, for the
+configured tensor/sequence layout, and (when that does not fit) for tensor- and sequence-parallel ones.
+
+Model states follow the ZeRO paper's accounting (Rajbhandari et al., 2020) for Adam in mixed precision:
+2Ψ bytes of 16-bit weights, 2Ψ of 16-bit gradients and 12Ψ of optimizer states (fp32 master weights,
+momentum, variance); stage 1 partitions the 12Ψ over the data-parallel ranks, stage 2 the gradients too,
+stage 3 the weights too; CPU offload moves the optimizer states (and with stage 3 the weights) to host
+memory. In fp32 the weights and gradients take 4Ψ each and the states 8Ψ. Frozen parameters (LoRA's
+base model) have weights but neither gradients nor optimizer states. DeepSpeed's own estimators
+(`estimate_zero2/3_model_states_mem_needs`, which assume every parameter trains) are shown beside
+stages 2 and 3 as a cross-check when every parameter trains.
+
+Activations per token and layer follow Korthikanti et al. (2022): 34·h bytes in 16-bit, plus 5·a·s bytes
+for the attention scores when attention is not fused (eager); with activation checkpointing a layer keeps
+only its input (2·h) and one layer is recomputed at a time. The logits add 6·V bytes per token (16-bit
+logits and their fp32 copy for the loss), 2·V with the blockwise chunked loss (no fp32 copy), and with
+the chunked loss fused into the output layer (lmscale.objectives.fused_head) only one fp32 block about the size of
+the hidden states (4·h).
+
+Tensor parallelism (degree t) splits the attention and MLP weights (the block's linear layers) over t
+ranks, and of a layer's 34·h activation bytes the 24·h inside those layers (and the scores); ZeRO then
+partitions over the data-parallel ranks (ranks / t). Sequence parallelism (degree s) gives each rank
+1/s of every micro-batch's tokens, so all activations per rank divide by s; ZeRO partitions over every
+rank (DeepSpeed's sequence-data-parallel group). The arithmetic is written here by hand: no library computes it
+for a config; the planner is pure functions over numbers, tested against hand-worked figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lmscale.atomic import write_atomically
+from lmscale.config import Config
+from lmscale.parallel.layout import ulysses_split_problems
+
+GIB = 1024**3
+CUDA_CONTEXT_BYTES = GIB  # CUDA context, kernels and allocator slack, per GPU
+HEADROOM = 0.9  # plan to use at most 90% of a GPU
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    params: int
+    largest_layer_params: int
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    frozen_params: int = 0  # weights only: no gradients, no optimizer states (LoRA's base model)
+    split_params: int = 0  # weights of the blocks' linear layers: what tensor parallelism divides
+    kv_heads: int = 0  # 0: as many as heads
+    fusable_head: bool = False  # the chunked loss fuses the output layer (lmscale.objectives.fused_head)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.params - self.frozen_params
+
+    def params_per_rank(self, tensor: int) -> int:
+        """Weights one rank holds before ZeRO: the split linears' share and every other weight whole."""
+        return self.params - self.split_params + self.split_params // tensor
+
+
+def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
+    """The configured model's sizes (with its LoRA adapters): worked out from its config for the common
+    families (lmscale.planning.config_count), else counted on the meta device (no memory) or read from the cache of
+    an earlier count of the same model (see `facts_cache_path`)."""
+    from lmscale.planning.config_count import facts_from_config
+
+    vocab = vocab_size or config.data.vocab_size
+    facts = facts_from_config(config, vocab)
+    if facts is not None:
+        return facts
+    cache = facts_cache_path(config, vocab)
+    if cache is not None and cache.is_file():
+        try:
+            return ModelFacts(**json.loads(cache.read_text()))
+        except (ValueError, TypeError):  # unreadable or from another ModelFacts: count again
+            pass
+    facts = count_model_facts(config, vocab)
+    if cache is not None:
+        write_facts_cache(cache, facts)
+    return facts
+
+
+def count_model_facts(config: Config, vocab: int) -> ModelFacts:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmscale.model.build import apply_model_options, preset_config
+    from lmscale.model.finetune import apply_lora
+    from lmscale.reporting.sink import quiet_transformers
+
+    quiet_transformers()
+    if config.model.path:
+        hf_config = AutoConfig.from_pretrained(
+            config.model.path, trust_remote_code=config.model.trust_remote_code
+        )
+    else:
+        hf_config = preset_config(config.model.preset, vocab, config.data.max_seq_len, 0, 0)
+    apply_model_options(hf_config, config.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+        if config.finetune.lora is not None:
+            model = apply_lora(model, config.finetune.lora, "causal_lm")
+    return facts_of(model)
+
+
+def facts_cache_path(config: Config, vocab: int) -> Path | None:
+    """Where the facts of this model are cached: a file named by a hash of everything that decides them
+    (the preset's shape or the model's config.json, the vocabulary, length, model options, LoRA, and the
+    versions of lmscale, transformers and peft). Counting builds the model on the meta device, which
+    imports its HF modeling code: about half of `lmscale plan`'s time. None when the model is not local,
+    runs code of its own (trust_remote_code), or the cache is off (LMSCALE_CACHE=off)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from lmscale import __version__
+    from lmscale.model.presets import PRESETS
+
+    if os.environ.get("LMSCALE_CACHE") == "off" or config.model.trust_remote_code:  # code may change
+        return None
+    if config.model.path:
+        config_json = Path(config.model.path).expanduser() / "config.json"
+        if not config_json.is_file():
+            return None
+        source = config_json.read_text()
+    else:
+        source = json.dumps(PRESETS.get(config.model.preset), sort_keys=True)
+    versions = []
+    for package in ("transformers", "peft"):
+        try:
+            versions.append(version(package))
+        except PackageNotFoundError:
+            versions.append(None)
+    lora = config.finetune.lora.model_dump() if config.finetune.lora is not None else None
+    key = [source, vocab, config.data.max_seq_len, config.model.model_dump(), lora, __version__, versions]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return home / "lmscale" / "model-facts" / f"{digest}.json"
+
+
+def write_facts_cache(path: Path, facts: ModelFacts) -> None:
+    """Best effort (a read-only home only costs the next plan its speed), and atomic: written aside, renamed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(asdict(facts)))
+    except OSError:
+        pass
+
+
+def facts_of(model: torch.nn.Module) -> ModelFacts:
+    from lmscale.model.build import count_parameters
+    from lmscale.objectives.fused_head import fused_head_problem
+
+    params = count_parameters(model)
+    largest = max(
+        sum(p.numel() for p in module.parameters(recurse=False))
+        for module in model.modules()
+        if any(True for _ in module.parameters(recurse=False))
+    )
+    c = model.config
+    # The blocks' linear layers (not the output layer, which lmscale keeps whole): AutoTP's split.
+    split = sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith(("lm_head", "score"))
+    )
+    return ModelFacts(
+        params=params,
+        frozen_params=params - count_parameters(model, trainable_only=True),
+        largest_layer_params=largest,
+        layers=c.num_hidden_layers,
+        hidden=c.hidden_size,
+        heads=c.num_attention_heads,
+        vocab=c.vocab_size,
+        split_params=split,
+        kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        fusable_head=fused_head_problem(model) is None,
+    )
+
+
+def model_state_bytes(
+    params: int, stage: int, ranks: int, offload: bool, precision: str, trainable: int | None = None
+) -> tuple[int, int]:
+    """(GPU bytes, CPU bytes) of weights, gradients and optimizer states on one rank.
+
+    Every parameter has a weight; only the `trainable` ones (default: all) have gradients and states.
+    """
+    trainable = params if trainable is None else trainable
+    weight, grad, states = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+    weights = weight * params / (ranks if stage == 3 else 1)
+    grads = grad * trainable / (ranks if stage >= 2 else 1)
+    optimizer = states * trainable / (ranks if stage >= 1 else 1)
+    if not offload:
+        return int(weights + grads + optimizer), 0
+    # Offload (stages 2 and 3): optimizer states and their fp32 gradients live on the host;
+    # with stage 3 the weights' partitions too (only the layer being computed is on the GPU).
+    host_weights = weights if stage == 3 else 0
+    return int(weights + grads - host_weights), int(optimizer + host_weights)
+
+
+def activation_bytes_per_token(
+    facts: ModelFacts,
+    seq_len: int,
+    checkpointing: bool,
+    attention: str,
+    precision: str,
+    tensor: int = 1,
+    chunked_loss: bool = False,
+) -> float:
+    """Activation bytes one training token keeps for backward on one rank (16-bit; doubled in fp32); a
+    tensor-parallel rank keeps 1/`tensor` of what lives inside the split layers."""
+    scores = 5 * facts.heads * seq_len if attention == "eager" else 0  # fused kernels keep no s x s scores
+    per_layer = 10 * facts.hidden + (24 * facts.hidden + scores) / tensor
+    kept = 2 * facts.hidden * facts.layers + per_layer if checkpointing else per_layer * facts.layers
+    if chunked_loss and facts.fusable_head:  # one fp32 block of logits at a time, whatever the precision
+        return kept * (2 if precision == "fp32" else 1) + 4 * facts.hidden
+    logits = (2 if chunked_loss else 6) * facts.vocab
+    return (kept + logits) * (2 if precision == "fp32" else 1)
+
+
+def buffer_bytes(params: int, stage: int, trainable: int | None = None) -> int:
+    """DeepSpeed's 16-bit communication buckets (each at most what it carries), plus the CUDA context.
+
+    The reduce bucket carries gradients (trainable parameters only); the all-gather bucket carries the
+    updated trainable partitions under stages 1-2, and every weight, frozen ones too, under stage 3.
+    """
+    if stage == 0:
+        return CUDA_CONTEXT_BYTES
+    trainable = params if trainable is None else trainable
+    bucket_elements = 5 * 10**8  # reduce/all-gather bucket size (elements), DeepSpeed's default
+    gathered = params if stage == 3 else trainable
+    return 2 * (min(trainable, bucket_elements) + min(gathered, bucket_elements)) + CUDA_CONTEXT_BYTES
+
+
+@dataclass
+class PlanRow:
+    stage: int
+    offload: bool
+    model_state_bytes: int
+    activation_bytes: int
+    buffer_bytes: int
+    total_bytes: int
+    cpu_bytes: int
+    fits: bool
+    deepspeed_estimate_bytes: int | None  # DeepSpeed's own model-state estimate (stages 2 and 3)
+    tensor: int = 1
+    sequence: int = 1
+
+    def keys(self) -> str:
+        """The config keys that select this row, as overrides."""
+        keys = [f"zero.stage={self.stage}"] + (["zero.offload=cpu"] if self.offload else [])
+        if self.tensor > 1:
+            keys.insert(0, f"parallel.tensor={self.tensor}")
+        if self.sequence > 1:
+            keys.insert(0, f"parallel.sequence={self.sequence}")
+        return " ".join(keys)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def deepspeed_estimate(facts: ModelFacts, stage: int, offload: bool, gpus: int, nodes: int) -> int | None:
+    if facts.frozen_params:  # DeepSpeed's estimators count states for every parameter: not comparable
+        return None
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(facts.params, gpus, nodes, cpu_offload=offload)[1]
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        return estimate_zero3_model_states_mem_needs(
+            facts.params,
+            facts.largest_layer_params,
+            gpus,
+            nodes,
+            cpu_offload=offload,
+            cpu_offload_params=offload,
+        )[1]
+    return None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus_per_node: int
+    nodes: int = 1
+    gpu_mem_bytes: float = 80 * GIB
+    cpu_mem_bytes: float = 512 * GIB  # per node
+
+
+def configured_activation_bytes(facts: ModelFacts, config: Config, tensor: int = 1) -> float:
+    """Activation bytes per token for the config's sequence length, checkpointing, attention, precision
+    and loss, on a rank of a `tensor`-way split."""
+    model = config.model
+    return activation_bytes_per_token(
+        facts,
+        config.data.max_seq_len,
+        model.activation_checkpointing,
+        model.attn_implementation,
+        config.precision,
+        tensor,
+        config.train.chunked_loss,
+    )
+
+
+# The set-ups a layout offers, fastest first: less partitioning, then no offload.
+SETUPS = ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True))
+
+
+def plan_rows(
+    facts: ModelFacts,
+    config: Config,
+    hardware: Hardware,
+    tokens: int,
+    tensor: int | None = None,
+    sequence: int | None = None,
+) -> list[PlanRow]:
+    """Every ZeRO set-up of one layout (default: the configured one) for `tokens` per micro-batch of a
+    data-parallel replica; tensor parallelism runs with ZeRO 1-2 only, as lmscale does."""
+    tensor = config.parallel.tensor if tensor is None else tensor
+    sequence = config.parallel.sequence if sequence is None else sequence
+    ranks = hardware.gpus_per_node * hardware.nodes
+    zero_ranks = ranks // tensor  # ZeRO partitions over the data-parallel ranks (sequence ranks included)
+    params = facts.params_per_rank(tensor)
+    trainable = params - facts.frozen_params
+    per_token = configured_activation_bytes(facts, config, tensor)
+    setups = [
+        (stage, offload) for stage, offload in SETUPS if tensor == 1 or (stage in (1, 2) and not offload)
+    ]
+    rows = []
+    for stage, offload in setups:
+        gpu_states, cpu_states = model_state_bytes(
+            params, stage, zero_ranks, offload, config.precision, trainable
+        )
+        activations = int(per_token * tokens / sequence)
+        buffers = buffer_bytes(params, stage, trainable)
+        total = gpu_states + activations + buffers
+        cpu_total = cpu_states * hardware.gpus_per_node  # every rank of a node offloads to that node's RAM
+        fits = total <= HEADROOM * hardware.gpu_mem_bytes and cpu_total <= HEADROOM * hardware.cpu_mem_bytes
+        plain = tensor == 1 and sequence == 1
+        estimate = (
+            deepspeed_estimate(facts, stage, offload, hardware.gpus_per_node, hardware.nodes)
+            if plain
+            else None
+        )
+        rows.append(
+            PlanRow(
+                stage,
+                offload,
+                gpu_states,
+                activations,
+                buffers,
+                total,
+                cpu_total,
+                fits,
+                estimate,
+                tensor,
+                sequence,
+            )
+        )
+    return rows
+
+
+def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list[tuple[int, int]]:
+    """(tensor, sequence) layouts within a node that this model's heads allow, to try when the configured
+    one does not fit: sequence parallelism first (it also divides the activations of one long row), then
+    tensor parallelism (it divides the weights too), each from the smallest degree up, then both."""
+    if config.parallel.tensor > 1 or config.parallel.sequence > 1:
+        return []
+    degrees = [d for d in (2, 4, 8, 16) if d <= hardware.gpus_per_node and hardware.gpus_per_node % d == 0]
+    kv = facts.kv_heads or facts.heads
+    tensors = [d for d in degrees if facts.heads % d == 0 and kv % d == 0 and facts.split_params]
+
+    def sequence_fits(tensor: int, d: int) -> bool:  # Ulysses deals out each tensor slice's heads
+        return not ulysses_split_problems(facts.heads // tensor, kv // tensor, d)
+
+    sequences = [(1, d) for d in degrees if sequence_fits(1, d)]
+    both = [
+        (t, s) for t in tensors for s in degrees if t * s <= hardware.gpus_per_node and sequence_fits(t, s)
+    ]
+    return sequences + [(t, 1) for t in tensors] + sorted(both, key=lambda layout: layout[0] * layout[1])
+
+
+def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, row: PlanRow) -> int:
+    """The most tokens per micro-batch that keep `row`'s set-up within the GPU (a multiple of max_seq_len)."""
+    per_token = configured_activation_bytes(facts, config, row.tensor) / row.sequence
+    free = HEADROOM * hardware.gpu_mem_bytes - row.model_state_bytes - row.buffer_bytes
+    sequences = int(free // (per_token * config.data.max_seq_len))
+    return max(0, sequences) * config.data.max_seq_len

@@ -1,0 +1,155 @@
+"""Resuming a run: which checkpoint (converted for another rank count when needed), loading it with the
+data position, and the loop's save hook that writes the next one."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmscale.checkpointing.checkpoint import (
+    ensure_universal,
+    find_resume_checkpoint,
+    load_checkpoint,
+    mark_best,
+    needs_universal,
+    save_checkpoint,
+    written_by,
+    written_sequence_degree,
+    written_tensor_degree,
+)
+from lmscale.checkpointing.rundir import truncate_metrics
+from lmscale.config import Config
+from lmscale.errors import LmscaleError
+from lmscale.model.finetune import Unfreezing
+from lmscale.parallel.layout import Layout
+from lmscale.training.loop import LoopStart
+
+log = logging.getLogger("lmscale")
+
+
+@dataclass
+class Resume:
+    checkpoint: Path | None
+    universal: bool  # re-partition ZeRO states written by another rank count
+    ds_config_change: dict = field(default_factory=dict)  # what the DeepSpeed config needs to load it
+
+    def apply_to(self, ds_config: dict) -> dict:
+        """The DeepSpeed config with this resume's change (a new dict)."""
+        merged = dict(ds_config)
+        for section, values in self.ds_config_change.items():
+            merged[section] = {**merged.get(section, {}), **values}
+        return merged
+
+
+def plan_resume(config: Config, force: bool, world_size: int) -> Resume:
+    """The checkpoint to resume from; one written by another rank count is converted first (before
+    the process group exists, so a long conversion cannot time out a collective)."""
+    checkpoint = None if force else find_resume_checkpoint(Path(config.output_dir), config.checkpoint.resume)
+    if checkpoint is not None:
+        check_sequence_layout(checkpoint, config.parallel.sequence, world_size)
+    tensor = config.parallel.tensor
+    universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage, tensor)
+    if not universal:
+        return Resume(checkpoint, universal)
+    ensure_universal(checkpoint, world_size)
+    return Resume(checkpoint, universal, {"checkpoint": {"load_universal": True}})
+
+
+def check_sequence_layout(checkpoint: Path, sequence: int, world_size: int) -> None:
+    """A sequence-parallel checkpoint resumes on its own layout only: DeepSpeed's universal conversion would
+    read its sequence-parallel ranks' files as tensor-parallel slices."""
+    written, written_ranks = written_sequence_degree(checkpoint), written_by(checkpoint)
+    if (written, written_ranks) == (sequence, world_size) or (written == 1 and sequence == 1):
+        return
+    raise LmscaleError(
+        f"{checkpoint} was written with parallel.sequence={written} on {written_ranks} rank(s): resume it with "
+        f"the same (now parallel.sequence={sequence} on {world_size}); a sequence-parallel run changes neither "
+        "its sequence degree nor its rank count on resume"
+    )
+
+
+def resume_point(
+    engine, train_stream, output_dir: Path, resume: Resume, is_rank_zero: bool, config: Config
+) -> LoopStart:
+    """Load the checkpoint to resume from (if any) and return where the loop starts."""
+    checkpoint = resume.checkpoint
+    if checkpoint is None:
+        return LoopStart()
+    adapters_only = config.finetune.lora is not None
+    state = load_checkpoint(engine, checkpoint, config.seed, resume.universal, adapters_only)
+    streamed = bool(state["data_position"].get("streaming"))
+    # Planned batches share one position (rank 0's); streamed shards each saved their own.
+    position = state.get("rank_data_position", {}) if streamed else state["data_position"]
+    if not train_stream.load_state_dict(position):
+        log.warning(
+            "resume: the streamed corpus starts over (the checkpoint was written with another rank count or "
+            "data.num_workers, so its stream positions do not apply)"
+        )
+    if is_rank_zero:
+        truncate_metrics(output_dir, state["step"])
+    log.info("resume: continuing from %s (step %d)", checkpoint, state["step"])
+    if is_rank_zero:
+        describe_layout_change(
+            checkpoint,
+            Layout(torch.distributed.get_world_size(), config.parallel.tensor, config.parallel.sequence),
+            streamed,
+        )
+    return LoopStart(
+        step=state["step"],
+        tokens_seen=state["tokens_seen"],
+        best_eval_loss=state.get("best_eval_loss", math.inf),
+    )
+
+
+def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool) -> None:
+    """Say what changed when a checkpoint continues on another rank count or tensor-parallel degree."""
+    written = Layout(
+        written_by(checkpoint), written_tensor_degree(checkpoint), written_sequence_degree(checkpoint)
+    )
+    if written == now:
+        return
+    if written.data != now.data and not streamed:
+        log.warning(
+            "resume: checkpoint written by %s, continuing on %s: the epoch's unseen sequences are re-planned "
+            "for %d data-parallel rank(s) (none skipped or repeated); a step now covers %d ranks' batches",
+            written.describe(),
+            now.describe(),
+            now.data,
+            now.data,
+        )
+    elif written.tensor != now.tensor:
+        log.info(
+            "resume: checkpoint written by %s, continuing on %s: the weights and optimizer states are re-split "
+            "from the universal checkpoint; the batches are the same",
+            written.describe(),
+            now.describe(),
+        )
+
+
+def checkpoint_saver(
+    engine, train_stream, output_dir: Path, config: Config, is_rank_zero: bool, unfreezing: Unfreezing
+):
+    """The loop's save hook: an atomic checkpoint with the data position and the best eval loss so far."""
+
+    def save(step: int, tokens_seen: int, best_eval_loss: float, is_best: bool) -> Path:
+        state = {
+            "tokens_seen": tokens_seen,
+            "data_position": train_stream.state_dict(),
+            "best_eval_loss": best_eval_loss,
+        }
+        own = train_stream.state_dict() if config.data.streaming else None  # streamed shards differ per rank
+        adapters_only = config.finetune.lora is not None
+        with unfreezing.everything_trainable():  # a layer not yet unfrozen is still part of the checkpoint
+            path = save_checkpoint(
+                engine, output_dir, step, state, config.checkpoint.keep_last, own, adapters_only,
+                sequence=config.parallel.sequence,
+            )  # fmt: skip
+        if is_best and is_rank_zero:
+            mark_best(output_dir, step)
+        return path
+
+    return save

@@ -1,0 +1,24 @@
+"""The start-up checks of a run's directory, done the same way wherever a run starts (`lmscale train`, the
+launcher before any rank starts, `lmscale slurm submit` before the job is queued)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmscale.checkpointing.checkpoint import find_resume_checkpoint
+from lmscale.checkpointing.rundir import check_output_dir, check_resume_compatible
+from lmscale.checkpointing.runlock import check_unlocked
+from lmscale.config import Config
+
+
+def check_start(config: Config, force: bool, find_checkpoint: bool = True) -> None:
+    """output_dir can hold this run: writable, not in use by a live job, and (unless --force replaces it)
+    holding nothing this config would silently train differently, with the checkpoint to resume present
+    and intact (`find_checkpoint=False` where the caller finds it next: verifying reads every byte)."""
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, force, config.checkpoint.resume)
+    check_unlocked(output_dir)
+    if not force:
+        check_resume_compatible(output_dir, config)
+        if find_checkpoint:
+            find_resume_checkpoint(output_dir, config.checkpoint.resume)
