@@ -25,6 +25,23 @@ def tiny_gpt2_config(vocab_size: int):
     )
 
 
+def word_level_tokenizer(words: list[str], chat_template: str | None = None):
+    """A tokenizer of whole words (<eos>, <pad> and <unk> first), so tests can count and read its tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = ["<eos>", "<pad>", "<unk>", *words]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
 # A 10-step fp32 tiny-Llama run logging every step and saving at step 5: runs of it that differ only in
 # how they compute (layouts, compile) give the same losses, up to summation order.
 EXACT_RUN_ARGS = [

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import tiny_gpt2_config
+from helpers import tiny_gpt2_config, word_level_tokenizer
 from transformers import GPT2LMHeadModel
 
 from lmscale.config import Config, DataConfig, DpoConfig, build_config
@@ -28,19 +28,8 @@ from lmscale.objectives.dpo import (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<eos>", "<pad>", "<unk>", "user", "assistant", ":", "\n"] + [f"w{i}" for i in range(40)]
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=word_level, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = PLAIN_CHAT_TEMPLATE
-    return fast
+    words = ["user", "assistant", ":", "\n"] + [f"w{i}" for i in range(40)]
+    return word_level_tokenizer(words, PLAIN_CHAT_TEMPLATE)
 
 
 def encode(records: list[dict], tokenizer, max_seq_len: int = 64) -> dict:

@@ -19,21 +19,13 @@ def test_generation_past_the_positions_is_refused_with_the_room_left():
 
 def _chat_model_dir(tmp_path, template):
     """A tiny GPT-2 and a word-level tokenizer saved as an export is: with or without a chat template."""
-    from helpers import tiny_gpt2_config
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+    from helpers import tiny_gpt2_config, word_level_tokenizer
+    from transformers import GPT2LMHeadModel
 
-    words = ["<eos>", "<pad>", "<unk>", "user", "assistant", "system", ":"] + [f"w{i}" for i in range(40)]
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = template
+    words = ["user", "assistant", "system", ":"] + [f"w{i}" for i in range(40)]
+    tokenizer = word_level_tokenizer(words, template)
     directory = tmp_path / ("chat" if template else "plain")
-    GPT2LMHeadModel(tiny_gpt2_config(len(words))).save_pretrained(directory)
+    GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer))).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory, tokenizer
 

@@ -246,9 +246,8 @@ class StopForwarder:
             _signal_group(self.launcher.pid, signal.SIGINT)
             return
         name = signal.Signals(signum).name
-        if (
-            signum == signal.SIGHUP
-        ):  # the terminal closed: the ranks, in their own session, would run on unseen
+        # A closed terminal (SIGHUP) stops them too: in their own session, they would run on unseen.
+        if signum == signal.SIGHUP:
             signum = signal.SIGTERM
         if not self.forwarded:
             print(
