@@ -23,10 +23,11 @@ log = logging.getLogger("lmscale")
 
 
 # Deprecations that one library's call of another raises on every rank, which a user cannot act on: peft
-# reads transformers' `is_gradient_checkpointing`, DeepSpeed's ZeRO-3 calls torch's all_gather_into_tensor.
+# reads transformers' `is_gradient_checkpointing`; DeepSpeed's ZeRO-3 calls torch's all_gather_into_tensor
+# and reduce_scatter_tensor.
 LIBRARY_DEPRECATIONS = (
     r"`is_gradient_checkpointing` is deprecated",
-    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
 )
 
 
