@@ -166,10 +166,10 @@ def export(
         raise LmscaleError(f"{out} already exists and is not empty: choose another --out, or pass --force")
     if dtype is not None and dtype not in DTYPES:
         raise LmscaleError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    if merge and run_config(run_dir).finetune.lora is None:
+        raise LmscaleError(f"{run_dir} is not a LoRA run (finetune.lora unset): export it without --merge")
     chosen = pick_checkpoint(run_dir, checkpoint)
     config = run_config(run_dir, chosen)
-    if merge and config.finetune.lora is None:
-        raise LmscaleError(f"{run_dir} is not a LoRA run (finetune.lora unset): export it without --merge")
     model, tokenizer = load_trained_model(run_dir, chosen, config)
     if merge:
         model = model.merge_and_unload()
