@@ -1,5 +1,6 @@
 """Training methods as plugins: each is one Method in lmscale.methods, and nothing else branches on its name."""
 
+import math
 import re
 from pathlib import Path
 
@@ -23,11 +24,12 @@ def test_a_run_s_method_comes_from_its_config_and_its_saved_config(finetune, met
 
 
 def test_evaluation_lines_read_as_each_method_reads():
-    assert SFT.describe_evaluation(2.0, {}) == "held-out loss 2.0000, perplexity 7.39"
+    assert SFT.describe_evaluation(2.0, {}, math.exp(2.0)) == "held-out loss 2.0000, perplexity 7.39"
     assert (
-        CLASSIFICATION.describe_evaluation(0.5, {"accuracy": 0.75}) == "held-out loss 0.5000, accuracy 0.750"
+        CLASSIFICATION.describe_evaluation(0.5, {"accuracy": 0.75}, math.exp(0.5))
+        == "held-out loss 0.5000, accuracy 0.750"
     )
-    dpo = DPO.describe_evaluation(0.6, {"pref_accuracy": 0.8, "rewards_margin": 0.25})
+    dpo = DPO.describe_evaluation(0.6, {"pref_accuracy": 0.8, "rewards_margin": 0.25}, math.exp(0.6))
     assert dpo == "held-out DPO loss 0.6000, preference accuracy 0.800, reward margin +0.250"
 
 

@@ -168,14 +168,19 @@ def is_disk_dataset(source: Path) -> bool:
 EVAL_PATH_FIX = "fix the path, or unset data.eval_path to hold out data.eval_fraction of the training data"
 
 
+def missing_source_problem(path: str, key: str) -> str | None:
+    """Why local data `path` (set as `key`) cannot be read, or None (Hub datasets are checked when read)."""
+    if is_hub_dataset(path) or Path(path).expanduser().exists():
+        return None
+    fix = EVAL_PATH_FIX if key == "data.eval_path" else "fix the path, or unset it for the embedded corpus"
+    return f"{key}={path} does not exist: {fix}"
+
+
 def existing_source(path: str, key: str) -> Path:
-    source = Path(path).expanduser()
-    if not source.exists():
-        fix = (
-            EVAL_PATH_FIX if key == "data.eval_path" else "fix the path, or unset it for the embedded corpus"
-        )
-        raise ConfigError(f"{key}={path} does not exist: {fix}")
-    return source
+    problem = missing_source_problem(path, key)
+    if problem:
+        raise ConfigError(problem)
+    return Path(path).expanduser()
 
 
 def load_table(source: Path, config: DataConfig, cache_dir: str, fields: list[str]) -> Dataset:

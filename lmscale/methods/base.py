@@ -61,14 +61,13 @@ class Method:
             ]
         return self.rules(config)
 
-    def describe_evaluation(self, loss: float, means: dict[str, float]) -> str:
-        """An evaluation's line: the loss and the figure that reads best for this method."""
-        import math
-
+    def describe_evaluation(self, loss: float, means: dict[str, float], perplexity: float) -> str:
+        """An evaluation's line: the loss and the figure that reads best for this method (`perplexity` as
+        lmscale.objectives.loss computes it, capped, which this layer cannot import)."""
         figure = (
             f"{self.accuracy_label} {means[self.accuracy_metric]:.3f}"
             if self.accuracy_metric in means
-            else f"perplexity {math.exp(min(loss, 700)):.2f}"
+            else f"perplexity {perplexity:.2f}"
         )
         extra = "".join(
             f", {label} {fmt.format(means[key])}"

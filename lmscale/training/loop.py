@@ -59,7 +59,7 @@ class Evaluation:
         return self.means.get(self.method.accuracy_metric) if self.method.accuracy_metric else None
 
     def describe(self) -> str:
-        return self.method.describe_evaluation(self.loss, self.means)
+        return self.method.describe_evaluation(self.loss, self.means, perplexity(self.loss))
 
     def metrics(self) -> dict[str, float]:
         figures = {"eval_loss": self.loss}

@@ -157,22 +157,15 @@ def preflight(config: Config) -> Config:
 
 def data_path_problems(config: Config) -> list[str]:
     """Local data files that do not exist (Hub datasets are checked where they are read)."""
-    from lmscale.data.sources import EVAL_PATH_FIX, is_hub_dataset
+    from lmscale.data.sources import missing_source_problem
 
     data = config.data
-    paths = [("data.path", data.path)] + [("data.sources", source.path) for source in data.sources]
-    problems = [
-        f"{key}={path} does not exist: fix the path, or unset it for the embedded corpus"
-        for key, path in paths
-        if path and not is_hub_dataset(path) and not Path(path).expanduser().exists()
+    paths = [
+        ("data.path", data.path),
+        *(("data.sources", s.path) for s in data.sources),
+        ("data.eval_path", data.eval_path),
     ]
-    if (
-        data.eval_path
-        and not is_hub_dataset(data.eval_path)
-        and not Path(data.eval_path).expanduser().exists()
-    ):
-        problems.append(f"data.eval_path={data.eval_path} does not exist: {EVAL_PATH_FIX}")
-    return problems
+    return [problem for key, path in paths if path and (problem := missing_source_problem(path, key))]
 
 
 def layout_problems(config: Config, world_size: int) -> list[str]:
