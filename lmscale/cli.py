@@ -236,34 +236,10 @@ def _report(args: argparse.Namespace) -> int:
 
 def _schedule(args: argparse.Namespace) -> int:
     from lmscale.config import load_config
-    from lmscale.training.schedules import lr_curve, plot_curve
+    from lmscale.training.schedules import schedule_command
 
     config_path, overrides = split_config_and_overrides(args)
-    config, _ = load_config(config_path, overrides)
-    if config.train.max_steps is None:
-        raise LmscaleError(
-            "lmscale schedule needs train.max_steps: train.max_tokens and train.epochs become steps only when "
-            "a run plans its data (its 'lmscale: batch:' line says how many); pass train.max_steps=N"
-        )
-    curve = lr_curve(config)
-    marks = sorted(
-        {
-            0,
-            config.schedule.warmup_for(config.train.max_steps),
-            len(curve) // 4,
-            len(curve) // 2,
-            3 * len(curve) // 4,
-            len(curve) - 1,
-        }
-    )
-    print(
-        f"{config.schedule.name} schedule, {len(curve)} steps, warm-up {config.schedule.warmup_for(len(curve))}:"
-    )
-    for step in marks:
-        print(f"  step {step + 1:>8}: lr {curve[step]:.3e}")
-    if args.plot:
-        plot_curve(curve, config.schedule.name, Path(args.plot))
-        print(args.plot)
+    schedule_command(load_config(config_path, overrides)[0], Path(args.plot) if args.plot else None)
     return 0
 
 
@@ -280,68 +256,30 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
-    from lmscale.evaluation.held_out import evaluate_target
+    from lmscale.evaluation.command import eval_command, harness_command
 
     if args.harness:
-        return _eval_harness(args)
-    tasks = Path(args.tasks) if args.tasks else None
-    scores = evaluate_target(Path(args.target), args.data, tasks, args.batches)
-    if args.json:
-        print(json.dumps(scores))
-    else:
-        for key, value in scores.items():
-            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    return 0
-
-
-def _eval_harness(args: argparse.Namespace) -> int:
-    import json
-
-    from lmscale.evaluation.held_out import harness_scores
-
-    tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
-    table, saved = harness_scores(Path(args.target), tasks, args.include_path, args.limit, args.num_fewshot)
-    if args.json:
-        print(json.dumps({"harness": table}))
-    else:
-        from lmscale.evaluation.harness import print_table
-
-        print_table(table)
-    if saved is not None:
-        print(f"lmscale: harness results saved to {saved}", file=sys.stderr)
+        tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
+        harness_command(Path(args.target), tasks, args.include_path, args.limit, args.num_fewshot, args.json)
+        return 0
+    tasks_path = Path(args.tasks) if args.tasks else None
+    eval_command(Path(args.target), args.data, tasks_path, args.batches, args.json)
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lmscale.evaluation.inference import (
-        Sampling,
-        chat_prompt,
-        generate_text,
-        load_for_inference,
-        read_messages,
-    )
+    from lmscale.evaluation.inference import Sampling, generate_command
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    sampling.check()
-    messages = read_messages(Path(args.messages)) if args.messages else None
-    if args.chat and messages is None:
-        messages = [{"role": "user", "content": args.prompt}]
-    model, tokenizer = load_for_inference(Path(args.target))
-    if messages is None:
-        print(args.prompt + generate_text(model, tokenizer, args.prompt, sampling))
-        return 0
-    # The template writes any special tokens itself (a BOS among them): the tokenizer must not add more.
-    rendered = chat_prompt(tokenizer, messages)
-    print(generate_text(model, tokenizer, rendered, sampling, add_special_tokens=False))
+    messages = Path(args.messages) if args.messages else None
+    print(generate_command(Path(args.target), args.prompt, messages, args.chat, sampling))
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
     from lmscale.planning.command import plan_command
     from lmscale.planning.plan import GIB, Hardware
-    from lmscale.training.preflight import resolve_run_config
+    from lmscale.runs.run import StartChecks, open_run
 
     if args.gpus_per_node is None:
         raise LmscaleError("lmscale plan needs --gpus-per-node N: the GPUs of each node to plan for")
@@ -349,23 +287,19 @@ def _plan(args: argparse.Namespace) -> int:
         raise LmscaleError("--gpus-per-node and --nodes must be at least 1, --gpu-mem and --cpu-mem positive")
     config_path, overrides = split_config_and_overrides(args)
     world_size = args.gpus_per_node * args.nodes
-    config = resolve_run_config(config_path, overrides, world_size, has_gpu=True)[0]  # planned for GPUs
+    # Planned for GPUs; a plan writes nothing, so the run directory is not checked.
+    run = open_run(config_path, overrides, world_size, has_gpu=True, checks=StartChecks.NONE)
     hardware = Hardware(args.gpus_per_node, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB)
-    plan_command(config, hardware, args.json)
+    plan_command(run.config, hardware, args.json)
     return 0
 
 
 def _config(args: argparse.Namespace) -> int:
-    import json
-
     from lmscale.config import config_to_yaml, load_config
-    from lmscale.config.reference import config_keys
+    from lmscale.config.reference import print_config_keys
 
     if args.config_command == "keys":
-        keys = config_keys()
-        width = max(len(info.key) for info in keys)
-        for info in keys:
-            print(f"{info.key:<{width}}  {json.dumps(info.default)}  {info.description}")
+        print_config_keys()
         return 0
     config_path, overrides = split_config_and_overrides(args)
     print(config_to_yaml(load_config(config_path, overrides)[0]), end="")

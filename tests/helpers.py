@@ -1,6 +1,7 @@
-"""What tests share: the repository's path, a tiny model config, the real CLI in a subprocess, and the
-arguments of the exact-comparison runs. (Fixtures live in conftest.py; tests import these from here.)"""
+"""What tests share: the repository's path, a tiny model config, the real CLI in a subprocess, the
+arguments of the exact-comparison runs, and a checkpoint laid out as save_checkpoint lays it out. (Fixtures live in conftest.py; tests import these from here.)"""
 
+import json
 import os
 import subprocess
 import sys
@@ -74,3 +75,21 @@ def run_lmscale(
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+
+
+def fake_checkpoint(run: Path, step: int, payload: bytes) -> Path:
+    """A complete checkpoint whose manifest records sizes and checksums, as save_checkpoint writes it."""
+    from lmscale.checkpointing.manifest import file_digest
+    from lmscale.checkpointing.rundir import RunDir
+
+    path = run / "checkpoints" / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(payload)
+    files = {
+        "mp_rank_00_model_states.pt": {
+            "bytes": len(payload),
+            "blake2b": file_digest(path / "mp_rank_00_model_states.pt"),
+        }
+    }
+    RunDir.complete_marker(path).write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
+    return path

@@ -308,9 +308,9 @@ def test_missing_package_or_credentials_writes_nothing(
     tmp_path, run_dir, capsys, monkeypatch, argv, fragments
 ):
     """What the config turns on is checked before the run dir is touched (new or existing)."""
-    import lmscale.training.preflight
+    import lmscale.runs.preflight
 
-    monkeypatch.setattr(lmscale.training.preflight, "installed", lambda package: package != "tensorboard")
+    monkeypatch.setattr(lmscale.runs.preflight, "installed", lambda package: package != "tensorboard")
     for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no W&B settings

@@ -9,9 +9,10 @@ import sys
 import time
 
 import pytest
+from helpers import fake_checkpoint
 
 from lmscale import cli
-from lmscale.checkpointing.checkpoint import file_digest, find_resume_checkpoint
+from lmscale.checkpointing.checkpoint import find_resume_checkpoint
 from lmscale.checkpointing.rundir import RunDir
 from lmscale.checkpointing.runlock import STALE_AFTER_S, RunLock, check_unlocked, is_zombie
 from lmscale.config import Config, config_to_yaml
@@ -105,21 +106,6 @@ def test_a_second_launch_on_a_live_run_writes_nothing(tmp_path, live_process, ca
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmscale: error:")]
         assert code == 2 and len(errors) == 1 and f"pid {live_process.pid}" in errors[0], errors
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*")) == before
-
-
-def fake_checkpoint(run, step, payload):
-    """A complete checkpoint whose manifest records sizes and checksums, as save_checkpoint writes it."""
-    path = run / "checkpoints" / f"step_{step:08d}"
-    path.mkdir(parents=True)
-    (path / "mp_rank_00_model_states.pt").write_bytes(payload)
-    files = {
-        "mp_rank_00_model_states.pt": {
-            "bytes": len(payload),
-            "blake2b": file_digest(path / "mp_rank_00_model_states.pt"),
-        }
-    }
-    RunDir.complete_marker(path).write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
-    return path
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):

@@ -39,9 +39,10 @@ def a_batch(sequence_parallel: bool = False):
     rows = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (30, 17, 24)]
     tensors = collate(rows, pad_id=0)
     tensors["labels"][2, :6] = IGNORE_INDEX  # a masked prompt
-    if sequence_parallel:  # the second of two slices: its targets are `shift_labels`
+    if sequence_parallel:  # the second of two slices: its labels are each position's next token
         tensors = sequence_slice(tensors, 0, 1, 2)
-    return Batch(tensors, real_tokens=71, padded_tokens=90, sequences=3, sum_sq_len=0, local_targets=1)
+    counts = dict(real_tokens=71, padded_tokens=90, sequences=3, sum_sq_len=0, local_targets=1)
+    return Batch(tensors, **counts, labels_aligned=sequence_parallel)
 
 
 def loss_and_grads(model: torch.nn.Module, batch, chunked: bool):

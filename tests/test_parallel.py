@@ -183,11 +183,11 @@ def test_a_sequence_slice_holds_contiguous_tokens_global_positions_and_shifted_t
     assert second["input_ids"].tolist() == [[8, 9, 0], [0, 0, 0]]
     assert second["position_ids"].tolist() == [[3, 4, 5], [3, 4, 5]]
     # Each position's own next token; the last slice's last target and padding are ignored.
-    assert first["shift_labels"].tolist() == [[6, 7, 8], [2, 3, -100]]
-    assert second["shift_labels"].tolist() == [[9, -100, -100], [-100, -100, -100]]
-    assert "attention_mask" not in first and "labels" not in first
+    assert first["labels"].tolist() == [[6, 7, 8], [2, 3, -100]]
+    assert second["labels"].tolist() == [[9, -100, -100], [-100, -100, -100]]
+    assert "attention_mask" not in first
     whole = int((tensors["labels"][:, 1:] != -100).sum())
-    assert whole == sum(int((s["shift_labels"] != -100).sum()) for s in (first, second))
+    assert whole == sum(int((s["labels"] != -100).sum()) for s in (first, second))
 
 
 def test_slicing_and_the_aligned_loss_give_the_unsplit_loss():
@@ -196,7 +196,7 @@ def test_slicing_and_the_aligned_loss_give_the_unsplit_loss():
     tensors = collate([[5, 6, 7, 8, 9], [1, 2, 3]], pad_id=0)
     logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0))
     whole = summed_token_loss(logits[:, :5], tensors["labels"])
-    parts = [sequence_slice(tensors, 0, rank, 2)["shift_labels"] for rank in (0, 1)]
+    parts = [sequence_slice(tensors, 0, rank, 2)["labels"] for rank in (0, 1)]
     split = sum(aligned_token_loss(logits[:, 3 * r : 3 * r + 3], parts[r]) for r in (0, 1))
     torch.testing.assert_close(split, whole)
     chunked = sum(aligned_token_loss(logits[:, 3 * r : 3 * r + 3], parts[r], chunked=True) for r in (0, 1))

@@ -288,7 +288,7 @@ def test_layouts_tried_when_nothing_fits_go_sequence_then_tensor_then_both():
 def test_recipes_say_what_the_planner_says(recipe, capsys):
     """A recipe's ZeRO stage is the planner's recommendation, and its comment quotes the planner's total."""
     from lmscale.planning.command import plan_command
-    from lmscale.training.preflight import resolve_run_config
+    from lmscale.runs.preflight import resolve_run_config
 
     text = (REPO / "configs" / f"{recipe}.yaml").read_text()
     config = resolve_run_config(str(REPO / "configs" / f"{recipe}.yaml"), [], 8, has_gpu=True)[0]

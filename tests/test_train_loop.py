@@ -4,7 +4,7 @@ import pytest
 
 from lmscale.errors import LmscaleError
 from lmscale.objectives.loss import perplexity
-from lmscale.training.loop import NonFiniteGuard
+from lmscale.training.stopping import NonFiniteGuard
 
 
 def test_non_finite_guard_counts_skips_in_a_row():

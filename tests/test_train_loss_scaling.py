@@ -15,7 +15,8 @@ from lmscale.data.batches import BatchSettings, BatchStream, collate
 from lmscale.objectives.loss import summed_token_loss
 from lmscale.parallel.engine import free_port, shutdown_distributed
 from lmscale.parallel.layout import Layout
-from lmscale.training.loop import Window, train_step
+from lmscale.training.loop import train_step
+from lmscale.training.step_metrics import Window
 
 pytestmark = pytest.mark.slow
 

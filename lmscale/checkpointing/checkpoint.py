@@ -12,7 +12,6 @@ RNG states in `rng_rank<R>.pt`, loaded back with `torch.load(weights_only=True)`
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,15 @@ from filelock import FileLock
 
 from lmscale import faults
 from lmscale.atomic import fsync_directory, write_atomically
+from lmscale.checkpointing.manifest import (
+    checkpoint_damage,
+    file_checksums,
+    verify_checkpoint,
+    written_by,
+    written_tensor_degree,
+)
 from lmscale.checkpointing.rundir import RunDir
+from lmscale.checkpointing.training_state import TrainingState
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.parallel.engine import any_rank, cpu_group
 
@@ -87,10 +94,8 @@ CHECKPOINT_CONFIG = "config.yaml"
 def save_checkpoint(
     engine: Any,
     output_dir: Path,
-    step: int,
-    client_state: dict[str, Any],
+    state: TrainingState,
     keep_last: int,
-    rank_data_position: dict[str, Any] | None = None,
     adapters_only: bool = False,
     sequence: int | None = None,
 ) -> Path:
@@ -98,66 +103,78 @@ def save_checkpoint(
     `sequence` is the job's sequence-parallel degree, recorded for resumes (default: the engine's, which
     DeepSpeed reports as 1 when AutoTP is on too).
 
-    `rank_data_position` is this rank's own data position when ranks differ (streamed shards); DeepSpeed
-    keeps only rank 0's client state, so it goes into `data_rank<R>.json`. `adapters_only` (LoRA) leaves
-    the frozen base weights out: they are rebuilt from model.path. A write that fails on any rank (a full
-    disk) removes the partial checkpoint on every rank and raises, naming the newest intact one.
+    DeepSpeed keeps only rank 0's client state, so a rank's own data position (streamed shards) goes into
+    `data_rank<R>.json`. `adapters_only` (LoRA) leaves the frozen base weights out: they are rebuilt from
+    model.path. A write that fails on any rank (a full disk) removes the partial checkpoint on every rank
+    and raises, naming the newest intact one.
     """
-    run = RunDir(output_dir)
-    directory = run.checkpoints
-    tag = checkpoint_tag(step)
-    partial = directory / f"{tag}.partial"
+    directory = RunDir(output_dir).checkpoints
+    partial = directory / f"{checkpoint_tag(state.step)}.partial"
+    failure = write_partial(engine, partial, state, adapters_only)
+    if any_rank(failure is not None):  # also the barrier: every rank has written its files
+        abandon_partial(partial, dist.get_rank(), state.step, directory, failure)
+    checksums = file_checksums(partial, dist.get_rank(), dist.get_world_size())
+    if dist.get_rank() == 0:
+        meta = {
+            "step": state.step,
+            "world_size": dist.get_world_size(),
+            "tensor": tensor_degree(engine),
+            "sequence": sequence or int(getattr(engine, "sequence_parallel_size", 1)),
+        }
+        complete_checkpoint(partial, meta, checksums, keep_last)
+    dist.barrier()
+    return directory / checkpoint_tag(state.step)
+
+
+def write_partial(engine: Any, partial: Path, state: TrainingState, adapters_only: bool) -> OSError | None:
+    """This rank's files of the checkpoint in `partial`; returns the write failure, if any, for all ranks
+    to agree on."""
     rank = dist.get_rank()
-    state = {**client_state, "step": step}
+    client_state = state.client_state()
     # universal_checkpoint_info lets `deepspeed.checkpoint.ds_to_universal` convert this checkpoint
     # for a different number of ranks later; without it the conversion refuses. AutoTP records its own
     # (how each weight is split), which the client state must not overwrite.
     if getattr(engine.module, UNIVERSAL_INFO, None) is None:
-        state[UNIVERSAL_INFO] = {"universal_checkpoint_version": 0.2}
-    failure = None
+        client_state[UNIVERSAL_INFO] = {"universal_checkpoint_version": 0.2}
     try:
         engine.save_checkpoint(
-            str(directory),
+            str(partial.parent),
             tag=partial.name,
-            client_state=state,
+            client_state=client_state,
             save_latest=False,
             exclude_frozen_parameters=adapters_only,
         )
         torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
-        if rank_data_position is not None:
-            (partial / f"data_rank{rank}.json").write_text(json.dumps(rank_data_position), encoding="utf-8")
-        if rank == 0 and run.config.is_file():  # the config this checkpoint was trained with, kept with it
-            shutil.copyfile(run.config, partial / CHECKPOINT_CONFIG)
-        faults.while_saving(step, rank)
+        if state.rank_data_position is not None:
+            own = json.dumps(state.rank_data_position)
+            (partial / f"data_rank{rank}.json").write_text(own, encoding="utf-8")
+        run_config = RunDir(partial.parent.parent).config
+        if rank == 0 and run_config.is_file():  # the config this checkpoint was trained with, kept with it
+            shutil.copyfile(run_config, partial / CHECKPOINT_CONFIG)
+        faults.while_saving(state.step, rank)
     except OSError as exc:
-        failure = exc
+        return exc
     except RuntimeError as exc:
-        failure = torch_write_failure(exc, partial)
-    if any_rank(failure is not None):  # also the barrier: every rank has written its files
-        abandon_partial(partial, rank, step, directory, failure)
-    checksums = file_checksums(partial, rank, dist.get_world_size())
-    if rank == 0:
-        final = directory / tag
-        if final.exists():  # a checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
-        _fsync_tree(partial)
-        os.replace(partial, final)
-        # The manifest lets a resume notice a file damaged after the fact (truncated, or bits changed).
-        files = {
-            name: {"bytes": (final / name).stat().st_size, "blake2b": digest} for name, digest in checksums
-        }
-        meta = {
-            "step": step,
-            "world_size": dist.get_world_size(),
-            "tensor": tensor_degree(engine),
-            "sequence": sequence or int(getattr(engine, "sequence_parallel_size", 1)),
-            "files": files,
-        }
-        write_atomically(RunDir.complete_marker(final), json.dumps(meta) + "\n")
-        write_atomically(run.latest, tag)  # the pointer moves last
-        prune_checkpoints(directory, keep_last)
-    dist.barrier()
-    return directory / tag
+        return torch_write_failure(exc, partial)
+    return None
+
+
+def complete_checkpoint(
+    partial: Path, meta: dict[str, Any], checksums: list[tuple[str, str]], keep_last: int
+) -> None:
+    """Rank 0: sync the files, rename `<tag>.partial` to `<tag>`, write its manifest (the COMPLETE marker),
+    move `latest` last, and prune the old ones."""
+    directory = partial.parent
+    final = directory / partial.name.removesuffix(".partial")
+    if final.exists():  # a checkpoint of the same step from an earlier attempt
+        shutil.rmtree(final)
+    _fsync_tree(partial)
+    os.replace(partial, final)
+    # The manifest lets a resume notice a file damaged after the fact (truncated, or bits changed).
+    files = {name: {"bytes": (final / name).stat().st_size, "blake2b": digest} for name, digest in checksums}
+    write_atomically(RunDir.complete_marker(final), json.dumps({**meta, "files": files}) + "\n")
+    write_atomically(RunDir(directory.parent).latest, final.name)  # the pointer moves last
+    prune_checkpoints(directory, keep_last)
 
 
 # torch.save reports a failed write from its C++ zip writer as a RuntimeError, not an OSError.
@@ -202,25 +219,6 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(TAG_PATTERN.match(checkpoint.name).group(1))
 
 
-def file_digest(path: Path) -> str:
-    """A 128-bit BLAKE2b of the file (fast, and any corruption changes it)."""
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_checksums(directory: Path, rank: int, world_size: int) -> list[tuple[str, str]]:
-    """(name, checksum) of every file in `directory`, each rank reading its share (all ranks call it);
-    every rank gets the whole list."""
-    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-    own = [(name, file_digest(directory / name)) for name in names[rank::world_size]]
-    shares: list[Any] = [None] * world_size
-    dist.all_gather_object(shares, own, group=cpu_group())
-    return sorted(pair for share in shares for pair in share)
-
-
 def complete_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first; partial ones are reported and skipped."""
     if not directory.is_dir():
@@ -248,45 +246,6 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
 def mark_best(output_dir: Path, step: int) -> None:
     """Record the checkpoint of `step` as the best so far by eval loss (rank 0)."""
     write_atomically(RunDir(output_dir).best, checkpoint_tag(step))
-
-
-def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
-    """The COMPLETE marker's record: step, world size, and the size of every file written."""
-    try:
-        return json.loads(RunDir.complete_marker(checkpoint).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise LmscaleError(
-            f"checkpoint {checkpoint} has an unreadable {RunDir.complete_marker(checkpoint).name} marker: delete {checkpoint} to resume from "
-            "the checkpoint before it"
-        ) from None
-
-
-def checkpoint_damage(checkpoint: Path) -> str | None:
-    """What is wrong with a complete checkpoint's files against its manifest (sizes, then checksums), or None.
-
-    Markers written before checksums were recorded hold sizes alone; those are checked by size.
-    """
-    for name, record in checkpoint_meta(checkpoint).get("files", {}).items():
-        expected = record if isinstance(record, int) else record["bytes"]
-        path = checkpoint / name
-        actual = path.stat().st_size if path.is_file() else None
-        if actual != expected:
-            found = "is missing" if actual is None else f"has {actual} bytes of the {expected} written"
-            return f"{name} {found}"
-        if isinstance(record, dict) and file_digest(path) != record["blake2b"]:
-            return f"{name} does not match the checksum it was written with"
-    return None
-
-
-def verify_checkpoint(checkpoint: Path) -> Path:
-    """Every file the checkpoint was written with is there, at its size and checksum; else a one-line error."""
-    damage = checkpoint_damage(checkpoint)
-    if damage:
-        raise LmscaleError(
-            f"checkpoint {checkpoint} is damaged: {damage}; delete {checkpoint} to resume from the "
-            "checkpoint before it, or set checkpoint.resume to another checkpoint"
-        )
-    return checkpoint
 
 
 def newest_intact(checkpoints: list[Path]) -> Path | None:
@@ -325,24 +284,9 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return verify_checkpoint(path)
 
 
-def written_by(checkpoint: Path) -> int:
-    """How many ranks wrote `checkpoint`."""
-    return int(checkpoint_meta(checkpoint)["world_size"])
-
-
 def tensor_degree(engine: Any) -> int:
     """The engine's AutoTP degree (1 without tensor parallelism; DeepSpeed says 0 then)."""
     return max(1, int(engine.autotp_size())) if hasattr(engine, "autotp_size") else 1
-
-
-def written_tensor_degree(checkpoint: Path) -> int:
-    """The tensor-parallel degree of the job that wrote `checkpoint` (1 before lmscale recorded it)."""
-    return max(1, int(checkpoint_meta(checkpoint).get("tensor", 1)))
-
-
-def written_sequence_degree(checkpoint: Path) -> int:
-    """The sequence-parallel degree of the job that wrote `checkpoint` (1 before lmscale recorded it)."""
-    return int(checkpoint_meta(checkpoint).get("sequence", 1))
 
 
 def _conversion_command(checkpoint: Path, output: Path) -> list[str]:
@@ -398,8 +342,8 @@ def needs_universal(checkpoint: Path, world_size: int, zero_stage: int, tensor: 
 
 def load_checkpoint(
     engine: Any, checkpoint: Path, seed: int, universal: bool, adapters_only: bool = False
-) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG; returns the client state.
+) -> TrainingState:
+    """Restore model, optimizer, scheduler and RNG; returns where training stood.
 
     On the rank count that wrote it, everything comes back exactly. On another rank count (elastic
     resume) ZeRO 1-3 weights and optimizer states come from the universal form (`universal`, see
@@ -424,12 +368,11 @@ def load_checkpoint(
         )
     if elastic:
         reseed(seed, client_state["step"], dist.get_rank())
-        return client_state
+        return TrainingState.from_client_state(client_state)
     set_rng_state(torch.load(checkpoint / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
     own_data = checkpoint / f"data_rank{dist.get_rank()}.json"
-    if own_data.is_file():
-        client_state["rank_data_position"] = json.loads(own_data.read_text(encoding="utf-8"))
-    return client_state
+    own = json.loads(own_data.read_text(encoding="utf-8")) if own_data.is_file() else None
+    return TrainingState.from_client_state(client_state, own)
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

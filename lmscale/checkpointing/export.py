@@ -23,13 +23,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmscale.checkpointing.checkpoint import (
-    CHECKPOINT_CONFIG,
-    complete_checkpoints,
-    ensure_universal,
-    verify_checkpoint,
-    written_tensor_degree,
-)
+from lmscale.checkpointing.checkpoint import CHECKPOINT_CONFIG, complete_checkpoints, ensure_universal
+from lmscale.checkpointing.manifest import verify_checkpoint, written_tensor_degree
 from lmscale.checkpointing.rundir import RunDir, read_labels
 from lmscale.config import Config, saved_config
 from lmscale.data.tokenizer import local_tokenizer

@@ -34,6 +34,11 @@ class RunDir:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
+    @classmethod
+    def of(cls, config: Config) -> RunDir:
+        """The run directory a config names (its output_dir)."""
+        return cls(Path(config.output_dir))
+
     @property
     def config(self) -> Path:  # the resolved lmscale config
         return self.root / "config.yaml"

@@ -79,3 +79,13 @@ def closest_key(unknown: str, known: list[str] | None = None) -> str | None:
         return matches[0]
     matches = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
     return by_leaf[matches[0]] if matches else None
+
+
+def print_config_keys() -> None:
+    """`lmscale config keys`: every key, its default and its one-line description."""
+    import json
+
+    keys = config_keys()
+    width = max(len(info.key) for info in keys)
+    for info in keys:
+        print(f"{info.key:<{width}}  {json.dumps(info.default)}  {info.description}")

@@ -35,6 +35,26 @@ IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
 TASK_COLUMNS = ("prompt_len", "label", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp")
 
 
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a streamed batch came from, so that a resume continues right after it: one DataLoader worker's
+    place in its shard."""
+
+    worker: int
+    epoch: int
+    buffer: int  # the shuffle buffer's index within the epoch
+    documents: int  # the shard's documents read before that buffer
+    batches: int  # batches emitted from that buffer, this one included
+
+    def saved(self) -> list[int]:
+        """The checkpoint's form (JSON, keyed by worker)."""
+        return [self.epoch, self.buffer, self.documents, self.batches]
+
+    @classmethod
+    def from_saved(cls, worker: int, saved: list[int]) -> StreamPosition:
+        return cls(worker, *(int(v) for v in saved))
+
+
 @dataclass
 class Batch:
     """One rank's micro-batch: the tensors the model and the loss read, and the counts the loop measures.
@@ -54,7 +74,10 @@ class Batch:
     group_targets: int | None = None
     group_lengths: torch.Tensor | None = None  # every rank's sequence lengths in the group (length warm-up)
     pairs: int = 0  # preference pairs: rows [0, pairs) are the chosen replies, [pairs, 2 pairs) the rejected
-    stream_position: list[int] | None = None  # streamed: [worker, epoch, buffer, documents, batches]
+    stream_position: StreamPosition | None = None  # streamed: where the batch came from
+    # The labels are each position's own next-token target already (a sequence-parallel slice, whose last
+    # token is predicted from the next slice), not the inputs to shift by one.
+    labels_aligned: bool = False
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
@@ -209,7 +232,7 @@ class EpochBatches(torch.utils.data.Dataset):
         if shard_count > 1:  # the counts stay the whole batch's: every rank of the group reports them
             tensors = sequence_slice(tensors, self.pad_id, shard_rank, shard_count)
             padded_tokens = tensors["input_ids"].numel() * shard_count  # with the rounding-up padding
-            targets = int((tensors["shift_labels"] != IGNORE_INDEX).sum())
+            targets = int((tensors["labels"] != IGNORE_INDEX).sum())
         return Batch(
             tensors,
             real_tokens=int(own.sum()),
@@ -220,6 +243,7 @@ class EpochBatches(torch.utils.data.Dataset):
             group_targets=int(self.plan.group_targets[group]),
             group_lengths=torch.as_tensor(np.concatenate(members) if members else np.zeros(0, np.int64)),
             pairs=pairs,
+            labels_aligned=shard_count > 1,
         )
 
 
@@ -229,7 +253,8 @@ def sequence_slice(
     """One sequence-parallel rank's share of a batch: the `rank`-th of `size` contiguous slices of every row.
 
     Rows are padded to a multiple of `size` first. The labels are shifted to next-token targets before
-    slicing (`shift_labels`), because a slice's last token is predicted from the next slice; position ids
+    slicing (a Batch of them has `labels_aligned`), because a slice's last token is predicted from the next
+    slice; position ids
     stay global (Ulysses gathers them, and rotary embeddings read them). No attention mask: Ulysses
     attends causally by position, and right padding never precedes a real token.
     """
@@ -242,7 +267,7 @@ def sequence_slice(
     full = {
         "input_ids": F.pad(input_ids, (0, extra), value=pad_id),
         "position_ids": torch.cat([positions, positions[:, -1:] + torch.arange(1, extra + 1)], dim=1),
-        "shift_labels": F.pad(next_tokens, (0, extra + 1), value=IGNORE_INDEX),
+        "labels": F.pad(next_tokens, (0, extra + 1), value=IGNORE_INDEX),
     }
     share = padded // size
     return {name: tensor[:, rank * share : (rank + 1) * share].contiguous() for name, tensor in full.items()}

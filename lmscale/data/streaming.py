@@ -23,7 +23,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from lmscale.config import DataConfig
-from lmscale.data.batches import Batch, BatchSettings, collate, ignore_stop_signals
+from lmscale.data.batches import Batch, BatchSettings, StreamPosition, collate, ignore_stop_signals
 from lmscale.data.bucketing import fixed_batches, length_buckets
 from lmscale.data.cleaning import clean_text, content_hash
 from lmscale.data.sources import (
@@ -188,7 +188,7 @@ class BufferedBuckets(torch.utils.data.IterableDataset):
 
     def __init__(self, documents: IterableDataset, tokenizer, settings: StreamSettings, pad_id: int) -> None:
         self.documents, self.tokenizer, self.settings, self.pad_id = documents, tokenizer, settings, pad_id
-        self.start: dict[int, list[int]] = {}  # worker id -> position to resume from
+        self.start: dict[int, StreamPosition] = {}  # worker id -> position to resume from
 
     def _emit(self, buffer: list[list[int]], rng: np.random.Generator) -> Iterator[Batch]:
         batch_settings = self.settings.batch
@@ -242,20 +242,23 @@ class BufferedBuckets(torch.utils.data.IterableDataset):
         if buffer:
             yield buffer, started_at
 
-    def _epoch(self, worker_id: int, epoch: int, start: list[int] | None) -> Iterator[Batch]:
-        index, skip_documents, skip_batches = (start[1], start[2], start[3]) if start else (0, 0, 0)
+    def _epoch(self, worker_id: int, epoch: int, start: StreamPosition | None) -> Iterator[Batch]:
+        index, skip_documents, skip_batches = (
+            (start.buffer, start.documents, start.batches) if start else (0, 0, 0)
+        )
         for buffer, documents_before in self._buffers(skip_documents):
             rng = np.random.default_rng([self.settings.seed, self.settings.rank, worker_id, epoch, index])
             for emitted, batch in enumerate(self._emit(buffer, rng), start=1):
                 if emitted > skip_batches:
-                    yield replace(batch, stream_position=[worker_id, epoch, index, documents_before, emitted])
+                    position = StreamPosition(worker_id, epoch, index, documents_before, emitted)
+                    yield replace(batch, stream_position=position)
             index, skip_batches = index + 1, 0
 
     def __iter__(self) -> Iterator[Batch]:
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker else 0
         start = self.start.get(worker_id)
-        epoch = start[0] if start else 0
+        epoch = start.epoch if start else 0
         while True:
             emitted = False
             for batch in self._epoch(worker_id, epoch, start):
@@ -280,7 +283,7 @@ class StreamingBatches:
     def __init__(self, documents: IterableDataset, tokenizer, settings: StreamSettings) -> None:
         self.dataset = BufferedBuckets(documents, tokenizer, settings, tokenizer.pad_token_id)
         self.num_workers = min(settings.batch.num_workers, max(1, documents.num_shards))
-        self.positions: dict[int, list[int]] = {}
+        self.positions: dict[int, StreamPosition] = {}
 
     def __iter__(self) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(
@@ -295,20 +298,23 @@ class StreamingBatches:
             pin_memory=torch.cuda.is_available(),
         )
         for batch in loader:
-            worker_id, *position = batch.stream_position
-            self.positions[int(worker_id)] = [int(v) for v in position]
+            self.positions[batch.stream_position.worker] = batch.stream_position
             yield replace(batch, stream_position=None)
 
     def state_dict(self) -> dict:
         return {
             "streaming": True,
             "num_workers": self.num_workers,
-            "positions": {str(w): p for w, p in sorted({**self.dataset.start, **self.positions}.items())},
+            "positions": {
+                str(w): p.saved() for w, p in sorted({**self.dataset.start, **self.positions}.items())
+            },
         }
 
     def load_state_dict(self, state: dict) -> bool:
         """Resume from `state`; False (the stream starts over) when it was written with other workers."""
         if state.get("num_workers") != self.num_workers or "positions" not in state:
             return False
-        self.dataset.start = {int(w): list(p) for w, p in state["positions"].items()}
+        self.dataset.start = {
+            int(w): StreamPosition.from_saved(int(w), p) for w, p in state["positions"].items()
+        }
         return True

@@ -143,3 +143,19 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str
             "with data.format=chat saves it); give the prompt as plain text instead"
         )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def generate_command(
+    target: Path, prompt: str, messages_path: Path | None, chat: bool, sampling: Sampling
+) -> str:
+    """`lmscale generate`: the prompt and its continuation, or (--chat, --messages) the assistant's reply."""
+    sampling.check()
+    messages = read_messages(messages_path) if messages_path else None
+    if chat and messages is None:
+        messages = [{"role": "user", "content": prompt}]
+    model, tokenizer = load_for_inference(target)
+    if messages is None:
+        return prompt + generate_text(model, tokenizer, prompt, sampling)
+    # The template writes any special tokens itself (a BOS among them): the tokenizer must not add more.
+    rendered = chat_prompt(tokenizer, messages)
+    return generate_text(model, tokenizer, rendered, sampling, add_special_tokens=False)

@@ -156,15 +156,14 @@ class LaunchFlags:
 def launch_job(config_path: str | None, overrides: list[str], flags: LaunchFlags) -> int:
     """Check everything that can be checked before ranks start, once, then run the `deepspeed` launcher."""
     from lmscale.parallel.engine import free_port, has_gpu
-    from lmscale.training.preflight import launch_problems, resolve_run_config
-    from lmscale.training.run_start import check_start
+    from lmscale.runs.preflight import launch_problems
+    from lmscale.runs.run import open_run
 
     node, world_size = launch_topology(flags)
-    config, _ = resolve_run_config(config_path, overrides, world_size, has_gpu())
-    problems = launch_problems(config, world_size)
+    run = open_run(config_path, overrides, world_size, has_gpu(), force=flags.force)
+    problems = launch_problems(run.config, run.layout)
     if problems:
         raise ConfigError("; ".join(problems))
-    check_start(config, flags.force)
     if flags.master_port is not None and (node is None or node.node_rank == 0):
         check_port_free(flags.master_port)
     port = flags.master_port or free_port()

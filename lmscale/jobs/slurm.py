@@ -105,17 +105,16 @@ def _tool(name: str) -> str:
 def submit_job(job: SlurmJob, dry_run: bool = False) -> str:
     """Check the job and its config (for its rank count and device) and the run directory, render the sbatch
     script and submit it; returns what to print (the script itself for a dry run, which writes nothing)."""
-    from lmscale.training.preflight import resolve_run_config
-    from lmscale.training.run_start import check_start
+    from lmscale.runs.run import StartChecks, open_run
 
     job.check()
     world_size = job.nodes * job.ranks_per_node
-    config = resolve_run_config(job.config_path, job.overrides, world_size, has_gpu=not job.cpu)[0]
-    job.run_dir = Path(config.output_dir).resolve()
+    checks = StartChecks.NONE if dry_run else StartChecks.FULL  # a dry run writes nothing
+    run = open_run(job.config_path, job.overrides, world_size, has_gpu=not job.cpu, checks=checks)
+    job.run_dir = run.dir.root.resolve()
     script = render(job)
     if dry_run:
         return script
-    check_start(config, force=False)
     job_id = submit(job, script)
     return f"submitted job {job_id}: log {job.run_dir / 'slurm' / (job_id + '.out')}; lmscale slurm status {job.run_dir}\n"
 

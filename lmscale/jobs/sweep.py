@@ -93,8 +93,18 @@ def load_spec(path: Path) -> SweepSpec:
     unknown = sorted(set(spec.space) - set(flatten(Config().model_dump())))
     if unknown:
         raise ConfigError(f"sweep spec {path}: space names unknown config keys {', '.join(unknown)}")
-    load_config(spec.base, overrides_for(spec, sample_of(spec)))  # base + overrides + a sample must validate
+    check_trial_config(spec)
     return spec
+
+
+def check_trial_config(spec: SweepSpec) -> None:
+    """A trial's run (base + overrides + a sample) must open as `lmscale train` would open it: valid, its
+    model and packages there. Its directory is not checked: trials resume or start in their own."""
+    from lmscale.parallel.engine import has_gpu
+    from lmscale.runs.run import StartChecks, open_run
+
+    overrides = overrides_for(spec, sample_of(spec))
+    open_run(spec.base, overrides, world_size=1, has_gpu=has_gpu(), checks=StartChecks.NONE)
 
 
 def sample_of(spec: SweepSpec) -> dict[str, Any]:

@@ -76,9 +76,8 @@ def summed_loss(
 
 def model_outputs(engine: Any, batch: Batch) -> tuple[Any, torch.Tensor]:
     """(the model's outputs, labels) of one batch, on the engine's device; for a sequence-parallel slice the
-    labels are `shift_labels`, each position's own next-token target."""
-    labels = batch["shift_labels"] if "shift_labels" in batch else batch["labels"]
-    return engine(**model_inputs(engine, batch)), labels.to(engine.device, non_blocking=True)
+    labels are already each position's own next-token target (`Batch.labels_aligned`)."""
+    return engine(**model_inputs(engine, batch)), batch["labels"].to(engine.device, non_blocking=True)
 
 
 def model_inputs(engine: Any, batch: Batch) -> dict[str, torch.Tensor]:
@@ -90,10 +89,8 @@ def fused_model_loss(engine: Any, batch: Batch) -> tuple[Any, torch.Tensor]:
     """(the model's outputs, the summed next-token loss) of one batch through the fused output layer
     (lmscale.objectives.fused_head): the logits never exist whole."""
     inputs = model_inputs(engine, batch)
-    if "shift_labels" in batch:  # a sequence-parallel slice: targets already aligned with the positions
-        targets = batch["shift_labels"]
-    else:
-        targets = next_token_targets(batch["labels"])
+    # A sequence-parallel slice's targets are aligned with its positions already.
+    targets = batch["labels"] if batch.labels_aligned else next_token_targets(batch["labels"])
     with loss_targets(engine.module, targets.to(engine.device, non_blocking=True)):
         outputs = engine(**inputs)
     return outputs, summed_fused_loss(outputs)
@@ -150,7 +147,7 @@ def cross_entropy_objective(
     (`router_aux_loss`), and with `router_loss` added to the objective as HF adds it."""
 
     def objective(engine: Any, batch: Batch) -> LossParts:
-        next_tokens = "shift_labels" in batch or batch["labels"].dim() == 2
+        next_tokens = batch.labels_aligned or batch["labels"].dim() == 2
         if chunked and next_tokens and has_fused_head(engine.module):
             outputs, summed = fused_model_loss(engine, batch)
             parts = LossParts(summed, batch.local_targets)
@@ -158,7 +155,7 @@ def cross_entropy_objective(
             return parts
         outputs, labels = model_outputs(engine, batch)
         logits, sums = outputs.logits, {}
-        if "shift_labels" in batch:  # a sequence-parallel slice: targets already aligned with the logits
+        if batch.labels_aligned:  # a sequence-parallel slice: targets already aligned with the logits
             summed = aligned_token_loss(logits, labels, label_smoothing, chunked)
         else:
             summed = summed_loss(logits, labels, label_smoothing, chunked)

@@ -4,11 +4,8 @@ data position, and the loop's save hook that writes the next one."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from lmscale.checkpointing.checkpoint import (
     ensure_universal,
@@ -17,16 +14,15 @@ from lmscale.checkpointing.checkpoint import (
     mark_best,
     needs_universal,
     save_checkpoint,
-    written_by,
-    written_sequence_degree,
-    written_tensor_degree,
 )
+from lmscale.checkpointing.manifest import written_by, written_sequence_degree, written_tensor_degree
 from lmscale.checkpointing.rundir import truncate_metrics
-from lmscale.config import Config
+from lmscale.checkpointing.training_state import TrainingState
 from lmscale.errors import LmscaleError
 from lmscale.model.finetune import Unfreezing
 from lmscale.parallel.layout import Layout
-from lmscale.training.loop import LoopStart
+from lmscale.runs.run import Run
+from lmscale.training.loop import LoopStart, SaveHook, SavePoint
 
 log = logging.getLogger("lmscale")
 
@@ -45,10 +41,11 @@ class Resume:
         return merged
 
 
-def plan_resume(config: Config, force: bool, world_size: int) -> Resume:
+def plan_resume(run: Run) -> Resume:
     """The checkpoint to resume from; one written by another rank count is converted first (before
     the process group exists, so a long conversion cannot time out a collective)."""
-    checkpoint = None if force else find_resume_checkpoint(Path(config.output_dir), config.checkpoint.resume)
+    config, world_size = run.config, run.world_size
+    checkpoint = None if run.force else find_resume_checkpoint(run.dir.root, config.checkpoint.resume)
     if checkpoint is not None:
         check_sequence_layout(checkpoint, config.parallel.sequence, world_size)
     tensor = config.parallel.tensor
@@ -72,37 +69,23 @@ def check_sequence_layout(checkpoint: Path, sequence: int, world_size: int) -> N
     )
 
 
-def resume_point(
-    engine, train_stream, output_dir: Path, resume: Resume, is_rank_zero: bool, config: Config
-) -> LoopStart:
+def resume_point(engine, train_stream, run: Run, resume: Resume) -> LoopStart:
     """Load the checkpoint to resume from (if any) and return where the loop starts."""
     checkpoint = resume.checkpoint
     if checkpoint is None:
         return LoopStart()
-    adapters_only = config.finetune.lora is not None
-    state = load_checkpoint(engine, checkpoint, config.seed, resume.universal, adapters_only)
-    streamed = bool(state["data_position"].get("streaming"))
-    # Planned batches share one position (rank 0's); streamed shards each saved their own.
-    position = state.get("rank_data_position", {}) if streamed else state["data_position"]
-    if not train_stream.load_state_dict(position):
+    adapters_only = run.config.finetune.lora is not None
+    state = load_checkpoint(engine, checkpoint, run.config.seed, resume.universal, adapters_only)
+    if not train_stream.load_state_dict(state.own_data_position()):
         log.warning(
             "resume: the streamed corpus starts over (the checkpoint was written with another rank count or "
             "data.num_workers, so its stream positions do not apply)"
         )
-    if is_rank_zero:
-        truncate_metrics(output_dir, state["step"])
-    log.info("resume: continuing from %s (step %d)", checkpoint, state["step"])
-    if is_rank_zero:
-        describe_layout_change(
-            checkpoint,
-            Layout(torch.distributed.get_world_size(), config.parallel.tensor, config.parallel.sequence),
-            streamed,
-        )
-    return LoopStart(
-        step=state["step"],
-        tokens_seen=state["tokens_seen"],
-        best_eval_loss=state.get("best_eval_loss", math.inf),
-    )
+    log.info("resume: continuing from %s (step %d)", checkpoint, state.step)
+    if run.is_rank_zero:
+        truncate_metrics(run.dir.root, state.step)
+        describe_layout_change(checkpoint, run.layout, state.streamed)
+    return LoopStart(state.step, state.tokens_seen, state.best_eval_loss)
 
 
 def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool) -> None:
@@ -130,26 +113,31 @@ def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool) -> Non
         )
 
 
-def checkpoint_saver(
-    engine, train_stream, output_dir: Path, config: Config, is_rank_zero: bool, unfreezing: Unfreezing
-):
+def checkpoint_saver(engine, train_stream, run: Run, unfreezing: Unfreezing) -> SaveHook:
     """The loop's save hook: an atomic checkpoint with the data position and the best eval loss so far."""
+    config = run.config
 
-    def save(step: int, tokens_seen: int, best_eval_loss: float, is_best: bool) -> Path:
-        state = {
-            "tokens_seen": tokens_seen,
-            "data_position": train_stream.state_dict(),
-            "best_eval_loss": best_eval_loss,
-        }
-        own = train_stream.state_dict() if config.data.streaming else None  # streamed shards differ per rank
+    def save(point: SavePoint) -> Path:
+        position = train_stream.state_dict()
+        state = TrainingState(
+            point.step,
+            point.tokens_seen,
+            position,
+            point.best_eval_loss,
+            rank_data_position=position if config.data.streaming else None,  # streamed shards differ per rank
+        )
         adapters_only = config.finetune.lora is not None
         with unfreezing.everything_trainable():  # a layer not yet unfrozen is still part of the checkpoint
             path = save_checkpoint(
-                engine, output_dir, step, state, config.checkpoint.keep_last, own, adapters_only,
-                sequence=config.parallel.sequence,
-            )  # fmt: skip
-        if is_best and is_rank_zero:
-            mark_best(output_dir, step)
+                engine,
+                run.dir.root,
+                state,
+                config.checkpoint.keep_last,
+                adapters_only,
+                config.parallel.sequence,
+            )
+        if point.is_best and run.is_rank_zero:
+            mark_best(run.dir.root, point.step)
         return path
 
     return save

@@ -14,6 +14,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lmscale.errors import LmscaleError
+
 if TYPE_CHECKING:  # the config imports this module for the schedule names: no import back at run time
     import torch
 
@@ -158,3 +160,22 @@ def plot_curve(curve: list[float], name: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def schedule_command(config: Config, plot: Path | None) -> None:
+    """`lmscale schedule`: the LR at a few marked steps of the whole run, and optionally its plot."""
+    if config.train.max_steps is None:
+        raise LmscaleError(
+            "lmscale schedule needs train.max_steps: train.max_tokens and train.epochs become steps only when "
+            "a run plans its data (its 'lmscale: batch:' line says how many); pass train.max_steps=N"
+        )
+    curve = lr_curve(config)
+    warmup = config.schedule.warmup_for(len(curve))
+    last = len(curve) - 1
+    marks = sorted({0, warmup, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, last})
+    print(f"{config.schedule.name} schedule, {len(curve)} steps, warm-up {warmup}:")
+    for step in marks:
+        print(f"  step {step + 1:>8}: lr {curve[step]:.3e}")
+    if plot is not None:
+        plot_curve(curve, config.schedule.name, plot)
+        print(plot)

@@ -13,11 +13,14 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmscale.config import Config
 from lmscale.data.sources import hub_offline
 from lmscale.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmscale.parallel.layout import Layout
 
 # `org/name` as the Hub spells a repository id; a local path that exists always wins.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -143,16 +146,24 @@ def harness_problems(config: Config) -> list[str]:
 
 
 def preflight(config: Config) -> Config:
-    """Resolve Hub ids to local snapshots (in place) and check everything above; every problem in one error."""
-    if config.model.path:
-        config.model.path = resolve_hub_model(config.model.path, "model.path")
-    if config.data.tokenizer:
-        config.data.tokenizer = resolve_hub_model(config.data.tokenizer, "data.tokenizer")
+    """The config with Hub ids resolved to local snapshots (a new config; the validated one is left as it
+    was), after checking everything above; every problem in one error."""
+    config = with_local_hub_paths(config)
     problems = model_problems(config) + package_problems(config) + wandb_problems(config)
     problems += harness_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def with_local_hub_paths(config: Config) -> Config:
+    """model.path and data.tokenizer as local directories (Hub ids become their cached snapshots)."""
+    model, data = config.model, config.data
+    if model.path:
+        model = model.model_copy(update={"path": resolve_hub_model(model.path, "model.path")})
+    if data.tokenizer:
+        data = data.model_copy(update={"tokenizer": resolve_hub_model(data.tokenizer, "data.tokenizer")})
+    return config.model_copy(update={"model": model, "data": data})
 
 
 def data_path_problems(config: Config) -> list[str]:
@@ -168,11 +179,10 @@ def data_path_problems(config: Config) -> list[str]:
     return [problem for key, path in paths if path and (problem := missing_source_problem(path, key))]
 
 
-def layout_problems(config: Config, world_size: int) -> list[str]:
+def layout_problems(config: Config, layout: Layout) -> list[str]:
     """What the model's config rules out of the tensor/sequence layout (the ranks check the built model too)."""
-    from lmscale.parallel.layout import Layout, config_split_problems
+    from lmscale.parallel.layout import config_split_problems
 
-    layout = Layout(world_size, config.parallel.tensor, config.parallel.sequence)
     if layout.group == 1:
         return []
     return config_split_problems(hf_model_config(config), layout)
@@ -189,6 +199,6 @@ def hf_model_config(config: Config) -> Any:
     return AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
 
 
-def launch_problems(config: Config, world_size: int) -> list[str]:
+def launch_problems(config: Config, layout: Layout) -> list[str]:
     """What the launcher checks once, before any rank starts, beyond what every command checks."""
-    return data_path_problems(config) + layout_problems(config, world_size)
+    return data_path_problems(config) + layout_problems(config, layout)
