@@ -1,0 +1,1 @@
+"""A run, resolved once: its config checked and completed, its DeepSpeed config, its ranks and directory."""
