@@ -110,20 +110,23 @@ class ModelForward:
 
 
 @torch.no_grad()
-def preference_scores(
-    model, pairs, config: Config, target: Path, pad_id: int, max_batches: int | None
+def objective_scores(
+    model, examples, config: Config, target: Path, pad_id: int, max_batches: int | None
 ) -> dict[str, float]:
-    """A DPO run's held-out figures, as training logs them: the DPO loss, preference accuracy and rewards
-    against the reference log-probabilities the run computed (kept in the run dir and in its exports)."""
-    from lmscale.objectives.dpo import dpo_objective, load_reference, with_reference
+    """The held-out figures of a method with its own objective (DPO), as training logs them: its loss and
+    figures, against the reference log-probabilities the run computed where it needs them (kept in the
+    run dir and in its exports)."""
+    method = method_for(config.finetune)
+    if method.needs_reference:
+        from lmscale.objectives.dpo import load_reference, with_reference
 
-    reference = load_reference(RunDir(target).reference_logps)["eval"]
-    stream = scoring_stream(with_reference(pairs, reference, "held-out"), config, pad_id)
-    batches = stream.loader(0, 0, max_batches)
-    loss_sum, count, sums = objective_totals(ModelForward(model), batches, dpo_objective(config.finetune.dpo))
+        reference = load_reference(RunDir(target).reference_logps)["eval"]
+        examples = with_reference(examples, reference, "held-out")
+    batches = scoring_stream(examples, config, pad_id).loader(0, 0, max_batches)
+    loss_sum, count, sums = objective_totals(ModelForward(model), batches, method.objective(config))
     scores = {"eval_loss": float(loss_sum) / count}
     scores |= {f"eval_{name}": float(value) / count for name, value in sums.items()}
-    return scores | {"eval_pairs": count}
+    return scores | {f"eval_{method.target_unit}": count}
 
 
 def read_tasks(path: Path) -> list[dict[str, str]]:
@@ -222,8 +225,8 @@ def evaluate_target(
         )
     model, tokenizer = load_for_inference(target)
     sequences = prepare_held_out(config.data, tokenizer, config.finetune.task, read_labels_of(target))
-    if method.needs_reference:
-        scores = preference_scores(model, sequences, config, target, tokenizer.pad_token_id, max_batches)
+    if method.objective is not None:
+        scores = objective_scores(model, sequences, config, target, tokenizer.pad_token_id, max_batches)
     else:
         scores = held_out_scores(model, sequences, config, tokenizer.pad_token_id, max_batches)
     if tasks is not None:

@@ -45,6 +45,8 @@ class Method:
     accuracy_metric: str | None = None  # the held-out share it logs (as eval_<metric>) and closes with
     accuracy_label: str = "accuracy"  # that share in words
     perplexity: bool = True  # exp(loss) means something: the loss is a token cross-entropy
+    class_head: bool = False  # the model predicts one class per sequence (a classification head)
+    target_unit: str = "tokens"  # what its loss is a mean over (lmscale eval counts them: eval_<unit>)
     needs_reference: bool = False  # the starting model scores the data once, before training
     dropout_off: bool = False  # the objective compares runs of the model, so dropout noise would bias it
     whole_records: bool = False  # even on data.format=text: no packing, streaming or length warm-up

@@ -16,6 +16,8 @@ CLASSIFICATION = Method(
     ),
     accuracy_metric="accuracy",
     perplexity=False,
+    class_head=True,
+    target_unit="documents",
     whole_records=True,  # each document is one row with one label
     tensor_parallel=False,  # AutoTP splits a language model's output layer, not a class head
     sequence_parallel=False,

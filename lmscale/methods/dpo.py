@@ -66,6 +66,7 @@ DPO = Method(
     accuracy_metric="pref_accuracy",
     accuracy_label="preference accuracy",
     perplexity=False,
+    target_unit="pairs",
     needs_reference=True,
     # The policy's log-probabilities are compared with the reference's, computed without dropout: dropout
     # noise in the policy would bias that ratio, so (as TRL does) it is off unless model.*_dropout says so.

@@ -114,48 +114,63 @@ def build_model(
     """Build the model (fresh weights from the preset, or pretrained from `options.path`): a causal LM,
     or a sequence classifier over `labels`; with LoRA adapters when `finetune.lora` is set."""
     finetune = finetune or FinetuneConfig()
+    method = method_for(finetune)
     torch.manual_seed(seed)
     check_attention(options.attn_implementation)
-    vocab_size = len(tokenizer)
-    classify = finetune.task == "classification"
-    dropout_off = method_for(finetune).dropout_off  # unless model.*_dropout says otherwise
-    auto_class = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    auto_class = AutoModelForSequenceClassification if method.class_head else AutoModelForCausalLM
+    config = model_config(options, tokenizer, max_seq_len)
+    apply_model_options(config, options, method.dropout_off)  # dropout: unless model.*_dropout says otherwise
+    if method.class_head:
+        set_labels(config, labels, tokenizer.pad_token_id)
     if options.path:
-        # Absolute, because exports record it (a LoRA adapter names its base model by this path).
-        path = str(Path(options.path).expanduser().resolve())
-        check_model_path(path)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
-        if config.vocab_size < vocab_size:
-            raise ConfigError(
-                f"model.path={path} has vocab_size {config.vocab_size} but the tokenizer has {vocab_size}: "
-                "use the model's own tokenizer (data.tokenizer=<model dir>)"
-            )
-        apply_model_options(config, options, dropout_off)
-        if classify:
-            set_labels(config, labels, tokenizer.pad_token_id)
         model = auto_class.from_pretrained(
-            path,
+            local_model_path(options),
             config=config,
             dtype=torch.float32,
             attn_implementation=options.attn_implementation,
             trust_remote_code=options.trust_remote_code,
         )
     else:
-        config = preset_config(
-            options.preset, vocab_size, max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
-        )
-        apply_model_options(config, options, dropout_off)
-        if classify:
-            set_labels(config, labels, tokenizer.pad_token_id)
         model = auto_class.from_config(
             config, dtype=torch.float32, attn_implementation=options.attn_implementation
         )
+    prepare_for_training(model, options)
+    if finetune.lora is not None:
+        model = apply_lora(model, finetune.lora, method.class_head)
+    return model
+
+
+def local_model_path(options: ModelConfig) -> str:
+    """model.path, absolute, because exports record it (a LoRA adapter names its base model by this path)."""
+    return str(Path(options.path).expanduser().resolve())
+
+
+def model_config(
+    options: ModelConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> PretrainedConfig:
+    """The HF config to build: model.path's (checked against the tokenizer), or the preset's."""
+    vocab_size = len(tokenizer)
+    if not options.path:
+        return preset_config(
+            options.preset, vocab_size, max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+    path = local_model_path(options)
+    check_model_path(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+    if config.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.path={path} has vocab_size {config.vocab_size} but the tokenizer has {vocab_size}: "
+            "use the model's own tokenizer (data.tokenizer=<model dir>)"
+        )
+    return config
+
+
+def prepare_for_training(model: torch.nn.Module, options: ModelConfig) -> None:
+    """No KV cache, fused activations and activation checkpointing as model.* asks."""
     # Training never decodes: no KV cache (it costs memory, and HF ignores packed position ids when one exists).
     model.config.use_cache = False
     if options.fused_kernels:
-        from lmscale.model.kernels import (
-            fuse_activations,  # here: transformers.activations costs ~0.6 s to import
-        )
+        from lmscale.model.kernels import fuse_activations  # here: transformers.activations takes ~0.6 s
 
         fuse_activations(model)
     if options.activation_checkpointing:
@@ -164,9 +179,6 @@ def build_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if finetune.lora is not None:
-        model = apply_lora(model, finetune.lora, finetune.task)
-    return model
 
 
 def context_length(config: PretrainedConfig) -> int | None:

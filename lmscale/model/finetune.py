@@ -26,12 +26,12 @@ from lmscale.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraConfig, task: str) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, class_head: bool = False) -> torch.nn.Module:
     """Wrap the model in peft LoRA adapters: only the adapters (and a classification head) train."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
 
-    task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+    task_type = TaskType.SEQ_CLS if class_head else TaskType.CAUSAL_LM
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -150,7 +150,7 @@ def config_split_problems(model_config: Any, layout: Layout) -> list[str]:
 
 
 # Families whose attention was seen to break under Ulysses here (GPT-2 folds the heads back with its own
-# shapes); Llama and Mistral are tested (tests/test_parallel_runs.py).
+# shapes); Llama and Mistral are tested (tests/parallel/test_parallel_runs.py).
 ULYSSES_UNFIT = ("gpt2",)
 
 

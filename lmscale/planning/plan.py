@@ -106,7 +106,7 @@ def count_model_facts(config: Config, vocab: int) -> ModelFacts:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
         if config.finetune.lora is not None:
-            model = apply_lora(model, config.finetune.lora, "causal_lm")
+            model = apply_lora(model, config.finetune.lora)
     return facts_of(model)
 
 

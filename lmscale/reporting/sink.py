@@ -66,10 +66,10 @@ class MetricsSink:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors it to W&B and the bar."""
 
     def __init__(
-        self, config: Config, output_dir: Path, total_steps: int, enabled: bool, initial_step: int = 0
+        self, config: Config, run_dir: RunDir, total_steps: int, enabled: bool, initial_step: int = 0
     ) -> None:
         self.enabled = enabled
-        self.path = RunDir(output_dir).metrics
+        self.path = run_dir.metrics
         self.wandb_run = None
         self.tensorboard = None
         self.bar = None
@@ -78,11 +78,11 @@ class MetricsSink:
         if not enabled:
             return
         if config.wandb.mode != "disabled":
-            self.wandb_run = _start_wandb(config, output_dir)
+            self.wandb_run = _start_wandb(config, run_dir)
         if config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(RunDir(output_dir).tensorboard))
+            self.tensorboard = SummaryWriter(str(run_dir.tensorboard))
         self.progress = ProgressLines(total_steps, initial_step)
         if sys.stderr.isatty():  # off a terminal (SLURM's %j.out, CI, | tee) a redrawn bar is noise
             self.bar = tqdm(
@@ -272,9 +272,9 @@ def wandb_summary(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def wandb_run_id(output_dir: Path) -> str:
+def wandb_run_id(run_dir: RunDir) -> str:
     """The run's W&B id, kept in the run dir so a resumed run continues the same W&B run."""
-    path = RunDir(output_dir).wandb_run_id
+    path = run_dir.wandb_run_id
     if path.is_file():
         return path.read_text(encoding="utf-8").strip()
     run_id = secrets.token_hex(8)
@@ -282,16 +282,16 @@ def wandb_run_id(output_dir: Path) -> str:
     return run_id
 
 
-def _start_wandb(config: Config, output_dir: Path) -> Any:
+def _start_wandb(config: Config, run_dir: RunDir) -> Any:
     import wandb
 
     run = wandb.init(
         project=config.wandb.project,
-        name=config.wandb.name or output_dir.name,
+        name=config.wandb.name or run_dir.root.name,
         group=config.wandb.group,
         mode=config.wandb.mode,
-        dir=str(output_dir),
-        id=wandb_run_id(output_dir),
+        dir=str(run_dir.root),
+        id=wandb_run_id(run_dir),
         resume="allow",
         config=config.model_dump(mode="json"),
         settings=wandb.Settings(quiet=True),

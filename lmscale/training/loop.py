@@ -128,7 +128,7 @@ def gradient_divisor(layout: Layout, zero_stage: int) -> int:
     """The ranks DeepSpeed (0.19) divides summed gradients by: the data-parallel ones; every rank of each
     sequence group too under ZeRO-3, and with tensor parallelism (whose mesh DeepSpeed is told of instead
     of the sequence groups: lmscale.parallel.ulysses); ZeRO 0-2 with sequence parallelism alone sum a
-    group's slices and divide by the data-parallel ranks only. Pinned by tests/test_parallel_runs.py,
+    group's slices and divide by the data-parallel ranks only. Pinned by tests/parallel/test_parallel_runs.py,
     which compares each layout's losses with one process."""
     if zero_stage == 3 or layout.tensor > 1:
         return layout.data * layout.sequence

@@ -180,15 +180,15 @@ def training_engine(run: Run, model: torch.nn.Module):
     mpu = register_ulysses(model, run.layout) if run.layout.sequence > 1 else None
     engine = ds_engine.build_engine(model, optimizer, scheduler, run.ds_config, mpu)
     if config.train.chunked_loss:
-        set_up_chunked_loss(engine.module, config.finetune.task)
+        set_up_chunked_loss(engine.module, method_for(config.finetune).class_head)
     if config.model.compile:
         compile_model(engine)
     return engine, unfreezing
 
 
-def set_up_chunked_loss(model: torch.nn.Module, task: str) -> None:
+def set_up_chunked_loss(model: torch.nn.Module, class_head: bool) -> None:
     """Fuse the output layer into the loss where the family allows it, else the blockwise loss; says which."""
-    problem = "classification heads are small" if task == "classification" else fused_head_problem(model)
+    problem = "classification heads are small" if class_head else fused_head_problem(model)
     if problem is None:
         install_fused_head(model)
         log.info("chunked loss: output layer fused into the loss (the logits never exist whole)")
@@ -229,7 +229,7 @@ def train_and_finish(
     stop.install()
     hooks = loop_hooks(run, engine, streams.train, unfreezing, watchdog, tokenizer, stop)
     sink = MetricsSink(
-        config, run.dir.root, config.train.max_steps, enabled=run.is_rank_zero, initial_step=start.step
+        config, run.dir, config.train.max_steps, enabled=run.is_rank_zero, initial_step=start.step
     )
     result = train(engine, streams, run, sink, hooks, start)
     if config.model.compile:

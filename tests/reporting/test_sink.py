@@ -11,7 +11,7 @@ from lmscale.reporting.sink import MetricsSink, wandb_run_id, wandb_summary
 def a_sink(tmp_path, enabled=True, initial_step=0):
     config = Config(output_dir=str(tmp_path)).model_copy(deep=True)
     config.wandb.mode = "disabled"
-    return MetricsSink(config, tmp_path, total_steps=10, enabled=enabled, initial_step=initial_step)
+    return MetricsSink(config, RunDir(tmp_path), total_steps=10, enabled=enabled, initial_step=initial_step)
 
 
 def test_each_logged_step_is_one_json_line_and_a_plain_progress_line(tmp_path, capsys):
@@ -56,8 +56,8 @@ def test_ranks_other_than_zero_write_and_say_nothing(tmp_path, capsys):
 
 
 def test_a_resumed_run_keeps_its_wandb_id_and_counts_eta_from_where_it_resumed(tmp_path, capsys):
-    first = wandb_run_id(tmp_path)
-    assert wandb_run_id(tmp_path) == first and len(first) == 16  # the same W&B run continues
+    first = wandb_run_id(RunDir(tmp_path))
+    assert wandb_run_id(RunDir(tmp_path)) == first and len(first) == 16  # the same W&B run continues
     sink = a_sink(tmp_path, initial_step=8)
     assert sink.progress.eta_s(8) is None  # nothing done since the resume: no guess
     sink.log(9, {"loss": 1.0})

@@ -8,7 +8,7 @@ from lmscale.config import load_config
 from lmscale.errors import ConfigError
 from lmscale.parallel.ds_config import deepspeed_config, resolve
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 

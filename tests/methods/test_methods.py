@@ -9,7 +9,7 @@ import pytest
 from lmscale.config import build_config
 from lmscale.methods import CLASSIFICATION, DPO, METHODS, SFT, method_for, method_of_saved
 
-LMSCALE = Path(__file__).resolve().parent.parent / "lmscale"
+LMSCALE = Path(__file__).resolve().parents[2] / "lmscale"
 
 
 @pytest.mark.parametrize(

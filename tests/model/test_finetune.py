@@ -279,7 +279,7 @@ def test_classification_batches_carry_one_label_per_row(tmp_path):
 
 
 def test_lora_leaves_only_the_adapters_trainable():
-    model = apply_lora(gpt2(), LoraConfig(r=4), "causal_lm")
+    model = apply_lora(gpt2(), LoraConfig(r=4))
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
@@ -288,7 +288,7 @@ def test_lora_leaves_only_the_adapters_trainable():
 
 def test_lora_target_modules_that_do_not_exist_name_the_real_ones():
     with pytest.raises(ConfigError, match=r"finetune.lora.target_modules=\['q_proj'\].*c_attn"):
-        apply_lora(gpt2(), LoraConfig(target_modules=["q_proj"]), "causal_lm")
+        apply_lora(gpt2(), LoraConfig(target_modules=["q_proj"]))
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ SHORT = [
 ]
 
 # lr per optimizer: Lion and SGD want other scales than the Adam family. Plain AdamW under ZeRO-2 is
-# tests/test_train.py's run through the deepspeed launcher already.
+# tests/training/test_train.py's run through the deepspeed launcher already.
 CASES = {
     "adafactor": "optim.name=adafactor optim.lr=3e-3",
     "lion": "optim.name=lion optim.lr=3e-4",

@@ -71,7 +71,7 @@ def test_lora_keeps_states_for_the_adapters_only():
     from lmscale.model.finetune import apply_lora
 
     with torch.device("meta"):
-        model = apply_lora(AutoModelForCausalLM.from_config(GPT2Config()), LoraConfig(r=8), "causal_lm")
+        model = apply_lora(AutoModelForCausalLM.from_config(GPT2Config()), LoraConfig(r=8))
     facts = facts_of(model)
     adapters = 12 * 8 * (768 + 3 * 768)  # r x (in + out) for each layer's c_attn (768 -> 2304)
     assert (facts.trainable_params, facts.frozen_params) == (adapters, GPT2_124M)

@@ -6,7 +6,7 @@ import yaml
 from lmscale.config import Config, apply_overrides, build_config, config_to_yaml, load_config
 from lmscale.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_cpu_recipe_equals_builtin_defaults():
