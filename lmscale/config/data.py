@@ -36,8 +36,9 @@ class DataConfig(Section):
     )
     format: Literal["text", "prompt_completion", "chat", "preference"] = Field(
         "text",
-        description="text: documents; prompt_completion / chat: instruction records whose loss covers "
-        "only the completion (the prompt is masked); preference: prompt/chosen/rejected pairs (DPO).",
+        description="text: documents; prompt_completion: instruction records whose loss covers only the "
+        "completion; chat: conversations whose loss covers the assistant's messages (data.chat_loss); "
+        "preference: prompt/chosen/rejected pairs (DPO).",
     )
     prompt_field: str = Field("prompt", description="prompt_completion: field holding the prompt.")
     completion_field: str = Field(
@@ -49,8 +50,15 @@ class DataConfig(Section):
     rejected_field: str = Field(
         "rejected", description="preference: field holding the dispreferred reply (text, or a message list)."
     )
-    messages_field: str = Field(
-        "messages", description="chat: field holding the [{role, content}] list; the last one is the target."
+    messages_field: str = Field("messages", description="chat: field holding the [{role, content}] list.")
+    chat_loss: Literal["all", "last"] = Field(
+        "all",
+        description="chat: which assistant messages are targets: all (each with its end-of-turn token), or the "
+        "last only; system, user and tool messages never are.",
+    )
+    train_field: str = Field(
+        "train",
+        description="chat: a message with this field false is not a target (e.g. a bad earlier reply).",
     )
     label_field: str = Field(
         "label", description="finetune.task=classification: field holding each document's class."

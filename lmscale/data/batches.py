@@ -32,7 +32,7 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
 # per-sequence columns of fine-tuning data (lmscale.data.tasks, lmscale.data.preferences, lmscale.objectives.dpo)
-TASK_COLUMNS = ("prompt_len", "label", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp")
+TASK_COLUMNS = ("prompt_len", "target_spans", "label", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp")
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,13 @@ def collate(
     pad_to: int | None = None,
     prompt_lens: list[int] | None = None,
     classes: list[int] | None = None,
+    target_spans: list[list[list[int]]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pad sequences to the longest (or to `pad_to`); labels are the inputs with padding ignored.
 
-    `prompt_lens` masks each row's first tokens out of the labels (instruction data: only the completion
-    is a target); `classes` makes the labels one class id per row instead (sequence classification).
+    `prompt_lens` masks each row's first tokens out of the labels (preference pairs: only the replies are
+    targets), `target_spans` keeps only each row's [start, end) spans (instruction and chat data); `classes`
+    makes the labels one class id per row instead (sequence classification).
     An empty `rows` (a filler batch) becomes one padding row with no targets, so the rank still runs
     a forward pass in step with the others but adds nothing to the loss.
     """
@@ -120,12 +122,24 @@ def collate(
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     for row, prompt_len in enumerate(prompt_lens or []):
         labels[row, :prompt_len] = IGNORE_INDEX
+    if target_spans is not None:
+        labels = only_spans(labels, target_spans)
     if classes is not None:
         labels = torch.full((input_ids.size(0),), IGNORE_INDEX, dtype=torch.long)
         labels[: len(classes)] = torch.as_tensor(classes, dtype=torch.long)
     if not rows:
         attention_mask[0, 0] = 1  # an all-masked row would give NaN attention; its label stays ignored
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def only_spans(labels: torch.Tensor, spans: list[list[list[int]]]) -> torch.Tensor:
+    """The labels with every position outside its row's [start, end) target spans ignored (instruction and
+    chat data: the completion, or each assistant message, is the target)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    for row, row_spans in enumerate(spans):
+        for start, end in row_spans:
+            keep[row, start:end] = True
+    return labels.masked_fill(~keep, IGNORE_INDEX)
 
 
 def collate_pairs(records: dict, pad_id: int) -> dict[str, torch.Tensor]:
@@ -206,6 +220,7 @@ class EpochBatches(torch.utils.data.Dataset):
             self.pad_to,
             prompt_lens=records.get("prompt_len"),
             classes=records.get("label"),
+            target_spans=records.get("target_spans"),
         )
 
     def _own_lengths(self, row_ids: list[int], tensors: dict) -> np.ndarray:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from lmscale.data.tasks import chat_problem, chat_prompt_and_completion, instruction_sequence, missing_field
+from lmscale.data.chat import chat_problem
+from lmscale.data.tasks import chat_prompt_and_completion, instruction_sequence, missing_field
 
 EMPTY_PAIR = {"input_ids": [], "rejected_ids": [], "prompt_len": 0, "length": 0, "tokens": 0, "targets": 0}
 

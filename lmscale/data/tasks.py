@@ -17,6 +17,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lmscale.config import DataConfig
+from lmscale.data.chat import MISSING, ChatLoss, chat_problem, chat_sequence
 from lmscale.data.sources import (
     existing_source,
     is_hub_dataset,
@@ -31,7 +32,7 @@ from lmscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TASKS_VERSION = "1"  # bump when the tokenization below changes what it writes
+TASKS_VERSION = "2"  # bump when the tokenization below changes what it writes
 # Used when a tokenizer has no chat template of its own (e.g. one lmscale trained): one line per turn,
 # and the prompt ends where the assistant's answer begins. Saved with the tokenizer, so generation
 # from the fine-tuned model sees the same format.
@@ -42,7 +43,6 @@ PLAIN_CHAT_TEMPLATE = (
 
 
 ORIGIN = "origin"  # a record's column naming its file and line, for errors about it
-MISSING = "missing: "  # a problem that names the record field a record lacks
 
 
 def missing_field(values: dict[str, object]) -> str | None:
@@ -147,19 +147,6 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
 
 
-def chat_problem(messages) -> str | None:
-    """Why a chat record cannot be trained on, or None."""
-    if messages is None:
-        return f"{MISSING}messages"
-    if not isinstance(messages, list) or not messages:
-        return "messages is not a non-empty list"
-    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
-        return "every message needs a role and a string content"
-    if messages[-1]["role"] != "assistant":
-        return "the last message must be the assistant's (it is the target)"
-    return None
-
-
 def chat_prompt_and_completion(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     """The rendered conversation split where the last (assistant) message begins."""
     whole = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -175,40 +162,67 @@ def chat_prompt_and_completion(messages: list[dict], tokenizer: PreTrainedTokeni
 def instruction_sequence(
     prompt_ids: list[int], completion_ids: list[int], eos: int, max_seq_len: int
 ) -> dict | None:
-    """Prompt + completion + EOS cut to max_seq_len, with the prompt masked; None when no target is left."""
+    """Prompt + completion + EOS cut to max_seq_len, the completion its target span; None when no target
+    is left."""
     ids = [*prompt_ids, *completion_ids, eos][:max_seq_len]
-    targets = len(ids) - max(len(prompt_ids), 1)  # position 0 is never a target: nothing precedes it
-    if targets < 1:
+    start = max(len(prompt_ids), 1)  # position 0 is never a target: nothing precedes it
+    if len(ids) - start < 1:
         return None
-    return {"input_ids": ids, "length": len(ids), "targets": targets, "prompt_len": len(prompt_ids)}
+    return {
+        "input_ids": ids,
+        "length": len(ids),
+        "targets": len(ids) - start,
+        "target_spans": [[start, len(ids)]],
+    }
 
 
-def encode_instructions(batch: dict, fmt: TaskFormat, tokenizer, max_seq_len: int) -> dict:
-    rows: dict[str, list] = {"input_ids": [], "length": [], "targets": [], "prompt_len": [], "problem": []}
+EMPTY_INSTRUCTION = {"input_ids": [], "length": 0, "targets": 0, "target_spans": []}
+
+
+def encode_instructions(batch: dict, fmt: TaskFormat, tokenizer, max_seq_len: int, loss: ChatLoss) -> dict:
+    rows: dict[str, list] = {name: [] for name in [*EMPTY_INSTRUCTION, "problem"]}
     count = len(next(iter(batch.values())))
     for i in range(count):
         if fmt.name == "chat":
-            problem = chat_problem(batch["messages"][i])
-            prompt, completion = (
-                ("", "") if problem else chat_prompt_and_completion(batch["messages"][i], tokenizer)
-            )
+            problem, sequence = chat_row(batch["messages"][i], tokenizer, max_seq_len, loss)
         else:
-            prompt, completion = batch["prompt"][i], batch["completion"][i]
-            ok = isinstance(prompt, str) and isinstance(completion, str) and completion.strip()
-            problem = missing_field({"prompt": prompt, "completion": completion}) or (
-                None if ok else "prompt and completion must be strings, the completion non-empty"
+            problem, sequence = completion_row(
+                batch["prompt"][i], batch["completion"][i], tokenizer, max_seq_len
             )
-        sequence = None
-        if problem is None:
-            encoded = tokenizer([prompt, completion], add_special_tokens=False)["input_ids"]
-            sequence = instruction_sequence(encoded[0], encoded[1], tokenizer.eos_token_id, max_seq_len)
-            if sequence is None:
-                problem = "too long"
-        sequence = sequence or {"input_ids": [], "length": 0, "targets": 0, "prompt_len": 0}
-        for key, value in sequence.items():
+        for key, value in (sequence or EMPTY_INSTRUCTION).items():
             rows[key].append(value)
         rows["problem"].append(problem or "")
     return rows
+
+
+def chat_row(messages, tokenizer, max_seq_len: int, loss: ChatLoss) -> tuple[str | None, dict | None]:
+    """(problem, sequence) of one chat record."""
+    problem = chat_problem(messages, loss)
+    if problem:
+        return problem, None
+    chat = chat_sequence(messages, tokenizer, loss, max_seq_len)
+    if chat is None:
+        return "too long", None
+    spans = [list(span) for span in chat.spans]
+    return None, {
+        "input_ids": chat.ids,
+        "length": len(chat.ids),
+        "targets": chat.targets,
+        "target_spans": spans,
+    }
+
+
+def completion_row(prompt, completion, tokenizer, max_seq_len: int) -> tuple[str | None, dict | None]:
+    """(problem, sequence) of one prompt/completion record."""
+    ok = isinstance(prompt, str) and isinstance(completion, str) and completion.strip()
+    problem = missing_field({"prompt": prompt, "completion": completion}) or (
+        None if ok else "prompt and completion must be strings, the completion non-empty"
+    )
+    if problem:
+        return problem, None
+    encoded = tokenizer([prompt, completion], add_special_tokens=False)["input_ids"]
+    sequence = instruction_sequence(encoded[0], encoded[1], tokenizer.eos_token_id, max_seq_len)
+    return ("too long", None) if sequence is None else (None, sequence)
 
 
 def encode_labelled(batch: dict, tokenizer, max_seq_len: int, label_ids: dict) -> dict:
@@ -310,6 +324,7 @@ def tokenize_records(
     key = "-".join(
         [records._fingerprint, tokenizer_digest(tokenizer), fmt.name, str(config.max_seq_len)]
         + [str(getattr(tokenizer, "chat_template", "")), str(labels), TASKS_VERSION]
+        + ([config.chat_loss, config.train_field] if fmt.name == "chat" else [])
     )
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     if fmt.name == "classification":
@@ -320,7 +335,8 @@ def tokenize_records(
 
         encode, kwargs = encode_preferences, {"max_seq_len": config.max_seq_len}
     else:
-        encode, kwargs = encode_instructions, {"fmt": fmt, "max_seq_len": config.max_seq_len}
+        loss = ChatLoss(config.chat_loss, config.train_field)
+        encode, kwargs = encode_instructions, {"fmt": fmt, "max_seq_len": config.max_seq_len, "loss": loss}
     sequences = records.map(
         encode,
         batched=True,

@@ -142,8 +142,8 @@ def test_a_layer_not_yet_joined_does_not_move_even_with_weight_decay():
 
 def test_prompt_tokens_are_masked_and_not_counted_as_targets():
     sequence = instruction_sequence([5, 6, 7], [8, 9], eos=1, max_seq_len=16)
-    assert sequence == {"input_ids": [5, 6, 7, 8, 9, 1], "length": 6, "targets": 3, "prompt_len": 3}
-    batch = collate([sequence["input_ids"], [5, 8, 1]], pad_id=0, prompt_lens=[3, 1])
+    assert sequence == {"input_ids": [5, 6, 7, 8, 9, 1], "length": 6, "targets": 3, "target_spans": [[3, 6]]}
+    batch = collate([sequence["input_ids"], [5, 8, 1]], pad_id=0, target_spans=[[[3, 6]], [[1, 3]]])
     assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9, 1], [-100, 8, 1, -100, -100, -100]]
     assert target_count(batch["labels"]) == 3 + 2
     assert instruction_sequence(list(range(10)), [3], eos=1, max_seq_len=8) is None  # no room for a target
@@ -179,9 +179,10 @@ def test_instruction_records_become_masked_sequences(tmp_path):
     )
     data = prepare_data(config)
     row = data.train[0]
-    prompt = data.tokenizer.decode(row["input_ids"][: row["prompt_len"]])
+    [[start, end]] = row["target_spans"]  # the completion and its EOS
+    prompt = data.tokenizer.decode(row["input_ids"][:start])
     assert prompt.startswith("def ") and prompt.endswith("\n")
-    assert row["targets"] == row["length"] - row["prompt_len"]
+    assert row["targets"] == end - start and end == row["length"]
     assert row["input_ids"][-1] == data.tokenizer.eos_token_id or row["length"] == 64
 
 
