@@ -6,7 +6,14 @@ names every offending key at once.
 """
 
 from lmscale.config.data import DataConfig, SourceConfig, whole_record_problems
-from lmscale.config.finetune import DpoConfig, FinetuneConfig, LoraConfig, UnfreezeConfig
+from lmscale.config.finetune import (
+    DpoConfig,
+    FinetuneConfig,
+    LoraConfig,
+    OrpoConfig,
+    SimpoConfig,
+    UnfreezeConfig,
+)
 from lmscale.config.loading import (
     MOVED_KEYS,
     apply_overrides,
@@ -39,6 +46,8 @@ __all__ = [
     "Config",
     "DataConfig",
     "DpoConfig",
+    "OrpoConfig",
+    "SimpoConfig",
     "EarlyStoppingConfig",
     "EvalConfig",
     "FinetuneConfig",

@@ -1,4 +1,4 @@
-"""finetune.*: the task, the method (SFT or DPO), LoRA adapters and gradual unfreezing."""
+"""finetune.*: the task, the method (SFT, DPO, ORPO or SimPO), LoRA adapters and gradual unfreezing."""
 
 from __future__ import annotations
 
@@ -37,13 +37,34 @@ class DpoConfig(Section):
     )
 
 
+class OrpoConfig(Section):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="ORPO's lambda (TRL calls it beta): the weight of the odds-ratio term beside the chosen "
+        "reply's cross-entropy.",
+    )
+
+
+class SimpoConfig(Section):
+    beta: float = Field(
+        2.0, gt=0, description="Scale of the length-normalised reward (mean log-probability per token)."
+    )
+    gamma: float = Field(
+        1.0, ge=0, description="Target reward margin: the chosen reply should win by at least this much."
+    )
+
+
 class FinetuneConfig(Section):
-    method: Literal["sft", "dpo"] = Field(
+    method: Literal["sft", "dpo", "orpo", "simpo"] = Field(
         "sft",
-        description="sft: the cross-entropy of the targets; dpo: direct preference optimisation on "
-        "data.format=preference pairs, against the starting model as reference.",
+        description="sft: the cross-entropy of the targets; on data.format=preference pairs: dpo (direct "
+        "preference optimisation against the starting model), orpo (odds-ratio preference optimisation) or "
+        "simpo (length-normalised rewards with a margin); orpo and simpo need no reference model.",
     )
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig)
+    simpo: SimpoConfig = Field(default_factory=SimpoConfig)
     task: Literal["causal_lm", "classification"] = Field(
         "causal_lm",
         description="causal_lm: next-token loss; classification: a sequence-classification head on data.label_field.",

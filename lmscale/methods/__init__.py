@@ -10,18 +10,28 @@ from typing import TYPE_CHECKING, Any
 from lmscale.methods.base import Method, MethodFigures, Panel
 from lmscale.methods.classification import CLASSIFICATION
 from lmscale.methods.dpo import DPO
+from lmscale.methods.orpo import ORPO
 from lmscale.methods.sft import SFT
+from lmscale.methods.simpo import SIMPO
 
 if TYPE_CHECKING:
     from lmscale.config import Config, FinetuneConfig
 
-METHODS: dict[str, Method] = {"sft": SFT, "classification": CLASSIFICATION, "dpo": DPO}
+METHODS: dict[str, Method] = {
+    "sft": SFT,
+    "classification": CLASSIFICATION,
+    "dpo": DPO,
+    "orpo": ORPO,
+    "simpo": SIMPO,
+}
 
 __all__ = [
     "CLASSIFICATION",
     "DPO",
     "METHODS",
+    "ORPO",
     "SFT",
+    "SIMPO",
     "Method",
     "MethodFigures",
     "Panel",
@@ -51,19 +61,18 @@ def method_problems(config: Config) -> list[str]:
     belongs to one other method names that method."""
     method = method_for(config.finetune)
     owners = [m.key for m in METHODS.values() if config.data.format in m.data_formats]
-    if method is SFT and config.data.format not in SFT.data_formats and len(owners) == 1:
+    if method is SFT and config.data.format not in SFT.data_formats and owners:
+        others = f" (or {', '.join(o.split('=')[-1] for o in owners[1:])})" if len(owners) > 1 else ""
         return [
-            f"data.format={config.data.format} is for {owners[0]}: set {owners[0]}, or another data.format"
+            f"data.format={config.data.format} is for another method: set {owners[0]}{others}, or another data.format"
         ]
     return method.problems(config)
 
 
 def console_extras(metrics: dict[str, Any]) -> str:
     """Every method's figures that a step logged, for its console line."""
-    parts = [
-        f"{label} {fmt.format(metrics[key])}"
-        for method in METHODS.values()
-        for key, label, fmt in method.figures.console
-        if key in metrics
-    ]
+    shown = dict.fromkeys(
+        entry for method in METHODS.values() for entry in method.figures.console
+    )  # once each
+    parts = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in shown if key in metrics]
     return "".join(f", {part}" for part in parts)

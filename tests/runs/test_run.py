@@ -27,7 +27,9 @@ def test_a_run_holds_the_layout_ranks_and_directory_its_config_names(tmp_path):
 
 
 def test_a_settled_value_is_a_new_run_and_is_validated_again(tmp_path):
-    run = open_run(None, [f"output_dir={tmp_path / 'r'}", "train.max_steps=null", "train.max_tokens=100000"], 1, False)
+    run = open_run(
+        None, [f"output_dir={tmp_path / 'r'}", "train.max_steps=null", "train.max_tokens=100000"], 1, False
+    )
     settled = run.settled("train", max_steps=40, max_tokens=None)
     assert settled.config.train.max_steps == 40 and settled.config.train.max_tokens is None
     assert run.config.train.max_steps is None and run.config.train.max_tokens == 100000  # untouched

@@ -1,0 +1,48 @@
+"""What the preference-pair methods (DPO, ORPO, SimPO) share: their config rules and how their figures show."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lmscale.methods.base import Panel
+
+if TYPE_CHECKING:
+    from lmscale.config import Config
+
+
+def pair_rules(config: Config) -> list[str]:
+    """Whole preference pairs, both replies of a pair side by side in one micro-batch."""
+    data, key = config.data, f"finetune.method={config.finetune.method}"
+    problems = []  # packing, streaming and length warm-up are refused by DataConfig for any record format
+    if config.finetune.task != "causal_lm":
+        problems.append(f"{key} needs finetune.task=causal_lm")
+    if data.batching == "pad":
+        problems.append("data.batching=pad does not apply to preference pairs: use bucket")
+    budget = data.max_tokens_per_batch
+    if isinstance(budget, int) and budget < 2 * data.max_seq_len:
+        problems.append(
+            f"data.max_tokens_per_batch={budget} cannot hold a pair of data.max_seq_len={data.max_seq_len} "
+            f"replies: raise it to at least {2 * data.max_seq_len}"
+        )
+    if config.train.label_smoothing:
+        problems.append(f"train.label_smoothing applies to cross-entropy, not {key}: set it to 0")
+    return problems
+
+
+PREFERENCE_PANEL: Panel = (
+    "Preference accuracy",
+    "share of pairs ranked right",
+    ("pref_accuracy", "eval_pref_accuracy"),
+    True,
+)
+
+
+def rewards_panel(reward: str) -> Panel:
+    """The chosen and rejected rewards and their margin; `reward` says what a reward is."""
+    keys = ("rewards_chosen", "rewards_rejected", "rewards_margin", "eval_rewards_margin")
+    return ("Rewards", reward, keys, False)
+
+
+PAIR_SUMMARY = ("eval_loss", "eval_pref_accuracy", "eval_rewards_margin")
+PAIR_CONSOLE = (("pref_accuracy", "pref_acc", "{:.3f}"), ("rewards_margin", "margin", "{:+.3f}"))
+PAIR_EVALUATION = (("rewards_margin", "reward margin", "{:+.3f}"),)
