@@ -172,6 +172,11 @@ def _add_tool_commands(commands) -> None:
         "--limit", type=int, help="with --harness: score only the first N documents per task"
     )
     evaluate.add_argument("--num-fewshot", type=int, help="with --harness: few-shot examples per prompt")
+    score = commands.add_parser("score", help="score records with a reward model (an export, or a run)")
+    score.add_argument("target", help="a reward model's export, or its run's output_dir")
+    score.add_argument("--data", required=True, help="jsonl records: {messages} or {prompt, completion}")
+    score.add_argument("--out", help="where to write the scored records (default: DATA.rewards.jsonl)")
+    score.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch (default 8192)")
     generate = commands.add_parser("generate", help="sample text from an exported model (or a run)")
     generate.add_argument("target", help="an exported model directory, or a run's output_dir")
     given = generate.add_mutually_exclusive_group(required=True)
@@ -249,10 +254,22 @@ def _export(args: argparse.Namespace) -> int:
     checkpoint = export(
         Path(args.run_dir), Path(args.out), args.checkpoint, args.force, args.merge, args.dtype
     )
-    adapter = (Path(args.out) / "adapter_config.json").is_file()
-    loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
-    print(f"exported {checkpoint} to {args.out}: {loader}.from_pretrained({args.out!r})")
+    print(f"exported {checkpoint} to {args.out}: {hf_loader(Path(args.out))}.from_pretrained({args.out!r})")
     return 0
+
+
+def hf_loader(exported: Path) -> str:
+    """The transformers (or peft) class that loads an export: a causal LM, or a sequence classifier."""
+    import json
+
+    if (exported / "adapter_config.json").is_file():
+        task = json.loads((exported / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+        return "AutoPeftModelForSequenceClassification" if task == "SEQ_CLS" else "AutoPeftModelForCausalLM"
+    architectures = (
+        json.loads((exported / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    )
+    classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
+    return "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -264,6 +281,18 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     tasks_path = Path(args.tasks) if args.tasks else None
     eval_command(Path(args.target), args.data, tasks_path, args.batches, args.json)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from lmscale.evaluation.scoring import score_command
+
+    if args.max_tokens < 1:
+        raise LmscaleError(f"--max-tokens {args.max_tokens} must be at least 1")
+    out = score_command(
+        Path(args.target), Path(args.data), Path(args.out) if args.out else None, args.max_tokens
+    )
+    print(out)
     return 0
 
 
@@ -389,6 +418,7 @@ def run_command(argv: list[str] | None = None) -> int:
         "export": _export,
         "eval": _eval,
         "generate": _generate,
+        "score": _score,
         "slurm": _slurm,
         "plan": _plan,
         "sweep": _sweep,

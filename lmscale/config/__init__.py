@@ -11,6 +11,7 @@ from lmscale.config.finetune import (
     FinetuneConfig,
     LoraConfig,
     OrpoConfig,
+    RewardConfig,
     SimpoConfig,
     UnfreezeConfig,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "DataConfig",
     "DpoConfig",
     "OrpoConfig",
+    "RewardConfig",
     "SimpoConfig",
     "EarlyStoppingConfig",
     "EvalConfig",

@@ -55,16 +55,27 @@ class SimpoConfig(Section):
     )
 
 
+class RewardConfig(Section):
+    center_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="Reward centering (TRL's center_rewards_coefficient): adds this x mean((r_chosen + r_rejected)^2), "
+        "keeping rewards near zero; unset = off.",
+    )
+
+
 class FinetuneConfig(Section):
-    method: Literal["sft", "dpo", "orpo", "simpo"] = Field(
+    method: Literal["sft", "dpo", "orpo", "simpo", "reward"] = Field(
         "sft",
         description="sft: the cross-entropy of the targets; on data.format=preference pairs: dpo (direct "
         "preference optimisation against the starting model), orpo (odds-ratio preference optimisation) or "
-        "simpo (length-normalised rewards with a margin); orpo and simpo need no reference model.",
+        "simpo (length-normalised rewards with a margin); orpo and simpo need no reference model; reward: a "
+        "reward model (a scalar head) trained on the pairs with the Bradley-Terry loss.",
     )
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     orpo: OrpoConfig = Field(default_factory=OrpoConfig)
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     task: Literal["causal_lm", "classification"] = Field(
         "causal_lm",
         description="causal_lm: next-token loss; classification: a sequence-classification head on data.label_field.",

@@ -11,6 +11,7 @@ from lmscale.methods.base import Method, MethodFigures, Panel
 from lmscale.methods.classification import CLASSIFICATION
 from lmscale.methods.dpo import DPO
 from lmscale.methods.orpo import ORPO
+from lmscale.methods.reward import REWARD
 from lmscale.methods.sft import SFT
 from lmscale.methods.simpo import SIMPO
 
@@ -23,6 +24,7 @@ METHODS: dict[str, Method] = {
     "dpo": DPO,
     "orpo": ORPO,
     "simpo": SIMPO,
+    "reward": REWARD,
 }
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "DPO",
     "METHODS",
     "ORPO",
+    "REWARD",
+    "REWARD",
     "SFT",
     "SIMPO",
     "Method",

@@ -46,6 +46,7 @@ class Method:
     accuracy_label: str = "accuracy"  # that share in words
     perplexity: bool = True  # exp(loss) means something: the loss is a token cross-entropy
     class_head: bool = False  # the model predicts one class per sequence (a classification head)
+    class_names: tuple[str, ...] | None = None  # the head's outputs when the data does not name them
     target_unit: str = "tokens"  # what its loss is a mean over (lmscale eval counts them: eval_<unit>)
     needs_reference: bool = False  # the starting model scores the data once, before training
     dropout_off: bool = False  # the objective compares runs of the model, so dropout noise would bias it

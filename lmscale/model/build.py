@@ -121,7 +121,7 @@ def build_model(
     config = model_config(options, tokenizer, max_seq_len)
     apply_model_options(config, options, method.dropout_off)  # dropout: unless model.*_dropout says otherwise
     if method.class_head:
-        set_labels(config, labels, tokenizer.pad_token_id)
+        set_labels(config, labels or list(method.class_names), tokenizer.pad_token_id)
     if options.path:
         model = auto_class.from_pretrained(
             local_model_path(options),

@@ -7,14 +7,31 @@ from pathlib import Path
 import pytest
 
 from lmscale.config import build_config
-from lmscale.methods import CLASSIFICATION, DPO, METHODS, SFT, method_for, method_of_saved
+from lmscale.methods import (
+    CLASSIFICATION,
+    DPO,
+    METHODS,
+    ORPO,
+    REWARD,
+    SFT,
+    SIMPO,
+    method_for,
+    method_of_saved,
+)
 
 LMSCALE = Path(__file__).resolve().parents[2] / "lmscale"
 
 
 @pytest.mark.parametrize(
     ("finetune", "method"),
-    [({}, SFT), ({"task": "classification"}, CLASSIFICATION), ({"method": "dpo"}, DPO)],
+    [
+        ({}, SFT),
+        ({"task": "classification"}, CLASSIFICATION),
+        ({"method": "dpo"}, DPO),
+        ({"method": "orpo"}, ORPO),
+        ({"method": "simpo"}, SIMPO),
+        ({"method": "reward"}, REWARD),
+    ],
 )
 def test_a_run_s_method_comes_from_its_config_and_its_saved_config(finetune, method):
     raw = {"finetune": finetune, "data": {"format": method.data_formats[0]}}
@@ -44,7 +61,8 @@ def test_every_method_is_complete():
 
 def test_no_module_outside_the_registry_branches_on_a_method_s_name():
     """Adding a method is one module and one registry entry: no `finetune.method ==` elsewhere."""
-    branch = re.compile(r"""(finetune\.method|\bmethod)\s*[!=]=\s*["'](sft|dpo)["']|"pref_accuracy" in""")
+    names = "|".join(METHODS)
+    branch = re.compile(rf"""(finetune\.method|\bmethod)\s*[!=]=\s*["']({names})["']|"pref_accuracy" in""")
     found = [
         f"{path.relative_to(LMSCALE)}:{number}"
         for path in LMSCALE.rglob("*.py")

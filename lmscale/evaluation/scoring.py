@@ -1,0 +1,94 @@
+"""`lmscale score`: a reward model's score of each record of a jsonl file, written as jsonl (each record with
+a `reward` field), batched by length so that little of the work is padding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmscale.atomic import write_atomically
+from lmscale.data.tasks import chat_prompt_and_completion, ensure_chat_template
+from lmscale.errors import LmscaleError
+from lmscale.evaluation.inference import load_for_inference
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise LmscaleError(f"--data {path} does not exist: give a jsonl file of records to score")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise LmscaleError(f"{path} line {number} is not JSON: fix it") from None
+        if not isinstance(record, dict) or not (
+            {"messages"} <= set(record) or {"prompt", "completion"} <= set(record)
+        ):
+            raise LmscaleError(
+                f"{path} line {number} has neither `messages` nor `prompt` and `completion`: give one of them"
+            )
+        records.append(record)
+    return records
+
+
+def record_ids(record: dict, tokenizer) -> list[int]:
+    """The record as the reward model was trained on a reply: prompt + reply + EOS, the two tokenized apart."""
+    if "messages" in record:
+        prompt, reply = chat_prompt_and_completion(record["messages"], tokenizer)
+    else:
+        prompt, reply = str(record["prompt"]), str(record["completion"])
+    encoded = tokenizer([prompt, reply], add_special_tokens=False)["input_ids"]
+    return [*encoded[0], *encoded[1], tokenizer.eos_token_id]
+
+
+def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices in order of length, in batches of at most `max_tokens` padded tokens (one row at least)."""
+    batches, current = [], []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and (len(current) + 1) * lengths[index] > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    return batches + ([current] if current else [])
+
+
+@torch.no_grad()
+def rewards_of(model, rows: list[list[int]], pad_id: int, max_tokens: int) -> list[float]:
+    rewards = [0.0] * len(rows)
+    for batch in length_batches([len(r) for r in rows], max_tokens):
+        width = max(len(rows[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, index in enumerate(batch):
+            input_ids[row, : len(rows[index])] = torch.as_tensor(rows[index])
+            attention_mask[row, : len(rows[index])] = 1
+        scores = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        for index, score in zip(batch, scores.tolist(), strict=True):
+            rewards[index] = score
+    return rewards
+
+
+def score_command(target: Path, data: Path, out: Path | None, max_tokens: int) -> Path:
+    """Score every record of `data` with the reward model at `target`; returns the file written."""
+    model, tokenizer = load_for_inference(target)
+    if (
+        getattr(model.config, "num_labels", None) != 1
+        or "ForSequenceClassification" not in type(model).__name__
+    ):
+        raise LmscaleError(
+            f"{target} is not a reward model (one-output head): train one with finetune.method=reward"
+        )
+    records = read_records(data)
+    if any("messages" in record for record in records):
+        ensure_chat_template(tokenizer)
+    rows = [record_ids(record, tokenizer) for record in records]
+    rewards = rewards_of(model, rows, tokenizer.pad_token_id, max_tokens)
+    out = out or data.with_name(f"{data.stem}.rewards.jsonl")
+    write_atomically(
+        out, "".join(json.dumps({**r, "reward": s}) + "\n" for r, s in zip(records, rewards, strict=True))
+    )
+    return out

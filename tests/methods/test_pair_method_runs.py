@@ -1,0 +1,110 @@
+"""Real runs of the pair methods beside DPO, on a saved tiny model and 2 ranks: ORPO under ZeRO-3 learns the
+preference, resumes exactly after a rank dies and exports; SimPO with LoRA under ZeRO-2 learns it too (neither
+scores the pairs with a reference model first); a reward model under ZeRO-3 learns to rank the replies, exports
+as a sequence classifier and scores new records."""
+
+import json
+
+import pytest
+import torch
+from finetune_data import preference_records, save_pretrained_model, write_jsonl
+from helpers import run_lmscale
+from test_dpo_runs import SAVE_AT, STEPS, dpo_args, records
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    base = tmp_path_factory.mktemp("reference-free")
+    save_pretrained_model(base / "pretrained")
+    write_jsonl(base / "pairs.jsonl", preference_records(600))
+    return base
+
+
+def method_args(base, out, method, steps=STEPS):
+    return [a for a in dpo_args(base, out, steps) if not a.startswith("finetune.method=")] + [
+        f"finetune.method={method}"
+    ]
+
+
+def test_orpo_under_zero3_learns_the_preference_resumes_exactly_and_exports(workspace, tmp_path):
+    whole = tmp_path / "whole"
+    args = [*method_args(workspace, whole, "orpo"), "zero.stage=3"]
+    result = run_lmscale("launch", "--gpus-per-node", "2", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference log-probabilities" not in result.stderr and not (whole / "reference_logps.npz").exists()
+    evals = [r for r in records(whole) if "eval_pref_accuracy" in r]
+    assert evals[-1]["eval_pref_accuracy"] >= 0.9 > evals[0]["eval_pref_accuracy"], evals
+    assert evals[-1]["eval_rewards_margin"] > evals[0]["eval_rewards_margin"]
+    steps = [r for r in records(whole) if "loss" in r]
+    assert all({"nll_loss", "log_odds_ratio", "pref_accuracy", "rewards_margin"} <= set(r) for r in steps)
+    assert "held-out preference accuracy:" in result.stdout
+
+    broken = tmp_path / "broken"
+    died = run_lmscale(
+        "launch",
+        "--gpus-per-node",
+        "2",
+        *method_args(workspace, broken, "orpo"),
+        "zero.stage=3",
+        env={"LMSCALE_FAULT": f"exit@step={SAVE_AT + 1},rank=1"},
+    )
+    assert died.returncode != 0
+    resumed = run_lmscale(
+        "launch", "--gpus-per-node", "2", *method_args(workspace, broken, "orpo"), "zero.stage=3"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = {r["step"]: r for r in steps}
+    for record in records(broken):
+        if record["step"] > SAVE_AT and "loss" in record:
+            assert record["loss"] == expected[record["step"]]["loss"], record["step"]
+
+    exported = tmp_path / "model"
+    assert run_lmscale("export", str(whole), "--out", str(exported)).returncode == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(exported))
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] >= 500
+    scores = json.loads(run_lmscale("eval", str(exported), "--json").stdout.strip().splitlines()[-1])
+    assert scores["eval_pairs"] == 60
+    assert scores["eval_pref_accuracy"] == pytest.approx(evals[-1]["eval_pref_accuracy"], abs=0.05)
+
+
+def test_simpo_with_lora_under_zero2_learns_the_preference(workspace, tmp_path):
+    run = tmp_path / "lora"
+    args = [*method_args(workspace, run, "simpo", steps=12), "zero.stage=2", "finetune.lora.r=8"]
+    result = run_lmscale("launch", "--gpus-per-node", "2", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [r for r in records(run) if "eval_pref_accuracy" in r]
+    assert evals[-1]["eval_pref_accuracy"] > max(0.7, evals[0]["eval_pref_accuracy"]), evals
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_a_reward_model_under_zero3_learns_to_rank_exports_and_scores(workspace, tmp_path):
+    run = tmp_path / "rm"
+    args = [*method_args(workspace, run, "reward"), "zero.stage=3", "optim.lr=3e-4"]
+    result = run_lmscale("launch", "--gpus-per-node", "2", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [r for r in records(run) if "eval_pref_accuracy" in r]
+    assert evals[-1]["eval_pref_accuracy"] >= 0.9 and evals[-1]["eval_rewards_margin"] > 0, evals
+    exported = tmp_path / "model"
+    assert run_lmscale("export", str(run), "--out", str(exported)).returncode == 0
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(exported))
+    assert model.config.num_labels == 1
+    pairs = [json.loads(line) for line in (workspace / "pairs.jsonl").read_text().splitlines()[:20]]
+    candidates = tmp_path / "candidates.jsonl"
+    lines = [
+        json.dumps({"prompt": p["prompt"], "completion": p[side]})
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
+    candidates.write_text("".join(line + "\n" for line in lines))
+    scored = run_lmscale("score", str(exported), "--data", str(candidates))
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    written = (tmp_path / "candidates.rewards.jsonl").read_text().splitlines()
+    rewards = [json.loads(line)["reward"] for line in written]
+    wins = sum(chosen > rejected for chosen, rejected in zip(rewards[::2], rewards[1::2], strict=True))
+    assert wins >= 16, rewards  # the training pairs' chosen replies score higher
