@@ -1,5 +1,5 @@
 """Real runs of the pair methods beside DPO, on a saved tiny model and 2 ranks: ORPO under ZeRO-3 learns the
-preference, resumes exactly after a rank dies and exports; SimPO with LoRA under ZeRO-2 learns it too (neither
+preference, resumes exactly after a rank dies and exports; SimPO under ZeRO-3 learns it too (neither
 scores the pairs with a reference model first); a reward model under ZeRO-3 learns to rank the replies, exports
 as a sequence classifier and scores new records."""
 
@@ -71,19 +71,21 @@ def test_orpo_under_zero3_learns_the_preference_resumes_exactly_and_exports(work
     assert scores["eval_pref_accuracy"] == pytest.approx(evals[-1]["eval_pref_accuracy"], abs=0.05)
 
 
-def test_simpo_with_lora_under_zero2_learns_the_preference(workspace, tmp_path):
-    run = tmp_path / "lora"
-    args = [*method_args(workspace, run, "simpo", steps=12), "zero.stage=2", "finetune.lora.r=8"]
-    result = run_lmscale("launch", "--gpus-per-node", "2", *args)
+def test_simpo_under_zero3_learns_the_preference(workspace, tmp_path):
+    run = tmp_path / "simpo"
+    result = run_lmscale(
+        "launch", "--gpus-per-node", "2", *method_args(workspace, run, "simpo"), "zero.stage=3"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [r for r in records(run) if "eval_pref_accuracy" in r]
-    assert evals[-1]["eval_pref_accuracy"] > max(0.7, evals[0]["eval_pref_accuracy"]), evals
+    assert evals[-1]["eval_pref_accuracy"] >= 0.9 > evals[0]["eval_pref_accuracy"], evals
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
 
 def test_a_reward_model_under_zero3_learns_to_rank_exports_and_scores(workspace, tmp_path):
     run = tmp_path / "rm"
-    args = [*method_args(workspace, run, "reward"), "zero.stage=3", "optim.lr=3e-4"]
+    # a freshly initialised head on one token per reply learns slowly at the LM runs' 1e-3
+    args = [*method_args(workspace, run, "reward"), "zero.stage=3", "optim.lr=3e-3"]
     result = run_lmscale("launch", "--gpus-per-node", "2", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [r for r in records(run) if "eval_pref_accuracy" in r]

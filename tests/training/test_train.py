@@ -186,8 +186,9 @@ def test_max_tokens_becomes_steps_from_the_epoch_plan(tmp_path, cache_dir):
 @pytest.mark.parametrize(
     "zero",
     [
-        # plain ZeRO-2 is test_deepspeed_launcher_runs_the_entry_script's (ds_configs/zero2_bf16.json)
-        "zero.stage=1",
+        # plain ZeRO-2 is test_deepspeed_launcher_runs_the_entry_script's (ds_configs/zero2_bf16.json); ZeRO-1,
+        # which shares ZeRO-2's optimizer and checkpoint code in DeepSpeed, trains in the exact-comparison runs
+        # of tests/parallel/test_parallel_runs.py and tests/model/test_compile_runs.py (EXACT_RUN_ARGS)
         "zero.stage=3",
         "zero.stage=2 zero.offload=cpu",
         # streamed corpus: each rank buckets its own shard inside a shuffle buffer
