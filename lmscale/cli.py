@@ -138,7 +138,7 @@ def _add_slurm_commands(commands) -> None:
 
 
 def _add_tool_commands(commands) -> None:
-    """Commands around a run: see the LR schedule, export, evaluate, generate."""
+    """Commands around a run: see the LR schedule, export it, and use its model."""
     schedule = commands.add_parser("schedule", help="print (and plot) the LR schedule a config gives")
     schedule.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
     schedule.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. schedule.name=wsd")
@@ -158,6 +158,11 @@ def _add_tool_commands(commands) -> None:
         action="store_true",
         help="LoRA runs: fold the adapter into the base and write a whole model",
     )
+    _add_model_commands(commands)
+
+
+def _add_model_commands(commands) -> None:
+    """Commands that use a trained model: evaluate it, score records with it, generate with it."""
     evaluate = commands.add_parser("eval", help="held-out loss/perplexity/entropy, and BLEU/ROUGE on tasks")
     evaluate.add_argument("target", help="an exported model directory, or a run's output_dir")
     evaluate.add_argument("--data", help="evaluate this whole file instead of the run's held-out split")
