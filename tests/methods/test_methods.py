@@ -71,3 +71,25 @@ def test_no_module_outside_the_registry_branches_on_a_method_s_name():
         if branch.search(line)
     ]
     assert not found, found
+
+
+def test_the_readme_table_says_what_each_method_combines_with():
+    """The README's table of methods is each Method's own flags (data formats, tensor and sequence
+    parallelism, a reference pass), so it cannot drift from what the config accepts."""
+    readme = (LMSCALE.parent / "README.md").read_text()
+    rows = {
+        cells[2].strip("`").split(": ")[1]: cells
+        for line in readme.splitlines()
+        if line.startswith("| ")
+        and "`finetune." in line
+        and len(cells := [c.strip() for c in line.split("|")]) > 7
+    }
+    yes = {True: "yes", False: "no"}
+    for name, method in METHODS.items():
+        cells = rows[name]
+        assert cells[3] == ", ".join(f"`{f}`" for f in method.data_formats), name
+        assert (cells[5], cells[6], cells[7]) == (
+            yes[method.tensor_parallel],
+            yes[method.sequence_parallel],
+            yes[method.needs_reference],
+        ), name
