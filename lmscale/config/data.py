@@ -50,6 +50,11 @@ class DataConfig(Section):
     rejected_field: str = Field(
         "rejected", description="preference: field holding the dispreferred reply (text, or a message list)."
     )
+    margin_field: str = Field(
+        "margin",
+        description="preference: an optional field with each pair's margin (reward models subtract it from the "
+        "reward difference, as TRL does); absent = 0.",
+    )
     messages_field: str = Field("messages", description="chat: field holding the [{role, content}] list.")
     chat_loss: Literal["all", "last"] = Field(
         "all",

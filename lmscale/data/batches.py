@@ -32,7 +32,15 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
 # per-sequence columns of fine-tuning data (lmscale.data.tasks, lmscale.data.preferences, lmscale.objectives.dpo)
-TASK_COLUMNS = ("prompt_len", "target_spans", "label", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp")
+TASK_COLUMNS = (
+    "prompt_len",
+    "target_spans",
+    "label",
+    "rejected_ids",
+    "margin",
+    "ref_chosen_logp",
+    "ref_rejected_logp",
+)
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,7 @@ def collate_pairs(records: dict, pad_id: int) -> dict[str, torch.Tensor]:
     the second (so row i and row i + pairs are one pair), with the reference log-probabilities once known."""
     chosen, rejected = list(records["input_ids"]), list(records["rejected_ids"])
     batch = collate(chosen + rejected, pad_id, prompt_lens=list(records["prompt_len"]) * 2)
-    for name in ("ref_chosen_logp", "ref_rejected_logp"):
+    for name in ("ref_chosen_logp", "ref_rejected_logp", "margin"):
         if name in records:
             batch[name] = torch.as_tensor(records[name], dtype=torch.float32)
     return batch

@@ -16,7 +16,15 @@ from transformers import PreTrainedTokenizerBase
 from lmscale.data.chat import chat_problem
 from lmscale.data.tasks import chat_prompt_and_completion, instruction_sequence, missing_field
 
-EMPTY_PAIR = {"input_ids": [], "rejected_ids": [], "prompt_len": 0, "length": 0, "tokens": 0, "targets": 0}
+EMPTY_PAIR = {
+    "input_ids": [],
+    "rejected_ids": [],
+    "prompt_len": 0,
+    "length": 0,
+    "tokens": 0,
+    "targets": 0,
+    "margin": 0.0,
+}
 
 
 def conversations(prompt, chosen: list, rejected: list) -> tuple[list, list] | str:
@@ -75,13 +83,18 @@ def encode_preferences(batch: dict, tokenizer: PreTrainedTokenizerBase, max_seq_
     rows: dict[str, list] = {key: [] for key in [*EMPTY_PAIR, "problem"]}
     count = len(batch["chosen"])
     prompts = batch.get("prompt") or [None] * count
+    margins = batch.get("margin") or [None] * count
     for i in range(count):
         texts = pair_texts(prompts[i], batch["chosen"][i], batch["rejected"][i], tokenizer)
         pair, problem = None, texts if isinstance(texts, str) else None
+        if problem is None and not isinstance(margins[i], int | float | None):
+            problem = "margin must be a number"
         if problem is None:
             encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
             pair = pair_sequences(*encoded, tokenizer.eos_token_id, max_seq_len)
             problem = None if pair is not None else "too long"
+        if pair is not None:
+            pair["margin"] = float(margins[i] or 0.0)
         for key, value in (pair or EMPTY_PAIR).items():
             rows[key].append(value)
         rows["problem"].append(problem or "")

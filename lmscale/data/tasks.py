@@ -32,7 +32,7 @@ from lmscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TASKS_VERSION = "2"  # bump when the tokenization below changes what it writes
+TASKS_VERSION = "3"  # bump when the tokenization below changes what it writes
 # Used when a tokenizer has no chat template of its own (e.g. one lmscale trained): one line per turn,
 # and the prompt ends where the assistant's answer begins. Saved with the tokenizer, so generation
 # from the fine-tuned model sees the same format.
@@ -73,8 +73,9 @@ def task_format(config: DataConfig, task: str) -> TaskFormat | None:
             config.prompt_field: "prompt",
             config.chosen_field: "chosen",
             config.rejected_field: "rejected",
+            config.margin_field: "margin",
         }
-        return TaskFormat("preference", fields, optional=frozenset({"prompt"}))
+        return TaskFormat("preference", fields, optional=frozenset({"prompt", "margin"}))
     return None
 
 

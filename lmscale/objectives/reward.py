@@ -28,7 +28,8 @@ def reward_objective(settings: RewardConfig) -> Objective:
 
     def objective(engine: Any, batch: Batch) -> LossParts:
         chosen, rejected = pair_rewards(engine, batch)
-        losses = -F.logsigmoid(chosen - rejected)
+        margin = batch["margin"].to(chosen.device) if "margin" in batch else 0.0  # data.margin_field, as TRL
+        losses = -F.logsigmoid(chosen - rejected - margin)
         if settings.center_coefficient:
             losses = losses + settings.center_coefficient * (chosen + rejected) ** 2
         # over no pairs (a filler batch) still a 0 joined to the graph, which keeps ZeRO's ranks in step

@@ -1,4 +1,4 @@
-"""Reward models without processes: the Bradley-Terry loss (with reward centering) and the rewards equal TRL's
+"""Reward models without processes: the Bradley-Terry loss (with reward centering, with margins) and the rewards equal TRL's
 RewardTrainer on the same model and batch, a 1% change of the centering shows, and `lmscale score` rates
 records in any batching as the model does one by one."""
 
@@ -27,12 +27,15 @@ def reward_model(pad_id: int) -> GPT2ForSequenceClassification:
     return GPT2ForSequenceClassification(config).eval()
 
 
-@pytest.mark.parametrize("center", [None, 0.05])
-def test_the_loss_and_rewards_equal_trl_reward_trainer(tokenizer, tmp_path, center):  # noqa: F811
+@pytest.mark.parametrize(("center", "margins"), [(None, None), (0.05, None), (None, [0.5, 0.0, 1.5, -0.25])])
+def test_the_loss_and_rewards_equal_trl_reward_trainer(tokenizer, tmp_path, center, margins):  # noqa: F811
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
     model, batch = reward_model(tokenizer.pad_token_id), fixed_batch(tokenizer)
+    batch.tensors.pop("margin", None)  # the pairs' margins are 0 unless data.margin_field gives them
+    if margins:
+        batch.tensors["margin"] = torch.tensor(margins)
     settings = RewardConfig(center_coefficient=center)
     with torch.no_grad():
         ours = reward_objective(settings)(ModelForward(model), batch)
@@ -42,6 +45,8 @@ def test_the_loss_and_rewards_equal_trl_reward_trainer(tokenizer, tmp_path, cent
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if margins:
+        inputs["margin"] = batch["margin"]
     with torch.no_grad():
         theirs = trainer.compute_loss(model, inputs)
     assert float(ours.summed) / ours.targets == pytest.approx(float(theirs), abs=1e-5)
@@ -84,3 +89,17 @@ def test_score_writes_each_records_reward_in_order_whatever_the_batching(tokeniz
     data.write_text('{"text": "no prompt"}\n')
     with pytest.raises(LmscaleError, match="line 1 has neither `messages` nor `prompt` and `completion`"):
         score_command(tmp_path / "rm", data, None, 100)
+
+
+def test_a_pairs_margin_is_read_from_its_field_and_checked(tokenizer):  # noqa: F811
+    from lmscale.data.preferences import encode_preferences
+
+    batch = {
+        "prompt": ["w1", "w1", "w1"],
+        "chosen": ["w2", "w2", "w2"],
+        "rejected": ["w3", "w3", "w3"],
+        "margin": [0.75, None, "big"],
+    }
+    rows = encode_preferences(batch, tokenizer, max_seq_len=64)
+    assert rows["margin"][:2] == [0.75, 0.0]  # no margin: 0
+    assert rows["problem"] == ["", "", "margin must be a number"]
