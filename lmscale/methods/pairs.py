@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from lmscale.methods.base import Panel
+from lmscale.methods.base import Method, MethodFigures, Panel
 
 if TYPE_CHECKING:
     from lmscale.config import Config
@@ -46,3 +47,36 @@ def rewards_panel(reward: str) -> Panel:
 PAIR_SUMMARY = ("eval_loss", "eval_pref_accuracy", "eval_rewards_margin")
 PAIR_CONSOLE = (("pref_accuracy", "pref_acc", "{:.3f}"), ("rewards_margin", "margin", "{:+.3f}"))
 PAIR_EVALUATION = (("rewards_margin", "reward margin", "{:+.3f}"),)
+
+
+def pair_method(
+    name: str,
+    loss_name: str,
+    reward: str,
+    objective: Callable[[Config], Any],
+    extra_panels: tuple[Panel, ...] = (),
+    **flags: Any,
+) -> Method:
+    """A method on preference pairs: what they all share (data, rules, figures, closing line), with its own
+    name, loss, what its reward is, its objective factory and any other Method flags."""
+    return Method(
+        name=name,
+        key=f"finetune.method={name}",
+        data_formats=("preference",),
+        figures=MethodFigures(
+            loss_name=loss_name,
+            loss_label=f"{loss_name} (nats/pair)",
+            panels=(PREFERENCE_PANEL, rewards_panel(reward), *extra_panels),
+            summary_keys=PAIR_SUMMARY,
+            console=PAIR_CONSOLE,
+            evaluation=PAIR_EVALUATION,
+        ),
+        objective=objective,
+        rules=pair_rules,
+        accuracy_metric="pref_accuracy",
+        accuracy_label="preference accuracy",
+        perplexity=False,
+        target_unit="pairs",
+        sequence_parallel=False,  # both replies of a pair are scored whole, on one rank
+        **flags,
+    )

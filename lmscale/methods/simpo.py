@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lmscale.methods.base import Method, MethodFigures
-from lmscale.methods.pairs import (
-    PAIR_CONSOLE,
-    PAIR_EVALUATION,
-    PAIR_SUMMARY,
-    PREFERENCE_PANEL,
-    pair_rules,
-    rewards_panel,
-)
+from lmscale.methods.pairs import pair_method
 
 if TYPE_CHECKING:
     from lmscale.config import Config
@@ -25,24 +17,10 @@ def simpo_objective(config: Config) -> Any:
     return objective(config.finetune.simpo)
 
 
-SIMPO = Method(
-    name="simpo",
-    key="finetune.method=simpo",
-    data_formats=("preference",),
-    figures=MethodFigures(
-        loss_name="SimPO loss",
-        loss_label="SimPO loss (nats/pair)",
-        panels=(PREFERENCE_PANEL, rewards_panel("beta x mean log-probability per token")),
-        summary_keys=PAIR_SUMMARY,
-        console=PAIR_CONSOLE,
-        evaluation=PAIR_EVALUATION,
-    ),
-    objective=simpo_objective,
-    rules=pair_rules,
-    accuracy_metric="pref_accuracy",
-    accuracy_label="preference accuracy",
-    perplexity=False,
-    target_unit="pairs",
+SIMPO = pair_method(
+    "simpo",
+    "SimPO loss",
+    "beta x mean log-probability per token",
+    simpo_objective,
     dropout_off=True,  # the two replies' scores are compared: dropout noise would bias the margin
-    sequence_parallel=False,
 )

@@ -43,6 +43,18 @@ def dpo_args(base, out, steps=STEPS):
     ]
 
 
+def kill_and_resume(args: list[str]):
+    """Launch on 2 ranks with rank 1 dying after step SAVE_AT + 1, then run the same command again; returns
+    the resumed run's result."""
+    died = run_lmscale(
+        "launch", "--gpus-per-node", "2", *args, env={"LMSCALE_FAULT": f"exit@step={SAVE_AT + 1},rank=1"}
+    )
+    assert died.returncode != 0
+    resumed = run_lmscale("launch", "--gpus-per-node", "2", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return resumed
+
+
 def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -66,17 +78,7 @@ def test_dpo_under_zero3_learns_the_preference_resumes_exactly_and_exports(works
 
     # rank 1 dies after step SAVE_AT + 1; the same command resumes from step SAVE_AT on the saved reference
     broken = tmp_path / "broken"
-    died = run_lmscale(
-        "launch",
-        "--gpus-per-node",
-        "2",
-        *dpo_args(workspace, broken),
-        "zero.stage=3",
-        env={"LMSCALE_FAULT": f"exit@step={SAVE_AT + 1},rank=1"},
-    )
-    assert died.returncode != 0
-    resumed = run_lmscale("launch", "--gpus-per-node", "2", *dpo_args(workspace, broken), "zero.stage=3")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = kill_and_resume([*dpo_args(workspace, broken), "zero.stage=3"])
     assert f"continuing from {broken / 'checkpoints'}" in resumed.stderr
     assert "dpo: reference log-probabilities" not in resumed.stderr  # read back, not recomputed
     expected = {r["step"]: r for r in records(whole) if "loss" in r}

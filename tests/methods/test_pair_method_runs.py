@@ -9,7 +9,7 @@ import pytest
 import torch
 from finetune_data import preference_records, save_pretrained_model, write_jsonl
 from helpers import run_lmscale
-from test_dpo_runs import SAVE_AT, STEPS, dpo_args, records
+from test_dpo_runs import SAVE_AT, STEPS, dpo_args, kill_and_resume, records
 
 pytestmark = pytest.mark.slow
 
@@ -42,19 +42,7 @@ def test_orpo_under_zero3_learns_the_preference_resumes_exactly_and_exports(work
     assert "held-out preference accuracy:" in result.stdout
 
     broken = tmp_path / "broken"
-    died = run_lmscale(
-        "launch",
-        "--gpus-per-node",
-        "2",
-        *method_args(workspace, broken, "orpo"),
-        "zero.stage=3",
-        env={"LMSCALE_FAULT": f"exit@step={SAVE_AT + 1},rank=1"},
-    )
-    assert died.returncode != 0
-    resumed = run_lmscale(
-        "launch", "--gpus-per-node", "2", *method_args(workspace, broken, "orpo"), "zero.stage=3"
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kill_and_resume([*method_args(workspace, broken, "orpo"), "zero.stage=3"])
     expected = {r["step"]: r for r in steps}
     for record in records(broken):
         if record["step"] > SAVE_AT and "loss" in record:
