@@ -154,6 +154,11 @@ def generate_command(
     if chat and messages is None:
         messages = [{"role": "user", "content": prompt}]
     model, tokenizer = load_for_inference(target)
+    if "ForSequenceClassification" in type(model).__name__:
+        raise LmscaleError(
+            f"{target} is a sequence classifier (a reward model or a classification head) and writes no text: "
+            "rate records with lmscale score (reward models), or evaluate it with lmscale eval"
+        )
     if messages is None:
         return prompt + generate_text(model, tokenizer, prompt, sampling)
     # The template writes any special tokens itself (a BOS among them): the tokenizer must not add more.

@@ -86,6 +86,12 @@ def test_score_writes_each_records_reward_in_order_whatever_the_batching(tokeniz
         scored = [json.loads(line) for line in written.read_text().splitlines()]
         assert [{k: v for k, v in s.items() if k != "reward"} for s in scored] == records
         assert [s["reward"] for s in scored] == pytest.approx(one_by_one, abs=1e-5)
+    from lmscale.evaluation.inference import Sampling, generate_command
+
+    with pytest.raises(
+        LmscaleError, match="is a sequence classifier .* and writes no text: rate records with"
+    ):
+        generate_command(tmp_path / "rm", "w1", None, False, Sampling(max_new_tokens=2))
     data.write_text('{"text": "no prompt"}\n')
     with pytest.raises(LmscaleError, match="line 1 has neither `messages` nor `prompt` and `completion`"):
         score_command(tmp_path / "rm", data, None, 100)
