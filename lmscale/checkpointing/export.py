@@ -161,8 +161,15 @@ def export(
         raise LmscaleError(f"{out} already exists and is not empty: choose another --out, or pass --force")
     if dtype is not None and dtype not in DTYPES:
         raise LmscaleError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    if merge and run_config(run_dir).finetune.lora is None:
+    saved = run_config(run_dir)
+    if merge and saved.finetune.lora is None:
         raise LmscaleError(f"{run_dir} is not a LoRA run (finetune.lora unset): export it without --merge")
+    if not merge and saved.finetune.lora is not None and saved.model.path is None:
+        # An adapter names its base by path; a preset's fresh weights are saved nowhere but in the checkpoint.
+        raise LmscaleError(
+            f"{run_dir} trained LoRA adapters on model.preset={saved.model.preset}, whose base weights exist only "
+            "in the run: export it with --merge (base and adapter as one model)"
+        )
     chosen = pick_checkpoint(run_dir, checkpoint)
     config = run_config(run_dir, chosen)
     model, tokenizer = load_trained_model(run_dir, chosen, config)
