@@ -48,6 +48,11 @@ def load_for_inference(target: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     )
 
 
+def is_sequence_classifier(model: torch.nn.Module) -> bool:
+    """A model with a class (or reward) head, loaded whole or as a peft adapter: it scores, it does not write."""
+    return "ForSequenceClassification" in type(model).__name__
+
+
 @dataclass
 class Sampling:
     max_new_tokens: int = 100
@@ -154,7 +159,7 @@ def generate_command(
     if chat and messages is None:
         messages = [{"role": "user", "content": prompt}]
     model, tokenizer = load_for_inference(target)
-    if "ForSequenceClassification" in type(model).__name__:
+    if is_sequence_classifier(model):
         raise LmscaleError(
             f"{target} is a sequence classifier (a reward model or a classification head) and writes no text: "
             "rate records with lmscale score (reward models), or evaluate it with lmscale eval"

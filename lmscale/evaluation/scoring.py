@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from lmscale.atomic import write_atomically
+from lmscale.data.batches import collate
 from lmscale.data.tasks import chat_prompt_and_completion, ensure_chat_template
 from lmscale.errors import LmscaleError
-from lmscale.evaluation.inference import load_for_inference
+from lmscale.evaluation.inference import is_sequence_classifier, load_for_inference
 
 
 def read_records(path: Path) -> list[dict]:
@@ -60,13 +61,9 @@ def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 def rewards_of(model, rows: list[list[int]], pad_id: int, max_tokens: int) -> list[float]:
     rewards = [0.0] * len(rows)
     for batch in length_batches([len(r) for r in rows], max_tokens):
-        width = max(len(rows[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, index in enumerate(batch):
-            input_ids[row, : len(rows[index])] = torch.as_tensor(rows[index])
-            attention_mask[row, : len(rows[index])] = 1
-        scores = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        tensors = collate([rows[i] for i in batch], pad_id)
+        inputs = {name: tensors[name] for name in ("input_ids", "attention_mask")}
+        scores = model(**inputs).logits[:, 0].float()
         for index, score in zip(batch, scores.tolist(), strict=True):
             rewards[index] = score
     return rewards
@@ -75,10 +72,7 @@ def rewards_of(model, rows: list[list[int]], pad_id: int, max_tokens: int) -> li
 def score_command(target: Path, data: Path, out: Path | None, max_tokens: int) -> Path:
     """Score every record of `data` with the reward model at `target`; returns the file written."""
     model, tokenizer = load_for_inference(target)
-    if (
-        getattr(model.config, "num_labels", None) != 1
-        or "ForSequenceClassification" not in type(model).__name__
-    ):
+    if not is_sequence_classifier(model) or getattr(model.config, "num_labels", None) != 1:
         raise LmscaleError(
             f"{target} is not a reward model (one-output head): train one with finetune.method=reward"
         )

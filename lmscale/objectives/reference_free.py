@@ -22,6 +22,14 @@ def mean_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return summed / targets.clamp(min=1)
 
 
+def pair_mean_logps(engine: Any, batch: Batch) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """(the model's outputs, chosen replies' mean log-probabilities, rejected replies') of a pair batch."""
+    outputs, labels = model_outputs(engine, batch)
+    pairs = batch.pairs
+    logps = mean_logps(outputs.logits[: 2 * pairs], labels[: 2 * pairs])
+    return outputs, logps[:pairs], logps[pairs:]
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (where one form or the other cancels)."""
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
@@ -51,10 +59,8 @@ def orpo_objective(settings: OrpoConfig) -> Objective:
     (so that the mean over pairs is TRL's token mean) less lambda x log sigmoid(log odds ratio)."""
 
     def objective(engine: Any, batch: Batch) -> LossParts:
-        outputs, labels = model_outputs(engine, batch)
+        outputs, chosen, rejected = pair_mean_logps(engine, batch)
         pairs = batch.pairs
-        logps = mean_logps(outputs.logits[: 2 * pairs], labels[: 2 * pairs])
-        chosen, rejected = logps[:pairs], logps[pairs:]
         ratio, log_odds = odds_ratio_terms(chosen, rejected)
         nll_sum, tokens = whole_sequence_nll(outputs.logits, batch, pairs)
         nll_mean = nll_sum / max(tokens, 1)
@@ -82,13 +88,10 @@ def simpo_objective(settings: SimpoConfig) -> Objective:
     """SimPO, summed over the batch's pairs; rewards are beta x the mean log-probabilities."""
 
     def objective(engine: Any, batch: Batch) -> LossParts:
-        outputs, labels = model_outputs(engine, batch)
-        pairs = batch.pairs
-        logps = mean_logps(outputs.logits[: 2 * pairs], labels[: 2 * pairs])
-        chosen, rejected = logps[:pairs], logps[pairs:]
+        _, chosen, rejected = pair_mean_logps(engine, batch)
         losses = simpo_loss(chosen, rejected, settings)
         summed = losses.sum()  # over no pairs (a filler batch) still a 0 joined to the graph, as for DPO
         scores = PairScores(losses, settings.beta * chosen.detach(), settings.beta * rejected.detach())
-        return LossParts(summed, pairs, preference_figures(scores))
+        return LossParts(summed, batch.pairs, preference_figures(scores))
 
     return objective
