@@ -9,6 +9,7 @@ from lmscale.config.data import DataConfig, SourceConfig, whole_record_problems
 from lmscale.config.finetune import (
     DpoConfig,
     FinetuneConfig,
+    KtoConfig,
     LoraConfig,
     OrpoConfig,
     RewardConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "DpoConfig",
+    "KtoConfig",
     "OrpoConfig",
     "RewardConfig",
     "SimpoConfig",

@@ -34,11 +34,12 @@ class DataConfig(Section):
     text_field: str = Field(
         "text", description="Field holding the document text in jsonl/parquet/csv/disk data."
     )
-    format: Literal["text", "prompt_completion", "chat", "preference"] = Field(
+    format: Literal["text", "prompt_completion", "chat", "preference", "unpaired"] = Field(
         "text",
         description="text: documents; prompt_completion: instruction records whose loss covers only the "
         "completion; chat: conversations whose loss covers the assistant's messages (data.chat_loss); "
-        "preference: prompt/chosen/rejected pairs (DPO).",
+        "preference: prompt/chosen/rejected pairs (DPO, ORPO, SimPO, reward); unpaired: prompt/completion "
+        "records labelled desirable or not (KTO).",
     )
     prompt_field: str = Field("prompt", description="prompt_completion: field holding the prompt.")
     completion_field: str = Field(
@@ -66,7 +67,9 @@ class DataConfig(Section):
         description="chat: a message with this field false is not a target (e.g. a bad earlier reply).",
     )
     label_field: str = Field(
-        "label", description="finetune.task=classification: field holding each document's class."
+        "label",
+        description="finetune.task=classification: field holding each document's class; data.format=unpaired: "
+        "field saying whether the completion is desirable (true/false).",
     )
     sources: list[SourceConfig] = Field(
         [], description="Several sources mixed by weight ([{path, weight}]), instead of data.path."

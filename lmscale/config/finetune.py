@@ -1,4 +1,4 @@
-"""finetune.*: the task, the method (SFT, DPO, ORPO or SimPO), LoRA adapters and gradual unfreezing."""
+"""finetune.*: the task, the method (SFT, DPO, ORPO, SimPO, reward or KTO), LoRA adapters and gradual unfreezing."""
 
 from __future__ import annotations
 
@@ -64,18 +64,30 @@ class RewardConfig(Section):
     )
 
 
+class KtoConfig(Section):
+    beta: float = Field(
+        0.1, gt=0, description="Scale of the reward (beta x log-ratio to the reference), as in DPO."
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="Weight of a desirable example's loss (raise it when they are the fewer)."
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of an undesirable example's loss.")
+
+
 class FinetuneConfig(Section):
-    method: Literal["sft", "dpo", "orpo", "simpo", "reward"] = Field(
+    method: Literal["sft", "dpo", "orpo", "simpo", "reward", "kto"] = Field(
         "sft",
         description="sft: the cross-entropy of the targets; on data.format=preference pairs: dpo (direct "
         "preference optimisation against the starting model), orpo (odds-ratio preference optimisation) or "
         "simpo (length-normalised rewards with a margin); orpo and simpo need no reference model; reward: a "
-        "reward model (a scalar head) trained on the pairs with the Bradley-Terry loss.",
+        "reward model (a scalar head) trained on the pairs with the Bradley-Terry loss; on data.format=unpaired "
+        "records: kto (Kahneman-Tversky optimisation against the starting model).",
     )
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     orpo: OrpoConfig = Field(default_factory=OrpoConfig)
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    kto: KtoConfig = Field(default_factory=KtoConfig)
     task: Literal["causal_lm", "classification"] = Field(
         "causal_lm",
         description="causal_lm: next-token loss; classification: a sequence-classification head on data.label_field.",

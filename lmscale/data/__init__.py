@@ -90,9 +90,10 @@ def prepare_streaming_data(
     )
 
 
-def has_message_replies(pairs: Dataset) -> bool:
-    """Whether preference records hold message lists (rendered with a chat template) rather than text."""
-    return len(pairs) > 0 and isinstance(pairs[0]["chosen"], list)
+def has_message_replies(records: Dataset, fmt: TaskFormat) -> bool:
+    """Whether preference or unpaired records hold message lists (rendered with a chat template), not text."""
+    reply = {"preference": "chosen", "unpaired": "completion"}.get(fmt.name)
+    return reply is not None and len(records) > 0 and isinstance(records[0][reply], list)
 
 
 def prepare_task_data(
@@ -108,7 +109,7 @@ def prepare_task_data(
         train_records, eval_records = load_task_records(config, fmt, str(cache_dir))
         corpus = None if (config.tokenizer or tokenizer_path) else tokenizer_text(train_records, fmt)
         tokenizer = choose_tokenizer(config, tokenizer_path, corpus, str(cache_dir), None, trust_remote_code)
-        if fmt.name == "chat" or (fmt.name == "preference" and has_message_replies(train_records)):
+        if fmt.name == "chat" or has_message_replies(train_records, fmt):
             ensure_chat_template(tokenizer)
         labels = label_names(train_records, num_labels) if fmt.name == "classification" else None
         train = tokenize_records(train_records, fmt, tokenizer, config, "train", labels)

@@ -31,16 +31,20 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 IGNORE_INDEX = -100  # label value the HF loss skips: padding is never a target
+# The second sequence of a record planned as two rows: a preference pair's rejected reply
+# (lmscale.data.preferences), an unpaired record's mismatched KL sequence (lmscale.data.unpaired).
+SECOND_ROWS = ("rejected_ids", "kl_ids")
+# The columns that hold the reference model's log-probabilities of both rows of a record (computed before
+# training: lmscale.objectives.dpo), by the record's second-row column.
+REFERENCE_COLUMNS = {
+    "rejected_ids": ("ref_chosen_logp", "ref_rejected_logp"),
+    "kl_ids": ("ref_logp", "ref_kl_logp"),
+}
+# Per-record numbers a two-row batch carries beside its rows: the reference log-probabilities, a pair's
+# margin, an unpaired record's label.
+RECORD_VALUES = (*(c for pair in REFERENCE_COLUMNS.values() for c in pair), "margin", "desirable")
 # per-sequence columns of fine-tuning data (lmscale.data.tasks, lmscale.data.preferences, lmscale.objectives.dpo)
-TASK_COLUMNS = (
-    "prompt_len",
-    "target_spans",
-    "label",
-    "rejected_ids",
-    "margin",
-    "ref_chosen_logp",
-    "ref_rejected_logp",
-)
+TASK_COLUMNS = ("prompt_len", "target_spans", "label", *SECOND_ROWS, *RECORD_VALUES)
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,9 @@ class Batch:
     # streamed (each rank then knows only its own, and the loop adds them up).
     group_targets: int | None = None
     group_lengths: torch.Tensor | None = None  # every rank's sequence lengths in the group (length warm-up)
-    pairs: int = 0  # preference pairs: rows [0, pairs) are the chosen replies, [pairs, 2 pairs) the rejected
+    # Two-row records (preference pairs, unpaired records): rows [0, pairs) are the first sequences (the chosen
+    # reply, the completion), [pairs, 2 pairs) the second (the rejected reply, the KL sequence).
+    pairs: int = 0
     stream_position: StreamPosition | None = None  # streamed: where the batch came from
     # The labels are each position's own next-token target already (a sequence-parallel slice, whose last
     # token is predicted from the next slice), not the inputs to shift by one.
@@ -151,11 +157,13 @@ def only_spans(labels: torch.Tensor, spans: list[list[list[int]]]) -> torch.Tens
 
 
 def collate_pairs(records: dict, pad_id: int) -> dict[str, torch.Tensor]:
-    """Preference pairs as one batch: the chosen sequences in the first half of the rows, the rejected in
-    the second (so row i and row i + pairs are one pair), with the reference log-probabilities once known."""
-    chosen, rejected = list(records["input_ids"]), list(records["rejected_ids"])
-    batch = collate(chosen + rejected, pad_id, prompt_lens=list(records["prompt_len"]) * 2)
-    for name in ("ref_chosen_logp", "ref_rejected_logp", "margin"):
+    """Two-row records (preference pairs, unpaired records with their KL sequence) as one batch: the first
+    sequences in the first half of the rows, the second in the other (so row i and row i + pairs are one
+    record), with the reference log-probabilities once known."""
+    second = next(name for name in SECOND_ROWS if name in records)
+    first, other = list(records["input_ids"]), list(records[second])
+    batch = collate(first + other, pad_id, prompt_lens=list(records["prompt_len"]) * 2)
+    for name in RECORD_VALUES:
         if name in records:
             batch[name] = torch.as_tensor(records[name], dtype=torch.float32)
     return batch
@@ -206,7 +214,7 @@ class EpochBatches(torch.utils.data.Dataset):
         self.sequence_shard = sequence_shard
         # Fine-tuning data carries a prompt length (masked out of the loss) or a class label per sequence.
         self.extra = [c for c in TASK_COLUMNS if c in sequences.column_names]
-        self.paired = "rejected_ids" in self.extra  # preference pairs (lmscale.data.preferences)
+        self.paired = any(name in self.extra for name in SECOND_ROWS)  # two rows per record
         self.sequences = sequences.select_columns(["input_ids", *self.extra])
         self.lengths, self.plan, self.rank, self.pad_id, self.pad_to = lengths, plan, rank, pad_id, pad_to
 

@@ -53,7 +53,7 @@ def missing_field(values: dict[str, object]) -> str | None:
 
 @dataclass(frozen=True)
 class TaskFormat:
-    name: str  # prompt_completion, chat, preference or classification
+    name: str  # prompt_completion, chat, preference, unpaired or classification
     fields: dict[str, str]  # the column each record field is read from -> its name here (= data.<name>_field)
     optional: frozenset[str] = frozenset()  # names here a record may lack (a preference pair's prompt)
 
@@ -76,6 +76,13 @@ def task_format(config: DataConfig, task: str) -> TaskFormat | None:
             config.margin_field: "margin",
         }
         return TaskFormat("preference", fields, optional=frozenset({"prompt", "margin"}))
+    if config.format == "unpaired":
+        fields = {
+            config.prompt_field: "prompt",
+            config.completion_field: "completion",
+            config.label_field: "label",
+        }
+        return TaskFormat("unpaired", fields, optional=frozenset({"prompt"}))
     return None
 
 
@@ -131,6 +138,10 @@ def tokenizer_text(records: Dataset, fmt: TaskFormat) -> Dataset:
             from lmscale.data.preferences import preference_text  # it builds on this module
 
             return {"text": preference_text(batch)}
+        if fmt.name == "unpaired":
+            from lmscale.data.unpaired import unpaired_text  # it builds on this module
+
+            return {"text": unpaired_text(batch)}
         if fmt.name == "prompt_completion":
             return {"text": [f"{p}{c}" for p, c in zip(batch["prompt"], batch["completion"], strict=True)]}
         if fmt.name == "chat":
@@ -335,6 +346,10 @@ def tokenize_records(
         from lmscale.data.preferences import encode_preferences  # it builds on this module
 
         encode, kwargs = encode_preferences, {"max_seq_len": config.max_seq_len}
+    elif fmt.name == "unpaired":
+        from lmscale.data.unpaired import encode_unpaired  # it builds on this module
+
+        encode, kwargs = encode_unpaired, {"max_seq_len": config.max_seq_len}
     else:
         loss = ChatLoss(config.chat_loss, config.train_field)
         encode, kwargs = encode_instructions, {"fmt": fmt, "max_seq_len": config.max_seq_len, "loss": loss}
@@ -350,12 +365,19 @@ def tokenize_records(
     sequences = check_problems(sequences, records[ORIGIN], fmt, split, config.on_bad_record)
     if len(sequences) == 0:
         raise ConfigError(f"the {split} data has no usable {fmt.name} records: check data.path")
+    if fmt.name == "unpaired":
+        from lmscale.data.unpaired import with_kl_sequences
+
+        sequences = with_kl_sequences(sequences, config.max_seq_len)
     return sequences
 
 
 def dataset_summary(sequences: Dataset) -> str:
     if "rejected_ids" in sequences.column_names:
         return f"{len(sequences)} preference pairs, {int(np.sum(sequences['tokens']))} tokens"
+    if "kl_ids" in sequences.column_names:
+        desirable = int(np.sum(sequences["desirable"]))
+        return f"{len(sequences)} records ({desirable} desirable), {int(np.sum(sequences['tokens']))} tokens"
     lengths = np.asarray(sequences["length"])
     targets = np.asarray(sequences["targets"])
     return f"{len(lengths)} sequences, {int(lengths.sum())} tokens, {int(targets.sum())} loss targets"

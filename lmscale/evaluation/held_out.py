@@ -23,7 +23,7 @@ from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
 from lmscale.errors import LmscaleError
 from lmscale.evaluation.inference import Sampling, generate_text, load_for_inference
 from lmscale.methods import method_for
-from lmscale.objectives.loss import objective_totals, summed_loss, summed_token_loss
+from lmscale.objectives.loss import figure_means, objective_totals, summed_loss, summed_token_loss
 
 
 def evaluation_config(target: Path, data: str | None) -> Config:
@@ -125,7 +125,7 @@ def objective_scores(
     batches = scoring_stream(examples, config, pad_id).loader(0, 0, max_batches)
     loss_sum, count, sums = objective_totals(ModelForward(model), batches, method.objective(config))
     scores = {"eval_loss": float(loss_sum) / count}
-    scores |= {f"eval_{name}": float(value) / count for name, value in sums.items()}
+    scores |= {f"eval_{name}": value for name, value in figure_means(sums, count).items()}
     return scores | {f"eval_{method.target_unit}": count}
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from lmscale.methods.base import Method, MethodFigures, Panel
 from lmscale.methods.classification import CLASSIFICATION
 from lmscale.methods.dpo import DPO
+from lmscale.methods.kto import KTO
 from lmscale.methods.orpo import ORPO
 from lmscale.methods.reward import REWARD
 from lmscale.methods.sft import SFT
@@ -25,14 +26,15 @@ METHODS: dict[str, Method] = {
     "orpo": ORPO,
     "simpo": SIMPO,
     "reward": REWARD,
+    "kto": KTO,
 }
 
 __all__ = [
     "CLASSIFICATION",
     "DPO",
+    "KTO",
     "METHODS",
     "ORPO",
-    "REWARD",
     "REWARD",
     "SFT",
     "SIMPO",

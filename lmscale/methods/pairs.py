@@ -12,18 +12,19 @@ if TYPE_CHECKING:
 
 
 def pair_rules(config: Config) -> list[str]:
-    """Whole preference pairs, both replies of a pair side by side in one micro-batch."""
+    """Whole two-row records (a preference pair's replies, an unpaired record's completion and KL sequence)
+    side by side in one micro-batch."""
     data, key = config.data, f"finetune.method={config.finetune.method}"
     problems = []  # packing, streaming and length warm-up are refused by DataConfig for any record format
     if config.finetune.task != "causal_lm":
         problems.append(f"{key} needs finetune.task=causal_lm")
     if data.batching == "pad":
-        problems.append("data.batching=pad does not apply to preference pairs: use bucket")
+        problems.append(f"data.batching=pad does not apply to {key}, which plans whole records: use bucket")
     budget = data.max_tokens_per_batch
     if isinstance(budget, int) and budget < 2 * data.max_seq_len:
         problems.append(
-            f"data.max_tokens_per_batch={budget} cannot hold a pair of data.max_seq_len={data.max_seq_len} "
-            f"replies: raise it to at least {2 * data.max_seq_len}"
+            f"data.max_tokens_per_batch={budget} cannot hold a record's two sequences of data.max_seq_len="
+            f"{data.max_seq_len} tokens: raise it to at least {2 * data.max_seq_len}"
         )
     if config.train.label_smoothing:
         problems.append(f"train.label_smoothing applies to cross-entropy, not {key}: set it to 0")

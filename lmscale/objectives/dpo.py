@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from lmscale.atomic import write_atomically
 from lmscale.config import DpoConfig
-from lmscale.data.batches import IGNORE_INDEX, Batch, BatchStream
+from lmscale.data.batches import IGNORE_INDEX, REFERENCE_COLUMNS, SECOND_ROWS, Batch, BatchStream
 from lmscale.data.bucketing import FILLER
 from lmscale.errors import LmscaleError
 from lmscale.objectives.loss import LossParts, Objective, forward
 
-REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+PAIR_REFERENCE = REFERENCE_COLUMNS["rejected_ids"]
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +114,7 @@ def dpo_objective(settings: DpoConfig) -> Objective:
         logits, labels = forward(engine, batch)
         logps, targets = sequence_logps(logits, labels)
         pairs = batch.pairs
-        reference = torch.cat([batch[name] for name in REFERENCE_COLUMNS]).to(logps.device)
+        reference = torch.cat([batch[name] for name in PAIR_REFERENCE]).to(logps.device)
         # a filler batch (pairs == 0) still sums to a 0 joined to the graph: its backward keeps ZeRO in step
         scores = pair_scores(logps[: 2 * pairs], reference, targets[: 2 * pairs], settings)
         return LossParts(scores.losses.sum(), pairs, preference_figures(scores))
@@ -134,9 +134,10 @@ def adapters_off(model: torch.nn.Module):
 def reference_logps(
     engine: Any, stream: BatchStream, progress: Callable[[], None] = lambda: None
 ) -> np.ndarray:
-    """[pairs, 2] log-probabilities of each pair's chosen and rejected reply under the model as it is now.
+    """[records, 2] log-probabilities of both rows of each two-row record (a pair's chosen and rejected
+    reply, an unpaired record's completion and KL sequence) under the model as it is now.
 
-    `stream` plans the pairs over the ranks unshuffled; every rank scores its own batches (the same
+    `stream` plans the records over the ranks unshuffled; every rank scores its own batches (the same
     number on every rank, as ZeRO-3's gathers need), and the results are gathered onto every rank.
     """
     plan = stream.plan(0)
@@ -161,18 +162,20 @@ def reference_logps(
     return table
 
 
-def with_reference(pairs, table: np.ndarray, split: str):
-    """The pairs with their reference log-probabilities as columns (what the batches carry)."""
-    if table.shape != (len(pairs), 2) or np.isnan(table).any():
+def with_reference(records, table: np.ndarray, split: str):
+    """Two-row records (pairs, unpaired records) with the reference log-probabilities of both rows as
+    columns (what the batches carry)."""
+    if table.shape != (len(records), 2) or np.isnan(table).any():
         raise LmscaleError(
-            f"the run's reference log-probabilities do not cover the {len(pairs)} {split} pairs of the data "
+            f"the run's reference log-probabilities do not cover the {len(records)} {split} records of the data "
             "(it changed since the run started): restore the data, or start a new run (--force)"
         )
-    for index, name in enumerate(REFERENCE_COLUMNS):
-        if name in pairs.column_names:
-            pairs = pairs.remove_columns(name)
-        pairs = pairs.add_column(name, table[:, index].astype(np.float32).tolist())
-    return pairs
+    second = next(name for name in SECOND_ROWS if name in records.column_names)
+    for index, name in enumerate(REFERENCE_COLUMNS[second]):
+        if name in records.column_names:
+            records = records.remove_columns(name)
+        records = records.add_column(name, table[:, index].astype(np.float32).tolist())
+    return records
 
 
 def save_reference(path: Path, tables: dict[str, np.ndarray]) -> None:
@@ -185,7 +188,7 @@ def save_reference(path: Path, tables: dict[str, np.ndarray]) -> None:
 def load_reference(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise LmscaleError(
-            f"{path} is missing: a DPO run resumes against the reference log-probabilities it computed at its "
+            f"{path} is missing: a DPO or KTO run resumes against the reference log-probabilities it computed at its "
             "start; start a new run (--force) to compute them again"
         )
     with np.load(path) as tables:

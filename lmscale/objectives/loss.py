@@ -114,6 +114,25 @@ class LossParts:
 
 Objective = Callable[[Any, Batch], LossParts]  # (engine, batch) -> its loss parts
 
+# A figure X whose sums also hold X:count is a mean over that count (KTO's rewards of its desirable records),
+# not over the loss targets.
+COUNT = ":count"
+
+
+def per_count(name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sums of a figure reported as the mean of `values` over their own number."""
+    return {name: values.sum(), name + COUNT: values.new_tensor(float(values.numel()))}
+
+
+def figure_means(sums: dict[str, float], targets: float) -> dict[str, float]:
+    """Each figure's mean: over its own count where it has one (left out when that is 0), else the targets."""
+    means = {}
+    for name, total in sums.items():
+        count = sums.get(name + COUNT, targets)
+        if not name.endswith(COUNT) and count > 0:
+            means[name] = float(total) / float(count)
+    return means
+
 
 def add_sums(totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
     """Add an objective's figure sums into running totals (float64, detached)."""

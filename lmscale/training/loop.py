@@ -15,7 +15,14 @@ import torch
 from lmscale import faults
 from lmscale.data.batches import Batch, BatchStream, step_targets, truncate_batch
 from lmscale.methods import SFT, Method
-from lmscale.objectives.loss import Objective, add_sums, cross_entropy_objective, objective_totals, perplexity
+from lmscale.objectives.loss import (
+    Objective,
+    add_sums,
+    cross_entropy_objective,
+    figure_means,
+    objective_totals,
+    perplexity,
+)
 from lmscale.parallel.layout import Layout
 from lmscale.reporting.sink import MetricsSink
 from lmscale.reporting.throughput import ThroughputModel
@@ -79,7 +86,7 @@ def evaluate(
     names = sorted(sums)  # the same on every rank: every batch of an objective reports the same figures
     totals = all_ranks_sum([loss_sum, targets, *(sums[n] for n in names)], engine.device)
     count = max(totals[1], 1)
-    means = {n: t / count for n, t in zip(names, totals[2:], strict=True)}
+    means = figure_means(dict(zip(names, totals[2:], strict=True)), count)
     return Evaluation(totals[0] / count, means, method)
 
 

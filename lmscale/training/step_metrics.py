@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from lmscale.data.batches import Batch
+from lmscale.objectives.loss import figure_means
 from lmscale.parallel.layout import Layout
 from lmscale.reporting.sink import MetricsSink
 from lmscale.reporting.throughput import ThroughputModel
@@ -149,7 +150,7 @@ def log_window(
         "tokens_seen": tokens_before + int(real),
         "skipped_steps": int(engine.skipped_steps),
     }
-    metrics.update({n: t / max(targets, 1) for n, t in zip(names, totals[7:], strict=True)})
+    metrics.update(figure_means(dict(zip(names, totals[7:], strict=True)), targets))
     if compiling_s > 0:
         metrics["compile_s"] = compiling_s
     if throughput is not None:

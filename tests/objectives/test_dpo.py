@@ -219,7 +219,7 @@ def dpo_config(**changes) -> dict:
     [
         ({"finetune": {"method": "dpo"}}, "set data.format=preference"),
         ({"data": {"format": "preference"}}, "set finetune.method=dpo"),
-        (dpo_config(data__batching="pad"), "data.batching=pad does not apply to preference pairs"),
+        (dpo_config(data__batching="pad"), "data.batching=pad does not apply to finetune.method=dpo"),
         (dpo_config(data__batching="pack"), "data.batching=pack does not apply"),
         (dpo_config(data__max_seq_len=256, data__max_tokens_per_batch=400), "at least 512"),
         (dpo_config(train__label_smoothing=0.1), "train.label_smoothing applies to cross-entropy"),
