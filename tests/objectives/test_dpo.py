@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import tiny_gpt2_config, word_level_tokenizer
+from helpers import tiny_gpt2_config
 from transformers import GPT2LMHeadModel
 
 from lmscale.config import Config, DataConfig, DpoConfig, build_config
 from lmscale.data.batches import IGNORE_INDEX, EpochBatches
 from lmscale.data.bucketing import plan_epoch
 from lmscale.data.preferences import encode_preferences, pair_sequences
-from lmscale.data.tasks import PLAIN_CHAT_TEMPLATE, check_problems, task_format
+from lmscale.data.tasks import check_problems, task_format
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.evaluation.held_out import ModelForward
 from lmscale.objectives.dpo import (
@@ -24,12 +24,6 @@ from lmscale.objectives.dpo import (
     sequence_logps,
     with_reference,
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    words = ["user", "assistant", ":", "\n"] + [f"w{i}" for i in range(40)]
-    return word_level_tokenizer(words, PLAIN_CHAT_TEMPLATE)
 
 
 def encode(records: list[dict], tokenizer, max_seq_len: int = 64) -> dict:

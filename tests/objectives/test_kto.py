@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from test_dpo import tiny_model, tokenizer  # noqa: F401  (tokenizer is a fixture)
+from test_dpo import tiny_model
 
 from lmscale.config import DataConfig, KtoConfig, build_config
 from lmscale.data.batches import IGNORE_INDEX, EpochBatches
@@ -65,7 +65,11 @@ def test_partners_are_neighbours_in_length_with_another_prompt():
     partners = kl_partners(prompts, lengths)
     # length order 1, 2, 3, 0, 4: each takes the next; record 2 skips record 3, which has its prompt
     assert partners.tolist() == [4, 2, 0, 0, 1]
-    assert sorted(kl_partners([(1,)] * 3, np.array([1, 2, 3])).tolist()) == [0, 1, 2]  # one prompt: a rotation
+    assert sorted(kl_partners([(1,)] * 3, np.array([1, 2, 3])).tolist()) == [
+        0,
+        1,
+        2,
+    ]  # one prompt: a rotation
 
 
 def test_message_records_and_unusable_ones(tokenizer):
@@ -142,7 +146,7 @@ def trl_inputs(batch) -> dict:
     return DataCollatorForUnpairedPreference(pad_token_id=0, max_length=None)(examples)
 
 
-def test_the_loss_and_rewards_equal_trl_kto_trainer_on_the_same_model_and_batch(tokenizer, tmp_path):  # noqa: F811
+def test_the_loss_and_rewards_equal_trl_kto_trainer_on_the_same_model_and_batch(tokenizer, tmp_path):
     import trl  # a test extra: TRL is the oracle here, never a dependency of lmscale
 
     settings = KtoConfig(beta=0.3, desirable_weight=1.3, undesirable_weight=0.8)
@@ -205,7 +209,9 @@ def test_kto_trains_on_unpaired_records_and_says_so_in_one_line():
     assert kto.name == "kto" and kto.needs_reference and kto.dropout_off and method_problems(config) == []
     with pytest.raises(ConfigError, match="finetune.method=kto trains on data.format unpaired: set "):
         build_config({**raw, "data": {"format": "preference"}})
-    with pytest.raises(ConfigError, match="data.format=unpaired is for another method: set finetune.method=kto"):
+    with pytest.raises(
+        ConfigError, match="data.format=unpaired is for another method: set finetune.method=kto"
+    ):
         build_config({"data": {"format": "unpaired"}})
     with pytest.raises(ConfigError, match="cannot hold a record's two sequences"):
         build_config({**raw, "data": {"format": "unpaired", "max_seq_len": 128, "max_tokens_per_batch": 200}})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from test_dpo import fixed_batch, tiny_model, tokenizer  # noqa: F401  (tokenizer is a fixture)
+from test_dpo import fixed_batch, tiny_model
 
 from lmscale.config import OrpoConfig, SimpoConfig, build_config
 from lmscale.errors import ConfigError
@@ -55,7 +55,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("kind", CASES)
-def test_the_loss_and_rewards_equal_trl_on_the_same_model_and_batch(kind, tokenizer, tmp_path):  # noqa: F811
+def test_the_loss_and_rewards_equal_trl_on_the_same_model_and_batch(kind, tokenizer, tmp_path):
     settings, objective = CASES[kind]
     model, batch = tiny_model(), fixed_batch(tokenizer)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers import tiny_gpt2_config
-from test_dpo import fixed_batch, tokenizer  # noqa: F401  (tokenizer is a fixture)
+from test_dpo import fixed_batch
 from transformers import GPT2ForSequenceClassification
 
 from lmscale.config import RewardConfig
@@ -28,7 +28,7 @@ def reward_model(pad_id: int) -> GPT2ForSequenceClassification:
 
 
 @pytest.mark.parametrize(("center", "margins"), [(None, None), (0.05, None), (None, [0.5, 0.0, 1.5, -0.25])])
-def test_the_loss_and_rewards_equal_trl_reward_trainer(tokenizer, tmp_path, center, margins):  # noqa: F811
+def test_the_loss_and_rewards_equal_trl_reward_trainer(tokenizer, tmp_path, center, margins):
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
@@ -68,7 +68,7 @@ def test_length_batches_hold_the_budget_and_every_record_once():
     assert length_batches([100], max_tokens=10) == [[0]]  # a record over the budget still gets a batch
 
 
-def test_score_writes_each_records_reward_in_order_whatever_the_batching(tokenizer, tmp_path):  # noqa: F811
+def test_score_writes_each_records_reward_in_order_whatever_the_batching(tokenizer, tmp_path):
     model = reward_model(tokenizer.pad_token_id)
     model.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
@@ -97,7 +97,7 @@ def test_score_writes_each_records_reward_in_order_whatever_the_batching(tokeniz
         score_command(tmp_path / "rm", data, None, 100)
 
 
-def test_a_pairs_margin_is_read_from_its_field_and_checked(tokenizer):  # noqa: F811
+def test_a_pairs_margin_is_read_from_its_field_and_checked(tokenizer):
     from lmscale.data.preferences import encode_preferences
 
     batch = {
