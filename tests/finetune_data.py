@@ -108,3 +108,12 @@ def preference_records(limit: int = 600) -> list[dict]:
         for sig, doc, _ in documented_functions(limit)
         if len(doc.split()) > 2
     ]
+
+
+def unpaired_records(limit: int = 600) -> list[dict]:
+    """The preference records unpaired (KTO): the chosen reply labelled desirable, the rejected one not."""
+    return [
+        {"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+        for pair in preference_records(limit)
+        for side in ("chosen", "rejected")
+    ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lmscale.methods.base import Method, MethodFigures
-from lmscale.methods.pairs import pair_rules
+from lmscale.methods.pairs import pair_rules, rewards_panel
 
 if TYPE_CHECKING:
     from lmscale.config import Config
@@ -32,16 +32,15 @@ KTO = Method(
                 ("label_accuracy", "eval_label_accuracy"),
                 True,
             ),  # fmt: skip
-            (
-                "Rewards",
-                "beta x log-ratio to the reference, mean of desirable / undesirable records",
-                ("rewards_chosen", "rewards_rejected", "eval_rewards_chosen", "eval_rewards_rejected"),
-                False,
-            ),  # fmt: skip
+            rewards_panel("beta x log-ratio to the reference (means of desirable / undesirable records)"),
             ("KL estimate", "policy vs reference, mismatched pairs", ("kl", "eval_kl"), True),
         ),
-        summary_keys=("eval_loss", "eval_label_accuracy", "eval_rewards_chosen", "eval_rewards_rejected"),
-        console=(("label_accuracy", "label_acc", "{:.3f}"), ("kl", "kl", "{:.3f}")),
+        summary_keys=("eval_loss", "eval_label_accuracy", "eval_rewards_margin", "eval_kl"),
+        console=(
+            ("label_accuracy", "label_acc", "{:.3f}"),
+            ("rewards_margin", "margin", "{:+.3f}"),
+            ("kl", "kl", "{:.3f}"),
+        ),
         evaluation=(
             ("rewards_chosen", "reward desirable", "{:+.3f}"),
             ("rewards_rejected", "undesirable", "{:+.3f}"),

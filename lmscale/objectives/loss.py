@@ -125,12 +125,17 @@ def per_count(name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def figure_means(sums: dict[str, float], targets: float) -> dict[str, float]:
-    """Each figure's mean: over its own count where it has one (left out when that is 0), else the targets."""
+    """Each figure's mean: over its own count where it has one (left out when that is 0), else the targets.
+    Where the rewards of two groups are such means (KTO's desirable and undesirable records), their margin is
+    the difference of the means, as TRL logs it."""
     means = {}
     for name, total in sums.items():
         count = sums.get(name + COUNT, targets)
         if not name.endswith(COUNT) and count > 0:
             means[name] = float(total) / float(count)
+    groups = ("rewards_chosen", "rewards_rejected")
+    if "rewards_margin" not in sums and all(g in means and g + COUNT in sums for g in groups):
+        means["rewards_margin"] = means["rewards_chosen"] - means["rewards_rejected"]
     return means
 
 

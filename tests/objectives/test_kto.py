@@ -177,6 +177,7 @@ def test_the_loss_and_rewards_equal_trl_kto_trainer_on_the_same_model_and_batch(
     assert means["kl"] == pytest.approx(metrics["kl"], abs=1e-5) and means["kl"] > 0
     assert means["rewards_chosen"] == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
     assert means["rewards_rejected"] == pytest.approx(metrics["rewards/rejected"], abs=1e-5)
+    assert means["rewards_margin"] == pytest.approx(metrics["rewards/margins"], abs=1e-5)
     # The test would notice a 1% change of any parameter.
     for field in type(settings).model_fields:
         changed = settings.model_copy(update={field: getattr(settings, field) * 1.01})
@@ -198,7 +199,13 @@ def test_the_kl_estimate_is_a_floor_at_zero_and_a_tie_counts_half():
     assert float(kl_estimate(torch.tensor([-1.0, -2.0]))) == 0.0  # a negative estimate is clamped
     figures = figure_means({k: float(v) for k, v in kto_figures(scores, torch.tensor(0.2)).items()}, 3)
     assert figures == pytest.approx(
-        {"kl": 0.2, "label_accuracy": 2.5 / 3, "rewards_chosen": 0.5, "rewards_rejected": -1.0}
+        {
+            "kl": 0.2,
+            "label_accuracy": 2.5 / 3,
+            "rewards_chosen": 0.5,
+            "rewards_rejected": -1.0,
+            "rewards_margin": 1.5,
+        }
     )
 
 
