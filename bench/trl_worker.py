@@ -1,0 +1,129 @@
+"""One rank of the TRL side of bench/vs_trl.py (started by the `deepspeed` launcher).
+
+TRL's SFTTrainer (assistant-only loss; with --packing its padding-free best-fit packing) or DPOTrainer (with
+precomputed reference log-probabilities) under its DeepSpeed integration (ZeRO-2, bf16, CPU), one epoch on the
+bench's chat or preference records; prints one JSON line of figures on rank 0 and saves the trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+DEEPSPEED = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": True},
+    "zero_optimization": {"stage": 2},
+    "steps_per_print": 10**9,
+}
+
+
+def common_args(args) -> dict:
+    """The training settings both sides share (lmscale's defaults where TRL's differ)."""
+    return dict(
+        output_dir=args.out,
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        bf16=True,
+        use_cpu=True,
+        deepspeed=DEEPSPEED,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=1,
+        seed=args.seed,
+        disable_tqdm=True,
+        max_length=args.max_length,
+    )
+
+
+def sft_trainer(args, model, tokenizer, records):
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(**common_args(args), assistant_only_loss=True, packing=args.packing)
+    return SFTTrainer(model=model, args=config, train_dataset=records, processing_class=tokenizer)
+
+
+def dpo_trainer(args, model, tokenizer, records):
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(**common_args(args), beta=0.1, precompute_ref_log_probs=True)
+    return DPOTrainer(model=model, args=config, train_dataset=records, processing_class=tokenizer)
+
+
+class LoopClock(TrainerCallback):
+    """The training loop's seconds, from after the DeepSpeed engine is built (HF's train_runtime counts that
+    too) to the last step: what lmscale's closing line times."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.started
+
+
+def target_tokens(trainer, mode: str) -> int:
+    """The loss targets of one epoch: assistant tokens (SFT), the two replies' tokens (DPO)."""
+    dataset = trainer.train_dataset
+    if mode == "dpo":
+        return int(
+            sum(len(c) + len(r) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"], strict=True))
+        )
+    return int(sum(sum(label != -100 for label in labels) for labels in dataset["labels"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--mode", choices=["sft", "dpo"], required=True)
+    parser.add_argument("--data", required=True, help="jsonl of chat (messages) or preference records")
+    parser.add_argument("--base", required=True, help="the starting model and tokenizer directory")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-size", type=int, required=True, help="rows (SFT) or pairs (DPO) per device")
+    parser.add_argument("--max-length", type=int, required=True)
+    parser.add_argument("--packing", action="store_true", help="SFT: TRL's padding-free best-fit packing")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    records = load_dataset("json", data_files=args.data, split="train")
+    build = sft_trainer if args.mode == "sft" else dpo_trainer
+    trainer = build(args, model, tokenizer, records)
+    targets = target_tokens(trainer, args.mode)
+    clock = LoopClock()
+    trainer.add_callback(clock)
+    result = trainer.train()
+    trainer.save_model(os.path.join(args.out, "model"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        tokenizer.save_pretrained(os.path.join(args.out, "model"))
+        figures = {
+            "target_tokens": targets,
+            "loop_s": clock.seconds,
+            "train_runtime_s": result.metrics["train_runtime"],
+        }
+        print(json.dumps(figures | {"steps": result.global_step}))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
