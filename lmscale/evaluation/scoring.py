@@ -4,6 +4,7 @@ a `reward` field), batched by length so that little of the work is padding."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from lmscale.data.batches import collate
 from lmscale.data.tasks import chat_prompt_and_completion, ensure_chat_template
 from lmscale.errors import LmscaleError
 from lmscale.evaluation.inference import is_sequence_classifier, load_for_inference
+
+log = logging.getLogger(__name__)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -36,14 +39,21 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def record_ids(record: dict, tokenizer) -> list[int]:
-    """The record as the reward model was trained on a reply: prompt + reply + EOS, the two tokenized apart."""
+def record_ids(record: dict, tokenizer, limit: int | None = None) -> list[int]:
+    """The record as the reward model was trained on a reply: prompt + reply + EOS, the two tokenized apart,
+    cut to `limit` tokens as training cut a reply at data.max_seq_len."""
     if "messages" in record:
         prompt, reply = chat_prompt_and_completion(record["messages"], tokenizer)
     else:
         prompt, reply = str(record["prompt"]), str(record["completion"])
     encoded = tokenizer([prompt, reply], add_special_tokens=False)["input_ids"]
-    return [*encoded[0], *encoded[1], tokenizer.eos_token_id]
+    return [*encoded[0], *encoded[1], tokenizer.eos_token_id][:limit]
+
+
+def position_limit(model) -> int | None:
+    """The most positions the model embeds (None when its config does not say)."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -79,7 +89,11 @@ def score_command(target: Path, data: Path, out: Path | None, max_tokens: int) -
     records = read_records(data)
     if any("messages" in record for record in records):
         ensure_chat_template(tokenizer)
-    rows = [record_ids(record, tokenizer) for record in records]
+    limit = position_limit(model)
+    rows = [record_ids(record, tokenizer, limit) for record in records]
+    cut = sum(len(row) == limit for row in rows)
+    if cut:
+        log.warning("score: %d record(s) cut to the model's %d positions (scored on their start)", cut, limit)
     rewards = rewards_of(model, rows, tokenizer.pad_token_id, max_tokens)
     out = out or data.with_name(f"{data.stem}.rewards.jsonl")
     write_atomically(

@@ -92,6 +92,14 @@ def test_score_writes_each_records_reward_in_order_whatever_the_batching(tokeniz
         LmscaleError, match="is a sequence classifier .* and writes no text: rate records with"
     ):
         generate_command(tmp_path / "rm", "w1", None, False, Sampling(max_new_tokens=2))
+    # a record longer than the model's positions is scored on its start, as training cut it
+    limit = model.config.n_positions
+    data.write_text(json.dumps({"prompt": "w1 " * (limit + 20), "completion": "w2"}) + "\n")
+    written = score_command(tmp_path / "rm", data, tmp_path / "long.jsonl", 10_000)
+    with torch.no_grad():
+        start = torch.tensor([record_ids(json.loads(data.read_text()), tokenizer)[:limit]])
+        expected = float(model(input_ids=start).logits[0, 0])
+    assert json.loads(written.read_text())["reward"] == pytest.approx(expected, abs=1e-5)
     data.write_text('{"text": "no prompt"}\n')
     with pytest.raises(LmscaleError, match="line 1 has neither `messages` nor `prompt` and `completion`"):
         score_command(tmp_path / "rm", data, None, 100)
