@@ -107,7 +107,7 @@ def test_sequence_parallel_pair_trains_like_one_process_under_zero_1_and_3(tmp_p
     assert "chunked loss: output layer fused into the loss" in result.stderr
     assert all(abs(losses(zero3)[s] - expected[s]) < 1e-4 for s in expected), (expected, losses(zero3))
 
-    sigkill_and_resume(tmp_path / "killed", cache_dir, "parallel.sequence=2", got)
+    # A sequence-parallel rank's death and exact resume: the tensor x sequence run below (CI time).
 
     torch.testing.assert_close(
         exported_logits(pair, tmp_path / "pair_hf", TOKENS),

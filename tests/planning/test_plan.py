@@ -141,7 +141,8 @@ def test_plan_command_sizes_a_lora_run_by_its_adapters():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-1 writes ZeRO-2's optimizer shards (DeepSpeed's stage_1_and_2.py): 2 stands for both (CI time).
+@pytest.mark.parametrize("stage", [2, 3])
 def test_predicted_partitions_match_what_two_ranks_write(tmp_path, cache_dir, stage):
     """Each rank's optimizer shard holds its fp32 weights and Adam moments: 12 psi / N bytes predicted."""
     out = tmp_path / "run"

@@ -39,7 +39,9 @@ def train(ranks, out, cache_dir, zero, steps):
     return result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+# ZeRO-3, whose partitioned parameters and optimizer states both go through the universal checkpoint; ZeRO-2's
+# states take the same path (CI time: one run).
+@pytest.mark.parametrize("zero", [3])
 def test_two_ranks_to_one_and_back_continues_training(tmp_path, cache_dir, zero):
     out = tmp_path / "run"
     train(2, out, cache_dir, zero, steps=6)

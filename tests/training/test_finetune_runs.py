@@ -48,7 +48,9 @@ def eval_losses(run):
     return [r for r in records if "eval_loss" in r]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3, where the adapters are partitioned with the frozen base; LoRA under ZeRO 0 and 2 is the DPO LoRA
+# runs' (tests/methods/test_dpo_runs.py), CI time.
+@pytest.mark.parametrize("stage", [3])
 def test_lora_fine_tune_lowers_eval_loss_exports_merges_and_resumes(workspace, tmp_path, stage):
     run = tmp_path / "run"
     args = common(workspace, run) + [

@@ -83,12 +83,10 @@ def losses(out):
 
 
 # ZeRO-1 shares ZeRO-2's optimizer class and checkpoint layout in DeepSpeed (stage_1_and_2.py), and
-# lmscale's checkpoint code does not tell them apart: ZeRO-2 stands for both (CI time).
-@pytest.mark.parametrize(
-    ("zero", "extra"),
-    [(2, []), (3, []), (2, STREAMING)],
-    ids=["zero2", "zero3", "zero2-streaming"],
-)
+# lmscale's checkpoint code does not tell them apart: ZeRO-2 stands for both. A streamed corpus adds each
+# worker's place in its shard to what must come back. ZeRO-3's exact resume after a dead rank is the DPO,
+# ORPO and KTO runs' (tests/methods), ZeRO-0's the fault runs' (CI time: one SIGKILL run here).
+@pytest.mark.parametrize(("zero", "extra"), [(2, STREAMING)], ids=["zero2-streaming"])
 def test_sigkill_then_resume_continues_the_same_curve(tmp_path, cache_dir, zero, extra):
     reference = launch(tmp_path / "reference", cache_dir, zero, extra)
     output = reference.communicate(timeout=900)[0]
