@@ -17,6 +17,42 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
+# The HF-side benchmarks' DeepSpeed config, as lmscale's runs are set: ZeRO-2, bf16 (batch settings: HF's).
+DEEPSPEED_ZERO2 = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": True},
+    "zero_optimization": {"stage": 2},
+    "steps_per_print": 10**9,
+}
+
+
+def shared_training_args(args) -> dict:
+    """What the HF-side benchmarks (this one, bench/trl_worker.py) set as lmscale's runs do: one epoch, LR with
+    warm-up and cosine decay, AdamW with lmscale's beta2 and weight decay, clipping at 1, ZeRO-2 bf16 on CPU."""
+    return dict(
+        output_dir=args.out,
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        bf16=True,
+        use_cpu=True,
+        deepspeed=DEEPSPEED_ZERO2,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=1,
+        seed=args.seed,
+        disable_tqdm=True,
+    )
+
 
 def pad_to_longest(pad_id: int):
     """Rows padded to the batch's longest; padding is neither attended to nor a target."""
@@ -58,36 +94,10 @@ def main() -> None:
         AutoConfig.from_pretrained(args.model_config), dtype=torch.float32
     )
     model.config.use_cache = False
-    ds_config = {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": True},
-        "zero_optimization": {"stage": 2},
-        "steps_per_print": 10**9,
-    }
     training = TrainingArguments(
-        output_dir=args.out,
-        per_device_train_batch_size=args.batch_size,
-        num_train_epochs=1,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type="cosine",
-        weight_decay=0.1,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        bf16=True,
-        use_cpu=True,
-        deepspeed=ds_config,
+        **shared_training_args(args),
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         length_column_name="length",
-        logging_steps=10**9,
-        save_strategy="no",
-        report_to=[],
-        dataloader_num_workers=1,
-        seed=args.seed,
-        disable_tqdm=True,
         torch_compile=args.torch_compile,
     )
     if args.padding_free:

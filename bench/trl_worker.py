@@ -15,42 +15,13 @@ import time
 
 import torch
 from datasets import load_dataset
+from hf_trainer_worker import shared_training_args  # this directory: the launcher runs the script from it
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-DEEPSPEED = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "train_batch_size": "auto",
-    "gradient_clipping": "auto",
-    "bf16": {"enabled": True},
-    "zero_optimization": {"stage": 2},
-    "steps_per_print": 10**9,
-}
 
 
 def common_args(args) -> dict:
-    """The training settings both sides share (lmscale's defaults where TRL's differ)."""
-    return dict(
-        output_dir=args.out,
-        per_device_train_batch_size=args.batch_size,
-        num_train_epochs=1,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type="cosine",
-        weight_decay=0.1,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        bf16=True,
-        use_cpu=True,
-        deepspeed=DEEPSPEED,
-        logging_steps=10**9,
-        save_strategy="no",
-        report_to=[],
-        dataloader_num_workers=1,
-        seed=args.seed,
-        disable_tqdm=True,
-        max_length=args.max_length,
-    )
+    """HF Trainer's settings as bench/vs_hf_trainer.py's worker sets them, with TRL's sequence length."""
+    return shared_training_args(args) | {"max_length": args.max_length}
 
 
 def sft_trainer(args, model, tokenizer, records):

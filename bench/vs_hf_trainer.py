@@ -63,13 +63,10 @@ def write_corpus(directory: Path, paragraphs: int) -> tuple[Path, Path]:
     return paths
 
 
-def lmscale_args(args, workdir: Path, train: Path, held_out: Path) -> list[str]:
+def shared_overrides(args, workdir: Path) -> list[str]:
+    """lmscale's settings in every side-by-side benchmark (bench/vs_trl.py too): the HF side sets the same."""
     return [
-        "model.preset=tiny-gpt2",
-        f"data.path={train}",
-        f"data.eval_path={held_out}",
         f"data.cache_dir={workdir / 'cache'}",
-        f"data.vocab_size={args.vocab}",
         f"data.max_seq_len={args.max_seq_len}",
         f"data.max_tokens_per_batch={args.budget}",
         "data.num_workers=1",
@@ -80,6 +77,28 @@ def lmscale_args(args, workdir: Path, train: Path, held_out: Path) -> list[str]:
         "schedule.min_lr=0",
         f"schedule.warmup_steps={args.warmup}",
         "wandb.mode=disabled",
+    ]
+
+
+def timed_run_overrides(out: Path, steps: int) -> list[str]:
+    """A run of `steps` whose loop time is training: one short evaluation, one checkpoint, one metrics line."""
+    return [
+        f"output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.eval_every={steps}",
+        "train.eval_batches=1",
+        f"checkpoint.save_every={steps}",
+        f"train.log_every={steps}",
+    ]
+
+
+def lmscale_args(args, workdir: Path, train: Path, held_out: Path) -> list[str]:
+    return [
+        "model.preset=tiny-gpt2",
+        f"data.path={train}",
+        f"data.eval_path={held_out}",
+        f"data.vocab_size={args.vocab}",
+        *shared_overrides(args, workdir),
     ]
 
 
@@ -151,14 +170,7 @@ def run_lmscale(
         *lmscale_args(args, workdir, train, held_out),
         f"model.fused_kernels={str(fused_kernels).lower()}",
         f"model.compile={str(compiled).lower()}",
-        f"output_dir={out}",
-        f"train.max_steps={steps}",
-    ]
-    overrides += [
-        f"train.eval_every={steps}",
-        "train.eval_batches=1",
-        f"checkpoint.save_every={steps}",
-        f"train.log_every={steps}",
+        *timed_run_overrides(out, steps),
     ]
     output, peak_mb = run_measured(
         [sys.executable, "-m", "lmscale.cli", "launch", "--gpus-per-node", "2", *overrides]

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from vs_hf_trainer import REPO, SEED, run_measured
+from vs_hf_trainer import REPO, SEED, run_measured, shared_overrides, timed_run_overrides
 
 # ChatML-like, with the assistant's reply and its end-of-turn inside the generation markers: the tokens both
 # lmscale (return_assistant_tokens_mask) and TRL (assistant_only_loss) train on.
@@ -123,17 +123,7 @@ def lmscale_overrides(args, workdir: Path, data: Path, held_out: Path, data_form
         f"data.eval_path={held_out}",
         f"data.format={data_format}",
         f"finetune.method={'dpo' if data_format == 'preference' else 'sft'}",
-        f"data.cache_dir={workdir / 'cache'}",
-        f"data.max_seq_len={args.max_seq_len}",
-        f"data.max_tokens_per_batch={args.budget}",
-        "data.num_workers=1",
-        f"seed={SEED}",
-        "precision=bf16",
-        "zero.stage=2",
-        f"optim.lr={args.lr}",
-        "schedule.min_lr=0",
-        f"schedule.warmup_steps={args.warmup}",
-        "wandb.mode=disabled",
+        *shared_overrides(args, workdir),
     ]
 
 
@@ -156,12 +146,7 @@ def lmscale_row(
     out = workdir / name
     overrides = [
         *lmscale_overrides(args, workdir, data, held_out, data_format),
-        f"output_dir={out}",
-        f"train.max_steps={steps}",
-        f"train.eval_every={steps}",
-        "train.eval_batches=1",
-        f"checkpoint.save_every={steps}",
-        f"train.log_every={steps}",
+        *timed_run_overrides(out, steps),
     ]
     output, peak_mb = run_measured(
         [sys.executable, "-m", "lmscale.cli", "launch", "--gpus-per-node", "2", *overrides]
