@@ -70,7 +70,7 @@ def shared_overrides(args, workdir: Path) -> list[str]:
         f"data.max_seq_len={args.max_seq_len}",
         f"data.max_tokens_per_batch={args.budget}",
         "data.num_workers=1",
-        f"seed={SEED}",
+        f"seed={getattr(args, 'seed', SEED)}",  # the data order's (bench/vs_trl.py --seed)
         "precision=bf16",
         "zero.stage=2",
         f"optim.lr={args.lr}",

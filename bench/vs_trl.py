@@ -14,7 +14,8 @@ both: assistant-token cross-entropy on the held-out chats; the DPO loss against 
 held-out pairs) and the peak resident set of the largest process (a rank); ends with the ratios against
 TRL's fastest row. Usage:
 
-    python bench/vs_trl.py [--chats 1200] [--pairs 600] [--max-seq-len 512] [--budget 2048]
+    python bench/vs_trl.py [--chats 1200] [--pairs 600] [--max-seq-len 512] [--budget 2048] [--seed N]
+                            [--only sft|dpo]
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def prepared(args, workdir: Path, data: Path, held_out: Path, data_format: str):
     config, _ = load_config(None, lmscale_overrides(args, workdir, data, held_out, data_format))
     result = prepare_data(config.data, str(workdir / "base"))
     lengths, targets = np.asarray(result.train["length"]), np.asarray(result.train["targets"])
-    steps = len(plan_epoch(lengths, 2, SEED, 0, max_tokens=args.budget, targets=targets))
+    steps = len(plan_epoch(lengths, 2, args.seed, 0, max_tokens=args.budget, targets=targets))
     return result, steps
 
 
@@ -162,7 +163,7 @@ def trl_row(args, workdir: Path, name: str, mode: str, data: Path, batch_size: i
         shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", str(REPO / "bench" / "trl_worker.py"),
         "--mode", mode, "--data", str(data), "--base", str(workdir / "base"), "--out", str(out),
         "--batch-size", str(batch_size), "--max-length", str(args.max_seq_len), "--lr", str(args.lr),
-        "--warmup-steps", str(args.warmup), "--seed", str(SEED), *flags,
+        "--warmup-steps", str(args.warmup), "--seed", str(args.seed), *flags,
     ]  # fmt: skip
     import torch  # each rank its share of the cores, as lmscale gives its ranks (the launcher: all of them)
 
@@ -289,6 +290,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2048, help="lmscale tokens per micro-batch per rank")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--seed", type=int, default=SEED, help="data order on both sides (the model's is fixed)"
+    )
+    parser.add_argument("--only", choices=["sft", "dpo"], help="run one comparison")
     args = parser.parse_args()
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,8 +305,11 @@ def main() -> None:
             for m in json.loads(line)["messages"]
         ]
         build_base(workdir / "base", texts, args.max_seq_len)
-        speeds = {"sft": report("chat SFT, one epoch", sft_rows(args, workdir, files))}
-        speeds["dpo"] = report("DPO, one epoch", dpo_rows(args, workdir, files))
+        speeds = {}
+        if args.only in (None, "sft"):
+            speeds["sft"] = report("chat SFT, one epoch", sft_rows(args, workdir, files))
+        if args.only in (None, "dpo"):
+            speeds["dpo"] = report("DPO, one epoch", dpo_rows(args, workdir, files))
     print(f"(whole benchmark {time.time() - started:.0f} s)")
     for kind, rows in speeds.items():
         ours = next(v for k, v in rows.items() if k.startswith("lmscale"))
