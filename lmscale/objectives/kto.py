@@ -30,11 +30,13 @@ REFERENCE = REFERENCE_COLUMNS["kl_ids"]  # the batch's reference columns: the co
 
 
 def rows_of(batch: Batch, rows: slice) -> Batch:
-    """The batch cut to some of its rows (the per-row tensors only; per-record values stay behind). A filler
-    batch (no records) keeps its one padding row, so every rank still runs both forward passes."""
+    """The batch cut to some of its rows, and to the longest of them (the two halves were padded together;
+    the per-row tensors only, per-record values stay behind). A filler batch (no records) keeps its one
+    padding row, so every rank still runs both forward passes."""
     if batch.pairs == 0:
         rows = slice(0, 1)
-    return replace(batch, tensors={k: v[rows] for k, v in batch.tensors.items() if v.dim() == 2})
+    width = max(int(batch["attention_mask"][rows].sum(dim=1).max()), 1)
+    return replace(batch, tensors={k: v[rows, :width] for k, v in batch.tensors.items() if v.dim() == 2})
 
 
 def kl_estimate(log_ratios: torch.Tensor) -> torch.Tensor:
