@@ -42,8 +42,8 @@ def rows_of(batch: Batch, rows: slice) -> Batch:
 def kl_estimate(log_ratios: torch.Tensor) -> torch.Tensor:
     """The mean log-ratio over every rank's KL sequences of this micro-batch, clamped at 0 (TRL averages the
     ranks' means; this weighs each sequence alike, the same when the ranks hold as many)."""
-    totals = torch.stack([log_ratios.sum().double(), torch.tensor(float(log_ratios.numel()))])
-    totals = totals.to(log_ratios.device)
+    count = log_ratios.new_tensor(float(log_ratios.numel()), dtype=torch.float64)  # on the same device
+    totals = torch.stack([log_ratios.sum().double(), count])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).clamp(min=0).float()
