@@ -30,13 +30,14 @@ REFERENCE = REFERENCE_COLUMNS["kl_ids"]  # the batch's reference columns: the co
 
 
 def rows_of(batch: Batch, rows: slice) -> Batch:
-    """The batch cut to some of its rows, and to the longest of them (the two halves were padded together;
-    the per-row tensors only, per-record values stay behind). A filler batch (no records) keeps its one
-    padding row, so every rank still runs both forward passes."""
+    """The batch cut to some of its rows (the per-row tensors only; per-record values stay behind). A filler
+    batch (no records) keeps its one padding row, so every rank still runs both forward passes. The rows keep
+    the batch's width, the one the reference pass scored them at: a narrower one changes the rounding (bf16),
+    and the policy would no longer equal the reference exactly at step 0. Each record's KL sequence borrows a
+    completion of about its own length (lmscale.data.unpaired), so the shared width wastes little."""
     if batch.pairs == 0:
         rows = slice(0, 1)
-    width = max(int(batch["attention_mask"][rows].sum(dim=1).max()), 1)
-    return replace(batch, tensors={k: v[rows, :width] for k, v in batch.tensors.items() if v.dim() == 2})
+    return replace(batch, tensors={k: v[rows] for k, v in batch.tensors.items() if v.dim() == 2})
 
 
 def kl_estimate(log_ratios: torch.Tensor) -> torch.Tensor:
