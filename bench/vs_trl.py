@@ -184,7 +184,7 @@ def held_out_chat_loss(model_dir: Path, sequences, pad_id: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lmscale.data.batches import collate
+    from lmscale.data.batches import collate, target_count
     from lmscale.objectives.loss import summed_loss
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -195,18 +195,19 @@ def held_out_chat_loss(model_dir: Path, sequences, pad_id: int) -> float:
             batch = collate(rows["input_ids"], pad_id, target_spans=rows["target_spans"])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             total += float(summed_loss(logits, batch["labels"]))
-            count += int((batch["labels"][:, 1:] != -100).sum())
+            count += target_count(batch["labels"])
     return total / count
 
 
 def held_out_dpo_loss(model_dir: Path, base_dir: Path, pairs_data, pad_id: int) -> float:
-    """The DPO loss (beta 0.1) of the held-out pairs, against the starting model as reference."""
+    """The DPO loss (lmscale's default: sigmoid, beta 0.1) of the held-out pairs, against the starting model
+    as reference."""
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
+    from lmscale.config import DpoConfig
     from lmscale.data.batches import collate_pairs
-    from lmscale.objectives.dpo import sequence_logps
+    from lmscale.objectives.dpo import pair_scores, sequence_logps
 
     models = [
         AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
@@ -216,14 +217,12 @@ def held_out_dpo_loss(model_dir: Path, base_dir: Path, pairs_data, pad_id: int) 
     with torch.no_grad():
         for start in range(0, len(pairs_data), 8):
             batch = collate_pairs(pairs_data[start : start + 8], pad_id)
-            policy, reference = (
+            (policy, targets), (reference, _) = (
                 sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                               batch["labels"])[0]
+                               batch["labels"])
                 for m in models
             )  # fmt: skip
-            ratios = policy - reference
-            half = ratios.size(0) // 2
-            losses.append(-F.logsigmoid(0.1 * (ratios[:half] - ratios[half:])))
+            losses.append(pair_scores(policy, reference, targets, DpoConfig(beta=0.1)).losses)
     return float(torch.cat(losses).mean())
 
 

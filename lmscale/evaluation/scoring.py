@@ -14,6 +14,7 @@ from lmscale.data.batches import collate
 from lmscale.data.tasks import chat_prompt_and_completion, ensure_chat_template
 from lmscale.errors import LmscaleError
 from lmscale.evaluation.inference import is_sequence_classifier, load_for_inference
+from lmscale.model.build import context_length
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,6 @@ def record_ids(record: dict, tokenizer, limit: int | None = None) -> list[int]:
     return [*encoded[0], *encoded[1], tokenizer.eos_token_id][:limit]
 
 
-def position_limit(model) -> int | None:
-    """The most positions the model embeds (None when its config does not say)."""
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Indices in order of length, in batches of at most `max_tokens` padded tokens (one row at least)."""
     batches, current = [], []
@@ -89,7 +84,7 @@ def score_command(target: Path, data: Path, out: Path | None, max_tokens: int) -
     records = read_records(data)
     if any("messages" in record for record in records):
         ensure_chat_template(tokenizer)
-    limit = position_limit(model)
+    limit = context_length(model.config)
     rows = [record_ids(record, tokenizer, limit) for record in records]
     cut = sum(len(row) == limit for row in rows)
     if cut:

@@ -32,7 +32,7 @@ KTO = Method(
                 ("label_accuracy", "eval_label_accuracy"),
                 True,
             ),  # fmt: skip
-            rewards_panel("beta x log-ratio to the reference (means of desirable / undesirable records)"),
+            rewards_panel("beta x log-ratio to the reference"),
             ("KL estimate", "policy vs reference, mismatched pairs", ("kl", "eval_kl"), True),
         ),
         summary_keys=("eval_loss", "eval_label_accuracy", "eval_rewards_margin", "eval_kl"),
