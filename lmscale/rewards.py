@@ -1,5 +1,5 @@
-"""Reward functions for online RL (issue 30, work in progress): loading them by name, calling them with TRL's
-signature, and lmscale's built-ins.
+"""Reward functions for online RL (GRPO): loading them by name, calling them with TRL's signature, and
+lmscale's built-ins.
 
 A reward function is `f(prompts, completions, **fields) -> list[float | None]`, TRL's signature, so reward
 functions written for TRL work unchanged: `prompts` and `completions` are strings (or message lists for chat
@@ -47,6 +47,23 @@ def load_reward_function(spec: str) -> RewardFunction:
     if not callable(function):
         raise ConfigError(f"reward function {spec!r}: {where} has no function {name!r}")
     return function
+
+
+def reward_name(spec: str) -> str:
+    """A reward function's name in figures: the function's own name (`reward/exact_answer`)."""
+    return spec.rpartition(":")[2]
+
+
+def load_rewards(specs: list[str]) -> list[tuple[str, RewardFunction]]:
+    """(spec, function) of each named reward function; two with the same function name are refused (their
+    figures would share a name)."""
+    names = [reward_name(spec) for spec in specs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"finetune.grpo.rewards names two functions called {repeated[0]!r}: give them different names"
+        )
+    return [(spec, load_reward_function(spec)) for spec in specs]
 
 
 def call_reward(

@@ -52,6 +52,10 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def samples(self) -> Path:  # an online method's prompts, completions and rewards, at log steps
+        return self.root / "samples.jsonl"
+
+    @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
 
@@ -237,10 +241,14 @@ def mark_finished(output_dir: Path, step: int, reason: str) -> None:
 
 
 def truncate_metrics(output_dir: Path, last_step: int) -> None:
-    """Drop records logged after the checkpoint being resumed, so steps never go backwards in metrics.jsonl."""
-    path = RunDir(output_dir).metrics
-    if not path.is_file():
-        return
+    """Drop records logged after the checkpoint being resumed, so steps never go backwards in metrics.jsonl
+    (or samples.jsonl)."""
+    for path in (RunDir(output_dir).metrics, RunDir(output_dir).samples):
+        if path.is_file():
+            truncate_jsonl(path, last_step)
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

@@ -26,6 +26,8 @@ class TrainingState:
         each saved their own (empty when this rank saved none: written by another rank count)."""
         if self.streamed:
             return self.rank_data_position or {}
+        if self.data_position.get("rollouts"):  # an online method's: the steps served, and its own rows
+            return {**self.data_position, "rank": self.rank_data_position}
         return self.data_position
 
     def client_state(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from lmscale.config.data import DataConfig, SourceConfig, whole_record_problems
 from lmscale.config.finetune import (
     DpoConfig,
     FinetuneConfig,
+    GrpoConfig,
     KtoConfig,
     LoraConfig,
     OrpoConfig,
@@ -48,6 +49,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "DpoConfig",
+    "GrpoConfig",
     "KtoConfig",
     "OrpoConfig",
     "RewardConfig",

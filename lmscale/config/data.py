@@ -34,12 +34,13 @@ class DataConfig(Section):
     text_field: str = Field(
         "text", description="Field holding the document text in jsonl/parquet/csv/disk data."
     )
-    format: Literal["text", "prompt_completion", "chat", "preference", "unpaired"] = Field(
+    format: Literal["text", "prompt_completion", "chat", "preference", "unpaired", "prompt"] = Field(
         "text",
         description="text: documents; prompt_completion: instruction records whose loss covers only the "
         "completion; chat: conversations whose loss covers the assistant's messages (data.chat_loss); "
         "preference: prompt/chosen/rejected pairs (DPO, ORPO, SimPO, reward); unpaired: prompt/completion "
-        "records labelled desirable or not (KTO).",
+        "records labelled desirable or not (KTO); prompt: prompts alone (data.prompt_field text or a "
+        "data.messages_field list ending with a user turn) for GRPO, the other fields passed to the rewards.",
     )
     prompt_field: str = Field("prompt", description="prompt_completion: field holding the prompt.")
     completion_field: str = Field(

@@ -1,10 +1,10 @@
-"""finetune.*: the task, the method (SFT, DPO, ORPO, SimPO, reward or KTO), LoRA adapters and gradual unfreezing."""
+"""finetune.*: the task, the method (SFT, DPO, ORPO, SimPO, reward, KTO or GRPO), LoRA adapters and gradual unfreezing."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmscale.config.section import Section
 
@@ -74,20 +74,91 @@ class KtoConfig(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of an undesirable example's loss.")
 
 
+class GrpoConfig(Section):
+    """GRPO (online RL with reward functions): how completions are sampled, scored and learned from."""
+
+    rewards: list[str] = Field(
+        [],
+        description="Reward functions f(prompts, completions, **fields) -> list[float | None] (TRL's "
+        "signature), as path/to/file.py:function or package.module:function; built-ins: "
+        "lmscale.rewards:exact_answer, lmscale.rewards:format_regex, lmscale.rewards:length_penalty.",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="One weight per reward function (the reward is their weighted sum); unset = all 1."
+    )
+    prompts_per_step: int = Field(
+        8, ge=1, description="Prompts per optimizer step over all data-parallel ranks (a multiple of them)."
+    )
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (a group).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest completion in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this mass."
+    )
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 = all.")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="Advantages: reward less the group's mean, divided by the group's std (group), the whole "
+        "step's std (batch) or nothing (none, as Dr. GRPO).",
+    )
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = Field(
+        "dapo",
+        description="dapo: mean over the step's completion tokens (TRL's default); grpo: mean over completions "
+        "of each one's token mean; dr_grpo: token sums over max_new_tokens, mean over completions.",
+    )
+    epsilon: float = Field(
+        0.2, gt=0, lt=1, description="The ratio to the sampling policy is clipped below at 1 - epsilon."
+    )
+    epsilon_high: float | None = Field(
+        None, gt=0, description="... and above at 1 + epsilon_high; unset = epsilon (DAPO: 0.28)."
+    )
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the KL term to the starting model; 0 = none (no reference needed). With LoRA the "
+        "reference is the base model with the adapters off.",
+    )
+    num_iterations: int = Field(
+        1, ge=1, description="Optimizer steps on each batch of completions (the ratio then departs from 1)."
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Completions cut at max_new_tokens (no end token) contribute no loss."
+    )
+    eval_prompts: int = Field(
+        64, ge=1, description="Held-out prompts answered greedily at each evaluation (eval_reward)."
+    )
+    samples: int = Field(
+        2,
+        ge=0,
+        description="Prompts (with their completions and rewards) written to samples.jsonl per log step.",
+    )
+
+    @model_validator(mode="after")
+    def weights_match(self) -> GrpoConfig:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"finetune.grpo.reward_weights has {len(self.reward_weights)} weights for "
+                f"{len(self.rewards)} reward functions: give one per function, or unset it"
+            )
+        return self
+
+
 class FinetuneConfig(Section):
-    method: Literal["sft", "dpo", "orpo", "simpo", "reward", "kto"] = Field(
+    method: Literal["sft", "dpo", "orpo", "simpo", "reward", "kto", "grpo"] = Field(
         "sft",
         description="sft: the cross-entropy of the targets; on data.format=preference pairs: dpo (direct "
         "preference optimisation against the starting model), orpo (odds-ratio preference optimisation) or "
         "simpo (length-normalised rewards with a margin); orpo and simpo need no reference model; reward: a "
         "reward model (a scalar head) trained on the pairs with the Bradley-Terry loss; on data.format=unpaired "
-        "records: kto (Kahneman-Tversky optimisation against the starting model).",
+        "records: kto (Kahneman-Tversky optimisation against the starting model); on data.format=prompt: grpo "
+        "(online RL: sampled completions scored by reward functions, finetune.grpo).",
     )
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     orpo: OrpoConfig = Field(default_factory=OrpoConfig)
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     kto: KtoConfig = Field(default_factory=KtoConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     task: Literal["causal_lm", "classification"] = Field(
         "causal_lm",
         description="causal_lm: next-token loss; classification: a sequence-classification head on data.label_field.",

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmscale.config import DataConfig
 from lmscale.data.cleaning import clean_documents
+from lmscale.data.prompts import tokenize_prompts
 from lmscale.data.sources import load_documents
 from lmscale.data.streaming import rank_shard, sample_fingerprint, stream_documents
 from lmscale.data.tasks import (
@@ -92,8 +93,13 @@ def prepare_streaming_data(
 
 def has_message_replies(records: Dataset, fmt: TaskFormat) -> bool:
     """Whether preference or unpaired records hold message lists (rendered with a chat template), not text."""
-    reply = {"preference": "chosen", "unpaired": "completion"}.get(fmt.name)
-    return reply is not None and len(records) > 0 and isinstance(records[0][reply], list)
+    reply = {"preference": "chosen", "unpaired": "completion", "prompt": "messages"}.get(fmt.name)
+    return (
+        reply is not None
+        and len(records) > 0
+        and reply in records.column_names
+        and isinstance(records[0][reply], list)
+    )
 
 
 def prepare_task_data(
@@ -103,8 +109,10 @@ def prepare_task_data(
     cache_dir: Path,
     trust_remote_code: bool,
     num_labels: int | None,
+    completion_room: int = 0,
 ) -> PreparedData:
-    """Fine-tuning records (instructions or labelled documents) as sequences with their loss targets."""
+    """Fine-tuning records (instructions or labelled documents) as sequences with their loss targets; prompts
+    (GRPO) as prompt ids leaving `completion_room` tokens for what is sampled."""
     with FileLock(str(cache_dir / "prepare.lock")):
         train_records, eval_records = load_task_records(config, fmt, str(cache_dir))
         corpus = None if (config.tokenizer or tokenizer_path) else tokenizer_text(train_records, fmt)
@@ -112,8 +120,12 @@ def prepare_task_data(
         if fmt.name == "chat" or has_message_replies(train_records, fmt):
             ensure_chat_template(tokenizer)
         labels = label_names(train_records, num_labels) if fmt.name == "classification" else None
-        train = tokenize_records(train_records, fmt, tokenizer, config, "train", labels)
-        held_out = tokenize_records(eval_records, fmt, tokenizer, config, "eval", labels)
+        if fmt.name == "prompt":
+            train = tokenize_prompts(train_records, fmt, tokenizer, config, "train", completion_room)
+            held_out = tokenize_prompts(eval_records, fmt, tokenizer, config, "eval", completion_room)
+        else:
+            train = tokenize_records(train_records, fmt, tokenizer, config, "train", labels)
+            held_out = tokenize_records(eval_records, fmt, tokenizer, config, "eval", labels)
     log.info("data/%s: train %s; held-out %s", fmt.name, dataset_summary(train), dataset_summary(held_out))
     warn_if_small_held_out(len(held_out), "record(s)", config)
     return PreparedData(train=train, eval=held_out, tokenizer=tokenizer, labels=labels)
@@ -147,6 +159,7 @@ def prepare_data(
     trust_remote_code: bool = False,
     task: str = "causal_lm",
     num_labels: int | None = None,
+    completion_room: int = 0,
 ) -> PreparedData:
     """Load, tokenize and cache the corpus; `tokenizer_path` (a pretrained model's directory) is used
     when `data.tokenizer` is unset; `trust_remote_code` lets a tokenizer directory run its own code;
@@ -164,7 +177,9 @@ def prepare_data(
         ) from None
     fmt = task_format(config, task)
     if fmt is not None:
-        return prepare_task_data(config, fmt, tokenizer_path, cache_dir, trust_remote_code, num_labels)
+        return prepare_task_data(
+            config, fmt, tokenizer_path, cache_dir, trust_remote_code, num_labels, completion_room
+        )
     if config.streaming:
         return prepare_streaming_data(config, tokenizer_path, cache_dir, rank, world_size, trust_remote_code)
     with FileLock(str(cache_dir / "prepare.lock")):

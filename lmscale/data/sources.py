@@ -86,7 +86,8 @@ def malformed_json_lines(path: Path) -> list[int]:
 
 
 def _good_json_records(path: str, fields: list[str], version: str) -> Iterator[dict]:
-    """Records of the well-formed lines only (`version` keys the datasets cache to the file's state)."""
+    """Records of the well-formed lines only (`version` keys the datasets cache to the file's state); with
+    `fields`, those holding all of them, cut to them."""
     with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             try:
@@ -94,7 +95,7 @@ def _good_json_records(path: str, fields: list[str], version: str) -> Iterator[d
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict) and all(f in record for f in fields):
-                yield {f: record[f] for f in fields}
+                yield {f: record[f] for f in fields} if fields else record
 
 
 def _load_json(path: Path, config: DataConfig, cache_dir: str, fields: list[str]) -> Dataset:

@@ -56,6 +56,7 @@ class TaskFormat:
     name: str  # prompt_completion, chat, preference, unpaired or classification
     fields: dict[str, str]  # the column each record field is read from -> its name here (= data.<name>_field)
     optional: frozenset[str] = frozenset()  # names here a record may lack (a preference pair's prompt)
+    keep_other_fields: bool = False  # a record's other fields stay (GRPO's reward functions read them)
 
 
 def task_format(config: DataConfig, task: str) -> TaskFormat | None:
@@ -76,6 +77,10 @@ def task_format(config: DataConfig, task: str) -> TaskFormat | None:
             config.margin_field: "margin",
         }
         return TaskFormat("preference", fields, optional=frozenset({"prompt", "margin"}))
+    if config.format == "prompt":
+        from lmscale.data.prompts import prompt_format  # it builds on this module
+
+        return prompt_format(config)
     if config.format == "unpaired":
         fields = {
             config.prompt_field: "prompt",
@@ -89,6 +94,9 @@ def task_format(config: DataConfig, task: str) -> TaskFormat | None:
 def record_loader(fmt: TaskFormat):
     """A `load_documents` loader that reads a table source's records with this format's fields."""
 
+    # A format that keeps every field requires none of them on a well-formed line.
+    required = [] if fmt.keep_other_fields else list(fmt.fields)
+
     def load(path: str, config: DataConfig, cache_dir: str, key: str) -> Dataset:
         if is_hub_dataset(path):
             records = load_hub_dataset(path, config, cache_dir, key)
@@ -99,7 +107,7 @@ def record_loader(fmt: TaskFormat):
                     f"{key}={path}: {fmt.name} data must be jsonl, json, parquet, csv, a save_to_disk "
                     "directory or a Hub dataset"
                 )
-            records = load_table(source, config, cache_dir, list(fmt.fields))
+            records = load_table(source, config, cache_dir, required)
         missing = [
             f for f in fmt.fields if f not in records.column_names and fmt.fields[f] not in fmt.optional
         ]
@@ -109,12 +117,18 @@ def record_loader(fmt: TaskFormat):
                 f"{', '.join(records.column_names)}): set data.{fmt.fields[missing[0]]}_field to the right field"
             )
         present = {k: v for k, v in fmt.fields.items() if k in records.column_names}
-        records = records.select_columns(list(present))
+        if fmt.keep_other_fields and not present:
+            raise ConfigError(
+                f"{key}={path} has none of the fields {', '.join(map(repr, fmt.fields))} (fields: "
+                f"{', '.join(records.column_names)}): set data.prompt_field or data.messages_field"
+            )
+        if not fmt.keep_other_fields:
+            records = records.select_columns(list(present))
         records = records.rename_columns({k: v for k, v in present.items() if k != v})
         origins = (
             [f"{path} record {n + 1}" for n in range(len(records))]
             if is_hub_dataset(path)
-            else record_origins(source, len(records), list(fmt.fields))
+            else record_origins(source, len(records), required)
         )
         return records.add_column(ORIGIN, origins)
 
@@ -144,10 +158,12 @@ def tokenizer_text(records: Dataset, fmt: TaskFormat) -> Dataset:
             return {"text": unpaired_text(batch)}
         if fmt.name == "prompt_completion":
             return {"text": [f"{p}{c}" for p, c in zip(batch["prompt"], batch["completion"], strict=True)]}
-        if fmt.name == "chat":
+        if fmt.name == "chat" or (fmt.name == "prompt" and "messages" in batch):
             return {
                 "text": ["\n".join(str(m.get("content", "")) for m in ms or []) for ms in batch["messages"]]
             }
+        if fmt.name == "prompt":
+            return {"text": [str(p or "") for p in batch["prompt"]]}
         return {"text": [str(t) for t in batch["text"]]}
 
     return records.map(join, batched=True, remove_columns=records.column_names, desc="tokenizer text")
@@ -373,6 +389,8 @@ def tokenize_records(
 
 
 def dataset_summary(sequences: Dataset) -> str:
+    if "targets" not in sequences.column_names:  # prompts (GRPO): nothing to learn from until sampled
+        return f"{len(sequences)} prompts, {int(np.sum(sequences['length']))} tokens"
     if "rejected_ids" in sequences.column_names:
         return f"{len(sequences)} preference pairs, {int(np.sum(sequences['tokens']))} tokens"
     if "kl_ids" in sequences.column_names:

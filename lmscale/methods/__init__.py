@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from lmscale.methods.base import Method, MethodFigures, Panel
 from lmscale.methods.classification import CLASSIFICATION
 from lmscale.methods.dpo import DPO
+from lmscale.methods.grpo import GRPO
 from lmscale.methods.kto import KTO
 from lmscale.methods.orpo import ORPO
 from lmscale.methods.reward import REWARD
@@ -27,11 +28,13 @@ METHODS: dict[str, Method] = {
     "simpo": SIMPO,
     "reward": REWARD,
     "kto": KTO,
+    "grpo": GRPO,
 }
 
 __all__ = [
     "CLASSIFICATION",
     "DPO",
+    "GRPO",
     "KTO",
     "METHODS",
     "ORPO",

@@ -32,6 +32,10 @@ def no_rules(config: Config) -> list[str]:
     return []
 
 
+def no_rank_rules(config: Config, data_ranks: int) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Method:
     name: str  # its METHODS key
@@ -42,6 +46,8 @@ class Method:
     # Its factory imports the implementation when called: the training layer calls it, a config check never.
     objective: Callable[[Config], Any] | None = None
     rules: Callable[[Config], list[str]] = no_rules  # the method's own config refusals, one line each
+    # ... and those that depend on the job's data-parallel rank count (checked with the layout)
+    rank_rules: Callable[[Config, int], list[str]] = no_rank_rules
     accuracy_metric: str | None = None  # the held-out share it logs (as eval_<metric>) and closes with
     accuracy_label: str = "accuracy"  # that share in words
     perplexity: bool = True  # exp(loss) means something: the loss is a token cross-entropy
@@ -51,6 +57,9 @@ class Method:
     needs_reference: bool = False  # the starting model scores the data once, before training
     dropout_off: bool = False  # the objective compares runs of the model, so dropout noise would bias it
     whole_records: bool = False  # even on data.format=text: no packing, streaming or length warm-up
+    # It samples its own training data from the policy (online RL): the training layer builds its batches from
+    # the engine (lmscale.rollouts), and its held-out figure is the reward of greedy answers.
+    online: bool = False
     tensor_parallel: bool = True  # AutoTP splits what it trains
     sequence_parallel: bool = True  # Ulysses slices what it trains on
 

@@ -1,4 +1,4 @@
-"""GRPO's objective (issue 30, work in progress: the formula only, not yet a method): group-normalised
+"""GRPO's objective: group-normalised
 advantages of sampled completions, and the clipped surrogate on per-token log-probabilities, with the
 `grpo`, `dr_grpo` and `dapo` aggregations and an optional KL term to the reference. The formulas follow
 TRL 1.16's GRPOTrainer (`_generate_and_score_completions` for the advantages, `_compute_loss` for the loss);
@@ -13,9 +13,16 @@ completions), so the step's mean is TRL's however completions fall into micro-ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.nn.functional as F
+
+from lmscale.data.batches import IGNORE_INDEX, Batch
+from lmscale.objectives.loss import COUNT, LossParts, Objective, forward
+
+if TYPE_CHECKING:
+    from lmscale.config import GrpoConfig
 
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "dr_grpo", "dapo"]
@@ -107,3 +114,51 @@ def grpo_parts(
         summed, targets = (losses * mask).sum() / settings.max_completion_length, logps.size(0)
     sums = {name: (value * mask).sum().detach() for name, value in figures.items()}
     return GrpoParts(summed, targets, sums)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, width - 1] log-probabilities of each next token in fp32, 0 where it is no target; the mask of
+    targets): position i predicts label i + 1, the completion's tokens are the targets."""
+    targets = labels[:, 1:]
+    logps = -F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    return logps, targets != IGNORE_INDEX
+
+
+def grpo_settings(config: GrpoConfig) -> GrpoLoss:
+    return GrpoLoss(
+        loss_type=config.loss_type,
+        epsilon=config.epsilon,
+        epsilon_high=config.epsilon_high,
+        beta=config.beta,
+        max_completion_length=config.max_new_tokens,
+    )
+
+
+def grpo_objective(config: GrpoConfig) -> Objective:
+    """The loss of a micro-batch of sampled completions (lmscale.rollouts builds them: `advantages` per row,
+    `old_logps` when num_iterations > 1, `reference_logps` when beta > 0). Clipping and KL figures are means
+    over completion tokens, whatever the loss's targets are."""
+    settings = grpo_settings(config)
+
+    def objective(engine: Any, batch: Batch) -> LossParts:
+        logits, labels = forward(engine, batch)
+        logps, mask = token_logps(logits, labels)
+        device = logps.device
+        # One update per batch of completions: the sampling policy is this one, so the ratio is exactly 1
+        # (TRL does the same); its gradient is still the policy gradient.
+        old = batch["old_logps"].to(device) if "old_logps" in batch else logps.detach()
+        reference = batch["reference_logps"].to(device) if "reference_logps" in batch else None
+        advantages = batch["advantages"].to(device)
+        parts = grpo_parts(logps, old, advantages, mask, settings, reference)
+        tokens = mask.sum().to(torch.float64)
+        sums = {}
+        for name, total in parts.sums.items():
+            sums[name], sums[name + COUNT] = total, tokens
+        return LossParts(parts.summed, parts.targets, sums)
+
+    return objective

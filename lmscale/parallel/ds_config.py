@@ -12,6 +12,7 @@ from typing import Any
 
 from lmscale.config import Config, build_config
 from lmscale.errors import ConfigError
+from lmscale.methods import method_for
 from lmscale.parallel.layout import layout_problems
 from lmscale.resources import find_file
 
@@ -218,6 +219,10 @@ def resolve(
     problems = layout_problems(parallel.tensor, parallel.sequence, world_size)
     if problems:
         raise ConfigError("; ".join(problems))
-    check_batch_sizes(config, world_size // (parallel.tensor * parallel.sequence))  # data-parallel ranks
+    data_ranks = world_size // (parallel.tensor * parallel.sequence)
+    check_batch_sizes(config, data_ranks)
+    problems = method_for(config.finetune).rank_rules(config, data_ranks)
+    if problems:
+        raise ConfigError("; ".join(problems))
     check_precision(config.precision, has_gpu)
     return config, deepspeed_config(config, world_size, base)

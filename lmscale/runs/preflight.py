@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from lmscale.config import Config
 from lmscale.data.sources import hub_offline
 from lmscale.errors import ConfigError
+from lmscale.methods import method_for
 
 if TYPE_CHECKING:
     from lmscale.parallel.layout import Layout
@@ -150,10 +151,24 @@ def preflight(config: Config) -> Config:
     was), after checking everything above; every problem in one error."""
     config = with_local_hub_paths(config)
     problems = model_problems(config) + package_problems(config) + wandb_problems(config)
-    problems += harness_problems(config)
+    problems += harness_problems(config) + reward_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def reward_problems(config: Config) -> list[str]:
+    """Whether an online method's reward functions load (a missing file or name fails here, before any rank
+    starts, not after the model is built)."""
+    if not method_for(config.finetune).online:
+        return []
+    from lmscale.rewards import load_rewards
+
+    try:
+        load_rewards(config.finetune.grpo.rewards)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def with_local_hub_paths(config: Config) -> Config:

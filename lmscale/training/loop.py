@@ -175,6 +175,10 @@ class LoopHooks:
     objective: Objective | None = None  # the loss; None = cross-entropy with train.label_smoothing
     method: Method = SFT  # how evaluations read (the objective is the method's)
     compile_clock: Callable[[], float] | None = None  # model.compile: seconds spent compiling so far
+    # An online method's held-out figures, (loss, figures), in place of the objective on held-out batches
+    held_out: Callable[[], tuple[float, dict[str, float]]] | None = None
+    # Figures measured outside the steps' micro-batches (an online method's generation), logged each log step
+    window_figures: Callable[[], dict[str, float]] = dict
 
 
 @dataclass
@@ -267,7 +271,7 @@ class TrainingLoop:
         if is_log_step or stop:
             self.tokens_seen += log_window(
                 self.engine, self.window, step, own_grad_norm, self.tokens_seen, self.sink,
-                self.hooks.throughput, self.layout,
+                self.hooks.throughput, self.layout, self.hooks.window_figures(),
             )  # fmt: skip
         is_best = plateaued = False
         if step % settings.eval_every == 0 or is_last:
@@ -309,14 +313,17 @@ class TrainingLoop:
         """Evaluate, log the figures and say them (`label`: "untrained", "step N")."""
         step, hooks = self.step, self.hooks
         hooks.progress(step, "evaluation")
-        evaluation = evaluate(
-            self.engine,
-            self.streams.eval,
-            self.settings.eval_batches,
-            self.eval_objective,
-            partial(hooks.progress, step, "evaluation"),
-            hooks.method,
-        )
+        if hooks.held_out is not None:
+            evaluation = Evaluation(*hooks.held_out(), hooks.method)
+        else:
+            evaluation = evaluate(
+                self.engine,
+                self.streams.eval,
+                self.settings.eval_batches,
+                self.eval_objective,
+                partial(hooks.progress, step, "evaluation"),
+                hooks.method,
+            )
         self.sink.log(step, evaluation.metrics())
         self.sink.message(
             f"{label} {evaluation.describe()}" if step == 0 else f"{label}: {evaluation.describe()}"

@@ -17,6 +17,7 @@ from lmscale.reporting.sink import log
 from lmscale.reporting.throughput import ThroughputModel, model_shape, peak_tflops
 from lmscale.runs.run import Run
 from lmscale.training.loop import LoopHooks
+from lmscale.training.online import OnlineTraining
 from lmscale.training.resume import checkpoint_saver
 from lmscale.training.signals import StopRequest
 from lmscale.training.watchdog import HangWatchdog
@@ -30,8 +31,12 @@ def loop_hooks(
     watchdog: HangWatchdog,
     tokenizer,
     stop: StopRequest,
+    online: OnlineTraining | None = None,
 ) -> LoopHooks:
     config, method = run.config, method_for(run.config.finetune)
+    online_hooks = {}
+    if online is not None:
+        online_hooks = {"held_out": online.evaluate, "window_figures": online.stream.drain_figures}
     return LoopHooks(
         save=checkpoint_saver(engine, train_stream, run, unfreezing),
         stop_requested=stop.agreed,
@@ -48,6 +53,7 @@ def loop_hooks(
         objective=method.objective(config) if method.objective else None,
         method=method,
         compile_clock=compile_seconds if config.model.compile else None,
+        **online_hooks,
     )
 
 

@@ -113,19 +113,21 @@ def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool) -> Non
         )
 
 
+def rank_state(train_stream) -> dict | None:
+    """The part of the stream's position that is this rank's own (lmscale.rollouts.stream), if any."""
+    own = getattr(train_stream, "rank_state_dict", None)
+    return own() if own is not None else None
+
+
 def checkpoint_saver(engine, train_stream, run: Run, unfreezing: Unfreezing) -> SaveHook:
     """The loop's save hook: an atomic checkpoint with the data position and the best eval loss so far."""
     config = run.config
 
     def save(point: SavePoint) -> Path:
         position = train_stream.state_dict()
-        state = TrainingState(
-            point.step,
-            point.tokens_seen,
-            position,
-            point.best_eval_loss,
-            rank_data_position=position if config.data.streaming else None,  # streamed shards differ per rank
-        )
+        # Streamed shards differ per rank, and so do an online method's rows kept for its next steps.
+        own = position if config.data.streaming else rank_state(train_stream)
+        state = TrainingState(point.step, point.tokens_seen, position, point.best_eval_loss, own)
         adapters_only = config.finetune.lora is not None
         with unfreezing.everything_trainable():  # a layer not yet unfrozen is still part of the checkpoint
             path = save_checkpoint(

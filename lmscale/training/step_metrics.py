@@ -113,8 +113,10 @@ def log_window(
     sink: MetricsSink,
     throughput: ThroughputModel | None,
     layout: Layout,
+    extra: dict[str, float] | None = None,
 ) -> int:
-    """Reduce the window over ranks, log it, reset it; returns the real tokens it held (all ranks)."""
+    """Reduce the window over ranks, log it (with `extra` figures measured elsewhere, the same on every rank),
+    reset it; returns the real tokens it held (all ranks)."""
     world_size = layout.world_size
     names = sorted(window.sums)
     totals = all_ranks_sum(
@@ -159,6 +161,7 @@ def log_window(
     if scale is not None:
         metrics["loss_scale"] = scale
     metrics.update(largest_over_ranks(memory_figures(engine.device), engine.device))
+    metrics.update(extra or {})
     sink.log(step, metrics)
     window.reset()
     return int(real)

@@ -37,6 +37,7 @@ from lmscale.runs.run import Run, StartChecks, open_run
 from lmscale.training.closing import finish
 from lmscale.training.loop import LoopStart, Streams, train
 from lmscale.training.loop_hooks import loop_hooks
+from lmscale.training.online import OnlineTraining
 from lmscale.training.optim import build_optimizer, group_depths, num_layers_of, params_by_depth
 from lmscale.training.reference import attach_reference
 from lmscale.training.replicas import check_replicas_agree
@@ -61,10 +62,12 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     torch.distributed.barrier()  # every rank has checked the run dir before rank 0 writes to it
     ds_engine.release_shared_memory_names()  # every rank has mapped every buffer by now
     model = build_rank_model(run, data)
-    run = settle_token_budget(run, model)
-    check_packing_support(run.config)
-    streams = batch_streams(run, data)
-    run = settle_training_length(run, streams.train)
+    streams = None  # an online method samples its batches with the engine (train_in_run_dir)
+    if not method_for(run.config.finetune).online:
+        run = settle_token_budget(run, model)
+        check_packing_support(run.config)
+        streams = batch_streams(run, data)
+        run = settle_training_length(run, streams.train)
     engine, unfreezing = training_engine(run, model)
     train_in_run_dir(run, data, engine, streams, unfreezing, resume)
     ds_engine.shutdown_distributed()
@@ -119,6 +122,7 @@ def prepare_rank_data(run: Run) -> PreparedData:
         config.model.trust_remote_code,
         config.finetune.task,
         config.finetune.num_labels,
+        completion_room=config.finetune.grpo.max_new_tokens if config.data.format == "prompt" else 0,
     )
 
 
@@ -197,7 +201,7 @@ def set_up_chunked_loss(model: torch.nn.Module, class_head: bool) -> None:
 
 
 def train_in_run_dir(
-    run: Run, data: PreparedData, engine, streams: Streams, unfreezing: Unfreezing, resume: Resume
+    run: Run, data: PreparedData, engine, streams: Streams | None, unfreezing: Unfreezing, resume: Resume
 ) -> None:
     """Lock and write the run directory, then train, with the hang watchdog running."""
     lock = RunLock(run.dir.root)
@@ -210,24 +214,35 @@ def train_in_run_dir(
             data.tokenizer.save_pretrained(str(run.dir.tokenizer))
             write_labels(run.dir.root, data.labels)
         watchdog.start()
-        if method_for(run.config.finetune).needs_reference:
+        method = method_for(run.config.finetune)
+        if method.needs_reference:
             attach_reference(run, data, engine, resume.checkpoint is not None, watchdog)
             streams = batch_streams(run, data)
+        online = OnlineTraining(run, data, engine) if method.online else None
+        if online is not None:
+            streams = online.streams()
         start = resume_point(engine, streams.train, run, resume)
-        train_and_finish(run, engine, streams, unfreezing, start, watchdog, data.tokenizer)
+        train_and_finish(run, engine, streams, unfreezing, start, watchdog, data.tokenizer, online)
     finally:
         watchdog.stop()
         lock.release()
 
 
 def train_and_finish(
-    run: Run, engine, streams: Streams, unfreezing: Unfreezing, start: LoopStart, watchdog, tokenizer
+    run: Run,
+    engine,
+    streams: Streams,
+    unfreezing: Unfreezing,
+    start: LoopStart,
+    watchdog,
+    tokenizer,
+    online: OnlineTraining | None = None,
 ) -> None:
     """The training loop with its hooks, the replica check, and the closing summary."""
     config = run.config
     stop = StopRequest()
     stop.install()
-    hooks = loop_hooks(run, engine, streams.train, unfreezing, watchdog, tokenizer, stop)
+    hooks = loop_hooks(run, engine, streams.train, unfreezing, watchdog, tokenizer, stop, online)
     sink = MetricsSink(
         config, run.dir, config.train.max_steps, enabled=run.is_rank_zero, initial_step=start.step
     )

@@ -1,0 +1,72 @@
+"""Wiring an online method (GRPO) into a rank's training: its rollout stream in place of planned batches, its
+held-out evaluation (greedy answers' reward) in place of a held-out loss, and the generation figures each log
+step adds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmscale.data import PreparedData
+from lmscale.reporting.sink import log
+from lmscale.rewards import load_rewards
+from lmscale.rollouts.evaluation import held_out_reward
+from lmscale.rollouts.scoring import RewardSet
+from lmscale.rollouts.stream import Prompts, RolloutSettings, RolloutStream
+from lmscale.runs.run import Run
+from lmscale.training.loop import Streams
+
+
+def end_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    """Where a completion ends: the tokenizer's end token and any the model's generation config names."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= (
+        set(configured)
+        if isinstance(configured, list)
+        else ({configured} if configured is not None else set())
+    )
+    return ids
+
+
+def rollout_settings(run: Run, engine: Any) -> RolloutSettings:
+    config = run.config
+    return RolloutSettings(
+        grpo=config.finetune.grpo,
+        seed=config.seed,
+        grad_accum_steps=config.train.grad_accum_steps,
+        data_rank=run.data_rank,
+        data_ranks=run.layout.data,
+        synced=engine.zero_optimization_stage() == 3 and run.world_size > 1,
+        log_every=config.train.log_every,
+    )
+
+
+class OnlineTraining:
+    """An online method's stream, evaluation and figures for the loop."""
+
+    def __init__(self, run: Run, data: PreparedData, engine: Any) -> None:
+        grpo = run.config.finetune.grpo
+        weights = grpo.reward_weights or [1.0] * len(grpo.rewards)
+        self.rewards = RewardSet(load_rewards(grpo.rewards), list(weights))
+        self.engine, self.settings = engine, rollout_settings(run, engine)
+        self.end_ids = end_token_ids(data.tokenizer, engine.module)
+        self.held_out = Prompts(data.eval, data.tokenizer)
+        samples = run.dir.samples if run.is_rank_zero else None
+        self.stream = RolloutStream(
+            engine, Prompts(data.train, data.tokenizer), self.settings, self.rewards, self.end_ids, samples
+        )
+        log.info(
+            "grpo: %d prompts x %d completions per step (%d per rank), up to %d new tokens; rewards %s",
+            grpo.prompts_per_step,
+            grpo.group_size,
+            self.settings.prompts_per_rank * grpo.group_size,
+            grpo.max_new_tokens,
+            ", ".join(self.rewards.names()),
+        )
+
+    def streams(self) -> Streams:
+        """The loop's streams: the rollouts; no held-out batches (the evaluation answers held-out prompts)."""
+        return Streams(self.stream, None)
+
+    def evaluate(self) -> tuple[float, dict[str, float]]:
+        return held_out_reward(self.engine, self.held_out, self.settings, self.rewards, self.end_ids)
