@@ -238,6 +238,115 @@ CASES = [
         ["train", "{run}", "checkpoint.resume={garbled_checkpoint}"],
         ["unreadable COMPLETE marker", "delete"],
     ),
+    (
+        "GRPO without reward functions",
+        ["train", "{fresh}", "data.path={prompts_jsonl}", "data.format=prompt", "finetune.method=grpo"],
+        ["finetune.method=grpo needs finetune.grpo.rewards", "lmscale.rewards:exact_answer"],
+    ),
+    (
+        "GRPO reward file missing",
+        [
+            "train",
+            "{fresh}",
+            "data.path={prompts_jsonl}",
+            "data.format=prompt",
+            "finetune.method=grpo",
+            "finetune.grpo.rewards=[{tmp}/nowhere.py:score]",
+        ],
+        ["reward function", "nowhere.py does not exist"],
+    ),
+    (
+        "GRPO reward function misnamed",
+        [
+            "train",
+            "{fresh}",
+            "data.path={prompts_jsonl}",
+            "data.format=prompt",
+            "finetune.method=grpo",
+            "finetune.grpo.rewards=[lmscale.rewards:exact_answr]",
+        ],
+        ["lmscale.rewards has no function 'exact_answr'"],
+    ),
+    (
+        "GRPO counted in tokens",
+        [
+            "train",
+            "{fresh}",
+            "data.path={prompts_jsonl}",
+            "data.format=prompt",
+            "finetune.method=grpo",
+            "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
+            "train.max_steps=null",
+            "train.max_tokens=1000",
+        ],
+        ["samples its own data", "set train.max_steps"],
+    ),
+    (
+        "GRPO weights do not match the functions",
+        [
+            "train",
+            "{fresh}",
+            "data.path={prompts_jsonl}",
+            "data.format=prompt",
+            "finetune.method=grpo",
+            "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
+            "finetune.grpo.reward_weights=[1,2]",
+        ],
+        ["reward_weights has 2 weights for 1 reward functions"],
+    ),
+    (
+        "GRPO completions do not split into micro-batches",
+        [
+            "train",
+            "{fresh}",
+            "data.path={prompts_jsonl}",
+            "data.format=prompt",
+            "finetune.method=grpo",
+            "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
+            "finetune.grpo.prompts_per_step=1",
+            "finetune.grpo.group_size=3",
+            "train.grad_accum_steps=2",
+        ],
+        ["each rank's 3 completions", "train.grad_accum_steps=2 micro-batches"],
+    ),
+    (
+        "GRPO KL term on a full fine-tune",
+        [
+            "train",
+            "{fresh}",
+            "data.path={prompts_jsonl}",
+            "data.format=prompt",
+            "finetune.method=grpo",
+            "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
+            "finetune.grpo.beta=0.04",
+        ],
+        ["finetune.grpo.beta=0.04 needs a reference model", "set beta=0 or use LoRA"],
+    ),
+    (
+        "GRPO prompt format without a prompt field",
+        [
+            "train",
+            "{fresh}",
+            "data.path={other_field}",
+            "data.format=prompt",
+            "finetune.method=grpo",
+            "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
+        ],
+        ["has none of the fields 'prompt', 'messages'", "data.prompt_field"],
+    ),
+    (
+        "a prompt conversation that ends with the reply",
+        [
+            "train",
+            "{fresh}",
+            "data.path={prompts_jsonl}",
+            "data.format=prompt",
+            "finetune.method=grpo",
+            "data.path={assistant_last}",
+            "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
+        ],
+        ["line 2", "must end with a user turn"],
+    ),
 ]
 
 
@@ -260,6 +369,23 @@ def test_bad_input(tmp_path, run_dir, capsys, offline_hub, argv, fragments):
             tmp_path, "good.jsonl", [json.dumps({"text": f"document number {i} " * 4}) for i in range(20)]
         ),
         "other_field": jsonl(tmp_path, "other.jsonl", [json.dumps({"body": "x"}), json.dumps({"body": "y"})]),
+        "prompts_jsonl": jsonl(
+            tmp_path,
+            "prompts.jsonl",
+            [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(50)],
+        ),
+        "assistant_last": jsonl(
+            tmp_path,
+            "chat_prompts.jsonl",
+            [
+                json.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "answer": "a"})
+                if i != 1
+                else json.dumps(
+                    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+                )
+                for i in range(50)
+            ],
+        ),
         "tiny_docs": jsonl(tmp_path, "tiny.jsonl", [json.dumps({"text": f"x{i}"}) for i in range(10)]),
         "bad_tokenizer": str(tmp_path / "tokenizer"),
         "bad_hostfile": write(tmp_path, "hostfile", "node1 slots=2\nnode2 slots two\n"),

@@ -10,6 +10,7 @@ from lmscale.config import build_config
 from lmscale.methods import (
     CLASSIFICATION,
     DPO,
+    GRPO,
     METHODS,
     ORPO,
     REWARD,
@@ -31,6 +32,7 @@ LMSCALE = Path(__file__).resolve().parents[2] / "lmscale"
         ({"method": "orpo"}, ORPO),
         ({"method": "simpo"}, SIMPO),
         ({"method": "reward"}, REWARD),
+        ({"method": "grpo", "grpo": {"rewards": ["lmscale.rewards:exact_answer"]}}, GRPO),
     ],
 )
 def test_a_run_s_method_comes_from_its_config_and_its_saved_config(finetune, method):
