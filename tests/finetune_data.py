@@ -117,3 +117,27 @@ def unpaired_records(limit: int = 600) -> list[dict]:
         for pair in preference_records(limit)
         for side in ("chosen", "rejected")
     ]
+
+
+def sum_records(count: int, right_share: float, seed: int = 0) -> list[dict]:
+    """Instruction records "a+b=" -> the sum, for a, b in 0..4, where only `right_share` of the completions are
+    right and the rest one too many: a model fine-tuned on them answers wrong greedily but samples the right
+    answer often enough for a reward to teach it (GRPO's test task)."""
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        a, b = rng.randrange(5), rng.randrange(5)
+        answer = a + b if rng.random() < right_share else a + b + 1
+        records.append({"prompt": f"{a}+{b}=", "completion": str(answer)})
+    return records
+
+
+def sum_prompts(count: int, seed: int = 1) -> list[dict]:
+    """Prompts "a+b=" with their `answer` field, for a reward function to check."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = [(rng.randrange(5), rng.randrange(5)) for _ in range(count)]
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in pairs]
