@@ -7,7 +7,7 @@ LMSCALE = Path(__file__).resolve().parent.parent / "lmscale"
 
 # Bottom to top, as the README's Architecture section lists them.
 LAYERS = ["errors", "resources", "atomic", "faults", "rewards", "methods", "config", "data", "model", "parallel", "objectives",
-          "checkpointing", "reporting", "evaluation", "rollouts", "runs", "planning", "training", "jobs", "cli"]  # fmt: skip
+          "checkpointing", "reporting", "rollouts", "evaluation", "runs", "planning", "training", "jobs", "cli"]  # fmt: skip
 
 
 def layer_of(module: str) -> int | None:

@@ -206,14 +206,18 @@ def prepare_held_out(
     tokenizer: PreTrainedTokenizerBase,
     task: str = "causal_lm",
     labels: list[str] | None = None,
+    completion_room: int = 0,
 ) -> Dataset:
-    """Only the held-out split, tokenized with `tokenizer` (offline evaluation; nothing is trained)."""
+    """Only the held-out split, tokenized with `tokenizer` (offline evaluation; nothing is trained); prompts
+    leave `completion_room` tokens for the answer, as in training."""
     cache_dir = Path(config.cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     fmt = task_format(config, task)
     with FileLock(str(cache_dir / "prepare.lock")):
         if fmt is not None:
             _, eval_records = load_task_records(config, fmt, str(cache_dir))
+            if fmt.name == "prompt":
+                return tokenize_prompts(eval_records, fmt, tokenizer, config, "eval", completion_room)
             return tokenize_records(eval_records, fmt, tokenizer, config, "eval", labels)
         _, eval_docs = clean_splits(config, str(cache_dir))
         return tokenize_documents(eval_docs, tokenizer, config.max_seq_len, config.num_proc, "eval")

@@ -129,6 +129,29 @@ def objective_scores(
     return scores | {f"eval_{method.target_unit}": count}
 
 
+def online_scores(model, tokenizer, config: Config) -> dict[str, float]:
+    """An online method's held-out figures as training logs them: the reward of greedy answers to the held-out
+    prompts (finetune.grpo.eval_prompts of them), by the run's reward functions."""
+    from lmscale.rollouts.evaluation import held_out_reward
+    from lmscale.rollouts.generation import end_token_ids
+    from lmscale.rollouts.scoring import reward_set
+    from lmscale.rollouts.stream import Prompts, RolloutSettings
+
+    grpo = config.finetune.grpo
+    records = prepare_held_out(config.data, tokenizer, completion_room=grpo.max_new_tokens)
+    settings = RolloutSettings(grpo, config.seed, grad_accum_steps=1, data_rank=0, data_ranks=1, synced=False)
+    device = next(model.parameters()).device
+    loss, means = held_out_reward(
+        model,
+        device,
+        Prompts(records, tokenizer),
+        settings,
+        reward_set(grpo),
+        end_token_ids(tokenizer, model),
+    )
+    return {"eval_loss": loss} | {f"eval_{name}": value for name, value in means.items()}
+
+
 def read_tasks(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise LmscaleError(f"--tasks {path} does not exist: give a jsonl of prompt/reference pairs")
@@ -224,6 +247,11 @@ def evaluate_target(
             "run's own held-out data): drop --data"
         )
     model, tokenizer = load_for_inference(target)
+    if method.online:
+        scores = online_scores(model, tokenizer, config)
+        if tasks is not None:
+            scores.update(generation_scores(model, tokenizer, read_tasks(tasks)))
+        return scores
     sequences = prepare_held_out(config.data, tokenizer, config.finetune.task, read_labels_of(target))
     if method.objective is not None:
         scores = objective_scores(model, sequences, config, target, tokenizer.pad_token_id, max_batches)

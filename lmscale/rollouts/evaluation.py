@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,16 +23,21 @@ def rank_share(count: int, rank: int, ranks: int) -> tuple[list[int], list[float
 
 
 def held_out_reward(
-    engine: Any, prompts: Prompts, settings: RolloutSettings, rewards: RewardSet, end_ids: set[int]
+    model: torch.nn.Module,
+    device: torch.device,
+    prompts: Prompts,
+    settings: RolloutSettings,
+    rewards: RewardSet,
+    end_ids: set[int],
 ) -> tuple[float, dict[str, float]]:
     """(the loss the loop ranks checkpoints by: minus the mean reward, the figures: reward, reward per
-    function, completion length)."""
+    function, completion length, prompts answered) of `model` (the engine's module, or a loaded model)."""
     count = min(settings.grpo.eval_prompts, len(prompts))
     indices, weights = rank_share(count, settings.data_rank, settings.data_ranks)
     prompt_ids, shown, fields = prompts.take(indices)
     sampling = replace(settings.sampling(), greedy=True)
     completions = sample(
-        engine, prompt_ids, sampling, 0, prompts.tokenizer.pad_token_id, end_ids, settings.synced
+        model, device, prompt_ids, sampling, 0, prompts.tokenizer.pad_token_id, end_ids, settings.synced
     )
     per_function = score(rewards, shown, prompts.as_completions(completions.ids), fields, completions.ids)
     weight = torch.tensor(weights, dtype=torch.float64)
@@ -48,12 +52,12 @@ def held_out_reward(
         ]
     )
     if dist.is_available() and dist.is_initialized():
-        sums = sums.to(engine.device)
+        sums = sums.to(device)
         dist.all_reduce(sums)
         sums = sums.cpu()
     reward, records, length = float(sums[0]), float(sums[1]), float(sums[2])
     functions = len(rewards.functions)
-    means = {"reward": reward / records, "completion_length": length / records}
+    means = {"reward": reward / records, "completion_length": length / records, "prompts": records}
     for column, name in enumerate(rewards.names()):
         judged_count = float(sums[3 + functions + column])
         if judged_count:

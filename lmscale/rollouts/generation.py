@@ -56,9 +56,21 @@ def cut_at_end(row: list[int], end_ids: set[int], pad_id: int) -> tuple[list[int
     return row, True
 
 
+def end_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    """Where a completion ends: the tokenizer's end token and any the model's generation config names."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, list):
+        ids |= set(configured)
+    elif configured is not None:
+        ids.add(configured)
+    return ids
+
+
 @torch.no_grad()
 def sample(
-    engine: Any,
+    model: torch.nn.Module,
+    device: torch.device,
     prompts: list[list[int]],
     sampling: Sampling,
     seed: int,
@@ -66,13 +78,13 @@ def sample(
     end_ids: set[int],
     synced: bool,
 ) -> Completions:
-    """One completion per prompt (repeat a prompt for a group), sampled by the engine's model in eval mode."""
-    model = engine.module
+    """One completion per prompt (repeat a prompt for a group), sampled by `model` (the engine's module, or a
+    loaded model) in eval mode."""
     was_training = model.training
     model.eval()
     started = time.perf_counter()
-    input_ids, attention_mask = left_padded(prompts, pad_id, engine.device)
-    devices = [torch.cuda.current_device()] if engine.device.type == "cuda" else []
+    input_ids, attention_mask = left_padded(prompts, pad_id, device)
+    devices = [torch.cuda.current_device()] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         output = model.generate(

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from lmscale.config import GrpoConfig
 from lmscale.objectives.grpo import ScaleRewards, group_advantages
-from lmscale.rewards import RewardFunction, call_reward, reward_name
+from lmscale.rewards import RewardFunction, call_reward, load_rewards, reward_name
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,12 @@ class RewardSet:
 
     def names(self) -> list[str]:
         return [reward_name(spec) for spec, _ in self.functions]
+
+
+def reward_set(config: GrpoConfig) -> RewardSet:
+    """The config's reward functions, loaded, with their weights (all 1 unless given)."""
+    weights = config.reward_weights or [1.0] * len(config.rewards)
+    return RewardSet(load_rewards(config.rewards), list(weights))
 
 
 def score(

@@ -153,7 +153,14 @@ class RolloutStream:
         rows = repeat(prompt_ids, grpo.group_size)
         seed = sampling_seed(settings.seed, generation, settings.data_rank)
         completions = sample(
-            self.engine, rows, settings.sampling(), seed, self.pad_id, self.end_ids, settings.synced
+            self.engine.module,
+            self.engine.device,
+            rows,
+            settings.sampling(),
+            seed,
+            self.pad_id,
+            self.end_ids,
+            settings.synced,
         )
         shown_rows = repeat(shown, grpo.group_size)
         completion_values = self.prompts.as_completions(completions.ids)

@@ -8,24 +8,12 @@ from typing import Any
 
 from lmscale.data import PreparedData
 from lmscale.reporting.sink import log
-from lmscale.rewards import load_rewards
 from lmscale.rollouts.evaluation import held_out_reward
-from lmscale.rollouts.scoring import RewardSet
+from lmscale.rollouts.generation import end_token_ids
+from lmscale.rollouts.scoring import reward_set
 from lmscale.rollouts.stream import Prompts, RolloutSettings, RolloutStream
 from lmscale.runs.run import Run
 from lmscale.training.loop import Streams
-
-
-def end_token_ids(tokenizer: Any, model: Any) -> set[int]:
-    """Where a completion ends: the tokenizer's end token and any the model's generation config names."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= (
-        set(configured)
-        if isinstance(configured, list)
-        else ({configured} if configured is not None else set())
-    )
-    return ids
 
 
 def rollout_settings(run: Run, engine: Any) -> RolloutSettings:
@@ -46,8 +34,7 @@ class OnlineTraining:
 
     def __init__(self, run: Run, data: PreparedData, engine: Any) -> None:
         grpo = run.config.finetune.grpo
-        weights = grpo.reward_weights or [1.0] * len(grpo.rewards)
-        self.rewards = RewardSet(load_rewards(grpo.rewards), list(weights))
+        self.rewards = reward_set(grpo)
         self.engine, self.settings = engine, rollout_settings(run, engine)
         self.end_ids = end_token_ids(data.tokenizer, engine.module)
         self.held_out = Prompts(data.eval, data.tokenizer)
@@ -69,4 +56,6 @@ class OnlineTraining:
         return Streams(self.stream, None)
 
     def evaluate(self) -> tuple[float, dict[str, float]]:
-        return held_out_reward(self.engine, self.held_out, self.settings, self.rewards, self.end_ids)
+        return held_out_reward(
+            self.engine.module, self.engine.device, self.held_out, self.settings, self.rewards, self.end_ids
+        )

@@ -130,6 +130,10 @@ def test_grpo_under_zero3_learns_resumes_mid_generation_exactly_and_exports(work
     answer = model.generate(**prompt, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert answer.shape[1] > prompt["input_ids"].shape[1]
     assert torch.isfinite(model(**prompt).logits).all()
+    scores = json.loads(run_lmscale("eval", str(exported), "--json").stdout.strip().splitlines()[-1])
+    last = [r for r in records(whole) if "eval_reward" in r][-1]
+    assert scores["eval_prompts"] == 50  # the run's held-out prompts, answered greedily as in training
+    assert scores["eval_reward"] == pytest.approx(last["eval_reward"], abs=0.05)
 
 
 def test_grpo_with_lora_and_the_kl_term_learns_under_zero2(workspace, tmp_path):
