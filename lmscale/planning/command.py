@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lmscale.config import Config
+from lmscale.methods import method_for
 from lmscale.planning.plan import (
     GIB,
     Hardware,
@@ -20,6 +21,7 @@ from lmscale.planning.plan import (
     model_facts,
     other_layouts,
     plan_rows,
+    rollout_rows,
 )
 
 # Data-parallel ZeRO stages by speed. Stage 1 moves what stage 0 does (a reduce-scatter and an all-gather
@@ -73,11 +75,15 @@ def _same_setup(rows: list[PlanRow], like: PlanRow) -> PlanRow:
     return next(row for row in rows if (row.stage, row.offload) == (like.stage, like.offload))
 
 
-def recommendation_lines(advice: Recommendation) -> list[str]:
+def recommendation_lines(advice: Recommendation, online: bool = False) -> list[str]:
+    """The recommendation in words; an online method's micro-batches are its completions, not a token budget,
+    so no budget advice follows."""
     lines = [
         f"recommended: {advice.keys} ({advice.total_bytes / GIB:.1f} GiB per GPU at "
         f"{advice.tokens_per_micro_batch:,} tokens per micro-batch; {advice.step_tokens:,} tokens per optimizer step)"
     ]
+    if online:
+        return lines
     if advice.larger_tokens_per_micro_batch:
         lines.append(
             f"the same step in fewer, larger micro-batches: data.max_tokens_per_batch="
@@ -98,8 +104,7 @@ def plan_command(
     """The table's rows (the configured layout, and when nothing fits there the first other layout that
     does), the recommended row and the recommendation; printed as a table or as JSON."""
     facts = model_facts(config)
-    tokens = config.data.max_tokens_per_batch
-    tokens = tokens if isinstance(tokens, int) else config.data.max_seq_len
+    tokens = micro_batch_tokens(config, hardware)
     accumulation = config.train.grad_accum_steps
     rows = plan_rows(facts, config, hardware, tokens)
     best = recommend(rows, accumulation)
@@ -114,15 +119,34 @@ def plan_command(
     if as_json:
         print(plan_json(shown, best, advice))
     else:
-        print_plan(facts, config, hardware, shown, best)
-        for line in recommendation_lines(advice) if advice else [NOTHING_FITS]:
+        print_plan(facts, config, hardware, shown, best, tokens)
+        online = method_for(config.finetune).online
+        for line in (
+            recommendation_lines(advice, online)
+            if advice
+            else [ONLINE_NOTHING_FITS if online else NOTHING_FITS]
+        ):
             print(line)
     return shown, best, advice
+
+
+def micro_batch_tokens(config: Config, hardware: Hardware) -> int:
+    """Tokens per micro-batch of a data-parallel replica: the token budget, or an online method's share of its
+    completions (each up to data.max_seq_len tokens) per micro-batch."""
+    if method_for(config.finetune).online:
+        ranks = hardware.gpus_per_node * hardware.nodes
+        return rollout_rows(config, ranks) // config.train.grad_accum_steps * config.data.max_seq_len
+    tokens = config.data.max_tokens_per_batch
+    return tokens if isinstance(tokens, int) else config.data.max_seq_len
 
 
 NOTHING_FITS = (
     "nothing fits: add GPUs, turn on model.activation_checkpointing and train.chunked_loss, or lower "
     "data.max_tokens_per_batch"
+)
+ONLINE_NOTHING_FITS = (
+    "nothing fits: raise train.grad_accum_steps (fewer completions per micro-batch), turn on "
+    "model.activation_checkpointing, or lower finetune.grpo.prompts_per_step, group_size or data.max_seq_len"
 )
 
 
@@ -136,15 +160,16 @@ def plan_json(rows: list[PlanRow], best: PlanRow | None, advice: Recommendation 
     return json.dumps(document)
 
 
-def print_plan(facts: ModelFacts, config: Config, hardware: Hardware, rows: list[PlanRow], best) -> None:
+def print_plan(
+    facts: ModelFacts, config: Config, hardware: Hardware, rows: list[PlanRow], best, tokens: int
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     trainable = f" ({facts.trainable_params / 1e6:,.2f}M trainable)" if facts.frozen_params else ""
     table = Table(
         title=f"{facts.params / 1e6:,.1f}M parameters{trainable}, {hardware.nodes} x {hardware.gpus_per_node} "
-        f"GPUs of {hardware.gpu_mem_bytes / GIB:.0f} GiB, {config.data.max_tokens_per_batch} tokens per "
-        f"micro-batch, {config.precision}",
+        f"GPUs of {hardware.gpu_mem_bytes / GIB:.0f} GiB, {tokens} tokens per micro-batch, {config.precision}",
         caption="GiB per GPU (host: per node); * = recommended; DS est.: DeepSpeed's own estimate of the "
         "model states, for ZeRO 2-3 of plain data parallelism with every weight trained (- elsewhere)",
     )
@@ -171,3 +196,12 @@ def print_plan(facts: ModelFacts, config: Config, hardware: Hardware, rows: list
             ("yes *" if row is best else "yes") if row.fits else "no",
         )
     Console(width=110).print(table)
+    if rows and rows[0].generation_bytes:
+        grpo = config.finetune.grpo
+        ranks = hardware.gpus_per_node * hardware.nodes
+        print(
+            f"sampling: the KV cache of {rollout_rows(config, ranks)} completions per GPU ({grpo.prompts_per_step} "
+            f"prompts x {grpo.group_size} over {ranks} GPUs, up to {config.data.max_seq_len} tokens each) takes "
+            f"{rows[0].generation_bytes / GIB:.2f} GiB; it and the step's activations never coexist, so "
+            "GPU total counts the larger; no reference copy (beta=0, or LoRA's base with the adapters off)"
+        )

@@ -37,6 +37,7 @@ import torch
 
 from lmscale.atomic import write_atomically
 from lmscale.config import Config
+from lmscale.methods import method_for
 from lmscale.parallel.layout import ulysses_split_problems
 
 GIB = 1024**3
@@ -250,6 +251,7 @@ class PlanRow:
     deepspeed_estimate_bytes: int | None  # DeepSpeed's own model-state estimate (stages 2 and 3)
     tensor: int = 1
     sequence: int = 1
+    generation_bytes: int = 0  # an online method's KV cache while it samples (not at once with activations)
 
     def keys(self) -> str:
         """The config keys that select this row, as overrides."""
@@ -308,6 +310,24 @@ def configured_activation_bytes(facts: ModelFacts, config: Config, tensor: int =
     )
 
 
+def rollout_rows(config: Config, data_ranks: int) -> int:
+    """The completions one rank samples at once in an online method (GRPO): its prompts x the group."""
+    grpo = config.finetune.grpo
+    return max(1, grpo.prompts_per_step // data_ranks) * grpo.group_size
+
+
+def generation_bytes(facts: ModelFacts, config: Config, data_ranks: int) -> int:
+    """An online method's memory while it samples, beyond the weights: the KV cache of every completion a rank
+    samples at once (each up to data.max_seq_len tokens: prompt and answer), keys and values of every layer,
+    and one step's fp32 logits per completion. Sampling and the training step never overlap, so the larger
+    of this and the step's activations is what a plan counts."""
+    rows = rollout_rows(config, data_ranks)
+    width = 4 if config.precision == "fp32" else 2
+    kv_heads = facts.kv_heads or facts.heads
+    per_token = 2 * facts.layers * kv_heads * (facts.hidden // facts.heads) * width
+    return int(rows * config.data.max_seq_len * per_token + rows * facts.vocab * 4)
+
+
 # The set-ups a layout offers, fastest first: less partitioning, then no offload.
 SETUPS = ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True))
 
@@ -329,6 +349,8 @@ def plan_rows(
     params = facts.params_per_rank(tensor)
     trainable = params - facts.frozen_params
     per_token = configured_activation_bytes(facts, config, tensor)
+    online = method_for(config.finetune).online
+    sampling = generation_bytes(facts, config, ranks // (tensor * sequence)) if online else 0
     setups = [
         (stage, offload) for stage, offload in SETUPS if tensor == 1 or (stage in (1, 2) and not offload)
     ]
@@ -339,7 +361,7 @@ def plan_rows(
         )
         activations = int(per_token * tokens / sequence)
         buffers = buffer_bytes(params, stage, trainable)
-        total = gpu_states + activations + buffers
+        total = gpu_states + max(activations, sampling) + buffers
         cpu_total = cpu_states * hardware.gpus_per_node  # every rank of a node offloads to that node's RAM
         fits = total <= HEADROOM * hardware.gpu_mem_bytes and cpu_total <= HEADROOM * hardware.cpu_mem_bytes
         plain = tensor == 1 and sequence == 1
@@ -361,6 +383,7 @@ def plan_rows(
                 estimate,
                 tensor,
                 sequence,
+                sampling,
             )
         )
     return rows
@@ -372,12 +395,14 @@ def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list
     tensor parallelism (it divides the weights too), each from the smallest degree up, then both."""
     if config.parallel.tensor > 1 or config.parallel.sequence > 1:
         return []
+    method = method_for(config.finetune)  # only the layouts the method trains in
     degrees = [d for d in (2, 4, 8, 16) if d <= hardware.gpus_per_node and hardware.gpus_per_node % d == 0]
     kv = facts.kv_heads or facts.heads
-    tensors = [d for d in degrees if facts.heads % d == 0 and kv % d == 0 and facts.split_params]
+    splits = facts.split_params and method.tensor_parallel
+    tensors = [d for d in degrees if facts.heads % d == 0 and kv % d == 0 and splits]
 
     def sequence_fits(tensor: int, d: int) -> bool:  # Ulysses deals out each tensor slice's heads
-        return not ulysses_split_problems(facts.heads // tensor, kv // tensor, d)
+        return method.sequence_parallel and not ulysses_split_problems(facts.heads // tensor, kv // tensor, d)
 
     sequences = [(1, d) for d in degrees if sequence_fits(1, d)]
     both = [

@@ -299,3 +299,28 @@ def test_recipes_say_what_the_planner_says(recipe, capsys):
     quoted = re.search(r"~(\d+(?:\.\d+)?) GiB per GPU", text)
     assert quoted and abs(float(quoted.group(1)) - advice.total_bytes / GIB) < 0.6, (quoted, advice)
     assert f"{advice.step_tokens:,} tokens" in text.replace("\n# ", " ")
+
+
+def test_grpo_plans_its_sampling_kv_cache_and_only_the_layouts_it_trains_in():
+    from lmscale.planning.command import micro_batch_tokens
+    from lmscale.planning.plan import generation_bytes, other_layouts
+
+    facts = ModelFacts(
+        params=TINYLLAMA_1B, largest_layer_params=1, layers=22, hidden=2048, heads=32, vocab=32000, kv_heads=4
+    )
+    grpo = {"rewards": ["lmscale.rewards:exact_answer"], "prompts_per_step": 64, "group_size": 16}
+    config = Config(
+        data={"format": "prompt", "max_seq_len": 2048},
+        finetune={"method": "grpo", "grpo": grpo},
+        train={"grad_accum_steps": 16},
+    )
+    # 64 prompts x 16 over 8 GPUs = 128 completions of up to 2048 tokens; per token K and V of 22 layers x 4
+    # key-value heads x 64 dimensions in 16 bits; and one step's fp32 logits per completion
+    expected = 128 * 2048 * (2 * 22 * 4 * 64 * 2) + 128 * 32000 * 4
+    assert generation_bytes(facts, config, 8) == expected
+    hardware = Hardware(gpus_per_node=8, gpu_mem_bytes=80 * GIB)
+    assert micro_batch_tokens(config, hardware) == 128 // 16 * 2048
+    (row, *_) = plan_rows(facts, config, hardware, micro_batch_tokens(config, hardware))
+    assert row.generation_bytes == expected
+    assert row.total_bytes == row.model_state_bytes + max(row.activation_bytes, expected) + row.buffer_bytes
+    assert other_layouts(facts, config, hardware) == []  # GRPO trains in neither tensor nor sequence layouts
