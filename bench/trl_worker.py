@@ -3,7 +3,7 @@
 TRL's SFTTrainer (assistant-only loss; with --packing its padding-free best-fit packing) or DPOTrainer (with
 precomputed reference log-probabilities) under its DeepSpeed integration (ZeRO-2, bf16, CPU), one epoch on the
 bench's chat or preference records; or GRPOTrainer (no vLLM: transformers' generate) for --max-steps steps on
-the bench's prompts with lmscale's exact-answer reward function; prints one JSON line of figures on rank 0 and
+the bench's prompts with its reward function (bench/count_reward.py); prints one JSON line of figures on rank 0 and
 saves the trained model.
 """
 
@@ -43,9 +43,8 @@ def dpo_trainer(args, model, tokenizer, records):
 def grpo_trainer(args, model, tokenizer, records):
     """GRPO as bench/vs_trl_grpo.py sets lmscale's: one generation per optimizer step of `--batch-size`
     completions per rank (`--group-size` per prompt), the DAPO loss, no KL term, dropout off."""
+    from count_reward import count_reward  # this directory: the same file lmscale's side loads
     from trl import GRPOConfig, GRPOTrainer
-
-    from lmscale.rewards import exact_answer  # TRL's signature: the same function both sides call
 
     class TimedGRPOTrainer(GRPOTrainer):
         """GRPOTrainer that adds up its generation's seconds and tokens (TRL reports them only to W&B)."""
@@ -75,7 +74,7 @@ def grpo_trainer(args, model, tokenizer, records):
     )
     return TimedGRPOTrainer(
         model=model,
-        reward_funcs=[exact_answer],
+        reward_funcs=[count_reward],
         args=config,
         train_dataset=records,
         processing_class=tokenizer,

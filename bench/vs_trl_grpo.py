@@ -1,9 +1,11 @@
 """lmscale vs TRL on GRPO, side by side in one run, on the same everything.
 
-The task: copy a list of digits ("copy: 3 1 4 1 5 =" -> "3 1 4 1 5"), rewarded by lmscale's
-`exact_answer` (TRL's reward-function signature: both sides call the same function). The starting model is the
-tiny GPT-2 preset with a BPE trained here, fine-tuned first (lmscale SFT, one process) on copies of which half
-have one digit wrong, so that sampled answers differ within a group and the reward has something to teach. Then
+The task: count between two numbers ("count from 13 to 18:" -> " 14 15 16 17 18"), rewarded by
+`bench/count_reward.py` (the share of the numbers right before the first mistake, less a little for numbers
+past the end; written in TRL's reward-function signature, and loaded by both sides from that file). The
+starting model is the tiny GPT-2 preset with a BPE trained here, fine-tuned first (lmscale SFT, one process)
+on counts of which half have one number wrong, so that sampled answers differ within a group and the reward
+has something to teach. Then
 lmscale (`finetune.method=grpo`) and TRL's GRPOTrainer (transformers' generate, no vLLM) each train it for the
 same steps with the same prompts per step, group size, completion length, sampling (temperature 1, no top-k or
 top-p), DAPO loss without a KL term, dropout off, LR schedule and AdamW settings, under DeepSpeed ZeRO-2 bf16 on
@@ -30,6 +32,8 @@ from pathlib import Path
 
 from vs_hf_trainer import REPO, SEED, run_measured, shared_overrides
 from vs_trl import build_base, write_jsonl
+
+REWARD = f"{Path(__file__).resolve().parent / 'count_reward.py'}:count_reward"  # both sides load this file
 
 
 def copy_prompt(digits: list[int]) -> str:
@@ -86,7 +90,7 @@ def lmscale_row(args, workdir: Path, files: dict[str, Path], start: Path) -> dic
     out = workdir / "lmscale"
     overrides = [
         f"model.path={start}", f"data.path={files['prompts']}", f"data.eval_path={files['held_out']}",
-        "data.format=prompt", "finetune.method=grpo", "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
+        "data.format=prompt", "finetune.method=grpo", f"finetune.grpo.rewards=[{REWARD}]",
         f"finetune.grpo.prompts_per_step={args.prompts_per_step}", f"finetune.grpo.group_size={args.group_size}",
         f"finetune.grpo.max_new_tokens={args.max_new_tokens}", "finetune.grpo.eval_prompts=8",
         *shared_overrides(args, workdir), f"output_dir={out}", f"train.max_steps={args.steps}",
@@ -139,11 +143,11 @@ def trl_row(args, workdir: Path, files: dict[str, Path], start: Path, continuous
 
 
 def greedy_reward(model_dir: Path, held_out: Path, max_new_tokens: int) -> float:
-    """The mean exact-answer reward of greedy answers to the held-out prompts (the same code for both sides)."""
+    """The mean reward of greedy answers to the held-out prompts (the same code for both sides)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmscale.rewards import exact_answer
+    from lmscale.rewards import load_reward_function
     from lmscale.rollouts.generation import Sampling, end_token_ids, sample
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -155,7 +159,8 @@ def greedy_reward(model_dir: Path, held_out: Path, max_new_tokens: int) -> float
         tokenizer.pad_token_id, end_token_ids(tokenizer, model), synced=False,
     )  # fmt: skip
     texts = tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
-    rewards = exact_answer([r["prompt"] for r in records], texts, [r["answer"] for r in records])
+    reward = load_reward_function(REWARD)
+    rewards = reward([r["prompt"] for r in records], texts, [r["answer"] for r in records])
     return sum(rewards) / len(rewards)
 
 
@@ -167,10 +172,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--prompts", type=int, default=2000)
     parser.add_argument("--sft-records", type=int, default=4000)
-    parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--max-seq-len", type=int, default=64)
+    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--max-seq-len", type=int, default=48)
     parser.add_argument("--budget", type=int, default=4096, help="lmscale SFT tokens per micro-batch")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=SEED, help="data and sampling on both sides")
     parser.add_argument(

@@ -310,19 +310,6 @@ CASES = [
         ["each rank's 3 completions", "train.grad_accum_steps=2 micro-batches"],
     ),
     (
-        "GRPO KL term on a full fine-tune",
-        [
-            "train",
-            "{fresh}",
-            "data.path={prompts_jsonl}",
-            "data.format=prompt",
-            "finetune.method=grpo",
-            "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
-            "finetune.grpo.beta=0.04",
-        ],
-        ["finetune.grpo.beta=0.04 needs a reference model", "set beta=0 or use LoRA"],
-    ),
-    (
         "GRPO prompt format without a prompt field",
         [
             "train",

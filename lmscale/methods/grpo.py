@@ -41,11 +41,6 @@ def grpo_rules(config: Config) -> list[str]:
         )
     if train.label_smoothing:
         problems.append(f"train.label_smoothing applies to cross-entropy, not {key}: set it to 0")
-    if grpo.beta and config.finetune.lora is None:
-        problems.append(
-            f"finetune.grpo.beta={grpo.beta} needs a reference model: with finetune.lora it is the base model "
-            "with the adapters off; a full fine-tune's frozen copy is not built yet: set beta=0 or use LoRA"
-        )
     if config.model.compile:
         problems.append(f"model.compile is not tested with {key}'s generation: set model.compile=false")
     if grpo.max_new_tokens >= config.data.max_seq_len:

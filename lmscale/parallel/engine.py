@@ -143,3 +143,20 @@ def build_engine(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
     )
     return engine
+
+
+def build_frozen_engine(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+    """A DeepSpeed engine that only runs `model` forward (a frozen reference): partitioned over the ranks like
+    the policy under ZeRO-3, whole on every rank otherwise, in the run's precision; no optimizer or gradients."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    config = {key: value for key, value in ds_config.items() if key not in ("optimizer", "scheduler")}
+    zero = dict(config.get("zero_optimization", {}))
+    if zero.get("stage", 0) != 3:
+        zero = {"stage": 0}  # nothing to partition but the weights, which only ZeRO-3 splits
+    zero.pop("offload_optimizer", None)
+    config["zero_optimization"] = zero
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

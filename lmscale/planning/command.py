@@ -130,6 +130,14 @@ def plan_command(
     return shown, best, advice
 
 
+def reference_line(config: Config) -> str:
+    if not config.finetune.grpo.beta:
+        return "no reference model (beta=0)"
+    if config.finetune.lora is not None:
+        return "the KL term's reference is the base with the adapters off (no copy)"
+    return "states include the KL term's frozen reference copy (partitioned under ZeRO-3)"
+
+
 def micro_batch_tokens(config: Config, hardware: Hardware) -> int:
     """Tokens per micro-batch of a data-parallel replica: the token budget, or an online method's share of its
     completions (each up to data.max_seq_len tokens) per micro-batch."""
@@ -203,5 +211,5 @@ def print_plan(
             f"sampling: the KV cache of {rollout_rows(config, ranks)} completions per GPU ({grpo.prompts_per_step} "
             f"prompts x {grpo.group_size} over {ranks} GPUs, up to {config.data.max_seq_len} tokens each) takes "
             f"{rows[0].generation_bytes / GIB:.2f} GiB; it and the step's activations never coexist, so "
-            "GPU total counts the larger; no reference copy (beta=0, or LoRA's base with the adapters off)"
+            f"GPU total counts the larger; {reference_line(config)}"
         )

@@ -328,6 +328,16 @@ def generation_bytes(facts: ModelFacts, config: Config, data_ranks: int) -> int:
     return int(rows * config.data.max_seq_len * per_token + rows * facts.vocab * 4)
 
 
+def reference_copy_bytes(config: Config, params: int, stage: int, ranks: int) -> int:
+    """GRPO's frozen reference for the KL term of a full fine-tune (beta > 0): the starting model's weights
+    once more, partitioned like the policy's under ZeRO-3 (with LoRA the base is the reference: no copy)."""
+    grpo = config.finetune.grpo
+    if not method_for(config.finetune).online or not grpo.beta or config.finetune.lora is not None:
+        return 0
+    width = 4 if config.precision == "fp32" else 2
+    return int(width * params / (ranks if stage == 3 else 1))
+
+
 # The set-ups a layout offers, fastest first: less partitioning, then no offload.
 SETUPS = ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True))
 
@@ -359,6 +369,7 @@ def plan_rows(
         gpu_states, cpu_states = model_state_bytes(
             params, stage, zero_ranks, offload, config.precision, trainable
         )
+        gpu_states += reference_copy_bytes(config, params, stage, zero_ranks)
         activations = int(per_token * tokens / sequence)
         buffers = buffer_bytes(params, stage, trainable)
         total = gpu_states + max(activations, sampling) + buffers

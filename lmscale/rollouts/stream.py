@@ -111,8 +111,12 @@ class RolloutStream:
         rewards: RewardSet,
         end_ids: set[int],
         samples_path: Path | None = None,
+        reference: Any = None,
     ) -> None:
+        """`reference`: a frozen engine of the starting model for the KL term (beta > 0); None scores the
+        reference with the policy's LoRA adapters off."""
         self.engine, self.prompts, self.settings, self.rewards = engine, prompts, settings, rewards
+        self.reference = reference
         self.end_ids, self.samples_path = end_ids, samples_path
         self.pad_id = prompts.tokenizer.pad_token_id
         self.served = 0  # micro-batches handed to the loop
@@ -258,7 +262,10 @@ class RolloutStream:
             if grpo.num_iterations > 1:
                 logits, labels = forward(engine, batch)
                 batch.tensors["old_logps"] = token_logps(logits, labels)[0].cpu()
-            if grpo.beta:
+            if grpo.beta and self.reference is not None:
+                logits, labels = forward(self.reference, batch)
+                batch.tensors["reference_logps"] = token_logps(logits, labels)[0].cpu()
+            elif grpo.beta:
                 with adapters_off(engine.module):
                     logits, labels = forward(engine, batch)
                 batch.tensors["reference_logps"] = token_logps(logits, labels)[0].cpu()

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from lmscale.data import PreparedData
+from lmscale.model.build import build_model
+from lmscale.parallel.engine import build_frozen_engine
 from lmscale.reporting.sink import log
 from lmscale.rollouts.evaluation import held_out_reward
 from lmscale.rollouts.generation import end_token_ids
@@ -29,6 +31,20 @@ def rollout_settings(run: Run, engine: Any) -> RolloutSettings:
     )
 
 
+def frozen_reference(run: Run, data: PreparedData) -> Any:
+    """The KL term's reference for a full fine-tune: the starting model built again (model.path, or the preset
+    at the run's seed), frozen, partitioned over the ranks under ZeRO-3 as the policy is. A resumed run builds
+    it the same way, so the reference never moves."""
+    config = run.config
+    model = build_model(config.model, data.tokenizer, config.data.max_seq_len, config.seed, config.finetune)
+    engine = build_frozen_engine(model, run.ds_config)
+    log.info(
+        "grpo: KL reference: a frozen copy of the starting model (%s)",
+        f"partitioned over {run.world_size} ranks" if config.zero.stage == 3 else "whole on every rank",
+    )
+    return engine
+
+
 class OnlineTraining:
     """An online method's stream, evaluation and figures for the loop."""
 
@@ -39,8 +55,10 @@ class OnlineTraining:
         self.end_ids = end_token_ids(data.tokenizer, engine.module)
         self.held_out = Prompts(data.eval, data.tokenizer)
         samples = run.dir.samples if run.is_rank_zero else None
+        prompts = Prompts(data.train, data.tokenizer)
+        reference = frozen_reference(run, data) if grpo.beta and run.config.finetune.lora is None else None
         self.stream = RolloutStream(
-            engine, Prompts(data.train, data.tokenizer), self.settings, self.rewards, self.end_ids, samples
+            engine, prompts, self.settings, self.rewards, self.end_ids, samples, reference
         )
         log.info(
             "grpo: %d prompts x %d completions per step (%d per rank), up to %d new tokens; rewards %s",

@@ -1,7 +1,7 @@
 """Real GRPO runs: a tiny GPT-2 fine-tuned in the test to answer "a+b=" one too high most of the time (greedy
 answers all wrong) learns from an exact-answer reward to answer right, in one process, on 2 ranks under ZeRO-3
-(generation gathering the weights block by block, 2 updates per batch of completions) and with LoRA and the
-KL term under ZeRO-2. A run whose rank dies in the middle of a generation's updates resumes with the same
+(generation gathering the weights block by block, 2 updates per batch of completions, the KL term to a frozen
+copy partitioned like the policy) and with LoRA and the KL term (the base with adapters off) under ZeRO-2. A run whose rank dies in the middle of a generation's updates resumes with the same
 completions and bit-equal losses, and its export loads in transformers."""
 
 import json
@@ -96,13 +96,16 @@ def test_grpo_in_one_process_learns_the_reward(workspace, tmp_path):
 
 
 def test_grpo_under_zero3_learns_resumes_mid_generation_exactly_and_exports(workspace, tmp_path):
-    extra = ("zero.stage=3", "finetune.grpo.num_iterations=2")
+    # the KL term of a full fine-tune: a frozen copy of the starting model, partitioned like the policy
+    extra = ("zero.stage=3", "finetune.grpo.num_iterations=2", "finetune.grpo.beta=0.01")
     whole = tmp_path / "whole"
     result = run_lmscale("launch", "--gpus-per-node", "2", *grpo_args(workspace, whole, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_learned(whole)
     steps = {r["step"]: r for r in records(whole) if "loss" in r}
     assert any(steps[s]["clip_low"] + steps[s]["clip_high"] > 0 for s in steps if s % 2 == 0)  # 2nd updates
+    assert "KL reference: a frozen copy of the starting model (partitioned over 2 ranks)" in result.stderr
+    assert steps[1]["kl"] == 0.0 and steps[STEPS]["kl"] > 0.0  # the policy starts as the reference
 
     broken = tmp_path / "broken"
     args = grpo_args(workspace, broken, *extra)
