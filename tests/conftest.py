@@ -13,6 +13,20 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lmscale-cache")
 
 
+@pytest.fixture(scope="session")
+def exact_one_process_run(tmp_path_factory, cache_dir) -> Path:
+    """The one-process run of helpers.EXACT_RUN_ARGS that runs computing otherwise (parallel layouts, the
+    compiled model) are compared with: trained once per session."""
+    from helpers import EXACT_RUN_ARGS, run_lmscale
+
+    out = tmp_path_factory.mktemp("exact-one-process") / "run"
+    result = run_lmscale(
+        "train", f"output_dir={out}", f"data.cache_dir={cache_dir}", *EXACT_RUN_ARGS, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 @pytest.fixture
 def restore_environment():
     """A command run in-process (debug mode) announces a one-rank job in os.environ; keep that, and any

@@ -310,6 +310,21 @@ CASES = [
         ["each rank's 3 completions", "train.grad_accum_steps=2 micro-batches"],
     ),
     (
+        "GRPO reward function that needs a field the records lack",
+        [
+            "train",
+            "{fresh}",
+            "data.path={prompts_jsonl}",
+            "data.format=prompt",
+            "finetune.method=grpo",
+            "finetune.grpo.rewards=[{needs_solution}:check]",
+            "finetune.grpo.max_new_tokens=8",
+            "data.max_seq_len=32",
+            "data.vocab_size=300",
+        ],
+        ["reward function", "check raised TypeError", "solution"],
+    ),
+    (
         "GRPO prompt format without a prompt field",
         [
             "train",
@@ -360,6 +375,11 @@ def test_bad_input(tmp_path, run_dir, capsys, offline_hub, argv, fragments):
             tmp_path,
             "prompts.jsonl",
             [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(50)],
+        ),
+        "needs_solution": write(
+            tmp_path,
+            "needs_solution.py",
+            "def check(prompts, completions, solution, **_):\n    return [0.0] * len(completions)\n",
         ),
         "assistant_last": jsonl(
             tmp_path,

@@ -122,7 +122,8 @@ class RolloutStream:
         self.served = 0  # micro-batches handed to the loop
         self.rollout: Rollout | None = None
         self.pending: list[dict[str, float]] = []  # figures of the generations since the last log step
-        self.last_start: float | None = None
+        self.last_start: float | None = None  # when the previous generation began, and its sampling time
+        self.last_generation_s = 0.0
 
     # -- the loop's side --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -201,7 +202,8 @@ class RolloutStream:
         return Scored(scored.advantages[own].float(), scored.figures), everyone[:, -2:]
 
     def add_timing(self, figures: dict[str, float], started: float, completions: Completions) -> None:
-        """Generation tokens/s over all ranks, and the share of the last generation's steps spent sampling."""
+        """Generation tokens/s over all ranks, and the share of the previous generation's steps (from its start
+        to this one's) spent sampling: known only now, so it is logged one generation late."""
         totals = torch.tensor([completions.tokens, completions.seconds], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             totals = totals.to(self.engine.device)
@@ -210,10 +212,9 @@ class RolloutStream:
         ranks = dist.get_world_size() if dist.is_initialized() else 1
         figures["generation_tokens_per_s"] = float(totals[0] / max(totals[1] / ranks, 1e-9))
         figures["generation_s"] = float(totals[1] / ranks)
-        if self.last_start is not None and self.pending:
-            cycle = started - self.last_start
-            self.pending[-1]["generation_share"] = self.pending[-1]["generation_s"] / max(cycle, 1e-9)
-        self.last_start = started
+        if self.last_start is not None:
+            figures["generation_share"] = self.last_generation_s / max(started - self.last_start, 1e-9)
+        self.last_start, self.last_generation_s = started, figures["generation_s"]
 
     def micro_batches(
         self, prompts: list[list[int]], completions: Completions, advantages: torch.Tensor

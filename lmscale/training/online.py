@@ -12,7 +12,7 @@ from lmscale.parallel.engine import build_frozen_engine
 from lmscale.reporting.sink import log
 from lmscale.rollouts.evaluation import held_out_reward
 from lmscale.rollouts.generation import end_token_ids
-from lmscale.rollouts.scoring import reward_set
+from lmscale.rollouts.scoring import RewardSet, reward_set, score
 from lmscale.rollouts.stream import Prompts, RolloutSettings, RolloutStream
 from lmscale.runs.run import Run
 from lmscale.training.loop import Streams
@@ -29,6 +29,14 @@ def rollout_settings(run: Run, engine: Any) -> RolloutSettings:
         synced=engine.zero_optimization_stage() == 3 and run.world_size > 1,
         log_every=config.train.log_every,
     )
+
+
+def try_rewards(rewards: RewardSet, prompts: Prompts) -> None:
+    """Call every reward function once on the first prompt with an empty completion (one a policy can
+    sample): a function that cannot take the records' fields, or fails outright, stops the run now, before
+    its directory is written, not at the first step."""
+    prompt_ids, shown, fields = prompts.take([0])
+    score(rewards, shown, prompts.as_completions([[]]), fields, [[]])
 
 
 def frozen_reference(run: Run, data: PreparedData) -> Any:
@@ -56,6 +64,7 @@ class OnlineTraining:
         self.held_out = Prompts(data.eval, data.tokenizer)
         samples = run.dir.samples if run.is_rank_zero else None
         prompts = Prompts(data.train, data.tokenizer)
+        try_rewards(self.rewards, prompts)
         reference = frozen_reference(run, data) if grpo.beta and run.config.finetune.lora is None else None
         self.stream = RolloutStream(
             engine, prompts, self.settings, self.rewards, self.end_ids, samples, reference

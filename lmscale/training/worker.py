@@ -69,7 +69,9 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
         streams = batch_streams(run, data)
         run = settle_training_length(run, streams.train)
     engine, unfreezing = training_engine(run, model)
-    train_in_run_dir(run, data, engine, streams, unfreezing, resume)
+    # An online method's reward functions are tried here, before the run directory is written.
+    online = OnlineTraining(run, data, engine) if method_for(run.config.finetune).online else None
+    train_in_run_dir(run, data, engine, streams, unfreezing, resume, online)
     ds_engine.shutdown_distributed()
 
 
@@ -201,7 +203,13 @@ def set_up_chunked_loss(model: torch.nn.Module, class_head: bool) -> None:
 
 
 def train_in_run_dir(
-    run: Run, data: PreparedData, engine, streams: Streams | None, unfreezing: Unfreezing, resume: Resume
+    run: Run,
+    data: PreparedData,
+    engine,
+    streams: Streams | None,
+    unfreezing: Unfreezing,
+    resume: Resume,
+    online: OnlineTraining | None = None,
 ) -> None:
     """Lock and write the run directory, then train, with the hang watchdog running."""
     lock = RunLock(run.dir.root)
@@ -218,7 +226,6 @@ def train_in_run_dir(
         if method.needs_reference:
             attach_reference(run, data, engine, resume.checkpoint is not None, watchdog)
             streams = batch_streams(run, data)
-        online = OnlineTraining(run, data, engine) if method.online else None
         if online is not None:
             streams = online.streams()
         start = resume_point(engine, streams.train, run, resume)

@@ -1,7 +1,7 @@
 """Real GRPO runs: a tiny GPT-2 fine-tuned in the test to answer "a+b=" one too high most of the time (greedy
 answers all wrong) learns from an exact-answer reward to answer right, in one process, on 2 ranks under ZeRO-3
 (generation gathering the weights block by block, 2 updates per batch of completions, the KL term to a frozen
-copy partitioned like the policy) and with LoRA and the KL term (the base with adapters off) under ZeRO-2. A run whose rank dies in the middle of a generation's updates resumes with the same
+copy partitioned like the policy) and with LoRA and the KL term (the base with adapters off) under ZeRO-2. A run whose rank is SIGKILLed in the middle of a generation's updates resumes with the same
 completions and bit-equal losses, and its export loads in transformers."""
 
 import json
@@ -110,7 +110,7 @@ def test_grpo_under_zero3_learns_resumes_mid_generation_exactly_and_exports(work
     broken = tmp_path / "broken"
     args = grpo_args(workspace, broken, *extra)
     died = run_lmscale(
-        "launch", "--gpus-per-node", "2", *args, env={"LMSCALE_FAULT": f"exit@step={SAVE_AT + 1},rank=1"}
+        "launch", "--gpus-per-node", "2", *args, env={"LMSCALE_FAULT": f"kill@step={SAVE_AT + 1},rank=1"}
     )
     assert died.returncode != 0
     assert (broken / "checkpoints" / f"step_{SAVE_AT:08d}" / "data_rank1.json").is_file()  # the rows left

@@ -48,6 +48,8 @@ def test_evaluation_lines_read_as_each_method_reads():
         CLASSIFICATION.describe_evaluation(0.5, {"accuracy": 0.75}, math.exp(0.5))
         == "held-out loss 0.5000, accuracy 0.750"
     )
+    grpo = GRPO.describe_evaluation(-0.45, {"reward": 0.45, "completion_length": 3.0}, math.exp(-0.45))
+    assert grpo == "held-out reward (greedy) 0.450, answer length 3.0"
     dpo = DPO.describe_evaluation(0.6, {"pref_accuracy": 0.8, "rewards_margin": 0.25}, math.exp(0.6))
     assert dpo == "held-out DPO loss 0.6000, preference accuracy 0.800, reward margin +0.250"
 

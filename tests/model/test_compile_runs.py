@@ -23,9 +23,10 @@ def train(out, cache_dir, *extra, env=None):
     return run_lmscale("train", f"output_dir={out}", f"data.cache_dir={cache_dir}", *ARGS, *extra, env=env)
 
 
-def test_compiled_model_trains_like_eager_reports_compile_time_and_resumes_exactly(tmp_path, cache_dir):
-    eager = tmp_path / "eager"
-    assert train(eager, cache_dir).returncode == 0
+def test_compiled_model_trains_like_eager_reports_compile_time_and_resumes_exactly(
+    tmp_path, cache_dir, exact_one_process_run
+):
+    eager = exact_one_process_run  # the eager run of the same arguments, shared with tests/parallel
     compiled = tmp_path / "compiled"
     result = train(compiled, cache_dir, "model.compile=true")
     assert result.returncode == 0, result.stderr[-3000:]

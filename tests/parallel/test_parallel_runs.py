@@ -39,11 +39,9 @@ def exported_logits(run_dir, out, tokens):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, cache_dir):
-    """The one-process run every layout is compared with, and its export."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    run(out, cache_dir, 1)
-    return out
+def single(exact_one_process_run):
+    """The one-process run every layout is compared with (the compiled-model test's eager run too)."""
+    return exact_one_process_run
 
 
 def sigkill_and_resume(out, cache_dir, layout, expected):
