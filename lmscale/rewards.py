@@ -139,4 +139,6 @@ def length_penalty(prompts, completions, completion_ids=None, max_length: int = 
     lengths = [len(ids) for ids in completion_ids] if completion_ids is not None else [
         len(completion_text(c)) for c in completions
     ]  # fmt: skip
-    return [-min(1.0, max(0.0, (length - (max_length - soft)) / soft)) for length in lengths]
+    return [
+        0.0 - min(1.0, max(0.0, (length - (max_length - soft)) / soft)) for length in lengths
+    ]  # 0, not -0.0
