@@ -55,6 +55,9 @@ def checkpoint(run_dir: Path, step: int, marker: str) -> str:
     return str(path)
 
 
+# A GRPO run on a file of prompts (with each case's own settings after it)
+GRPO_TRAIN = ["train", "{fresh}", "data.path={prompts_jsonl}", "data.format=prompt", "finetune.method=grpo"]
+
 # (case id, argv after `lmscale` ({run} = the existing run, {fresh} = a new output_dir, files filled in),
 #  fragments the one error line must hold)
 CASES = [
@@ -240,17 +243,13 @@ CASES = [
     ),
     (
         "GRPO without reward functions",
-        ["train", "{fresh}", "data.path={prompts_jsonl}", "data.format=prompt", "finetune.method=grpo"],
+        GRPO_TRAIN,
         ["finetune.method=grpo needs finetune.grpo.rewards", "lmscale.rewards:exact_answer"],
     ),
     (
         "GRPO reward file missing",
         [
-            "train",
-            "{fresh}",
-            "data.path={prompts_jsonl}",
-            "data.format=prompt",
-            "finetune.method=grpo",
+            *GRPO_TRAIN,
             "finetune.grpo.rewards=[{tmp}/nowhere.py:score]",
         ],
         ["reward function", "nowhere.py does not exist"],
@@ -258,11 +257,7 @@ CASES = [
     (
         "GRPO reward function misnamed",
         [
-            "train",
-            "{fresh}",
-            "data.path={prompts_jsonl}",
-            "data.format=prompt",
-            "finetune.method=grpo",
+            *GRPO_TRAIN,
             "finetune.grpo.rewards=[lmscale.rewards:exact_answr]",
         ],
         ["lmscale.rewards has no function 'exact_answr'"],
@@ -270,11 +265,7 @@ CASES = [
     (
         "GRPO counted in tokens",
         [
-            "train",
-            "{fresh}",
-            "data.path={prompts_jsonl}",
-            "data.format=prompt",
-            "finetune.method=grpo",
+            *GRPO_TRAIN,
             "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
             "train.max_steps=null",
             "train.max_tokens=1000",
@@ -284,11 +275,7 @@ CASES = [
     (
         "GRPO weights do not match the functions",
         [
-            "train",
-            "{fresh}",
-            "data.path={prompts_jsonl}",
-            "data.format=prompt",
-            "finetune.method=grpo",
+            *GRPO_TRAIN,
             "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
             "finetune.grpo.reward_weights=[1,2]",
         ],
@@ -297,11 +284,7 @@ CASES = [
     (
         "GRPO completions do not split into micro-batches",
         [
-            "train",
-            "{fresh}",
-            "data.path={prompts_jsonl}",
-            "data.format=prompt",
-            "finetune.method=grpo",
+            *GRPO_TRAIN,
             "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
             "finetune.grpo.prompts_per_step=1",
             "finetune.grpo.group_size=3",
@@ -312,11 +295,7 @@ CASES = [
     (
         "GRPO reward function that needs a field the records lack",
         [
-            "train",
-            "{fresh}",
-            "data.path={prompts_jsonl}",
-            "data.format=prompt",
-            "finetune.method=grpo",
+            *GRPO_TRAIN,
             "finetune.grpo.rewards=[{needs_solution}:check]",
             "finetune.grpo.max_new_tokens=8",
             "data.max_seq_len=32",
@@ -339,11 +318,7 @@ CASES = [
     (
         "a prompt conversation that ends with the reply",
         [
-            "train",
-            "{fresh}",
-            "data.path={prompts_jsonl}",
-            "data.format=prompt",
-            "finetune.method=grpo",
+            *GRPO_TRAIN,
             "data.path={assistant_last}",
             "finetune.grpo.rewards=[lmscale.rewards:exact_answer]",
         ],
