@@ -26,6 +26,9 @@ class MethodFigures:
     summary_keys: tuple[str, ...]  # held-out figures of the last evaluation the summary reports
     console: tuple[tuple[str, str, str], ...] = ()  # (metric, label, format) added to each step's line
     evaluation: tuple[tuple[str, str, str], ...] = ()  # the same, added to an evaluation's line
+    # eval_loss is the training loss on held-out data, drawn beside it; False: it is some other figure (GRPO's
+    # minus its greedy reward, drawn in the method's own panel instead)
+    held_out_loss: bool = True
 
 
 def no_rules(config: Config) -> list[str]:

@@ -100,6 +100,7 @@ GRPO = Method(
             ("generation_share", "gen", "{:.0%}"),
         ),
         evaluation=(("completion_length", "answer length", "{:.1f}"),),
+        held_out_loss=False,  # eval_loss is minus the greedy reward, which the Reward panel draws
     ),
     objective=grpo_objective,
     rules=grpo_rules,

@@ -109,9 +109,12 @@ def _add_mfu(axes, records: list[dict[str, Any]]) -> None:
 
 
 def dashboard_panels(figures: MethodFigures) -> list[Panel]:
-    """PANELS with the method's loss label, then the method's own panels."""
+    """PANELS with the method's loss label (and its held-out loss where it is one), then the method's own
+    panels."""
     common = [
-        (title, figures.loss_label, keys, zero) if title.startswith("Loss") else (title, label, keys, zero)
+        (title, figures.loss_label, keys if figures.held_out_loss else ("loss",), zero)
+        if title.startswith("Loss")
+        else (title, label, keys, zero)
         for title, label, keys, zero in PANELS
     ]
     return common + list(figures.panels)

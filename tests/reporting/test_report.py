@@ -147,3 +147,16 @@ def test_report_of_a_dpo_run_shows_its_preference_figures(tmp_path):
     accuracy = panels["Preference accuracy"]
     assert [line.get_label() for line in accuracy.get_lines()] == ["pref_accuracy", "eval_pref_accuracy"]
     assert "rewards_margin" in [line.get_label() for line in panels["Rewards"].get_lines()]
+
+
+def test_a_grpo_report_draws_its_greedy_reward_with_the_rewards_not_with_the_loss():
+    from lmscale.methods import GRPO, SFT
+    from lmscale.reporting.report import dashboard_panels
+
+    panels = {title: keys for title, _, keys, _ in dashboard_panels(GRPO.figures)}
+    assert panels["Loss by step"] == ("loss",) and panels["Loss by tokens"] == ("loss",)
+    assert panels["Reward"] == ("reward", "eval_reward")
+    assert {title: keys for title, _, keys, _ in dashboard_panels(SFT.figures)}["Loss by step"] == (
+        "loss",
+        "eval_loss",
+    )
