@@ -89,6 +89,6 @@ class Method:
             for key, label, fmt in self.figures.evaluation
             if key in means
         )
-        if self.online:  # its "loss" is minus its reward: the reward says it
+        if not self.figures.held_out_loss:  # its "loss" is some other figure (GRPO: minus its reward)
             return f"held-out {figure}{extra}"
         return f"held-out {self.figures.loss_name} {loss:.4f}, {figure}{extra}"

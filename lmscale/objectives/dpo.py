@@ -23,26 +23,18 @@ import torch.nn.functional as F
 
 from lmscale.atomic import write_atomically
 from lmscale.config import DpoConfig
-from lmscale.data.batches import IGNORE_INDEX, REFERENCE_COLUMNS, SECOND_ROWS, Batch, BatchStream
+from lmscale.data.batches import REFERENCE_COLUMNS, SECOND_ROWS, Batch, BatchStream
 from lmscale.data.bucketing import FILLER
 from lmscale.errors import LmscaleError
-from lmscale.objectives.loss import LossParts, Objective, forward
+from lmscale.objectives.loss import LossParts, Objective, forward, token_logps
 
 PAIR_REFERENCE = REFERENCE_COLUMNS["rejected_ids"]
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its targets (in fp32) and how many targets it has."""
-    shifted = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    # cross_entropy with no reduction is -log p of each target (0 where ignored) without a [B, T, V] copy
-    token_logps = -F.cross_entropy(
-        shifted.reshape(-1, shifted.size(-1)),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)
-    return token_logps.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+    logps, is_target = token_logps(logits, labels)
+    return logps.sum(dim=1), is_target.sum(dim=1)
 
 
 def sigmoid_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, **_) -> torch.Tensor:

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-from lmscale.data.batches import IGNORE_INDEX, Batch
-from lmscale.objectives.loss import COUNT, LossParts, Objective, forward
+from lmscale.data.batches import Batch
+from lmscale.objectives.loss import COUNT, LossParts, Objective, forward, token_logps
 
 if TYPE_CHECKING:
     from lmscale.config import GrpoConfig
@@ -114,19 +113,6 @@ def grpo_parts(
         summed, targets = (losses * mask).sum() / settings.max_completion_length, logps.size(0)
     sums = {name: (value * mask).sum().detach() for name, value in figures.items()}
     return GrpoParts(summed, targets, sums)
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """([rows, width - 1] log-probabilities of each next token in fp32, 0 where it is no target; the mask of
-    targets): position i predicts label i + 1, the completion's tokens are the targets."""
-    targets = labels[:, 1:]
-    logps = -F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)
-    return logps, targets != IGNORE_INDEX
 
 
 def grpo_settings(config: GrpoConfig) -> GrpoLoss:

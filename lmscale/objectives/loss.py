@@ -46,6 +46,20 @@ def chunked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return aligned_token_loss(logits, next_token_targets(labels), chunked=True)
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, width - 1] log-probabilities of each next token in fp32, 0 where it is no target; the mask of
+    targets): position i predicts label i + 1. cross_entropy without reduction is -log p of each target
+    without a [rows, width, vocab] log-softmax copy."""
+    targets = labels[:, 1:]
+    logps = -F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    return logps, targets != IGNORE_INDEX
+
+
 def summed_token_loss(
     logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
 ) -> torch.Tensor:

@@ -48,7 +48,7 @@ def left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-def cut_at_end(row: list[int], end_ids: set[int], pad_id: int) -> tuple[list[int], bool]:
+def cut_at_end(row: list[int], end_ids: set[int]) -> tuple[list[int], bool]:
     """(the completion up to and including its first end token, whether it had none)."""
     for index, token in enumerate(row):
         if token in end_ids:
@@ -102,5 +102,5 @@ def sample(
         )
     model.train(was_training)
     rows = output[:, input_ids.size(1) :].tolist()
-    cut = [cut_at_end(row, end_ids, pad_id) for row in rows]
+    cut = [cut_at_end(row, end_ids) for row in rows]
     return Completions([c for c, _ in cut], [t for _, t in cut], time.perf_counter() - started)

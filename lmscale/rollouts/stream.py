@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,10 @@ import torch.distributed as dist
 from datasets import Dataset
 
 from lmscale.config import GrpoConfig
-from lmscale.data.batches import IGNORE_INDEX, Batch, collate
+from lmscale.data.batches import Batch, collate, target_count
 from lmscale.data.prompts import reward_fields
 from lmscale.objectives.dpo import adapters_off
-from lmscale.objectives.grpo import token_logps
-from lmscale.objectives.loss import forward
+from lmscale.objectives.loss import forward, token_logps
 from lmscale.rollouts.generation import Completions, Sampling, sample
 from lmscale.rollouts.schedule import rank_prompts, sampling_seed
 from lmscale.rollouts.scoring import RewardSet, Scored, advantages_and_figures, score
@@ -61,7 +60,6 @@ class RolloutSettings:
 class Rollout:
     generation: int
     batches: list[Batch]
-    figures: dict[str, float] = field(default_factory=dict)
 
 
 class Prompts:
@@ -182,7 +180,7 @@ class RolloutStream:
         self.add_timing(figures, started, completions)
         self.pending.append(figures)
         self.write_samples(first_step, shown, completion_values, per_function)
-        return Rollout(generation, batches, figures)
+        return Rollout(generation, batches)
 
     def advantages(self, per_function: torch.Tensor, completions: Completions) -> tuple[Scored, torch.Tensor]:
         """Advantages of this rank's completions, normalised with every rank's (a `batch` scale needs them
@@ -240,8 +238,7 @@ class RolloutStream:
 
     def batch(self, tensors: dict[str, torch.Tensor], lengths: list[int]) -> Batch:
         labels = tensors["labels"]
-        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        targets = tokens if self.settings.grpo.loss_type == "dapo" else labels.size(0)
+        targets = target_count(labels) if self.settings.grpo.loss_type == "dapo" else labels.size(0)
         return Batch(
             tensors=tensors,
             real_tokens=sum(lengths),
@@ -263,12 +260,10 @@ class RolloutStream:
             if grpo.num_iterations > 1:
                 logits, labels = forward(engine, batch)
                 batch.tensors["old_logps"] = token_logps(logits, labels)[0].cpu()
-            if grpo.beta and self.reference is not None:
-                logits, labels = forward(self.reference, batch)
-                batch.tensors["reference_logps"] = token_logps(logits, labels)[0].cpu()
-            elif grpo.beta:
-                with adapters_off(engine.module):
-                    logits, labels = forward(engine, batch)
+            if grpo.beta:  # the frozen copy, or the policy with its LoRA adapters off
+                scorer = self.reference if self.reference is not None else engine
+                with adapters_off(scorer.module):
+                    logits, labels = forward(scorer, batch)
                 batch.tensors["reference_logps"] = token_logps(logits, labels)[0].cpu()
         engine.train()
 
@@ -298,11 +293,7 @@ class RolloutStream:
 
     # -- resuming ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "rollouts": True,
-            "seed": self.settings.seed,
-            "steps": self.served // self.settings.grad_accum_steps,
-        }
+        return {"rollouts": True, "steps": self.served // self.settings.grad_accum_steps}
 
     def rank_state_dict(self) -> dict | None:
         """This rank's rows, when the next step still uses them (mid-way through a generation's iterations)."""

@@ -35,7 +35,7 @@ def try_rewards(rewards: RewardSet, prompts: Prompts) -> None:
     """Call every reward function once on the first prompt with an empty completion (one a policy can
     sample): a function that cannot take the records' fields, or fails outright, stops the run now, before
     its directory is written, not at the first step."""
-    prompt_ids, shown, fields = prompts.take([0])
+    _, shown, fields = prompts.take([0])
     score(rewards, shown, prompts.as_completions([[]]), fields, [[]])
 
 

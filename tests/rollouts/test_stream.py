@@ -91,8 +91,8 @@ def test_saved_rows_come_back_bit_for_bit():
 def test_prompts_are_padded_on_the_left_and_completions_cut_after_their_end_token():
     ids, mask = left_padded([[3, 4, 5], [6]], pad_id=1, device="cpu")
     assert ids.tolist() == [[3, 4, 5], [1, 1, 6]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert cut_at_end([5, 0, 1, 1], {0}, 1) == ([5, 0], False)
-    assert cut_at_end([5, 6], {0}, 1) == ([5, 6], True)
+    assert cut_at_end([5, 0, 1, 1], {0}) == ([5, 0], False)
+    assert cut_at_end([5, 6], {0}) == ([5, 6], True)
 
 
 @pytest.mark.parametrize("messages", [True, False])
