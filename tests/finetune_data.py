@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import ast
+import functools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +20,11 @@ STDLIB = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.v
 
 def documented_functions(limit: int) -> list[tuple[str, str, str]]:
     """(signature line, first docstring line, source) of stdlib functions, in a fixed order."""
+    return _documented_functions(max(limit, 800))[:limit]
+
+
+@functools.cache  # parsing the stdlib takes seconds; every data helper of a test process reads the same list
+def _documented_functions(limit: int) -> list[tuple[str, str, str]]:
     found = []
     for path in sorted(STDLIB.glob("*.py")):
         source = path.read_text(encoding="utf-8", errors="ignore")
@@ -25,16 +32,26 @@ def documented_functions(limit: int) -> list[tuple[str, str, str]]:
             tree = ast.parse(source)
         except SyntaxError:
             continue
+        lines = re.findall(r"[^\r\n]*(?:\r\n|\r|\n|$)", source)  # line ends as the parser counts them
         for node in ast.walk(tree):
             doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
             if not doc or not doc.strip():
                 continue
-            signature = source.splitlines()[node.lineno - 1].strip()
-            body = ast.get_source_segment(source, node) or ""
-            found.append((signature, doc.strip().splitlines()[0], body[:600]))
+            found.append(
+                (lines[node.lineno - 1].strip(), doc.strip().splitlines()[0], _segment(lines, node)[:600])
+            )
             if len(found) == limit:
                 return found
     return found
+
+
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """`ast.get_source_segment` from lines split once per file (it splits the whole file on every call)."""
+    first, last = (lines[i].encode() for i in (node.lineno - 1, node.end_lineno - 1))
+    if node.lineno == node.end_lineno:
+        return first[node.col_offset : node.end_col_offset].decode()
+    middle = "".join(lines[node.lineno : node.end_lineno - 1])
+    return first[node.col_offset :].decode() + middle + last[: node.end_col_offset].decode()
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -65,11 +82,18 @@ def labelled_records(limit: int = 600) -> list[dict]:
     ]
 
 
-def save_pretrained_model(directory: Path, layers: int = 2, hidden: int = 64) -> Path:
-    """A small GPT-2 and its tokenizer, as `save_pretrained` writes them."""
+def save_pretrained_model(directory: Path, layers: int = 2, hidden: int = 64, family: str = "gpt2") -> Path:
+    """A small GPT-2 (or Llama: `family="llama"`, which AutoTP can split) and its tokenizer, as
+    `save_pretrained` writes them."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     texts = [body for _, _, body in documented_functions(800)]
     bpe = Tokenizer(models.BPE())
@@ -86,6 +110,22 @@ def save_pretrained_model(directory: Path, layers: int = 2, hidden: int = 64) ->
         tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>"
     )
     torch.manual_seed(0)
+    if family == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        LlamaForCausalLM(config).save_pretrained(str(directory))
+        tokenizer.save_pretrained(str(directory))
+        return directory
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=256,
