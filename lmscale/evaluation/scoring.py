@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def read_records(path: Path) -> list[dict]:
+    """The file's records as written. Read by hand, not through the data layer's `datasets` loaders: those go
+    through Arrow, which gives every record every other record's fields (as null) and unifies types, and the
+    scored file must be each record unchanged plus its `reward`."""
     if not path.is_file():
         raise LmscaleError(f"--data {path} does not exist: give a jsonl file of records to score")
     records = []

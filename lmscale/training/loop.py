@@ -239,6 +239,9 @@ class TrainingLoop:
         if self.step == 0:
             self.initial = self.final = self.evaluate_held_out("untrained")
             log_harness(0, False, self.hooks, self.sink)
+        # Train mode whatever ran before: `from_pretrained` returns a model in eval mode, and a resumed run has
+        # no step-0 evaluation to switch it back (it trained without dropout, unlike the run it continues).
+        self.engine.train()
         self.window.reset()
         started_s, batches, stopped_by = time.perf_counter(), iter(self.streams.train), None
         while self.step < self.settings.max_steps and stopped_by is None:

@@ -1,7 +1,9 @@
-"""Real DPO runs of a saved tiny model on 2 ranks: full fine-tuning under ZeRO-3 that learns the
-preference, resumes exactly after a rank dies and exports; LoRA under ZeRO 0 and 2 against the base."""
+"""A real DPO run of a saved tiny model on 2 ranks under ZeRO-3: it learns the preference, resumes exactly after
+a rank is SIGKILLed, and exports with its reference (LoRA runs of every pair method: test_lora_method_runs.py).
+The other method runs share this module's arguments and its die-and-resume check."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from helpers import run_lmscale
 pytestmark = pytest.mark.slow
 
 STEPS, SAVE_AT = 24, 12
+DIE_AFTER = SAVE_AT + 4  # steps SAVE_AT + 1 .. + 3 are logged before the kill
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +46,27 @@ def dpo_args(base, out, steps=STEPS):
     ]
 
 
-def kill_and_resume(args: list[str]):
-    """Launch on 2 ranks with rank 1 dying after step SAVE_AT + 1, then run the same command again; returns
-    the resumed run's result."""
+def die_and_resume(args: list[str], die_after: int = DIE_AFTER):
+    """Launch on 2 ranks with rank 1 SIGKILLed after step `die_after`, keep the steps logged after the
+    checkpoint at SAVE_AT, run the same command again, and check that it recomputes each of them bit for bit
+    (the uninterrupted trajectory: no third run needed); returns the resumed run's result."""
+    out = Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
     died = run_lmscale(
-        "launch", "--gpus-per-node", "2", *args, env={"LMSCALE_FAULT": f"exit@step={SAVE_AT + 1},rank=1"}
+        "launch", "--gpus-per-node", "2", *args, env={"LMSCALE_FAULT": f"kill@step={die_after},rank=1"}
     )
     assert died.returncode != 0
+    lines = (out / "metrics.jsonl").read_text().split("\n")[:-1]  # complete lines only
+    before = [json.loads(line) for line in lines]
+    before = {r["step"]: r for r in before if r["step"] > SAVE_AT and "loss" in r}
+    assert set(range(SAVE_AT + 1, die_after)) <= set(before), sorted(before)
     resumed = run_lmscale("launch", "--gpus-per-node", "2", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"continuing from {out / 'checkpoints'}" in resumed.stderr
+    after = {r["step"]: r for r in records(out) if "loss" in r}
+    assert max(after) == STEPS
+    for step, record in before.items():
+        for figure in ("loss", "grad_norm", "pref_accuracy", "rewards_margin", "kl"):
+            assert after[step].get(figure) == record.get(figure), (step, figure)
     return resumed
 
 
@@ -60,36 +75,24 @@ def records(run):
 
 
 def test_dpo_under_zero3_learns_the_preference_resumes_exactly_and_exports(workspace, tmp_path):
-    whole = tmp_path / "whole"
-    args = [*dpo_args(workspace, whole), "zero.stage=3"]
-    result = run_lmscale("launch", "--gpus-per-node", "2", *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    evals = [r for r in records(whole) if "eval_pref_accuracy" in r]
+    # rank 1 is SIGKILLed after step DIE_AFTER; the same command resumes from step SAVE_AT on the saved reference
+    run = tmp_path / "run"
+    resumed = die_and_resume([*dpo_args(workspace, run), "zero.stage=3"])
+    assert "dpo: reference log-probabilities" not in resumed.stderr  # read back, not recomputed
+    assert (run / "reference_logps.npz").is_file()
+    evals = [r for r in records(run) if "eval_pref_accuracy" in r]
     # step 0: the policy is the reference, every pair a tie; the DPO loss is log 2
     assert evals[0]["eval_pref_accuracy"] == 0.5 and evals[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-3)
     assert evals[-1]["eval_pref_accuracy"] >= 0.9, evals[-1]
     assert evals[-1]["eval_rewards_margin"] > 0 and evals[-1]["eval_loss"] < 0.6
-    steps = [r for r in records(whole) if "loss" in r]
+    steps = [r for r in records(run) if "loss" in r]
     assert all(
         {"rewards_chosen", "rewards_rejected", "rewards_margin", "pref_accuracy"} <= set(r) for r in steps
     )
-    assert "held-out preference accuracy:" in result.stdout and "(untrained: 0.500)" in result.stdout
-    assert (whole / "reference_logps.npz").is_file()
-
-    # rank 1 dies after step SAVE_AT + 1; the same command resumes from step SAVE_AT on the saved reference
-    broken = tmp_path / "broken"
-    resumed = kill_and_resume([*dpo_args(workspace, broken), "zero.stage=3"])
-    assert f"continuing from {broken / 'checkpoints'}" in resumed.stderr
-    assert "dpo: reference log-probabilities" not in resumed.stderr  # read back, not recomputed
-    expected = {r["step"]: r for r in records(whole) if "loss" in r}
-    assert max(r["step"] for r in records(broken)) == STEPS
-    for record in records(broken):
-        if record["step"] > SAVE_AT and "loss" in record:
-            assert record["loss"] == expected[record["step"]]["loss"], record["step"]
-            assert record["pref_accuracy"] == expected[record["step"]]["pref_accuracy"]
+    assert "held-out preference accuracy:" in resumed.stdout
 
     exported = tmp_path / "model"
-    assert run_lmscale("export", str(whole), "--out", str(exported)).returncode == 0
+    assert run_lmscale("export", str(run), "--out", str(exported)).returncode == 0
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(exported))
@@ -102,26 +105,29 @@ def test_dpo_under_zero3_learns_the_preference_resumes_exactly_and_exports(works
     assert scores["eval_pref_accuracy"] == pytest.approx(evals[-1]["eval_pref_accuracy"], abs=0.05)
 
 
-# ZeRO-1 shares ZeRO-2's optimizer and checkpoint code in DeepSpeed (stage_1_and_2.py): 2 stands for both; LoRA
-# under ZeRO-3 is tests/training/test_finetune_runs.py's (CI time: ZeRO-0 has no run of its own).
-@pytest.mark.parametrize("stage", [2])
-def test_dpo_with_lora_scores_against_the_base(workspace, tmp_path, stage):
-    run = tmp_path / "lora"
-    args = [
-        *dpo_args(workspace, run, steps=12),
-        f"zero.stage={stage}",
-        "finetune.lora.r=8",
-        "finetune.lora.dropout=0",
-    ]
-    result = run_lmscale("launch", "--gpus-per-node", "2", *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    evals = [r for r in records(run) if "eval_pref_accuracy" in r]
-    assert evals[0]["eval_pref_accuracy"] == 0.5  # LoRA starts as the base: every pair a tie
-    assert evals[-1]["eval_pref_accuracy"] > 0.7 and evals[-1]["eval_rewards_margin"] > 0
-    scores = json.loads(run_lmscale("eval", str(run), "--json").stdout.strip().splitlines()[-1])
-    # the run computes with torch's fused tanh-GELU, the loaded model with HF's composed one: equal to rounding
-    assert scores["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-4)
-    assert scores["eval_pref_accuracy"] == pytest.approx(evals[-1]["eval_pref_accuracy"], abs=0.02)
-    merged = tmp_path / "merged"
-    assert run_lmscale("export", str(run), "--out", str(merged), "--merge").returncode == 0
-    assert (merged / "model.safetensors").is_file()
+def test_dpo_under_tensor_parallelism_computes_like_one_process(workspace, tmp_path):
+    """AutoTP splits the policy over 2 ranks: the reference pass and every step give one process's numbers
+    (fp32; the other pair methods and KTO go through the same two-row batches and reference pass)."""
+    llama = save_pretrained_model(tmp_path / "llama", family="llama")  # AutoTP has no plan for GPT-2
+    exact = (
+        f"model.path={llama}",
+        "precision=fp32",
+        "zero.stage=1",
+        "train.max_steps=6",
+        "train.eval_every=6",
+        "checkpoint.save_every=100",
+    )
+    single, pair = tmp_path / "single", tmp_path / "pair"
+    one = run_lmscale("train", *dpo_args(workspace, single), *exact)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_lmscale(
+        "launch", "--gpus-per-node", "2", *dpo_args(workspace, pair), *exact, "parallel.tensor=2"
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "1 data-parallel x 2 tensor-parallel rank(s)" in two.stderr
+    expected, got = records(single), records(pair)
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for mine, theirs in zip(got, expected, strict=True):
+        for figure in ("loss", "rewards_margin", "eval_loss", "eval_rewards_margin"):
+            if figure in theirs:
+                assert mine[figure] == pytest.approx(theirs[figure], abs=1e-5), (mine["step"], figure)
