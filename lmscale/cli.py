@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = _subcommands(parser, "command")
     train = commands.add_parser("train", help="train in this process (debug mode: one GPU, or CPU)")
     _add_run_arguments(train)
+    profile = commands.add_parser(
+        "profile", help="train steps A to B in this process under the torch profiler; one trace per rank"
+    )
+    _add_run_arguments(profile)
+    profile.add_argument("--steps", required=True, help="A:B, the 1-based steps to record (e.g. 5:7)")
     launch = commands.add_parser("launch", help="train on several ranks/nodes through the deepspeed launcher")
     _add_run_arguments(launch)
     _gpus_per_node_argument(
@@ -220,6 +225,36 @@ def _train(args: argparse.Namespace) -> int:
     config_path, overrides = split_config_and_overrides(args)
     worker.run(config_path, overrides, force=args.force)
     return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    """The config's first B steps in a scratch run directory beside its own (`<output_dir>-profile-stepsA-B`,
+    replaced by the next profile of the same steps), with steps A to B traced (lmscale.training.profiling)."""
+    from lmscale.config.loading import load_config
+    from lmscale.training import worker
+
+    first, last = step_range(args.steps)
+    config_path, overrides = split_config_and_overrides(args)
+    config, _ = load_config(config_path, overrides)
+    profiled = [
+        f"train.profile_steps=[{first},{last}]",
+        f"train.max_steps={last}",
+        "train.max_tokens=null",
+        "train.epochs=null",
+        "train.eval_batches=1",  # its evaluations are not what is measured
+        f"output_dir={config.output_dir}-profile-steps{first}-{last}",
+    ]
+    if config.schedule.warmup_steps >= last:  # the LR's shape does not change what a step computes
+        profiled.append("schedule.warmup_steps=0")
+    worker.run(config_path, [*overrides, *profiled], force=True)
+    return 0
+
+
+def step_range(text: str) -> tuple[int, int]:
+    first, colon, last = text.partition(":")
+    if not (colon and first.isdigit() and last.isdigit()) or not 1 <= int(first) <= int(last):
+        raise LmscaleError(f"--steps {text}: give A:B with 1 <= A <= B, e.g. --steps 5:7")
+    return int(first), int(last)
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -417,6 +452,7 @@ def run_command(argv: list[str] | None = None) -> int:
     select_accelerator()  # before anything imports deepspeed, here or in the ranks a launch starts
     handlers = {
         "train": _train,
+        "profile": _profile,
         "launch": _launch,
         "report": _report,
         "schedule": _schedule,
@@ -430,7 +466,7 @@ def run_command(argv: list[str] | None = None) -> int:
         "config": _config,
     }
     try:
-        if args.command not in ("train", "launch"):  # those configure it per rank
+        if args.command not in ("train", "profile", "launch"):  # those configure it per rank
             configure_console(
                 is_rank_zero=True, libraries=HF_LIBRARIES_USED.get(args.command, ("datasets", "transformers"))
             )

@@ -7,7 +7,9 @@ separated by `;`, each `KIND@WHEN` with comma-separated conditions:
 - `exit@step=5,rank=1`: that rank exits abruptly (`os._exit(1)`) after step 5;
 - `enospc@save` (optionally `,step=4`, `,rank=0`): the checkpoint writer raises `OSError(ENOSPC)` after
   DeepSpeed has written its files, as a full disk would;
-- `kill@save` (same conditions): the process SIGKILLs itself in the middle of writing a checkpoint.
+- `kill@save` (same conditions): the process SIGKILLs itself in the middle of writing a checkpoint;
+- `slow@data,rank=1` (optionally `,step=N`): that rank's batches arrive 0.1 s late (a slow disk or data
+  worker on one node: the straggler it makes is what `lmscale.training.stragglers` names).
 
 A condition left out matches every value. For developers only: not a user setting.
 """
@@ -21,13 +23,15 @@ import time
 from dataclasses import dataclass
 
 FAULT_VARIABLE = "LMSCALE_FAULT"
-KINDS = ("hang", "exit", "enospc", "kill")
+KINDS = ("hang", "exit", "enospc", "kill", "slow")
+WHENS = ("step", "save", "data")
+SLOW_DATA_S = 0.1
 
 
 @dataclass(frozen=True)
 class Fault:
     kind: str
-    when: str  # "step" (after an optimizer step) or "save" (inside the checkpoint writer)
+    when: str  # "step" (after an optimizer step), "save" (inside the checkpoint writer), "data" (before a step's batches)
     step: int | None = None
     rank: int | None = None
 
@@ -53,8 +57,10 @@ def parse_faults(text: str) -> list[Fault]:
             if key not in ("step", "rank") or not value.isdigit():
                 raise ValueError(f"{FAULT_VARIABLE}: bad condition {condition!r} in {entry!r}")
             values[key] = int(value)
-        if kind not in KINDS or when not in ("step", "save"):
-            raise ValueError(f"{FAULT_VARIABLE}: {entry!r} is not KIND@step=N[,rank=R] or KIND@save")
+        if kind not in KINDS or when not in WHENS:
+            raise ValueError(
+                f"{FAULT_VARIABLE}: {entry!r} is not KIND@step=N[,rank=R], KIND@save or KIND@data"
+            )
         faults.append(Fault(kind, when, values.get("step"), values.get("rank")))
     return faults
 
@@ -74,12 +80,21 @@ def _happen(fault: Fault) -> None:
         os._exit(1)
     if fault.kind == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if fault.kind == "slow":
+        time.sleep(SLOW_DATA_S)
+        return
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def after_step(step: int, rank: int) -> None:
     """The loop's hook after each optimizer step."""
     for fault in _active("step", step, rank):
+        _happen(fault)
+
+
+def before_batches(step: int, rank: int) -> None:
+    """The loop's hook while it waits for step `step`'s batches (inside the timed data wait)."""
+    for fault in _active("data", step, rank):
         _happen(fault)
 
 

@@ -64,6 +64,17 @@ CASES = [
     ("unknown key", ["train", "{run}", "train.learning_rate=1"], ["train.learning_rate: unknown key"]),
     ("wrong type", ["train", "{run}", "train.max_steps=many"], ["train.max_steps='many'"]),
     ("zero stage 5", ["train", "{run}", "zero.stage=5"], ["zero.stage=5"]),
+    (
+        "profile steps backwards",
+        ["train", "{run}", "train.profile_steps=[5,3]"],
+        ["train.profile_steps=[5, 3]"],
+    ),
+    (
+        "profile past the end",
+        ["train", "{run}", "train.max_steps=10", "train.profile_steps=[5,30]"],
+        ["<= train.max_steps (10)"],
+    ),
+    ("profile steps unreadable", ["profile", "{run}", "--steps", "5-7"], ["--steps 5-7: give A:B"]),
     ("zero micro batch", ["train", "{run}", "train.micro_batch_size=0"], ["train.micro_batch_size=0"]),
     (
         "fp16 without a GPU",

@@ -32,6 +32,7 @@ def test_fault_hooks_parse_and_refuse_typos():
         Fault("enospc", "save", None, None),
     ]
     assert parse_faults("kill@save,step=4") == [Fault("kill", "save", 4, None)]
+    assert parse_faults("slow@data,rank=1") == [Fault("slow", "data", None, 1)]
     assert Fault("exit", "step", 5, 1).matches("step", 5, 1) and not Fault("exit", "step", 5, 1).matches(
         "step", 5, 0
     )

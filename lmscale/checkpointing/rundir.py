@@ -103,6 +103,16 @@ class RunDir:
     def hang_dump(self, rank: int) -> Path:  # every thread's stack of a rank the watchdog ended
         return self.root / f"hang_rank{rank}.txt"
 
+    def profile_trace(self, rank: int, steps: tuple[int, int]) -> Path:  # a rank's train.profile_steps trace
+        return self.root / "profile" / f"rank{rank}_steps{steps[0]}-{steps[1]}.pt.trace.json"
+
+    def flight_recorder(self, rank: int) -> Path:  # a rank's last collectives, written when it hangs (JSON)
+        return self.root / f"flight_recorder_rank{rank}.json"
+
+    @property
+    def nccl_dump_prefix(self) -> Path:  # NCCL's own dump on a collective timeout: this + the rank
+        return self.root / "flight_recorder_nccl_rank"
+
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"

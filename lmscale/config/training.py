@@ -83,6 +83,23 @@ class TrainConfig(Section):
         description="A rank that completes no step for this long dumps its stacks and exits non-zero; "
         "unset = 50 x the median step time, at least 900 s.",
     )
+    profile_steps: tuple[int, int] | None = Field(
+        None,
+        description="[A, B]: record steps A to B (1-based, inclusive) with the torch profiler, one trace per rank "
+        "in <output_dir>/profile/ (open in Perfetto or TensorBoard).",
+    )
+
+    @model_validator(mode="after")
+    def _check_profile_steps(self) -> TrainConfig:
+        if self.profile_steps is None:
+            return self
+        first, last = self.profile_steps
+        if not 1 <= first <= last or (self.max_steps is not None and last > self.max_steps):
+            raise ValueError(
+                f"train.profile_steps=[{first}, {last}] is not a range of steps [A, B] with 1 <= A <= B <= "
+                f"train.max_steps ({self.max_steps}): e.g. train.profile_steps=[5,7] (a few steps after the first)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_chunked_loss(self) -> TrainConfig:

@@ -203,6 +203,8 @@ PERF_METRICS = {
     "hfu",
     "step_time_s",
     "data_wait_s",
+    "straggler_rank",
+    "straggler_lag",
     "padding_frac",
 }
 

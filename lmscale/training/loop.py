@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,8 +27,10 @@ from lmscale.objectives.loss import (
 from lmscale.parallel.layout import Layout
 from lmscale.reporting.sink import MetricsSink
 from lmscale.reporting.throughput import ThroughputModel
+from lmscale.training.profiling import StepProfiler
 from lmscale.training.step_metrics import Window, all_ranks_sum, gradient_norm, log_window
 from lmscale.training.stopping import EARLY_STOP, EarlyStopping, NonFiniteGuard
+from lmscale.training.stragglers import ForwardClock
 
 if TYPE_CHECKING:
     from lmscale.data.streaming import StreamingBatches
@@ -119,7 +122,8 @@ def train_step(
     own_grad_norm = None
     for index, batch in enumerate(micro_batches):
         window.add(batch)
-        parts = objective(engine, batch)
+        with window.forward_clock.measure() if window.forward_clock else contextlib.nullcontext():
+            parts = objective(engine, batch)
         engine.backward(parts.summed * scale)
         window.targets += parts.targets
         add_sums(window.sums, parts.sums)
@@ -220,6 +224,10 @@ class TrainingLoop:
         self.engine, self.streams, self.sink, self.hooks = engine, streams, sink, hooks
         self.settings, self.checkpointing = run.config.train, run.config.checkpoint
         self.layout, self.rank = run.layout, run.rank
+        profiled = self.settings.profile_steps
+        self.profiler = StepProfiler(
+            profiled, run.dir.profile_trace(run.rank, profiled) if profiled else None
+        )
         chunked = self.settings.chunked_loss
         self.train_objective = hooks.objective or cross_entropy_objective(
             self.settings.label_smoothing, chunked, router_loss=True
@@ -233,7 +241,9 @@ class TrainingLoop:
         self.early = EarlyStopping(stopping.patience, stopping.min_delta, best=self.best_eval)
         # The loss stays on the device between log steps: reading it every step would force a sync.
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-        self.window = Window(loss_sum=loss_sum, compile_clock=hooks.compile_clock)
+        self.window = Window(
+            loss_sum=loss_sum, compile_clock=hooks.compile_clock, forward_clock=ForwardClock(engine.device)
+        )
 
     def run(self) -> TrainResult:
         if self.step == 0:
@@ -265,7 +275,9 @@ class TrainingLoop:
         step, settings = self.step, self.settings
         is_last = step == settings.max_steps
         is_log_step = step % settings.log_every == 0 or is_last
+        self.profiler.before_step(step)
         own_grad_norm = self.optimizer_step(batches, is_log_step)
+        self.profiler.after_step(step, last=is_last)
         skipped = self.guard.check(int(self.engine.skipped_steps), step)
         if skipped:
             self.sink.message(f"step {step}: skipped (non-finite loss or gradient)")
@@ -299,6 +311,7 @@ class TrainingLoop:
         step, hooks = self.step, self.hooks
         hooks.before_step(step - 1)
         wait_start = time.perf_counter()
+        faults.before_batches(step, self.rank)
         micro_batches = [next(batches) for _ in range(self.settings.grad_accum_steps)]
         self.window.data_wait_s += time.perf_counter() - wait_start  # a data stall shows here, not in compute
         self.window.steps += 1

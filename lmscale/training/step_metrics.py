@@ -16,6 +16,7 @@ from lmscale.objectives.loss import figure_means
 from lmscale.parallel.layout import Layout
 from lmscale.reporting.sink import MetricsSink
 from lmscale.reporting.throughput import ThroughputModel
+from lmscale.training.stragglers import ForwardClock, RankTimes, StragglerWatch, gather_rank_times, slowest
 
 
 def all_ranks_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
@@ -53,6 +54,8 @@ class Window:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's figures, on the device
     compile_clock: Callable[[], float] | None = None  # seconds spent compiling so far (model.compile)
     compile_start_s: float = 0.0
+    forward_clock: ForwardClock | None = None  # this rank's forward passes (the stragglers' figure)
+    stragglers: StragglerWatch = field(default_factory=StragglerWatch)  # kept across windows
 
     def compiling_s(self) -> float:
         """Seconds spent compiling since the window started (not training throughput)."""
@@ -74,6 +77,8 @@ class Window:
         self.sums = {}
         self.start_s = time.perf_counter()
         self.compile_start_s = self.compile_clock() if self.compile_clock else 0.0
+        if self.forward_clock is not None:
+            self.forward_clock.take_s()
 
 
 def memory_figures(device: torch.device) -> dict[str, float]:
@@ -93,6 +98,22 @@ def largest_over_ranks(figures: dict[str, float], device: torch.device) -> dict[
     values = torch.tensor(list(figures.values()), dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return dict(zip(figures, values.tolist(), strict=True))
+
+
+def straggler_figures(
+    window: Window, device: torch.device, step_time_s: float, world_size: int, sink: MetricsSink
+) -> dict[str, float]:
+    """The slowest rank of the window and its lag per step (lmscale.training.stragglers); a rank that stays
+    clearly slowest is named on the console once."""
+    if world_size < 2 or window.forward_clock is None or window.steps == 0:
+        return {}
+    forward_s = window.forward_clock.take_s()
+    own = RankTimes(window.data_wait_s / window.steps, forward_s / window.steps)
+    straggler = slowest(gather_rank_times(own, device))
+    warning = window.stragglers.observe(straggler, step_time_s)
+    if warning:
+        sink.message(f"warning: {warning}")
+    return {"straggler_rank": straggler.rank, "straggler_lag": straggler.lag_s}
 
 
 def loss_scale(engine: Any) -> float | None:
@@ -161,6 +182,7 @@ def log_window(
     if scale is not None:
         metrics["loss_scale"] = scale
     metrics.update(largest_over_ranks(memory_figures(engine.device), engine.device))
+    metrics.update(straggler_figures(window, engine.device, metrics["step_time_s"], world_size, sink))
     metrics.update(extra or {})
     sink.log(step, metrics)
     window.reset()

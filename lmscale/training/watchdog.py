@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmscale.checkpointing.rundir import RunDir
+from lmscale.parallel import flight_recorder
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,22 @@ class HangWatchdog:
             handle.flush()
             faulthandler.dump_traceback(file=handle, all_threads=True)
         print(
-            f"lmscale: error: {self.describe(stalled_s)}; stacks in {self.dump_path}",
+            f"lmscale: error: {self.describe(stalled_s)}; stacks in {self.dump_path}{self._collectives()}",
             file=sys.stderr,
             flush=True,
         )
         os._exit(EXIT_CODE)
+
+    def _collectives(self) -> str:
+        """The flight recorder's part of the report: where its dump is and the collective still waited in."""
+        path = RunDir(self.run_dir).flight_recorder(self.rank)
+        try:
+            waiting = flight_recorder.dump(path)
+        except Exception:  # the report must go out whatever the recorder does
+            return ""
+        if not path.is_file():
+            return ""
+        return f"; last collectives in {path}" + (f" (waiting in {waiting})" if waiting else "")
 
     def describe(self, stalled_s: float) -> str:
         return (

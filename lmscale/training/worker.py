@@ -28,6 +28,7 @@ from lmscale.model.finetune import Unfreezing, all_joined_step, is_joined
 from lmscale.model.kernels import describe_fused
 from lmscale.objectives.fused_head import fused_head_problem, install_fused_head
 from lmscale.parallel import engine as ds_engine
+from lmscale.parallel import flight_recorder
 from lmscale.parallel.engine import select_accelerator
 from lmscale.parallel.layout import model_split_problems
 from lmscale.parallel.ulysses import register_ulysses
@@ -58,6 +59,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     run = run.with_ds_config(resume.apply_to(run.ds_config))
     data = prepare_rank_data(run)
     # Every rank has its data now: nothing slow happens inside a collective.
+    flight_recorder.switch_on(run.dir.nccl_dump_prefix)  # read when the process group is made
     ds_engine.init_distributed(run.config.train.hang_timeout_s)
     torch.distributed.barrier()  # every rank has checked the run dir before rank 0 writes to it
     ds_engine.release_shared_memory_names()  # every rank has mapped every buffer by now

@@ -83,6 +83,12 @@ def test_a_dead_or_hung_rank_ends_the_job_and_the_restart_resumes_exactly(tmp_pa
     assert reports and "after step 5" in reports[0] and "hang_rank" in reports[0], result.stderr[-3000:]
     dumps = list(hung.glob("hang_rank*.txt"))
     assert dumps and any("most recent call first" in d.read_text() for d in dumps)
+    # and the flight recorder's last collectives of each reporting rank (a rank blocked in one names it)
+    assert all("last collectives in" in line for line in reports), reports
+    recorded = [json.loads(p.read_text()) for p in hung.glob("flight_recorder_rank*.json")]
+    assert recorded and all(
+        any(e["profiling_name"].startswith("gloo:") for e in r["entries"]) for r in recorded
+    )
     assert latest(hung) == "step_00000004"
     resumed, _ = launch(hung, "train.hang_timeout_s=10")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

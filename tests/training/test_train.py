@@ -219,7 +219,8 @@ def test_two_cpu_ranks_learn_under_zero(tmp_path, cache_dir, zero):
 
 
 def test_deepspeed_launcher_runs_the_entry_script(tmp_path, cache_dir):
-    """The plain DeepSpeed way: `deepspeed --num_gpus 2 launcher/train.py --config ...`."""
+    """The plain DeepSpeed way: `deepspeed --num_gpus 2 launcher/train.py --config ...`; with a slow rank the
+    straggler figures name, and two steps profiled."""
     import shutil
     import subprocess
 
@@ -236,12 +237,24 @@ def test_deepspeed_launcher_runs_the_entry_script(tmp_path, cache_dir):
         "wandb.mode=disabled",
         "deepspeed_config=ds_configs/zero2_bf16.json",
         *[o for o in QUICK if not o.startswith("train.micro_batch_size")],
+        "train.profile_steps=[11,12]",
     ]  # the JSON's 16 is adopted
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    # rank 1's batches arrive late at every step (a slow disk on its node): the straggler figures name it
+    env = {**os.environ, "LMSCALE_FAULT": "slow@data,rank=1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_learned(out, world_size=2)
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] is True
+    logged = [r for r in read_metrics(out) if "loss" in r]
+    assert all(r["straggler_rank"] == 1 and 0.07 < r["straggler_lag"] < 0.5 for r in logged), logged
+    warnings = [line for line in result.stderr.splitlines() if "straggler: rank 1 (node 0)" in line]
+    assert len(warnings) == 1 and "its data arrives late" in warnings[0], result.stderr[-3000:]
+    # one torch profiler trace per rank of steps 11-12, a Chrome trace that Perfetto opens
+    for rank in (0, 1):
+        trace = json.loads((out / "profile" / f"rank{rank}_steps11-12.pt.trace.json").read_text())
+        assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    assert f"profile: steps 11-12 traced in {out / 'profile'}" in result.stderr
 
 
 def test_diverging_run_stops_and_keeps_the_checkpoint_before_it(tmp_path, cache_dir):
@@ -264,3 +277,24 @@ def test_diverging_run_stops_and_keeps_the_checkpoint_before_it(tmp_path, cache_
     assert len(errors) == 1 and "3 steps in a row" in errors[0] and "lower optim.lr" in errors[0]
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_00000001"]  # saved after the last step that was not skipped
+
+
+def test_profile_traces_the_chosen_steps_beside_the_run(tmp_path, cache_dir):
+    """`lmscale profile CONFIG --steps A:B`: a scratch run of B steps next to output_dir, steps A-B traced; a
+    second profile of the same steps replaces the first (the config's own run directory is never touched)."""
+    out = tmp_path / "run"
+    args = (
+        "profile",
+        str(REPO / "configs" / "tiny-cpu.yaml"),
+        f"output_dir={out}",
+        f"data.cache_dir={cache_dir}",
+    )
+    quick = [o for o in QUICK if not o.startswith(("train.eval", "train.log"))]
+    for _ in range(2):
+        result = run_lmscale(*args, "wandb.mode=disabled", *quick, "--steps", "3:4")
+        assert result.returncode == 0, result.stderr[-3000:]
+    scratch = tmp_path / "run-profile-steps3-4"
+    trace = json.loads((scratch / "profile" / "rank0_steps3-4.pt.trace.json").read_text())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    assert max(r["step"] for r in read_metrics(scratch)) == 4 and not out.exists()
+    assert f"profile: steps 3-4 traced in {scratch / 'profile'}" in result.stderr
