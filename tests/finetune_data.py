@@ -110,33 +110,19 @@ def save_pretrained_model(directory: Path, layers: int = 2, hidden: int = 64, fa
         tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>"
     )
     torch.manual_seed(0)
+    special = {
+        "bos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if family == "llama":
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        LlamaForCausalLM(config).save_pretrained(str(directory))
-        tokenizer.save_pretrained(str(directory))
-        return directory
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=256,
-        n_layer=layers,
-        n_embd=hidden,
-        n_head=2,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(str(directory))
+        shape = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers}
+        heads = {"num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256}
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape, **heads, **special))
+    else:
+        shape = {"n_positions": 256, "n_layer": layers, "n_embd": hidden, "n_head": 2}
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **shape, **special))
+    model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory
 
