@@ -20,7 +20,7 @@ PANELS: list[Panel] = [
     ("Gradient norm", "global L2 norm (before clipping)", ("grad_norm",), True),
     ("Throughput", "real tokens/s (all ranks)", ("tokens_per_s",), True),
     ("Memory (largest rank)", "GiB", ("memory_allocated_gb", "memory_reserved_gb", "memory_rss_gb"), True),
-    ("Step time", "s per optimizer step", ("step_time_s", "data_wait_s"), True),
+    ("Step time", "s per optimizer step", ("step_time_s", "data_wait_s", "straggler_lag"), True),
     ("Padding", "padding / all tokens", ("padding_frac",), True),
 ]
 
