@@ -16,12 +16,13 @@ from lmscale.reporting.sink import configure_console
 from lmscale.resources import find_file
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_run_arguments(parser: argparse.ArgumentParser, force: bool = True) -> None:
     parser.add_argument("config", nargs="?", help="YAML recipe (default: the embedded tiny CPU recipe)")
     parser.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4 zero.stage=2"
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing run in output_dir")
+    if force:
+        parser.add_argument("--force", action="store_true", help="replace an existing run in output_dir")
 
 
 DEBUG_HELP = "show Python tracebacks for lmscale errors"
@@ -53,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train in this process (debug mode: one GPU, or CPU)")
     _add_run_arguments(train)
     profile = commands.add_parser(
-        "profile", help="train steps A to B in this process under the torch profiler; one trace per rank"
+        "profile",
+        help="train a config's first B steps in this process, steps A to B traced by the torch profiler "
+        "(a scratch run beside output_dir)",
     )
-    _add_run_arguments(profile)
+    _add_run_arguments(profile, force=False)  # its scratch directory is always replaced
     profile.add_argument("--steps", required=True, help="A:B, the 1-based steps to record (e.g. 5:7)")
     launch = commands.add_parser("launch", help="train on several ranks/nodes through the deepspeed launcher")
     _add_run_arguments(launch)
