@@ -283,6 +283,8 @@ class TrainingLoop:
             self.sink.message(f"step {step}: skipped (non-finite loss or gradient)")
         self.sink.advance()
         stop = self.hooks.stop_requested()
+        if stop:  # a run stopped inside the profiled steps still writes what it traced
+            self.profiler.after_step(step, last=True)
         if is_log_step or stop:
             self.tokens_seen += log_window(
                 self.engine, self.window, step, own_grad_norm, self.tokens_seen, self.sink,
