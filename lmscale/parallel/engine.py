@@ -41,6 +41,13 @@ def set_single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def ranks_per_node() -> int | None:
+    """The ranks the launcher started on this node (torchrun's LOCAL_WORLD_SIZE, then DeepSpeed's LOCAL_SIZE),
+    or None outside a launcher."""
+    value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    return int(value) if value and value.isdigit() and int(value) > 0 else None
+
+
 def share_cpu_cores() -> str | None:
     """Give each CPU rank its share of the host's cores as torch threads, as torchrun does for its ranks.
 
@@ -50,8 +57,7 @@ def share_cpu_cores() -> str | None:
     """
     if has_gpu() or "OMP_NUM_THREADS" in os.environ:
         return None
-    # torchrun's name, then DeepSpeed's launcher's
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    local = ranks_per_node() or 1
     cores = torch.get_num_threads()  # torch's count of this process's cores
     threads = max(1, cores // local)
     torch.set_num_threads(threads)

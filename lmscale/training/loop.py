@@ -241,9 +241,9 @@ class TrainingLoop:
         self.early = EarlyStopping(stopping.patience, stopping.min_delta, best=self.best_eval)
         # The loss stays on the device between log steps: reading it every step would force a sync.
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-        self.window = Window(
-            loss_sum=loss_sum, compile_clock=hooks.compile_clock, forward_clock=ForwardClock(engine.device)
-        )
+        # Forward passes are timed only where a slower rank can be found (lmscale.training.stragglers).
+        clock = ForwardClock(engine.device) if run.layout.world_size > 1 else None
+        self.window = Window(loss_sum=loss_sum, compile_clock=hooks.compile_clock, forward_clock=clock)
 
     def run(self) -> TrainResult:
         if self.step == 0:

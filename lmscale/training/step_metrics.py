@@ -101,11 +101,11 @@ def largest_over_ranks(figures: dict[str, float], device: torch.device) -> dict[
 
 
 def straggler_figures(
-    window: Window, device: torch.device, step_time_s: float, world_size: int, sink: MetricsSink
+    window: Window, device: torch.device, step_time_s: float, sink: MetricsSink
 ) -> dict[str, float]:
     """The slowest rank of the window and its lag per step (lmscale.training.stragglers); a rank that stays
-    clearly slowest is named on the console once."""
-    if world_size < 2 or window.forward_clock is None or window.steps == 0:
+    clearly slowest is named on the console once. Only jobs of several ranks have a forward clock."""
+    if window.forward_clock is None or window.steps == 0:
         return {}
     forward_s = window.forward_clock.take_s()
     own = RankTimes(window.data_wait_s / window.steps, forward_s / window.steps)
@@ -182,7 +182,7 @@ def log_window(
     if scale is not None:
         metrics["loss_scale"] = scale
     metrics.update(largest_over_ranks(memory_figures(engine.device), engine.device))
-    metrics.update(straggler_figures(window, engine.device, metrics["step_time_s"], world_size, sink))
+    metrics.update(straggler_figures(window, engine.device, metrics["step_time_s"], sink))
     metrics.update(extra or {})
     sink.log(step, metrics)
     window.reset()

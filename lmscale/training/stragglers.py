@@ -12,7 +12,6 @@ the others wait for them.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -21,7 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-# A rank is a straggler when it is this much behind the median rank for WINDOWS log windows in a row: a
+from lmscale.parallel.engine import ranks_per_node
+
+# A rank is a straggler when it is this much behind the others' median for WINDOWS log windows in a row: a
 # lag below both floors is noise (a garbage collection, one long batch).
 STRAGGLER_WINDOWS = 3
 MIN_LAG_S = 0.05
@@ -111,8 +112,8 @@ def slowest(times: list[RankTimes]) -> Straggler:
 
 def node_of(rank: int) -> int | None:
     """The node a rank runs on, when the launcher says how many ranks each node has."""
-    per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")  # torchrun's, DeepSpeed's
-    return rank // int(per_node) if per_node and per_node.isdigit() and int(per_node) > 0 else None
+    per_node = ranks_per_node()
+    return rank // per_node if per_node else None
 
 
 @dataclass
