@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from lmscale import __version__
 from lmscale.errors import LmscaleError, is_write_failure, write_failure_line
+from lmscale.fast_exit import skip_final_collection
 from lmscale.reporting.sink import configure_console
 from lmscale.resources import find_file
 
@@ -438,6 +439,7 @@ HF_LIBRARIES_USED = {"plan": (), "config": (), "schedule": (), "report": ()}  # 
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_final_collection()
     try:
         return run_command(argv)
     except BrokenPipeError:

@@ -48,14 +48,21 @@ def stdlib_root() -> Path:
     return root
 
 
+def _stdlib_python_files(root: Path) -> list[Path]:
+    """The `.py` files under `root`, outside the excluded directories."""
+    found = []
+    for directory, subdirectories, names in os.walk(root):
+        # Pruned while walking: site-packages alone (torch, transformers, ...) holds most of the files a
+        # glob over the whole tree would visit only to throw away (~1.6 s of every start).
+        subdirectories[:] = [d for d in subdirectories if d not in EMBEDDED_EXCLUDED_DIRS]
+        found.extend(Path(directory, name) for name in names if name.endswith(".py"))
+    return found
+
+
 def embedded_corpus_files() -> tuple[list[str], list[str]]:
     """Deterministic (train, eval) file lists of the embedded stdlib corpus."""
     root = stdlib_root()
-    files = sorted(
-        p
-        for p in root.rglob("*.py")
-        if not EMBEDDED_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
-    )
+    files = sorted(_stdlib_python_files(root))
     train = [str(p) for i, p in enumerate(files) if i % EMBEDDED_EVAL_EVERY != EMBEDDED_EVAL_EVERY - 1]
     held_out = [str(p) for i, p in enumerate(files) if i % EMBEDDED_EVAL_EVERY == EMBEDDED_EVAL_EVERY - 1]
     return train, held_out

@@ -21,6 +21,7 @@ from lmscale.checkpointing.runlock import RunLock
 from lmscale.config import Config
 from lmscale.data import PreparedData, prepare_data
 from lmscale.errors import ConfigError, LmscaleError, is_write_failure, write_failure_line
+from lmscale.fast_exit import skip_final_collection
 from lmscale.methods import method_for
 from lmscale.model.build import build_model, describe_parameters
 from lmscale.model.compiling import compile_model, compile_seconds, compiled_graphs
@@ -284,6 +285,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    skip_final_collection()
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
