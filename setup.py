@@ -27,7 +27,7 @@ setup(
         "tokenizers>=0.20",
         "accelerate>=1.0",
         "wandb>=0.18",
-        "pydantic>=2.6",
+        "pydantic>=2.11",
         "PyYAML>=6.0",
         "tqdm>=4.66",
         "rich>=13",
@@ -44,6 +44,11 @@ setup(
     extras_require={
         "tensorboard": ["tensorboard>=2.14"],
         "eval": ["lm-eval>=0.4.8"],  # lmscale eval --harness, eval.harness_tasks
+        # checkpoint.mirror on object storage (fsspec's own implementations of each protocol)
+        "s3": ["s3fs>=2024.6"],
+        "gcs": ["gcsfs>=2024.6"],
+        "azure": ["adlfs>=2024.4"],
+        "cloud": ["s3fs>=2024.6", "gcsfs>=2024.6", "adlfs>=2024.4"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -52,6 +57,8 @@ setup(
             "tensorboard>=2.14",
             "lm-eval>=0.4.8",
             "trl>=1.16,<2",  # the DPO parity test's oracle (it calls DPOTrainer._compute_loss of TRL 1.x)
+            "s3fs>=2024.6",
+            "moto[server]>=5.0",  # the S3-compatible server the mirror tests start on the loopback
         ],
     },
     entry_points={"console_scripts": ["lmscale=lmscale.cli:main"]},

@@ -6,7 +6,7 @@ from pathlib import Path
 LMSCALE = Path(__file__).resolve().parent.parent / "lmscale"
 
 # Bottom to top, as the README's Architecture section lists them.
-LAYERS = ["errors", "resources", "atomic", "faults", "rewards", "methods", "config", "data", "model", "parallel", "objectives",
+LAYERS = ["errors", "resources", "atomic", "fast_exit", "faults", "rewards", "methods", "config", "data", "model", "parallel", "objectives",
           "checkpointing", "reporting", "rollouts", "evaluation", "runs", "planning", "training", "jobs", "cli"]  # fmt: skip
 
 

@@ -13,6 +13,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 def dotted_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
+        name = field.alias or name  # a key spelled as a Python keyword (checkpoint.async)
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys += dotted_fields(annotation, f"{prefix}{name}.")

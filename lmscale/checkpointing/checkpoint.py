@@ -115,20 +115,40 @@ def save_checkpoint(
         abandon_partial(partial, dist.get_rank(), state.step, directory, failure)
     checksums = file_checksums(partial, dist.get_rank(), dist.get_world_size())
     if dist.get_rank() == 0:
-        meta = {
-            "step": state.step,
-            "world_size": dist.get_world_size(),
-            "tensor": tensor_degree(engine),
-            "sequence": sequence or int(getattr(engine, "sequence_parallel_size", 1)),
-        }
-        complete_checkpoint(partial, meta, checksums, keep_last)
+        complete_checkpoint(partial, job_meta(engine, state.step, sequence), checksums, keep_last)
     dist.barrier()
     return directory / checkpoint_tag(state.step)
 
 
-def write_partial(engine: Any, partial: Path, state: TrainingState, adapters_only: bool) -> OSError | None:
-    """This rank's files of the checkpoint in `partial`; returns the write failure, if any, for all ranks
-    to agree on."""
+def job_meta(engine: Any, step: int, sequence: int | None) -> dict[str, Any]:
+    """What the manifest records of the job that wrote a checkpoint (for resumes on another layout)."""
+    return {
+        "step": step,
+        "world_size": dist.get_world_size(),
+        "tensor": tensor_degree(engine),
+        "sequence": sequence or int(getattr(engine, "sequence_parallel_size", 1)),
+    }
+
+
+class DirectFiles:
+    """lmscale's own files of a checkpoint written in place, before the save returns (the default)."""
+
+    def save_object(self, obj: Any, path: Path) -> None:
+        torch.save(obj, path)
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        path.write_bytes(data)
+
+    def finish(self, step: int, rank: int) -> None:
+        faults.while_saving(step, rank)  # the fault tests' point: every file written, none complete
+
+
+def write_partial(
+    engine: Any, partial: Path, state: TrainingState, adapters_only: bool, files: Any = None
+) -> OSError | None:
+    """This rank's files of the checkpoint in `partial` (lmscale's own through `files`: DirectFiles, or
+    the background writer's); returns the write failure, if any, for all ranks to agree on."""
+    files = files or DirectFiles()
     rank = dist.get_rank()
     client_state = state.client_state()
     # universal_checkpoint_info lets `deepspeed.checkpoint.ds_to_universal` convert this checkpoint
@@ -144,14 +164,14 @@ def write_partial(engine: Any, partial: Path, state: TrainingState, adapters_onl
             save_latest=False,
             exclude_frozen_parameters=adapters_only,
         )
-        torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+        files.save_object(rng_state(), partial / f"rng_rank{rank}.pt")
         if state.rank_data_position is not None:
-            own = json.dumps(state.rank_data_position)
-            (partial / f"data_rank{rank}.json").write_text(own, encoding="utf-8")
+            own = json.dumps(state.rank_data_position).encode("utf-8")
+            files.write_bytes(partial / f"data_rank{rank}.json", own)
         run_config = RunDir(partial.parent.parent).config
         if rank == 0 and run_config.is_file():  # the config this checkpoint was trained with, kept with it
-            shutil.copyfile(run_config, partial / CHECKPOINT_CONFIG)
-        faults.while_saving(state.step, rank)
+            files.write_bytes(partial / CHECKPOINT_CONFIG, run_config.read_bytes())
+        files.finish(state.step, rank)
     except OSError as exc:
         return exc
     except RuntimeError as exc:
@@ -160,15 +180,20 @@ def write_partial(engine: Any, partial: Path, state: TrainingState, adapters_onl
 
 
 def complete_checkpoint(
-    partial: Path, meta: dict[str, Any], checksums: list[tuple[str, str]], keep_last: int
+    partial: Path,
+    meta: dict[str, Any],
+    checksums: list[tuple[str, str]],
+    keep_last: int,
+    files_synced: bool = False,
 ) -> None:
-    """Rank 0: sync the files, rename `<tag>.partial` to `<tag>`, write its manifest (the COMPLETE marker),
-    move `latest` last, and prune the old ones."""
+    """Rank 0: sync the files (unless their writers did: `files_synced`), rename `<tag>.partial` to `<tag>`,
+    write its manifest (the COMPLETE marker), move `latest` last, and prune the old ones."""
     directory = partial.parent
     final = directory / partial.name.removesuffix(".partial")
     if final.exists():  # a checkpoint of the same step from an earlier attempt
         shutil.rmtree(final)
-    _fsync_tree(partial)
+    if not files_synced:
+        _fsync_tree(partial)
     os.replace(partial, final)
     # The manifest lets a resume notice a file damaged after the fact (truncated, or bits changed).
     files = {name: {"bytes": (final / name).stat().st_size, "blake2b": digest} for name, digest in checksums}

@@ -133,6 +133,23 @@ class RunDir:
         """A checkpoint counts only with this manifest (step, ranks, every file's size and checksum)."""
         return checkpoint / "COMPLETE"
 
+    def run_files(self) -> list[Path]:
+        """The run's own files, apart from its checkpoints: what a mirror keeps beside them so that a run
+        restored on another machine is the same run (its config, tokenizer, data fingerprint, metrics)."""
+        singles = [
+            self.config,
+            self.ds_config,
+            self.data_fingerprint,
+            self.metrics,
+            self.samples,
+            self.labels,
+        ]
+        singles += [self.wandb_run_id, self.reference_logps]
+        tokenizer = (
+            sorted(p for p in self.tokenizer.rglob("*") if p.is_file()) if self.tokenizer.is_dir() else []
+        )
+        return [p for p in singles if p.is_file()] + tokenizer
+
     def markers(self) -> list[Path]:
         """What makes a directory hold a run."""
         return [self.config, self.metrics, self.checkpoints]

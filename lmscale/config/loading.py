@@ -98,7 +98,7 @@ MOVED_KEYS = {
     "train.scheduler": "schedule.name",
     **{f"train.{key}": f"optim.{key}" for key in OptimConfig.model_fields if key != "name"},
     **{f"train.{key}": f"schedule.{key}" for key in ScheduleConfig.model_fields if key != "name"},
-    **{f"train.{key}": f"checkpoint.{key}" for key in CheckpointConfig.model_fields},
+    **{f"train.{key}": f"checkpoint.{key}" for key in CheckpointConfig().model_dump()},
 }
 
 

@@ -53,7 +53,7 @@ def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[
         model = Config
     keys: list[KeyInfo] = []
     for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
+        dotted = f"{prefix}{field.alias or name}"
         sections = _sections_in(field.annotation)
         always_present = sections and not sections[0][1] and field.default is not None
         if not always_present:

@@ -6,4 +6,6 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A key spelled as a Python keyword (checkpoint.async) is a field with that alias: read and written by
+    # its alias everywhere (YAML, overrides, the saved config), never by the field's Python name.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, serialize_by_alias=True)

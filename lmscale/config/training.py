@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmscale.config.section import Section
 
@@ -227,6 +227,28 @@ class CheckpointConfig(Section):
         "auto",
         description="auto: continue from the newest complete checkpoint in output_dir; none; or a checkpoint path.",
     )
+    async_save: bool = Field(
+        False,
+        alias="async",
+        description="Copy each checkpoint to host memory and write it in the background while training goes on.",
+    )
+    mirror: str | None = Field(
+        None,
+        description="Upload each complete checkpoint to this fsspec URL (s3://bucket/prefix, gs://, az://, file://); a run with none locally resumes from there.",
+    )
+    mirror_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options of checkpoint.mirror (e.g. {endpoint_url: ...} for an S3-compatible store); credentials come from the environment.",
+    )
+
+    @field_validator("mirror")
+    @classmethod
+    def _check_mirror_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(
+                f"checkpoint.mirror={value} is not a URL: write it with its protocol, e.g. s3://bucket/prefix or file:///abs/path"
+            )
+        return value
 
 
 class ZeroConfig(Section):

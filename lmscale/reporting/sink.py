@@ -203,6 +203,7 @@ PERF_METRICS = {
     "hfu",
     "step_time_s",
     "data_wait_s",
+    "checkpoint_stall_s",
     "straggler_rank",
     "straggler_lag",
     "padding_frac",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
+from lmscale.checkpointing.mirror import check_mirror, restore_from_mirror
 from lmscale.checkpointing.rundir import RunDir
 from lmscale.config import Config
 from lmscale.parallel.layout import Layout
@@ -81,6 +82,10 @@ def open_run(
     layout = Layout(world_size, config.parallel.tensor, config.parallel.sequence)
     device = "cuda" if has_gpu else "cpu"
     run = Run(config, ds_config, layout, RunDir.of(config), rank, local_rank, device, force)
+    if checks is not StartChecks.NONE and config.checkpoint.mirror and not force:
+        settings = config.checkpoint
+        check_mirror(settings.mirror, settings.mirror_options)
+        restore_from_mirror(settings.mirror, settings.mirror_options, run.dir)  # if none is here
     if checks is not StartChecks.NONE:
         check_start(run.config, run.dir, force, find_checkpoint=checks is StartChecks.FULL)
     return run

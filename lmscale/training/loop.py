@@ -169,6 +169,9 @@ class LoopHooks:
 
     save: SaveHook
     stop_requested: Callable[[], bool]  # agreed across ranks (a collective)
+    # (wait) -> completes a checkpoint written in the background once every rank's files are durable (all of
+    # them with wait); its directory when completed now. Every rank calls it after each step.
+    settle_saves: Callable[[bool], Path | None] = lambda wait: None
     length_cap: Callable[[int], int | None] = no_length_cap  # sequence-length warm-up
     throughput: ThroughputModel | None = None  # token counts -> TFLOP/s, MFU, HFU
     before_step: Callable[[int], None] = lambda step: None  # (0-based step) -> e.g. unfreeze layers
@@ -236,6 +239,7 @@ class TrainingLoop:
         self.step, self.tokens_seen, self.best_eval = start.step, start.tokens_seen, start.best_eval_loss
         self.initial = self.final = Evaluation(math.nan, {}, hooks.method)
         self.checkpoint: Path | None = None
+        self.settling_s = 0.0  # time spent on a background checkpoint's completion since it was handed over
         self.guard = NonFiniteGuard(self.settings.max_nonfinite_steps, int(engine.skipped_steps))
         stopping = self.settings.early_stopping
         self.early = EarlyStopping(stopping.patience, stopping.min_delta, best=self.best_eval)
@@ -256,6 +260,7 @@ class TrainingLoop:
         started_s, batches, stopped_by = time.perf_counter(), iter(self.streams.train), None
         while self.step < self.settings.max_steps and stopped_by is None:
             stopped_by = self.train_one_step(batches)
+        self.settle_saves(wait=True)  # the last checkpoint is complete before the run says it is
         return TrainResult(
             self.step,
             self.tokens_seen,
@@ -303,6 +308,7 @@ class TrainingLoop:
         keep_best = is_best and settings.early_stopping.patience is not None
         if routine or is_last or stop or plateaued or keep_best:
             self.save(is_best)
+        self.settle_saves(wait=False)
         if stop or plateaued:
             return "a stop signal" if stop else EARLY_STOP
         return None
@@ -350,11 +356,25 @@ class TrainingLoop:
         return evaluation
 
     def save(self, is_best: bool) -> None:
+        started_s = time.perf_counter()
         self.hooks.progress(self.step, "saving a checkpoint")
         point = SavePoint(self.step, self.tokens_seen, self.best_eval, is_best)
         self.checkpoint = self.hooks.save(point)
         self.hooks.progress(self.step, "training step")
         self.window.start_s = time.perf_counter()
+        self.sink.log(self.step, {"checkpoint_stall_s": self.window.start_s - started_s})
+
+    def settle_saves(self, wait: bool) -> None:
+        """Complete a checkpoint written in the background when its files are durable; the time this takes
+        on the training path (the ranks' agreement each step, the completion) is logged when it completes."""
+        started_s = time.perf_counter()
+        if wait:
+            self.hooks.progress(self.step, "finishing a checkpoint written in the background")
+        completed = self.hooks.settle_saves(wait)
+        self.settling_s += time.perf_counter() - started_s
+        if completed is not None:
+            self.sink.log(self.step, {"checkpoint_stall_s": self.settling_s})
+            self.settling_s = 0.0
 
 
 def log_harness(step: int, is_last: bool, hooks: LoopHooks, sink: MetricsSink) -> bool:

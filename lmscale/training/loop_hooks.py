@@ -18,7 +18,7 @@ from lmscale.reporting.throughput import ThroughputModel, model_shape, peak_tflo
 from lmscale.runs.run import Run
 from lmscale.training.loop import LoopHooks
 from lmscale.training.online import OnlineTraining
-from lmscale.training.resume import checkpoint_saver
+from lmscale.training.resume import CheckpointSaver
 from lmscale.training.signals import StopRequest
 from lmscale.training.watchdog import HangWatchdog
 
@@ -37,8 +37,10 @@ def loop_hooks(
     online_hooks = {}
     if online is not None:
         online_hooks = {"held_out": online.evaluate, "window_figures": online.stream.drain_figures}
+    saver = CheckpointSaver(engine, train_stream, run, unfreezing)
     return LoopHooks(
-        save=checkpoint_saver(engine, train_stream, run, unfreezing),
+        save=saver.save,
+        settle_saves=saver.settle,
         stop_requested=stop.agreed,
         length_cap=partial(
             seq_len_cap,

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+from lmscale.checkpointing.async_save import AsyncCheckpoints
 from lmscale.checkpointing.checkpoint import (
+    checkpoint_tag,
     ensure_universal,
     find_resume_checkpoint,
     load_checkpoint,
@@ -16,13 +19,14 @@ from lmscale.checkpointing.checkpoint import (
     save_checkpoint,
 )
 from lmscale.checkpointing.manifest import written_by, written_sequence_degree, written_tensor_degree
+from lmscale.checkpointing.mirror import CheckpointMirror
 from lmscale.checkpointing.rundir import truncate_metrics
 from lmscale.checkpointing.training_state import TrainingState
 from lmscale.errors import LmscaleError
 from lmscale.model.finetune import Unfreezing
 from lmscale.parallel.layout import Layout
 from lmscale.runs.run import Run
-from lmscale.training.loop import LoopStart, SaveHook, SavePoint
+from lmscale.training.loop import LoopStart, SavePoint
 
 log = logging.getLogger("lmscale")
 
@@ -119,27 +123,59 @@ def rank_state(train_stream) -> dict | None:
     return own() if own is not None else None
 
 
-def checkpoint_saver(engine, train_stream, run: Run, unfreezing: Unfreezing) -> SaveHook:
-    """The loop's save hook: an atomic checkpoint with the data position and the best eval loss so far."""
-    config = run.config
+class CheckpointSaver:
+    """The loop's save hooks: an atomic checkpoint with the data position and the best eval loss so far,
+    written before `save` returns, or in the background (checkpoint.async) and completed by `settle`."""
 
-    def save(point: SavePoint) -> Path:
-        position = train_stream.state_dict()
+    def __init__(self, engine, train_stream, run: Run, unfreezing: Unfreezing) -> None:
+        self.engine, self.train_stream, self.run, self.unfreezing = engine, train_stream, run, unfreezing
+        settings = run.config.checkpoint
+        self.background = (
+            AsyncCheckpoints(engine, run.dir.root, settings.keep_last) if settings.async_save else None
+        )
+        self.mirror = None
+        if settings.mirror and run.is_rank_zero:
+            self.mirror = CheckpointMirror(
+                settings.mirror, settings.mirror_options, run.dir, settings.keep_last
+            )
+
+    def save(self, point: SavePoint) -> Path:
+        config = self.run.config
+        position = self.train_stream.state_dict()
         # Streamed shards differ per rank, and so do an online method's rows kept for its next steps.
-        own = position if config.data.streaming else rank_state(train_stream)
+        own = position if config.data.streaming else rank_state(self.train_stream)
         state = TrainingState(point.step, point.tokens_seen, position, point.best_eval_loss, own)
         adapters_only = config.finetune.lora is not None
-        with unfreezing.everything_trainable():  # a layer not yet unfrozen is still part of the checkpoint
+        mark = partial(self.completed, point)
+        with (
+            self.unfreezing.everything_trainable()
+        ):  # a layer not yet unfrozen is still part of the checkpoint
+            if self.background is not None:
+                return self.background.save(state, adapters_only, config.parallel.sequence, mark)
             path = save_checkpoint(
-                engine,
-                run.dir.root,
+                self.engine,
+                self.run.dir.root,
                 state,
                 config.checkpoint.keep_last,
                 adapters_only,
                 config.parallel.sequence,
             )
-        if point.is_best and run.is_rank_zero:
-            mark_best(run.dir.root, point.step)
+        mark()
         return path
 
-    return save
+    def completed(self, point: SavePoint) -> None:
+        """Rank 0, once the checkpoint of `point` is complete: mark it the best, and mirror it."""
+        if not self.run.is_rank_zero:
+            return
+        if point.is_best:
+            mark_best(self.run.dir.root, point.step)
+        if self.mirror is not None:
+            self.mirror.upload(self.run.dir.checkpoints / checkpoint_tag(point.step))
+
+    def settle(self, wait: bool) -> Path | None:
+        """Complete a checkpoint written in the background once every rank's files are durable; with `wait`,
+        also wait for the mirror's uploads (the end of the run)."""
+        completed = self.background.settle(wait) if self.background is not None else None
+        if wait and self.mirror is not None:
+            self.mirror.wait()
+        return completed

@@ -1,0 +1,196 @@
+"""Checkpoints mirrored to object storage (`checkpoint.mirror`: any fsspec URL, `s3://bucket/prefix`,
+`gs://`, `az://`, `file://`), and a run restored from there on a machine that has none of it.
+
+The mirror holds the run directory's shape: the run's own files (config, tokenizer, metrics, ...) and
+`checkpoints/step_N/`. Rank 0 uploads each complete checkpoint in a background thread, its files first and
+its `COMPLETE` manifest last, then moves the mirror's `checkpoints/latest`: a checkpoint without its
+manifest in the mirror is an upload that did not finish, and is never restored. The mirror keeps the same
+`checkpoint.keep_last` (and the best) as the local directory. fsspec does the storage; what it has no
+notion of (the order that makes a mirrored checkpoint complete) is written here.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+from hashlib import sha1
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from lmscale.checkpointing.rundir import RunDir
+from lmscale.errors import ConfigError, LmscaleError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+# Where fsspec keeps the implementation of a protocol, for the install hint of a missing one.
+EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+def open_mirror(url: str, options: dict[str, Any]) -> tuple[Any, str]:
+    """(fsspec filesystem, root path) of a mirror URL; a missing package or a bad URL is one line."""
+    import fsspec
+
+    if url.startswith(("file://", "local://")):
+        options = {"auto_mkdir": True, **options}  # object stores have no directories to make first
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except ImportError:
+        protocol = url.split("://", 1)[0]
+        package = EXTRAS.get(protocol, f"the fsspec package for {protocol}://")
+        raise ConfigError(
+            f"checkpoint.mirror={url} needs {package}: pip install {package} (or lmscale[cloud])"
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"checkpoint.mirror={url}: {exc}; give a URL such as s3://bucket/prefix") from None
+
+
+def check_mirror(url: str, options: dict[str, Any]) -> None:
+    """The mirror answers with these credentials (its bucket exists; a local one is made); else one line."""
+    fs, root = open_mirror(url, options)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    bucket = root if local else root.split("/", 1)[0]
+    try:
+        if local:
+            fs.makedirs(root, exist_ok=True)
+        else:
+            fs.ls(bucket, detail=False)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"checkpoint.mirror={url}: the bucket {bucket} does not exist: create it, or fix the URL"
+        ) from None
+    except PermissionError as exc:
+        raise ConfigError(
+            f"checkpoint.mirror={url}: access denied ({exc}): check the credentials in the environment "
+            "(e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or checkpoint.mirror_options"
+        ) from None
+    except Exception as exc:  # botocore's NoCredentialsError, a refused connection: one line, not a trace
+        if "Credentials" in type(exc).__name__:
+            raise ConfigError(
+                f"checkpoint.mirror={url}: no credentials found ({exc}): set them in the environment (e.g. "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) or in checkpoint.mirror_options"
+            ) from None
+        raise ConfigError(
+            f"checkpoint.mirror={url} cannot be reached ({type(exc).__name__}: {exc}): check the credentials "
+            "in the environment, the endpoint, and the network"
+        ) from None
+
+
+def _mirrored_checkpoints(fs, root: str) -> list[str]:
+    """Tags of the mirror's complete checkpoints, oldest first."""
+    base = f"{root}/{CHECKPOINTS}"
+    if not fs.exists(base):
+        return []
+    tags = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+    return [t for t in tags if t.startswith("step_") and fs.exists(f"{base}/{t}/COMPLETE")]
+
+
+class CheckpointMirror:
+    """Rank 0's uploader: complete checkpoints go to the mirror in the order they were completed, in a
+    daemon thread (a job that dies leaves the mirror's previous checkpoint its newest complete one)."""
+
+    def __init__(self, url: str, options: dict[str, Any], run_dir: RunDir, keep_last: int) -> None:
+        self.url, self.run_dir, self.keep_last = url, run_dir, keep_last
+        self.fs, self.root = open_mirror(url, options)
+        self._queue: queue.Queue = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        threading.Thread(target=self._work, name="lmscale-checkpoint-mirror", daemon=True).start()
+
+    def upload(self, checkpoint: Path) -> None:
+        self._idle.clear()
+        self._queue.put(checkpoint)
+
+    def wait(self) -> None:
+        self._idle.wait()
+
+    def _work(self) -> None:
+        while True:
+            checkpoint = self._queue.get()
+            try:
+                self._upload(checkpoint)
+                log.info("mirror: %s uploaded to %s", checkpoint.name, self.url)
+            except (
+                Exception
+            ) as exc:  # the local checkpoint is complete: training goes on, the next one retries
+                log.warning(
+                    "mirror: uploading %s to %s failed (%s: %s); it is complete locally, the next checkpoint "
+                    "is uploaded whole",
+                    checkpoint.name,
+                    self.url,
+                    type(exc).__name__,
+                    exc,
+                )
+            finally:
+                if self._queue.empty():
+                    self._idle.set()
+
+    def _upload(self, checkpoint: Path) -> None:
+        for path in self.run_dir.run_files():
+            self.fs.put_file(str(path), f"{self.root}/{path.relative_to(self.run_dir.root).as_posix()}")
+        remote = f"{self.root}/{CHECKPOINTS}/{checkpoint.name}"
+        manifest = RunDir.complete_marker(checkpoint)
+        for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p != manifest):
+            if "universal" in path.relative_to(checkpoint).parts:  # made again from the files on demand
+                continue
+            self.fs.put_file(str(path), f"{remote}/{path.relative_to(checkpoint).as_posix()}")
+        self.fs.put_file(str(manifest), f"{remote}/{manifest.name}")  # last: the mirrored checkpoint counts
+        self.fs.pipe_file(f"{self.root}/{CHECKPOINTS}/latest", checkpoint.name.encode())
+        self._prune()
+
+    def _prune(self) -> None:
+        best = self.run_dir.best_tag()
+        for tag in _mirrored_checkpoints(self.fs, self.root)[: -self.keep_last]:
+            if tag != best:
+                self.fs.rm(f"{self.root}/{CHECKPOINTS}/{tag}", recursive=True)
+
+
+def restore_from_mirror(url: str, options: dict[str, Any], run_dir: RunDir) -> Path | None:
+    """A run directory with no complete checkpoint of its own (a new node, a new cloud instance) gets the
+    mirror's newest complete checkpoint and the run's files; the restored checkpoint, or None.
+
+    Ranks of one node share the download (a lock in the node's temp directory); the files land in a
+    `.partial` directory renamed into place, so a download cut short is never taken for a checkpoint. The
+    resume that follows checks every file against the manifest's checksums.
+    """
+    from lmscale.checkpointing.checkpoint import complete_checkpoints
+
+    key = sha1(str(run_dir.root.resolve()).encode()).hexdigest()[:16]
+    with FileLock(str(Path(tempfile.gettempdir()) / f"lmscale-mirror-{key}.lock")):
+        if complete_checkpoints(run_dir.checkpoints):
+            return None
+        fs, root = open_mirror(url, options)
+        tags = _mirrored_checkpoints(fs, root)
+        if not tags:
+            return None
+        return _download(fs, root, tags[-1], run_dir)
+
+
+def _download(fs, root: str, tag: str, run_dir: RunDir) -> Path:
+    remote = f"{root}/{CHECKPOINTS}/{tag}"
+    target = run_dir.checkpoints / tag
+    partial = run_dir.checkpoints / f"{tag}.partial"
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in fs.ls(root, detail=False):
+            leaf = name.rstrip("/").rsplit("/", 1)[-1]
+            local = run_dir.root / leaf
+            if leaf != CHECKPOINTS and not local.exists():
+                fs.get(name, str(local), recursive=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(remote, str(partial), recursive=True)
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise LmscaleError(
+            f"restoring {tag} from the mirror {root} failed ({type(exc).__name__}: {exc}): check the "
+            "connection and run the same command again"
+        ) from None
+    partial.rename(target)
+    (run_dir.latest).write_text(tag, encoding="utf-8")
+    log.info("mirror: restored %s from the mirror into %s", tag, run_dir.root)
+    return target
