@@ -26,5 +26,6 @@ def test_mixture_of_experts_presets_train_under_zero(tmp_path, cache_dir, preset
     logged = [r for r in records if "router_aux_loss" in r]
     # balanced routing gives aux_loss = top-k (2) x ... ~ 2; it must be there, finite, and not blow up
     assert len(logged) == 2 and all(0 < r["router_aux_loss"] < 4 for r in logged)
-    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-    assert evals[-1] < evals[0] - 1.0 and "eval_router_aux_loss" in records[-1]
+    evaluations = [r for r in records if "eval_loss" in r]
+    assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"] - 1.0
+    assert "eval_router_aux_loss" in evaluations[-1]
