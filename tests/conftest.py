@@ -27,6 +27,28 @@ def exact_one_process_run(tmp_path_factory, cache_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server (moto's, as s3fs's own tests use) on the loopback, with an empty bucket;
+    an s3fs filesystem to look into it."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    from helpers import S3_BUCKET, S3_ENDPOINT, S3_PORT
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    try:
+        fs = s3fs.S3FileSystem(
+            key="testing",
+            secret="testing",
+            client_kwargs={"endpoint_url": S3_ENDPOINT, "region_name": "us-east-1"},
+        )
+        fs.call_s3("create_bucket", Bucket=S3_BUCKET)  # us-east-1: no location constraint to give
+        yield fs
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def restore_environment():
     """A command run in-process (debug mode) announces a one-rank job in os.environ; keep that, and any

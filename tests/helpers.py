@@ -93,3 +93,22 @@ def fake_checkpoint(run: Path, step: int, payload: bytes) -> Path:
     }
     RunDir.complete_marker(path).write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
     return path
+
+
+# The S3-compatible server of the object-storage tests (conftest's `s3` fixture: moto's, on the loopback).
+S3_PORT = 45671  # fixed: the server is the session's own
+S3_BUCKET = "lmscale-runs"
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_ENDPOINT_URL": S3_ENDPOINT,
+    "AWS_EC2_METADATA_DISABLED": "true",  # no waiting on a cloud metadata service that is not there
+}
+S3_NO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "",
+    "AWS_SECRET_ACCESS_KEY": "",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    "AWS_CONFIG_FILE": "/nonexistent",
+}

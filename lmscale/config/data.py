@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,8 +17,8 @@ class SourceConfig(Section):
 class DataConfig(Section):
     path: str | None = Field(
         None,
-        description="Text file, directory, .jsonl/.json, .parquet, .csv, a save_to_disk directory, or a Hub "
-        "dataset hf://datasets/org/name; unset = the embedded stdlib corpus.",
+        description="Text file, directory, .jsonl/.json, .parquet, .csv, a save_to_disk directory, a Hub "
+        "dataset hf://datasets/org/name, or any of those at an fsspec URL (s3://...); unset = the embedded stdlib corpus.",
     )
     glob: str | None = Field(None, description="Files of a directory data.path to read, e.g. '**/*.txt'.")
     hub_config: str | None = Field(
@@ -76,6 +76,10 @@ class DataConfig(Section):
         [], description="Several sources mixed by weight ([{path, weight}]), instead of data.path."
     )
     eval_path: str | None = Field(None, description="Held-out data; unset = a data.eval_fraction split.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for data paths given as URLs (s3://, gs://, az://), e.g. {endpoint_url: ...}; credentials come from the environment.",
+    )
     eval_fraction: float = Field(0.02, gt=0, lt=0.5, description="Share of documents held out (fixed split).")
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="A malformed jsonl line: stop with its line number, or skip it and count it."

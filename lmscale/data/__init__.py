@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from lmscale.config import DataConfig
 from lmscale.data.cleaning import clean_documents
 from lmscale.data.prompts import tokenize_prompts
+from lmscale.data.remote import with_local_copies
 from lmscale.data.sources import load_documents
 from lmscale.data.streaming import rank_shard, sample_fingerprint, stream_documents
 from lmscale.data.tasks import (
@@ -175,6 +176,7 @@ def prepare_data(
         raise ConfigError(
             f"data.cache_dir={config.cache_dir} cannot be created ({exc.strerror}): choose a writable path"
         ) from None
+    config = with_local_copies(config, cache_dir)  # data at URLs is read from its local copy
     fmt = task_format(config, task)
     if fmt is not None:
         return prepare_task_data(

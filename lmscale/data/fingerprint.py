@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lmscale.atomic import write_atomically
 from lmscale.config import DataConfig
+from lmscale.data.remote import is_remote, remote_fingerprint
 from lmscale.data.sources import directory_files, is_disk_dataset, is_hub_dataset
 
 WHOLE_FILE_BYTES = 8 << 20  # smaller files are hashed whole; larger ones at SAMPLES spread blocks
@@ -16,9 +17,12 @@ SAMPLES = 16
 BLOCK_BYTES = 64 << 10
 
 
+def _paths(config: DataConfig) -> list[str]:
+    return [p for p in (config.path, config.eval_path, *(s.path for s in config.sources)) if p]
+
+
 def local_sources(config: DataConfig) -> list[str]:
-    paths = [config.path, config.eval_path, *(source.path for source in config.sources)]
-    return [p for p in paths if p and not is_hub_dataset(p)]
+    return [p for p in _paths(config) if not is_hub_dataset(p) and not is_remote(p)]
 
 
 def source_files(path: str, config: DataConfig) -> list[Path]:
@@ -50,7 +54,10 @@ def file_fingerprint(path: Path) -> dict[str, int | str]:
 def data_fingerprint(config: DataConfig) -> dict[str, dict[str, int | str]]:
     """{file path: fingerprint} of every local data file (the embedded corpus and Hub datasets have none)."""
     files = sorted({str(f.resolve()) for path in local_sources(config) for f in source_files(path, config)})
-    return {name: file_fingerprint(Path(name)) for name in files}
+    fingerprint = {name: file_fingerprint(Path(name)) for name in files}
+    for url in (p for p in _paths(config) if is_remote(p)):  # data at a URL: what its store says of it
+        fingerprint.update(remote_fingerprint(url, config.storage_options, "data.path"))
+    return dict(sorted(fingerprint.items()))
 
 
 def changed_data(saved: dict[str, dict], now: dict[str, dict]) -> str | None:

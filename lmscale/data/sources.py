@@ -22,6 +22,7 @@ from datasets import (
 )
 
 from lmscale.config import DataConfig
+from lmscale.data.remote import is_remote, remote_listing
 from lmscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,15 @@ def is_disk_dataset(source: Path) -> bool:
 EVAL_PATH_FIX = "fix the path, or unset data.eval_path to hold out data.eval_fraction of the training data"
 
 
-def missing_source_problem(path: str, key: str) -> str | None:
-    """Why local data `path` (set as `key`) cannot be read, or None (Hub datasets are checked when read)."""
+def missing_source_problem(path: str, key: str, options: dict | None = None) -> str | None:
+    """Why data `path` (set as `key`) cannot be read, or None (Hub datasets are checked when read; a URL is
+    asked of its store, with the storage `options`)."""
+    if is_remote(path):
+        try:
+            remote_listing(path, options or {}, key)
+        except ConfigError as exc:
+            return str(exc)
+        return None
     if is_hub_dataset(path) or Path(path).expanduser().exists():
         return None
     fix = EVAL_PATH_FIX if key == "data.eval_path" else "fix the path, or unset it for the embedded corpus"

@@ -191,7 +191,10 @@ def data_path_problems(config: Config) -> list[str]:
         *(("data.sources", s.path) for s in data.sources),
         ("data.eval_path", data.eval_path),
     ]
-    return [problem for key, path in paths if path and (problem := missing_source_problem(path, key))]
+    options = data.storage_options
+    return [
+        problem for key, path in paths if path and (problem := missing_source_problem(path, key, options))
+    ]
 
 
 def layout_problems(config: Config, layout: Layout) -> list[str]:

@@ -7,26 +7,12 @@ import json
 import shutil
 
 import pytest
+from helpers import S3_BUCKET as BUCKET
+from helpers import S3_CREDENTIALS as CREDENTIALS
+from helpers import S3_NO_CREDENTIALS as NO_CREDENTIALS
 from helpers import run_lmscale
 
 pytestmark = pytest.mark.slow
-
-PORT = 45671  # fixed: the server is this module's own, on the loopback
-BUCKET = "lmscale-runs"
-ENDPOINT = f"http://127.0.0.1:{PORT}"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_ENDPOINT_URL": ENDPOINT,
-    "AWS_EC2_METADATA_DISABLED": "true",  # no waiting on a cloud metadata service that is not there
-}
-NO_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "",
-    "AWS_SECRET_ACCESS_KEY": "",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-    "AWS_CONFIG_FILE": "/nonexistent",
-}
 
 ARGS = [
     "model.preset=tiny-gpt2",
@@ -44,24 +30,6 @@ ARGS = [
     "wandb.mode=disabled",
     "precision=bf16",
 ]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=PORT, verbose=False)
-    server.start()
-    try:
-        fs = s3fs.S3FileSystem(
-            key="testing",
-            secret="testing",
-            client_kwargs={"endpoint_url": ENDPOINT, "region_name": "us-east-1"},
-        )
-        fs.call_s3("create_bucket", Bucket=BUCKET)  # us-east-1: no location constraint to give
-        yield fs
-    finally:
-        server.stop()
 
 
 def losses(out):
