@@ -23,31 +23,17 @@ from typing import Any
 from filelock import FileLock
 
 from lmscale.checkpointing.rundir import RunDir
+from lmscale.data.remote import open_url
 from lmscale.errors import ConfigError, LmscaleError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-# Where fsspec keeps the implementation of a protocol, for the install hint of a missing one.
-EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
 def open_mirror(url: str, options: dict[str, Any]) -> tuple[Any, str]:
-    """(fsspec filesystem, root path) of a mirror URL; a missing package or a bad URL is one line."""
-    import fsspec
-
-    if url.startswith(("file://", "local://")):
-        options = {"auto_mkdir": True, **options}  # object stores have no directories to make first
-    try:
-        return fsspec.core.url_to_fs(url, **options)
-    except ImportError:
-        protocol = url.split("://", 1)[0]
-        package = EXTRAS.get(protocol, f"the fsspec package for {protocol}://")
-        raise ConfigError(
-            f"checkpoint.mirror={url} needs {package}: pip install {package} (or lmscale[cloud])"
-        ) from None
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"checkpoint.mirror={url}: {exc}; give a URL such as s3://bucket/prefix") from None
+    """(fsspec filesystem, root path) of the mirror."""
+    return open_url(url, options, "checkpoint.mirror")
 
 
 def check_mirror(url: str, options: dict[str, Any]) -> None:

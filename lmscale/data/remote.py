@@ -31,9 +31,12 @@ def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("hf://")
 
 
-def _filesystem(url: str, options: dict[str, Any], key: str) -> tuple[Any, str]:
+def open_url(url: str, options: dict[str, Any], key: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) of a URL set as `key`; a missing package or a bad URL is one line."""
     import fsspec
 
+    if url.startswith(("file://", "local://")):
+        options = {"auto_mkdir": True, **options}  # object stores have no directories to make first
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ImportError:
@@ -41,14 +44,14 @@ def _filesystem(url: str, options: dict[str, Any], key: str) -> tuple[Any, str]:
         package = EXTRAS.get(protocol, f"the fsspec package for {protocol}://")
         raise ConfigError(f"{key}={url} needs {package}: pip install {package} (or lmscale[cloud])") from None
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{key}={url}: {exc}; give a URL such as s3://bucket/corpus/") from None
+        raise ConfigError(f"{key}={url}: {exc}; give a URL such as s3://bucket/prefix") from None
 
 
 def remote_listing(url: str, options: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
     """{path relative to the URL: {"bytes", "version"}} of every file under the URL ("" for a URL that is a
     single file).
     A missing object, bucket or credentials is one line naming `key`."""
-    fs, root = _filesystem(url, options, key)
+    fs, root = open_url(url, options, key)
     try:
         if fs.isfile(root):
             entries = {root: fs.info(root)}
@@ -81,7 +84,7 @@ def local_copy(url: str, options: dict[str, Any], cache_dir: Path, key: str) -> 
     """The local path of the URL's files as they are now, downloaded first if this version is not cached."""
     listing = remote_listing(url, options, key)
     version = hashlib.blake2b(json.dumps([url, listing], sort_keys=True).encode(), digest_size=8).hexdigest()
-    fs, root = _filesystem(url, options, key)
+    fs, root = open_url(url, options, key)
     name = Path(root.rstrip("/")).name or "data"
     target = cache_dir / "remote" / version / name
     target.parent.mkdir(parents=True, exist_ok=True)
