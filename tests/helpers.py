@@ -112,3 +112,22 @@ S3_NO_CREDENTIALS = {
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
     "AWS_CONFIG_FILE": "/nonexistent",
 }
+
+
+# A short run of the tiny GPT-2 on the embedded corpus, checkpointing every 2 steps (the fault and
+# checkpoint tests; later overrides win).
+SHORT_RUN_ARGS = [
+    "model.preset=tiny-gpt2",
+    "data.max_seq_len=64",
+    "data.vocab_size=1024",
+    "data.max_tokens_per_batch=1024",
+    "train.max_steps=8",
+    "schedule.warmup_steps=1",
+    "train.eval_every=100",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    "checkpoint.save_every=2",
+    "data.num_workers=0",
+    "wandb.mode=disabled",
+    "precision=bf16",
+]

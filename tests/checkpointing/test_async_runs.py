@@ -5,7 +5,7 @@ training went on."""
 import json
 
 import pytest
-from helpers import run_lmscale
+from helpers import SHORT_RUN_ARGS, run_lmscale
 
 pytestmark = pytest.mark.slow
 
@@ -13,21 +13,10 @@ ARGS = [
     "launch",
     "--gpus-per-node",
     "2",
-    "model.preset=tiny-gpt2",
-    "data.max_seq_len=64",
-    "data.vocab_size=1024",
-    "data.max_tokens_per_batch=1024",
+    *SHORT_RUN_ARGS,
     "train.max_steps=10",
-    "schedule.warmup_steps=1",
-    "train.eval_every=100",
-    "train.eval_batches=2",
-    "train.log_every=1",
-    "checkpoint.save_every=2",
     "checkpoint.async=true",
     "zero.stage=2",
-    "data.num_workers=0",
-    "wandb.mode=disabled",
-    "precision=bf16",
 ]
 
 

@@ -10,26 +10,11 @@ import pytest
 from helpers import S3_BUCKET as BUCKET
 from helpers import S3_CREDENTIALS as CREDENTIALS
 from helpers import S3_NO_CREDENTIALS as NO_CREDENTIALS
-from helpers import run_lmscale
+from helpers import SHORT_RUN_ARGS, run_lmscale
 
 pytestmark = pytest.mark.slow
 
-ARGS = [
-    "model.preset=tiny-gpt2",
-    "data.max_seq_len=64",
-    "data.vocab_size=1024",
-    "data.max_tokens_per_batch=1024",
-    "train.max_steps=8",
-    "schedule.warmup_steps=1",
-    "train.eval_every=100",
-    "train.eval_batches=2",
-    "train.log_every=1",
-    "checkpoint.save_every=2",
-    "checkpoint.async=true",
-    "data.num_workers=0",
-    "wandb.mode=disabled",
-    "precision=bf16",
-]
+ARGS = [*SHORT_RUN_ARGS, "checkpoint.async=true"]
 
 
 def losses(out):

@@ -12,25 +12,11 @@ import time
 
 import pytest
 import yaml
-from helpers import REPO, run_lmscale
+from helpers import REPO, SHORT_RUN_ARGS, run_lmscale
 
 pytestmark = pytest.mark.slow
 
-ARGS = [
-    "model.preset=tiny-gpt2",
-    "data.max_seq_len=64",
-    "data.vocab_size=1024",
-    "data.max_tokens_per_batch=1024",
-    "train.max_steps=8",
-    "schedule.warmup_steps=1",
-    "train.eval_every=100",
-    "train.eval_batches=2",
-    "train.log_every=1",
-    "checkpoint.save_every=2",
-    "data.num_workers=0",
-    "wandb.mode=disabled",
-    "precision=bf16",
-]
+ARGS = SHORT_RUN_ARGS
 
 
 def losses(out):
