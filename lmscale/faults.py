@@ -11,7 +11,8 @@ separated by `;`, each `KIND@WHEN` with comma-separated conditions:
 - `slow@data,rank=1` (optionally `,step=N`): that rank's batches arrive 0.1 s late (a slow disk or data
   worker on one node: the straggler it makes is what `lmscale.training.stragglers` names).
 
-A condition left out matches every value. For developers only: not a user setting.
+A condition left out matches every value; `restart=0` limits a fault to a job's first start under torchrun's
+elastic agent (the restarted ranks then go on). For developers only: not a user setting.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ class Fault:
     when: str  # "step" (after an optimizer step), "save" (inside the checkpoint writer), "data" (before a step's batches)
     step: int | None = None
     rank: int | None = None
+    restart: int | None = None  # torchrun's restart count (0 on the first start, and outside torchrun)
 
     def matches(self, when: str, step: int, rank: int) -> bool:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         return (
             self.when == when
             and (self.step is None or self.step == step)
             and (self.rank is None or self.rank == rank)
+            and (self.restart is None or self.restart == restart)
         )
 
 
@@ -54,14 +58,14 @@ def parse_faults(text: str) -> list[Fault]:
             when, conditions = "step", [when, *conditions]
         for condition in conditions:
             key, _, value = condition.partition("=")
-            if key not in ("step", "rank") or not value.isdigit():
+            if key not in ("step", "rank", "restart") or not value.isdigit():
                 raise ValueError(f"{FAULT_VARIABLE}: bad condition {condition!r} in {entry!r}")
             values[key] = int(value)
         if kind not in KINDS or when not in WHENS:
             raise ValueError(
                 f"{FAULT_VARIABLE}: {entry!r} is not KIND@step=N[,rank=R], KIND@save or KIND@data"
             )
-        faults.append(Fault(kind, when, values.get("step"), values.get("rank")))
+        faults.append(Fault(kind, when, values.get("step"), values.get("rank"), values.get("restart")))
     return faults
 
 

@@ -36,6 +36,11 @@ def test_fault_hooks_parse_and_refuse_typos():
     assert Fault("exit", "step", 5, 1).matches("step", 5, 1) and not Fault("exit", "step", 5, 1).matches(
         "step", 5, 0
     )
+    first_start_only = parse_faults("exit@step=5,rank=1,restart=0")[0]
+    assert first_start_only == Fault("exit", "step", 5, 1, restart=0)
+    assert first_start_only.matches("step", 5, 1)  # outside torchrun a job is on its first start
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = "1"  # the elastic agent's restarted ranks go on
+    assert not first_start_only.matches("step", 5, 1) and Fault("exit", "step", 5, 1).matches("step", 5, 1)
     for bad in ("hang@step=five", "explode@save", "hang@later", "kill@save,node=1"):
         with pytest.raises(ValueError, match="LMSCALE_FAULT"):
             parse_faults(bad)

@@ -73,8 +73,39 @@ def init_distributed(hang_timeout_s: float | None = None) -> None:
     timeout = max(PROCESS_GROUP_TIMEOUT, timedelta(seconds=2 * (hang_timeout_s or 0)))
     # On CPUs DeepSpeed prints "deepspeed_shm_comm_op built successfully" from every rank of every run;
     # a failed build still raises. (A first build's compiler output goes to the terminal, not through here.)
+    if elastic_restart() is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        init_on_attempt_store(backend, timeout)  # DeepSpeed keeps a process group that exists
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+
+
+def elastic_restart() -> int | None:
+    """How many times torchrun's elastic agent has restarted this job's ranks (0 on the first start), or None
+    outside torchrun."""
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+    return int(value) if value.isdigit() else None
+
+
+def init_on_attempt_store(backend: str, timeout: timedelta) -> None:
+    """The process group on a store prefix of this restart's own.
+
+    torch 2.13's env:// handler connects workers to the elastic agent's store without a per-restart prefix,
+    trusting that each restart gets a new store; with the c10d rendezvous it is the same store, so a
+    restarted rank read the dead ranks' addresses and gloo's connectFullMesh failed ("Connection refused").
+    Checked here with a plain two-rank script under `torchrun --max-restarts 1`: it fails without a prefix,
+    restarts cleanly with one."""
+    import torch.distributed as dist
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    store = dist.PrefixStore(f"/lmscale/restart_{elastic_restart()}", agent_store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def release_shared_memory_names() -> None:

@@ -55,6 +55,7 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     """Train one rank of the job described by the config and the launcher's environment."""
     run = open_rank_run(config_path, overrides, force)
     resume = plan_resume(run)
+    say_elastic_restart(run, resume.checkpoint)
     if already_done(resume.checkpoint, run):
         return
     run = run.with_ds_config(resume.apply_to(run.ds_config))
@@ -76,6 +77,21 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
     online = OnlineTraining(run, data, engine) if method_for(run.config.finetune).online else None
     train_in_run_dir(run, data, engine, streams, unfreezing, resume, online)
     ds_engine.shutdown_distributed()
+
+
+def say_elastic_restart(run: Run, checkpoint: Path | None) -> None:
+    """Under torchrun's elastic agent, a restart says so, with where it goes on from and on how many ranks."""
+    restart = ds_engine.elastic_restart()
+    if not restart or not run.is_rank_zero:
+        return
+    where = f"from {checkpoint}" if checkpoint is not None else "from the start (no complete checkpoint yet)"
+    log.warning(
+        "elastic restart %d: torchrun restarted the job after a failure (its log above names the rank); going on "
+        "%s with %d rank(s)",
+        restart,
+        where,
+        run.world_size,
+    )
 
 
 def open_rank_run(config_path: str | None, overrides: list[str], force: bool) -> Run:

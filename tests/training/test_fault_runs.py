@@ -60,6 +60,22 @@ def test_a_dead_or_hung_rank_ends_the_job_and_the_restart_resumes_exactly(tmp_pa
     assert "continuing from" in resumed.stderr and "step_00000004" in resumed.stderr
     assert {s: losses(dead)[s] for s in range(5, 9)} == {s: expected[s] for s in range(5, 9)}
 
+    # Under torchrun's elastic agent the same death is healed in place: the agent restarts both ranks, which
+    # go on from step 4 and recompute steps 5-8 exactly, with no person running anything.
+    healed = tmp_path / "healed"
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29517", "--max-restarts", "1",
+        str(REPO / "launcher" / "train.py"), f"output_dir={healed}", f"data.cache_dir={cache_dir}", *ARGS,
+    ]  # fmt: skip
+    result = subprocess.run(
+        torchrun, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "LMSCALE_FAULT": "exit@step=5,rank=1,restart=0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "elastic restart 1:" in result.stderr and "step_00000004 with 2 rank(s)" in result.stderr
+    assert {s: losses(healed)[s] for s in range(5, 9)} == {s: expected[s] for s in range(5, 9)}
+
     # A rank hangs after step 5: the watchdogs end the job within the timeout, with stacks and one line.
     hung = tmp_path / "hung"
     result, hung_s = launch(hung, "train.hang_timeout_s=10", fault="hang@step=5,rank=1")
