@@ -102,10 +102,17 @@ class AsyncCheckpoints:
         # writes the next checkpoint before DeepSpeed's barrier at the start of its save, after this.
         if dist.get_rank() == 0:
             checksums = sorted(pair for share in shares for pair in share)
-            complete_checkpoint(pending.partial, pending.meta, checksums, self.keep_last, files_synced=True)
+            complete_checkpoint(
+                pending.partial,
+                pending.meta,
+                checksums,
+                self.keep_last,
+                files_synced=True,
+                prune_in_background=True,
+            )
             pending.on_complete()
             log.info(
-                "checkpoint: step %d complete, written in the background in %.1f s while training went on",
+                "checkpoint: step %d complete, written in the background in %.1f s",
                 pending.step,
                 time.perf_counter() - pending.saved_s,
             )

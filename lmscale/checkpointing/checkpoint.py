@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 UNIVERSAL = "universal"  # DeepSpeed's rank-count-independent form of a checkpoint, made on demand
 UNIVERSAL_INFO = "universal_checkpoint_info"  # client-state key ds_to_universal requires (DeepSpeed's name)
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+DELETING = ".deleting"  # a pruned checkpoint moved aside while a thread deletes it
 
 
 def checkpoint_tag(step: int) -> str:
@@ -185,9 +187,11 @@ def complete_checkpoint(
     checksums: list[tuple[str, str]],
     keep_last: int,
     files_synced: bool = False,
+    prune_in_background: bool = False,
 ) -> None:
     """Rank 0: sync the files (unless their writers did: `files_synced`), rename `<tag>.partial` to `<tag>`,
-    write its manifest (the COMPLETE marker), move `latest` last, and prune the old ones."""
+    write its manifest (the COMPLETE marker), move `latest` last, and prune the old ones (deleting them in a
+    thread with `prune_in_background`)."""
     directory = partial.parent
     final = directory / partial.name.removesuffix(".partial")
     if final.exists():  # a checkpoint of the same step from an earlier attempt
@@ -199,7 +203,7 @@ def complete_checkpoint(
     files = {name: {"bytes": (final / name).stat().st_size, "blake2b": digest} for name, digest in checksums}
     write_atomically(RunDir.complete_marker(final), json.dumps({**meta, "files": files}) + "\n")
     write_atomically(RunDir(directory.parent).latest, final.name)  # the pointer moves last
-    prune_checkpoints(directory, keep_last)
+    prune_checkpoints(directory, keep_last, in_background=prune_in_background)
 
 
 # torch.save reports a failed write from its C++ zip writer as a RuntimeError, not an OSError.
@@ -257,15 +261,23 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return found
 
 
-def prune_checkpoints(directory: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints and the best one (by eval loss), if marked."""
+def prune_checkpoints(directory: Path, keep_last: int, in_background: bool = False) -> None:
+    """Keep the newest `keep_last` complete checkpoints and the best one (by eval loss), if marked.
+    `in_background`: move the others aside at once and delete them in a thread (a checkpoint of hundreds of
+    GB takes a while to delete, time a background save would otherwise spend on the training path)."""
     checkpoints = complete_checkpoints(directory)
     best = RunDir(directory.parent).best_tag()
-    for path in checkpoints[:-keep_last]:
-        if path.name != best:
+    doomed = [path for path in checkpoints[:-keep_last] if path.name != best]
+    doomed += [*directory.glob("*.partial"), *directory.glob(f"*{DELETING}")]  # earlier attempts' leftovers
+    for path in doomed:
+        if not in_background:
             shutil.rmtree(path, ignore_errors=True)
-    for stale in directory.glob("*.partial"):  # an earlier attempt's leftovers
-        shutil.rmtree(stale, ignore_errors=True)
+            continue
+        aside = path if path.name.endswith(DELETING) else path.with_name(path.name + DELETING)
+        os.replace(path, aside)  # no longer a checkpoint (nor a partial one) from this moment
+        threading.Thread(
+            target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True}, daemon=True
+        ).start()
 
 
 def mark_best(output_dir: Path, step: int) -> None:

@@ -103,3 +103,25 @@ def test_checkpoint_async_is_spelled_as_users_write_it(value):
     config, _ = load_config(None, [f"checkpoint.async={value}"])
     assert config.checkpoint.async_save is (value == "true")
     assert f"async: {value}" in config_to_yaml(config)  # the run's saved config reads back
+
+
+def test_a_background_prune_moves_old_checkpoints_aside_at_once_and_deletes_them_later(tmp_path):
+    import threading
+
+    from helpers import fake_checkpoint
+
+    from lmscale.checkpointing.checkpoint import complete_checkpoints, prune_checkpoints
+
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step, b"x" * 100)
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step_00000008.partial").mkdir()  # a crashed attempt's leftovers
+    (checkpoints / "step_00000001.deleting").mkdir()
+    before = set(threading.enumerate())
+    prune_checkpoints(checkpoints, keep_last=2, in_background=True)
+    # at once: the old one is no checkpoint any more, and nothing is mistaken for one
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step_00000004", "step_00000006"]
+    assert not (checkpoints / "step_00000002").exists()
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=30)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000004", "step_00000006"]
