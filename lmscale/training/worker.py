@@ -334,9 +334,14 @@ def is_lost_peer(exc: RuntimeError) -> bool:
 
 def lost_peer_line(exc: RuntimeError) -> str:
     detail = next(marker for marker in LOST_PEER if marker in str(exc))
+    restart, most = ds_engine.elastic_restart(), os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if restart is not None and most.isdigit() and restart < int(most):  # the agent goes on by itself
+        next_step = f"torchrun restarts the job from the last checkpoint (restart {restart + 1} of {most})"
+    else:
+        next_step = "run the same command again to resume from the last checkpoint"
     return (
         f"rank {ds_engine.rank()} lost another rank of the job ({detail}): it died or its node is gone, see that "
-        "rank's messages above; run the same command again to resume from the last checkpoint"
+        f"rank's messages above; {next_step}"
     )
 
 

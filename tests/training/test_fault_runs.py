@@ -74,6 +74,7 @@ def test_a_dead_or_hung_rank_ends_the_job_and_the_restart_resumes_exactly(tmp_pa
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "elastic restart 1:" in result.stderr and "step_00000004 with 2 rank(s)" in result.stderr
+    assert "torchrun restarts the job from the last checkpoint (restart 1 of 1)" in result.stderr
     assert {s: losses(healed)[s] for s in range(5, 9)} == {s: expected[s] for s in range(5, 9)}
 
     # A rank hangs after step 5: the watchdogs end the job within the timeout, with stacks and one line.
