@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import copy
 import enum
-import hashlib
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import torch
 
 from lmscale import faults
 from lmscale.atomic import fsync_directory
+from lmscale.checkpointing.manifest import new_checksum
 
 # Leaves a state dict shares with the live run that cannot change under the writer.
 IMMUTABLE = (
@@ -103,7 +102,7 @@ class _HashingFile:
     """The file torch.save writes into, checksummed on the way (no second read of what was written)."""
 
     def __init__(self, handle) -> None:
-        self.handle, self.digest = handle, hashlib.blake2b(digest_size=16)
+        self.handle, self.digest = handle, new_checksum()
 
     def write(self, data) -> int:
         self.digest.update(data)
@@ -122,7 +121,6 @@ class WrittenFiles:
     digests: list[tuple[str, str]] = field(default_factory=list)  # (name in the directory, blake2b)
     failure: OSError | None = None
     sealed: bool = False  # every file of the checkpoint has been handed over
-    written_s: float = 0.0  # seconds the writer spent on it
 
 
 _SEAL = object()
@@ -166,7 +164,6 @@ class BackgroundWriter:
         while True:
             item = self._queue.get()
             current = self.current
-            started = time.perf_counter()
             try:
                 if current is not None and current.failure is None:
                     self._write_or_seal(current, item)
@@ -174,7 +171,6 @@ class BackgroundWriter:
                 current.failure = exc
             finally:
                 if current is not None:
-                    current.written_s += time.perf_counter() - started
                     current.sealed = current.sealed or item is _SEAL
                 if self._queue.empty() and (current is None or current.sealed):
                     self._idle.set()

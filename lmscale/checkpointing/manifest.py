@@ -15,9 +15,15 @@ from lmscale.errors import LmscaleError
 from lmscale.parallel.engine import cpu_group
 
 
+def new_checksum() -> Any:
+    """The manifest's checksum, empty: a 128-bit BLAKE2b (fast, and any corruption changes it). Every writer of
+    a manifest's checksums starts from this one, so a file hashed while written matches the same file read."""
+    return hashlib.blake2b(digest_size=16)
+
+
 def file_digest(path: Path) -> str:
-    """A 128-bit BLAKE2b of the file (fast, and any corruption changes it)."""
-    digest = hashlib.blake2b(digest_size=16)
+    """The manifest's checksum of a file on disk."""
+    digest = new_checksum()
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
