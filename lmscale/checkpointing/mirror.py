@@ -22,13 +22,16 @@ from typing import Any
 
 from filelock import FileLock
 
+from lmscale.atomic import write_atomically
+from lmscale.checkpointing.checkpoint import TAG_PATTERN, UNIVERSAL, complete_checkpoints
 from lmscale.checkpointing.rundir import RunDir
-from lmscale.data.remote import open_url
+from lmscale.data.remote import open_url, store_failure
 from lmscale.errors import ConfigError, LmscaleError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
+# The mirror's names, relative to its root: a run directory's own (RunDir spells them).
+MIRRORED = RunDir(Path(""))
 
 
 def open_mirror(url: str, options: dict[str, Any]) -> tuple[Any, str]:
@@ -50,30 +53,23 @@ def check_mirror(url: str, options: dict[str, Any]) -> None:
         raise ConfigError(
             f"checkpoint.mirror={url}: the bucket {bucket} does not exist: create it, or fix the URL"
         ) from None
-    except PermissionError as exc:
-        raise ConfigError(
-            f"checkpoint.mirror={url}: access denied ({exc}): check the credentials in the environment "
-            "(e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or checkpoint.mirror_options"
-        ) from None
-    except Exception as exc:  # botocore's NoCredentialsError, a refused connection: one line, not a trace
-        if "Credentials" in type(exc).__name__:
-            raise ConfigError(
-                f"checkpoint.mirror={url}: no credentials found ({exc}): set them in the environment (e.g. "
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) or in checkpoint.mirror_options"
-            ) from None
-        raise ConfigError(
-            f"checkpoint.mirror={url} cannot be reached ({type(exc).__name__}: {exc}): check the credentials "
-            "in the environment, the endpoint, and the network"
-        ) from None
+    except Exception as exc:  # botocore's NoCredentialsError, access denied, a refused connection
+        raise store_failure("checkpoint.mirror", url, exc, "checkpoint.mirror_options") from None
+
+
+def _remote(root: str, local: Path) -> str:
+    """The mirror's path of a name relative to a run directory."""
+    return f"{root}/{local.as_posix()}"
 
 
 def _mirrored_checkpoints(fs, root: str) -> list[str]:
     """Tags of the mirror's complete checkpoints, oldest first."""
-    base = f"{root}/{CHECKPOINTS}"
+    base = _remote(root, MIRRORED.checkpoints)
     if not fs.exists(base):
         return []
     tags = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
-    return [t for t in tags if t.startswith("step_") and fs.exists(f"{base}/{t}/COMPLETE")]
+    complete = [t for t in tags if TAG_PATTERN.match(t)]
+    return [t for t in complete if fs.exists(_remote(root, RunDir.complete_marker(MIRRORED.checkpoints / t)))]
 
 
 class CheckpointMirror:
@@ -101,9 +97,8 @@ class CheckpointMirror:
             try:
                 self._upload(checkpoint)
                 log.info("mirror: %s uploaded to %s", checkpoint.name, self.url)
-            except (
-                Exception
-            ) as exc:  # the local checkpoint is complete: training goes on, the next one retries
+            # Any failure: the local checkpoint is complete, training goes on, and the next one is uploaded whole.
+            except Exception as exc:
                 log.warning(
                     "mirror: uploading %s to %s failed (%s: %s); it is complete locally, the next checkpoint "
                     "is uploaded whole",
@@ -118,22 +113,22 @@ class CheckpointMirror:
 
     def _upload(self, checkpoint: Path) -> None:
         for path in self.run_dir.run_files():
-            self.fs.put_file(str(path), f"{self.root}/{path.relative_to(self.run_dir.root).as_posix()}")
-        remote = f"{self.root}/{CHECKPOINTS}/{checkpoint.name}"
+            self.fs.put_file(str(path), _remote(self.root, path.relative_to(self.run_dir.root)))
         manifest = RunDir.complete_marker(checkpoint)
         for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p != manifest):
-            if "universal" in path.relative_to(checkpoint).parts:  # made again from the files on demand
+            if UNIVERSAL in path.relative_to(checkpoint).parts:  # made again from the files on demand
                 continue
-            self.fs.put_file(str(path), f"{remote}/{path.relative_to(checkpoint).as_posix()}")
-        self.fs.put_file(str(manifest), f"{remote}/{manifest.name}")  # last: the mirrored checkpoint counts
-        self.fs.pipe_file(f"{self.root}/{CHECKPOINTS}/latest", checkpoint.name.encode())
+            self.fs.put_file(str(path), _remote(self.root, path.relative_to(self.run_dir.root)))
+        # last: with its manifest there, the mirrored checkpoint counts
+        self.fs.put_file(str(manifest), _remote(self.root, manifest.relative_to(self.run_dir.root)))
+        self.fs.pipe_file(_remote(self.root, MIRRORED.latest), checkpoint.name.encode())
         self._prune()
 
     def _prune(self) -> None:
         best = self.run_dir.best_tag()
         for tag in _mirrored_checkpoints(self.fs, self.root)[: -self.keep_last]:
             if tag != best:
-                self.fs.rm(f"{self.root}/{CHECKPOINTS}/{tag}", recursive=True)
+                self.fs.rm(_remote(self.root, MIRRORED.checkpoints / tag), recursive=True)
 
 
 def restore_from_mirror(url: str, options: dict[str, Any], run_dir: RunDir) -> Path | None:
@@ -144,8 +139,6 @@ def restore_from_mirror(url: str, options: dict[str, Any], run_dir: RunDir) -> P
     `.partial` directory renamed into place, so a download cut short is never taken for a checkpoint. The
     resume that follows checks every file against the manifest's checksums.
     """
-    from lmscale.checkpointing.checkpoint import complete_checkpoints
-
     key = sha1(str(run_dir.root.resolve()).encode()).hexdigest()[:16]
     with FileLock(str(Path(tempfile.gettempdir()) / f"lmscale-mirror-{key}.lock")):
         if complete_checkpoints(run_dir.checkpoints):
@@ -158,7 +151,7 @@ def restore_from_mirror(url: str, options: dict[str, Any], run_dir: RunDir) -> P
 
 
 def _download(fs, root: str, tag: str, run_dir: RunDir) -> Path:
-    remote = f"{root}/{CHECKPOINTS}/{tag}"
+    remote = _remote(root, MIRRORED.checkpoints / tag)
     target = run_dir.checkpoints / tag
     partial = run_dir.checkpoints / f"{tag}.partial"
     run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -166,7 +159,7 @@ def _download(fs, root: str, tag: str, run_dir: RunDir) -> Path:
         for name in fs.ls(root, detail=False):
             leaf = name.rstrip("/").rsplit("/", 1)[-1]
             local = run_dir.root / leaf
-            if leaf != CHECKPOINTS and not local.exists():
+            if leaf != MIRRORED.checkpoints.name and not local.exists():
                 fs.get(name, str(local), recursive=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
         fs.get(remote, str(partial), recursive=True)
@@ -177,6 +170,6 @@ def _download(fs, root: str, tag: str, run_dir: RunDir) -> Path:
             "connection and run the same command again"
         ) from None
     partial.rename(target)
-    (run_dir.latest).write_text(tag, encoding="utf-8")
+    write_atomically(run_dir.latest, tag)  # the pointer moves last, as for a checkpoint written here
     log.info("mirror: restored %s from the mirror into %s", tag, run_dir.root)
     return target

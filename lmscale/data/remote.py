@@ -47,6 +47,25 @@ def open_url(url: str, options: dict[str, Any], key: str) -> tuple[Any, str]:
         raise ConfigError(f"{key}={url}: {exc}; give a URL such as s3://bucket/prefix") from None
 
 
+def store_failure(key: str, url: str, exc: Exception, options_key: str) -> ConfigError:
+    """One line for a store that refused or could not be reached: credentials missing, access denied, or the
+    endpoint/network (botocore's NoCredentialsError, a PermissionError, a refused connection, ...)."""
+    if "Credentials" in type(exc).__name__:
+        return ConfigError(
+            f"{key}={url}: no credentials found ({exc}): set them in the environment (e.g. AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) or in {options_key}"
+        )
+    if isinstance(exc, PermissionError):
+        return ConfigError(
+            f"{key}={url}: access denied ({exc}): check the credentials in the environment (e.g. "
+            f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or {options_key}"
+        )
+    return ConfigError(
+        f"{key}={url} cannot be reached ({type(exc).__name__}: {exc}): check the credentials in the environment, "
+        "the endpoint, and the network"
+    )
+
+
 def remote_listing(url: str, options: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
     """{path relative to the URL: {"bytes", "version"}} of every file under the URL ("" for a URL that is a
     single file).
@@ -62,15 +81,7 @@ def remote_listing(url: str, options: dict[str, Any], key: str) -> dict[str, dic
     except FileNotFoundError:
         raise ConfigError(f"{key}={url} does not exist: fix the URL (or the bucket)") from None
     except Exception as exc:  # botocore's NoCredentialsError, access denied, a refused connection
-        hint = (
-            "credentials"
-            if "Credential" in type(exc).__name__ or isinstance(exc, PermissionError)
-            else "network"
-        )
-        raise ConfigError(
-            f"{key}={url} cannot be read ({type(exc).__name__}: {exc}): check the {hint} (credentials come "
-            "from the environment, e.g. AWS_ACCESS_KEY_ID, or data.storage_options)"
-        ) from None
+        raise store_failure(key, url, exc, "data.storage_options") from None
     base = root.rstrip("/")
     listing = {}
     for name, info in entries.items():
