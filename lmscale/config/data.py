@@ -142,6 +142,11 @@ class DataConfig(Section):
     )
     tokenizer_docs: int = Field(20000, ge=1, description="streaming: documents the BPE is trained on.")
 
+    def source_paths(self) -> list[tuple[str, str]]:
+        """(key, path) of every data path set: data.path, each data.sources[].path, data.eval_path."""
+        paths = [("data.path", self.path), *(("data.sources", s.path) for s in self.sources)]
+        return [(key, path) for key, path in [*paths, ("data.eval_path", self.eval_path)] if path]
+
     @model_validator(mode="after")
     def _check_data(self) -> DataConfig:
         problems = []

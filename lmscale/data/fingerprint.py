@@ -17,12 +17,8 @@ SAMPLES = 16
 BLOCK_BYTES = 64 << 10
 
 
-def _paths(config: DataConfig) -> list[str]:
-    return [p for p in (config.path, config.eval_path, *(s.path for s in config.sources)) if p]
-
-
 def local_sources(config: DataConfig) -> list[str]:
-    return [p for p in _paths(config) if not is_hub_dataset(p) and not is_remote(p)]
+    return [p for _, p in config.source_paths() if not is_hub_dataset(p) and not is_remote(p)]
 
 
 def source_files(path: str, config: DataConfig) -> list[Path]:
@@ -55,8 +51,9 @@ def data_fingerprint(config: DataConfig) -> dict[str, dict[str, int | str]]:
     """{file path: fingerprint} of every local data file (the embedded corpus and Hub datasets have none)."""
     files = sorted({str(f.resolve()) for path in local_sources(config) for f in source_files(path, config)})
     fingerprint = {name: file_fingerprint(Path(name)) for name in files}
-    for url in (p for p in _paths(config) if is_remote(p)):  # data at a URL: what its store says of it
-        fingerprint.update(remote_fingerprint(url, config.storage_options, "data.path"))
+    for key, url in config.source_paths():  # data at a URL: what its store says of it
+        if is_remote(url):
+            fingerprint.update(remote_fingerprint(url, config.storage_options, key))
     return dict(sorted(fingerprint.items()))
 
 

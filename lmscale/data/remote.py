@@ -133,17 +133,18 @@ def with_local_copies(config: DataConfig, cache_dir: Path) -> DataConfig:
     def local(path: str | None, key: str) -> str | None:
         return local_copy(path, options, cache_dir, key) if path and is_remote(path) else path
 
-    update: dict[str, Any] = {}
-    if config.path and is_remote(config.path):
-        update["path"] = local(config.path, "data.path")
-    if config.eval_path and is_remote(config.eval_path):
-        update["eval_path"] = local(config.eval_path, "data.eval_path")
-    if any(is_remote(source.path) for source in config.sources):
-        update["sources"] = [
-            source.model_copy(update={"path": local(source.path, "data.sources")})
-            for source in config.sources
-        ]
-    return config.model_copy(update=update) if update else config
+    if not any(is_remote(path) for _, path in config.source_paths()):
+        return config
+    sources = [
+        source.model_copy(update={"path": local(source.path, "data.sources")}) for source in config.sources
+    ]
+    return config.model_copy(
+        update={
+            "path": local(config.path, "data.path"),
+            "eval_path": local(config.eval_path, "data.eval_path"),
+            "sources": sources,
+        }
+    )
 
 
 def remote_fingerprint(url: str, options: dict[str, Any], key: str) -> dict[str, dict[str, int | str]]:

@@ -186,14 +186,10 @@ def data_path_problems(config: Config) -> list[str]:
     from lmscale.data.sources import missing_source_problem
 
     data = config.data
-    paths = [
-        ("data.path", data.path),
-        *(("data.sources", s.path) for s in data.sources),
-        ("data.eval_path", data.eval_path),
-    ]
-    options = data.storage_options
     return [
-        problem for key, path in paths if path and (problem := missing_source_problem(path, key, options))
+        problem
+        for key, path in data.source_paths()
+        if (problem := missing_source_problem(path, key, data.storage_options))
     ]
 
 

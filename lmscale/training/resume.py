@@ -147,9 +147,8 @@ class CheckpointSaver:
         state = TrainingState(point.step, point.tokens_seen, position, point.best_eval_loss, own)
         adapters_only = config.finetune.lora is not None
         mark = partial(self.completed, point)
-        with (
-            self.unfreezing.everything_trainable()
-        ):  # a layer not yet unfrozen is still part of the checkpoint
+        # A layer not yet unfrozen is still part of the checkpoint.
+        with self.unfreezing.everything_trainable():
             if self.background is not None:
                 return self.background.save(state, adapters_only, config.parallel.sequence, mark)
             path = save_checkpoint(
