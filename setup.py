@@ -33,6 +33,7 @@ setup(
         "rich>=13",
         "matplotlib>=3.7",
         "filelock>=3.12",
+        "fsspec>=2023.1",  # checkpoint.mirror and data paths as URLs (the protocols' packages are extras)
         "datasketch>=1.6",
         "psutil>=5.9",
         "pytorch-optimizer>=3.0",  # Lion, and LAMB off GPU
