@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmscale import __version__
-from lmscale.errors import LmscaleError, is_write_failure, write_failure_line
+from lmscale.errors import ConfigError, LmscaleError, is_write_failure, write_failure_line
 from lmscale.fast_exit import skip_final_collection
 from lmscale.reporting.sink import configure_console
 from lmscale.resources import find_file
@@ -77,7 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --hostfile: start only this node's ranks, no ssh (run on each node)",
     )
-    launch.add_argument("--master-addr", help="with --node-rank: the address of node 0")
+    launch.add_argument(
+        "--master-addr", help="with --node-rank: the address of node 0; with --elastic: the rendezvous node's"
+    )
+    launch.add_argument(
+        "--elastic",
+        metavar="MIN:MAX",
+        help="run under torchrun's elastic agent on MIN to MAX nodes (the same command on each): a dead rank or "
+        "node restarts the job in place from its last checkpoint, on the ranks that remain",
+    )
+    launch.add_argument(
+        "--max-restarts", type=int, default=None, help="with --elastic: restarts after failures (default 3)"
+    )
+    launch.add_argument(
+        "--last-call",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="with --elastic: how long a (re)start waits for more nodes once MIN have joined (default 30)",
+    )
     report = commands.add_parser(
         "report", help="print a run's summary and draw its dashboard (report.png) next to metrics.jsonl"
     )
@@ -262,13 +280,23 @@ def step_range(text: str) -> tuple[int, int]:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    from lmscale.jobs.elastic import ElasticNodes
     from lmscale.jobs.launch import LaunchFlags, launch_job
     from lmscale.reporting.sink import configure_console
 
     configure_console(is_rank_zero=True)
     config_path, overrides = split_config_and_overrides(args)
+    if args.elastic is None and (args.max_restarts is not None or args.last_call is not None):
+        raise ConfigError("--max-restarts and --last-call go with --elastic MIN:MAX: add it, or drop them")
+    elastic = ElasticNodes.parse(args.elastic, args.max_restarts, args.last_call) if args.elastic else None
     flags = LaunchFlags(
-        args.gpus_per_node, args.hostfile, args.node_rank, args.master_addr, args.master_port, args.force
+        args.gpus_per_node,
+        args.hostfile,
+        args.node_rank,
+        args.master_addr,
+        args.master_port,
+        args.force,
+        elastic,
     )
     return launch_job(config_path, overrides, flags)
 

@@ -3,7 +3,9 @@
 A second launch on the same output_dir, from this host or another node of a shared filesystem, stops
 with one line naming the holder. A lock left by a process that died (SIGKILL, a lost node) does not
 block: on the same host the holder's pid is checked, from another host the lock's heartbeat (its
-mtime, touched by the holder every HEARTBEAT_S) must be recent. Written by hand: `filelock`'s locks are
+mtime, touched by the holder every HEARTBEAT_S) must be recent. Under torchrun's elastic agent the lock names
+the job too: its restarted ranks (perhaps on another node, the old rank 0's heartbeat still fresh) and a node
+joining it are the same job, not a second one. Written by hand: `filelock`'s locks are
 per process and do not say who holds them, and fcntl locks are unreliable on network filesystems.
 """
 
@@ -29,14 +31,23 @@ class Holder:
     host: str
     pid: int
     since: str
+    job: str | None = (
+        None  # torchrun's rendezvous id (TORCHELASTIC_RUN_ID), the same on every node and restart
+    )
 
     def describe(self) -> str:
         return f"{self.host} (pid {self.pid}, since {self.since})"
 
 
+def this_job() -> str | None:
+    """The elastic job this process belongs to (torchrun sets it for its ranks; `lmscale launch --elastic`
+    for its own checks), or None."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
 def this_holder() -> Holder:
     since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return Holder(socket.gethostname(), os.getpid(), since)
+    return Holder(socket.gethostname(), os.getpid(), since, this_job())
 
 
 def read_holder(path: Path) -> Holder | None:
@@ -85,6 +96,8 @@ def check_unlocked(output_dir: Path) -> None:
     holder = read_holder(path)
     if holder is not None and holder.pid == os.getpid() and holder.host == socket.gethostname():
         return
+    if holder is not None and holder.job is not None and holder.job == this_job():
+        return  # an earlier start of this elastic job (the agents stop its ranks before restarting them)
     if not is_stale(path, holder):
         raise ConfigError(
             f"output_dir={output_dir} is in use by a run on {holder.describe()}: wait for it to end or stop it, "

@@ -65,7 +65,10 @@ class TrainConfig(Section):
     )
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     global_batch_size: int | None = Field(
-        None, ge=1, description="Optional check: must equal micro_batch_size x grad_accum_steps x ranks."
+        None,
+        ge=1,
+        description="Sequences per optimizer step (micro_batch_size x grad_accum_steps x data-parallel ranks): "
+        "sets grad_accum_steps for the ranks a run has (kept across elastic restarts), or checks it if set too.",
     )
     eval_every: int = Field(
         50, ge=1, description="Evaluate held-out loss/perplexity every N steps (and at the end)."

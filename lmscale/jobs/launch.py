@@ -1,6 +1,7 @@
-"""Starting jobs: debug mode in this process, or the `deepspeed` launcher for several ranks/nodes.
+"""Starting jobs: debug mode in this process, the `deepspeed` launcher for several ranks/nodes, or torchrun's
+elastic agent for a job that restarts itself (`--elastic`, lmscale.jobs.elastic).
 
-The launcher glue is ours; process spawning, rendezvous and multi-node fan-out are DeepSpeed's.
+The launcher glue is ours; process spawning, rendezvous and multi-node fan-out are DeepSpeed's (torchrun's).
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from typing import Any
 import psutil
 
 from lmscale.errors import ConfigError
+from lmscale.jobs.elastic import (
+    ElasticNodes,
+    elastic_environment,
+    is_local_address,
+    job_id,
+    torchrun_command,
+)
 from lmscale.resources import resource
 
 LAUNCHER_SCRIPT = resource("launcher/train.py")
@@ -130,15 +138,20 @@ def deepspeed_command(
         command += ["--hostfile", hostfile]
     if node:
         command += ["--no_ssh", "--node_rank", str(node.node_rank), "--master_addr", node.master_addr]
-    # From a checkout, run the same script users pass to `deepspeed`; from an installed wheel, the module.
-    command += (
-        [str(LAUNCHER_SCRIPT)] if LAUNCHER_SCRIPT.is_file() else ["--module", "lmscale.training.worker"]
-    )
+    return command + worker_arguments(config_path, overrides, force, module_flag="--module")
+
+
+def worker_arguments(
+    config_path: str | None, overrides: list[str], force: bool, module_flag: str
+) -> list[str]:
+    """The lmscale worker and its arguments, as a launcher runs it on each rank: from a checkout, the same
+    script users pass to `deepspeed` or `torchrun`; from an installed wheel, the module."""
+    worker = [str(LAUNCHER_SCRIPT)] if LAUNCHER_SCRIPT.is_file() else [module_flag, "lmscale.training.worker"]
     if config_path:
-        command += ["--config", config_path]
+        worker += ["--config", config_path]
     if force:
-        command.append("--force")
-    return command + list(overrides)
+        worker.append("--force")
+    return worker + list(overrides)
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,7 @@ class LaunchFlags:
     master_addr: str | None = None
     master_port: int | None = None
     force: bool = False
+    elastic: ElasticNodes | None = None
 
 
 def launch_job(config_path: str | None, overrides: list[str], flags: LaunchFlags) -> int:
@@ -159,6 +173,8 @@ def launch_job(config_path: str | None, overrides: list[str], flags: LaunchFlags
     from lmscale.runs.preflight import launch_problems
     from lmscale.runs.run import open_run
 
+    if flags.elastic is not None:
+        return launch_elastic(config_path, overrides, flags)
     node, world_size = launch_topology(flags)
     run = open_run(config_path, overrides, world_size, has_gpu(), force=flags.force)
     problems = launch_problems(run.config, run.layout)
@@ -170,7 +186,60 @@ def launch_job(config_path: str | None, overrides: list[str], flags: LaunchFlags
     command = deepspeed_command(
         flags.gpus_per_node, config_path, overrides, flags.hostfile, flags.force, port, node
     )
-    return run_deepspeed(command)
+    return run_launcher(command)
+
+
+def launch_elastic(config_path: str | None, overrides: list[str], flags: LaunchFlags) -> int:
+    """This node's torchrun agent, after the checks every launch makes, for the smallest and the largest
+    job the nodes can form."""
+    from lmscale.parallel.engine import has_gpu
+    from lmscale.runs.preflight import launch_problems
+    from lmscale.runs.run import StartChecks, open_run
+
+    elastic, endpoint = elastic_topology(flags)
+    ranks_per_node = flags.gpus_per_node or 1
+    # This node may be joining the job when it runs already: the run directory's lock is then the job's own.
+    os.environ["TORCHELASTIC_RUN_ID"] = job_id(endpoint)
+    for world_size in elastic.world_sizes(ranks_per_node):
+        # The run directory is checked once (a resume is found by the ranks at every restart).
+        checks = StartChecks.FULL if world_size == ranks_per_node * elastic.max_nodes else StartChecks.NONE
+        run = open_run(config_path, overrides, world_size, has_gpu(), checks=checks)
+        problems = launch_problems(run.config, run.layout)
+        if problems:
+            raise ConfigError(f"with {world_size} rank(s): " + "; ".join(problems))
+    worker = worker_arguments(config_path, overrides, force=False, module_flag="--module")
+    command = torchrun_command(elastic, ranks_per_node, endpoint, worker)
+    return run_launcher(command, elastic_environment(ranks_per_node, has_gpu()))
+
+
+def elastic_topology(flags: LaunchFlags) -> tuple[ElasticNodes, tuple[str, int]]:
+    """(the node counts, the rendezvous endpoint), with the flags that do not go with --elastic refused."""
+    from lmscale.parallel.engine import free_port
+
+    elastic = flags.elastic
+    assert elastic is not None
+    if flags.hostfile is not None or flags.node_rank is not None:
+        raise ConfigError(
+            "--elastic starts this node's agent only: drop --hostfile/--node-rank and run the same command on "
+            "every node, with --master-addr naming the node that hosts the rendezvous"
+        )
+    if flags.force:
+        # A restarted rank would replace the run it is meant to resume.
+        raise ConfigError(
+            "--force does not go with --elastic (every restart would start the run over): delete the output "
+            "directory first, or choose another output_dir"
+        )
+    if flags.gpus_per_node is not None and flags.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node {flags.gpus_per_node} must be at least 1")
+    if elastic.max_nodes > 1 and not (flags.master_addr and flags.master_port):
+        raise ConfigError(
+            f"--elastic {elastic.min_nodes}:{elastic.max_nodes} needs --master-addr and --master-port: the node "
+            "that hosts the rendezvous (it must outlive the job) and a port, the same on every node"
+        )
+    host = flags.master_addr or "127.0.0.1"
+    if flags.master_port is not None and is_local_address(host):
+        check_port_free(flags.master_port)
+    return elastic, (host, flags.master_port or free_port())
 
 
 def launch_topology(flags: LaunchFlags) -> tuple[NodeLaunch | None, int]:
@@ -193,9 +262,9 @@ def launch_topology(flags: LaunchFlags) -> tuple[NodeLaunch | None, int]:
     return NodeLaunch(flags.node_rank, flags.master_addr), world_size
 
 
-def run_deepspeed(command: list[str]) -> int:
+def run_launcher(command: list[str], extra_env: dict[str, str] | None = None) -> int:
     """Run the launcher; on a machine with no GPU its ranks use DeepSpeed's CPU accelerator."""
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     env.setdefault("PYTHONUNBUFFERED", "1")
     print("lmscale: " + shell_lines(command), file=sys.stderr, flush=True)
     # Its own session (and process group), so a Ctrl-C at the terminal reaches only this process: DeepSpeed's
@@ -263,9 +332,14 @@ class StopForwarder:
                 pass
 
 
+# The per-node launchers whose children are ranks: DeepSpeed's (under the `deepspeed` runner) and torchrun's
+# elastic agent (which is the launched process itself).
+RANK_PARENTS = ("deepspeed.launcher.launch", "torch.distributed.run")
+
+
 def rank_processes(launcher_pid: int) -> list[psutil.Process]:
-    """This node's ranks: the children of DeepSpeed's per-node launcher (`deepspeed.launcher.launch`)
-    under the `deepspeed` runner. None when the ranks run elsewhere (a hostfile job over ssh)."""
+    """This node's ranks: the children of the per-node launcher. None when the ranks run elsewhere (a
+    hostfile job over ssh)."""
     try:
         descendants = psutil.Process(launcher_pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -274,7 +348,7 @@ def rank_processes(launcher_pid: int) -> list[psutil.Process]:
     for process in descendants:
         try:
             parent = process.parent()
-            if parent is not None and "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
+            if parent is not None and any(name in " ".join(parent.cmdline()) for name in RANK_PARENTS):
                 ranks.append(process)
         except psutil.Error:
             continue

@@ -111,6 +111,28 @@ def reconcile(config: Config, explicit: set[str], ds: dict[str, Any], source: st
     return build_config(raw)
 
 
+def settle_accumulation(
+    config: Config, explicit: set[str], base: dict[str, Any] | None, data_ranks: int
+) -> Config:
+    """`train.global_batch_size` fixes the sequences an optimizer step holds: with it set and the
+    accumulation not, the accumulation is what makes up that batch on these ranks, so a job resumed (or
+    restarted by torchrun) on fewer or more ranks keeps its batch and its learning-rate schedule's meaning."""
+    train = config.train
+    json_accumulation = (base or {}).get("gradient_accumulation_steps") not in (None, "auto")
+    if train.global_batch_size is None or "train.grad_accum_steps" in explicit or json_accumulation:
+        check_batch_sizes(config, data_ranks)
+        return config
+    per_pass = train.micro_batch_size * data_ranks
+    if train.global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not a multiple of micro_batch_size "
+            f"{train.micro_batch_size} x {data_ranks} rank(s) = {per_pass}: change one of them or unset "
+            "global_batch_size"
+        )
+    accumulation = train.global_batch_size // per_pass
+    return config.model_copy(update={"train": train.model_copy(update={"grad_accum_steps": accumulation})})
+
+
 def check_batch_sizes(config: Config, world_size: int) -> None:
     """train_batch_size = micro x accumulation x data-parallel ranks (`world_size`), as DeepSpeed requires."""
     train = config.train
@@ -220,7 +242,7 @@ def resolve(
     if problems:
         raise ConfigError("; ".join(problems))
     data_ranks = world_size // (parallel.tensor * parallel.sequence)
-    check_batch_sizes(config, data_ranks)
+    config = settle_accumulation(config, explicit, base, data_ranks)
     problems = method_for(config.finetune).rank_rules(config, data_ranks)
     if problems:
         raise ConfigError("; ".join(problems))

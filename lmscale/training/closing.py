@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from lmscale.checkpointing.rundir import mark_finished
+from lmscale.checkpointing.runlock import this_job
 from lmscale.methods import SFT, Method, method_for
 from lmscale.objectives.loss import perplexity
 from lmscale.reporting.sink import MetricsSink
@@ -48,9 +49,11 @@ def closing_line(result: TrainResult, run: Run, start: LoopStart) -> str:
             f"best checkpoint {best}"
         )
     if result.stopped_by:
+        # torchrun's agent stops its ranks with SIGTERM to let a joining node in, and then restarts them.
+        elastic = " (under torchrun's elastic agent, a restart for a node that joined goes on by itself)"
         return (
             f"stopped by {result.stopped_by} at step {result.steps}; checkpoint {result.checkpoint}; "
-            "run the same command again to resume"
+            f"run the same command again to resume{elastic if this_job() else ''}"
         )
     if result.checkpoint is None:
         return (

@@ -88,11 +88,11 @@ def resume_point(engine, train_stream, run: Run, resume: Resume) -> LoopStart:
     log.info("resume: continuing from %s (step %d)", checkpoint, state.step)
     if run.is_rank_zero:
         truncate_metrics(run.dir.root, state.step)
-        describe_layout_change(checkpoint, run.layout, state.streamed)
+        describe_layout_change(checkpoint, run.layout, state.streamed, run.config.train.grad_accum_steps)
     return LoopStart(state.step, state.tokens_seen, state.best_eval_loss)
 
 
-def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool) -> None:
+def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool, accumulation: int) -> None:
     """Say what changed when a checkpoint continues on another rank count or tensor-parallel degree."""
     written = Layout(
         written_by(checkpoint), written_tensor_degree(checkpoint), written_sequence_degree(checkpoint)
@@ -102,11 +102,13 @@ def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool) -> Non
     if written.data != now.data and not streamed:
         log.warning(
             "resume: checkpoint written by %s, continuing on %s: the epoch's unseen sequences are re-planned "
-            "for %d data-parallel rank(s) (none skipped or repeated); a step now covers %d ranks' batches",
+            "for %d data-parallel rank(s) (none skipped or repeated); a step now covers %d rank(s) x %d "
+            "micro-batch(es)",
             written.describe(),
             now.describe(),
             now.data,
             now.data,
+            accumulation,
         )
     elif written.tensor != now.tensor:
         log.info(

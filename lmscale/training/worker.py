@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from lmscale.checkpointing.checkpoint import checkpoint_step
+from lmscale.checkpointing.manifest import written_by
 from lmscale.checkpointing.rundir import mark_finished, write_labels, write_run_files
 from lmscale.checkpointing.runlock import RunLock
 from lmscale.config import Config
@@ -80,18 +82,26 @@ def run(config_path: str | None, overrides: list[str], force: bool = False) -> N
 
 
 def say_elastic_restart(run: Run, checkpoint: Path | None) -> None:
-    """Under torchrun's elastic agent, a restart says so, with where it goes on from and on how many ranks."""
+    """Under torchrun's elastic agent, a restart says so: why, where it goes on from, on how many ranks."""
     restart = ds_engine.elastic_restart()
-    if not restart or not run.is_rank_zero:
+    if restart is None or not run.is_rank_zero:
         return
     where = f"from {checkpoint}" if checkpoint is not None else "from the start (no complete checkpoint yet)"
-    log.warning(
-        "elastic restart %d: torchrun restarted the job after a failure (its log above names the rank); going on "
-        "%s with %d rank(s)",
-        restart,
-        where,
-        run.world_size,
-    )
+    before, now = (written_by(checkpoint) if checkpoint is not None else run.world_size), run.world_size
+    change = f"the job had {before} rank(s), it has {now} now; " if before != now else ""
+    # The agent counts failures only; a node that joins restarts the ranks without a count (and a node that
+    # joined later counts from 0), so more ranks than the checkpoint's writers is the sign of a join.
+    if now > before:
+        log.warning("elastic restart: node(s) joined; %sgoing on %s", change, where)
+    elif restart:
+        log.warning(
+            "elastic restart %d: torchrun restarted the job after a failure (its log above names the rank); "
+            "%sgoing on %s with %d rank(s)",
+            restart,
+            change,
+            where,
+            now,
+        )
 
 
 def open_rank_run(config_path: str | None, overrides: list[str], force: bool) -> Run:
@@ -332,8 +342,15 @@ def is_lost_peer(exc: RuntimeError) -> bool:
     return any(marker in str(exc) for marker in LOST_PEER)
 
 
+# gloo names the peer it lost: "Connection closed by peer [10.0.0.2]:41234".
+PEER_ADDRESS = re.compile(r"by peer \[([^\]]+)\]")
+
+
 def lost_peer_line(exc: RuntimeError) -> str:
     detail = next(marker for marker in LOST_PEER if marker in str(exc))
+    peer = PEER_ADDRESS.search(str(exc))
+    if peer:
+        detail += f" at {peer.group(1)}"
     restart, most = ds_engine.elastic_restart(), os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
     if restart is not None and most.isdigit() and restart < int(most):  # the agent goes on by itself
         next_step = f"torchrun restarts the job from the last checkpoint (restart {restart + 1} of {most})"

@@ -83,6 +83,14 @@ def test_global_batch_size_must_equal_the_product():
         resolved(["train.micro_batch_size=4", "train.grad_accum_steps=2", "train.global_batch_size=10"])
 
 
+def test_global_batch_size_sets_the_accumulation_for_the_ranks_there_are():
+    """An elastic job that goes on with fewer ranks keeps its batch: the accumulation makes up the rest."""
+    for world_size, accumulation in ((4, 1), (2, 2), (1, 4)):
+        config, ds = resolved(["train.micro_batch_size=4", "train.global_batch_size=16"], world_size=world_size)
+        assert config.train.grad_accum_steps == accumulation
+        assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == accumulation
+
+
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_shipped_json_is_valid_deepspeed_and_adopted(path):
     raw = json.loads(path.read_text())

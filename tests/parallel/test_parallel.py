@@ -36,12 +36,14 @@ def test_deepspeed_config_asks_for_autotp():
     assert "tensor_parallel" not in plain and plain["train_batch_size"] == 12
 
 
-def test_global_batch_size_is_checked_against_data_parallel_ranks():
-    resolved(4, "parallel.tensor=2", "zero.stage=1", "train.micro_batch_size=3", "train.global_batch_size=6")
+def test_global_batch_size_is_counted_in_data_parallel_ranks():
+    tp = (4, "parallel.tensor=2", "zero.stage=1", "train.micro_batch_size=3")
+    config, ds = resolved(*tp, "train.global_batch_size=12")  # 2 data-parallel ranks: accumulate 2
+    assert config.train.grad_accum_steps == 2 and ds["gradient_accumulation_steps"] == 2
     with pytest.raises(ConfigError, match="x 2 rank"):
-        resolved(
-            4, "parallel.tensor=2", "zero.stage=1", "train.micro_batch_size=3", "train.global_batch_size=12"
-        )
+        resolved(*tp, "train.grad_accum_steps=1", "train.global_batch_size=12")
+    with pytest.raises(ConfigError, match=r"global_batch_size=9 is not a multiple of .* x 2 rank\(s\) = 6"):
+        resolved(*tp, "train.global_batch_size=9")
 
 
 def test_a_deepspeed_json_sets_the_tensor_degree(tmp_path):
