@@ -3,7 +3,8 @@
 The agents meet in torchrun's c10d rendezvous (its store lives in the agent on the node named by
 --master-addr). When a rank or a node dies, the surviving agents restart their ranks, which resume from the
 newest complete checkpoint on the ranks that remain (lmscale's N->M resume); a node that starts later joins at
-the next restart. Rendezvous, restarts and keep-alives are torchrun's; only the command line is ours.
+the next restart. Rendezvous, restarts and keep-alives are torchrun's; only the command line is ours. (DeepSpeed's own
+elastic agent is not an option: deepspeed 0.19.8 no longer ships its `deepspeed.elasticity` package.)
 """
 
 from __future__ import annotations
