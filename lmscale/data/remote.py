@@ -66,10 +66,30 @@ def store_failure(key: str, url: str, exc: Exception, options_key: str) -> Confi
     )
 
 
+# One listing per URL per start (lmscale.runs.run.open_run begins each start: a command, or a rank): the
+# preflight check, the resume's fingerprint comparison, the fingerprint written and the local copy see the
+# same version of the objects, and a prefix of many objects is listed once rather than four times. Cleared at
+# every start, so a later run in the same process (a sweep, a test) sees the store as it is then.
+_listings: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+
+
+def begin_start() -> None:
+    """Forget the listings of an earlier start in this process."""
+    _listings.clear()
+
+
 def remote_listing(url: str, options: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
     """{path relative to the URL: {"bytes", "version"}} of every file under the URL ("" for a URL that is a
-    single file).
+    single file), as the store said at this start's first look.
     A missing object, bucket or credentials is one line naming `key`."""
+    memo_key = (url, json.dumps(options, sort_keys=True, default=str))
+    if memo_key not in _listings:
+        _listings[memo_key] = list_url(url, options, key)
+    return {name: dict(entry) for name, entry in _listings[memo_key].items()}
+
+
+def list_url(url: str, options: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
+    """What the store says of the URL's files now (remote_listing's question to the store)."""
     fs, root = open_url(url, options, key)
     try:
         if fs.isfile(root):

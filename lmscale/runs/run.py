@@ -16,6 +16,7 @@ from typing import Any
 from lmscale.checkpointing.mirror import check_mirror, restore_from_mirror
 from lmscale.checkpointing.rundir import RunDir
 from lmscale.config import Config
+from lmscale.data.remote import begin_start
 from lmscale.parallel.layout import Layout
 from lmscale.runs.preflight import resolve_run_config
 from lmscale.runs.start_checks import check_start
@@ -78,6 +79,7 @@ def open_run(
 ) -> Run:
     """Load, validate and complete the config for `world_size` ranks on this kind of device, then check
     the run directory; a failed start raises one error and writes nothing."""
+    begin_start()  # data at URLs is listed once from here on
     config, ds_config = resolve_run_config(config_path, overrides, world_size, has_gpu)
     layout = Layout(world_size, config.parallel.tensor, config.parallel.sequence)
     device = "cuda" if has_gpu else "cpu"
