@@ -53,7 +53,7 @@ def closing_line(result: TrainResult, run: Run, start: LoopStart) -> str:
         elastic = " (under torchrun's elastic agent, a restart for a node that joined goes on by itself)"
         return (
             f"stopped by {result.stopped_by} at step {result.steps}; checkpoint {result.checkpoint}; "
-            f"run the same command again to resume{elastic if this_job() else ''}"
+            f"run the same command again to resume{elastic if this_job() and result.stopped_by == 'SIGTERM' else ''}"
         )
     if result.checkpoint is None:
         return (
