@@ -45,6 +45,7 @@ class Config(Section):
         """Every rule that spans sections, all reported at once (one fix per run, not one per try)."""
         problems = lr_plan_problems(self)
         problems += tensor_parallel_problems(self) + sequence_parallel_problems(self)
+        problems += optimizer_problems(self)
         problems += task_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
@@ -73,6 +74,24 @@ def task_problems(config: Config) -> list[str]:
     method = method_for(config.finetune)
     if method.whole_records and config.data.format == "text":  # record formats are checked by DataConfig
         problems += whole_record_problems(config.data, method.key)
+    return problems
+
+
+def optimizer_problems(config: Config) -> list[str]:
+    """What an optimizer does not combine with."""
+    if config.optim.name != "muon":
+        return []
+    problems = []
+    if config.zero.offload != "none":
+        problems.append(
+            "optim.name=muon does not go with zero.offload=cpu (DeepSpeed steps offloaded states with its CPU "
+            "Adam only): set zero.offload=none, or use optim.name=adamw"
+        )
+    if config.parallel.tensor > 1:
+        problems.append(
+            f"optim.name=muon orthogonalizes whole matrices, which parallel.tensor={config.parallel.tensor} "
+            "splits across ranks: use parallel.tensor=1"
+        )
     return problems
 
 

@@ -10,7 +10,7 @@ from lmscale.config.section import Section
 
 # The names lmscale.training.optimizers and lmscale.training.schedules register (a test keeps them equal): the
 # config names its choices without importing the training code.
-OPTIMIZER_NAMES = ("adamw", "adafactor", "lion", "lamb", "sgd")
+OPTIMIZER_NAMES = ("adamw", "adafactor", "lion", "lamb", "sgd", "muon")
 SCHEDULE_NAMES = (
     "constant",
     "linear",
@@ -127,7 +127,9 @@ class TrainConfig(Section):
 
 class OptimConfig(Section):
     name: Literal[OPTIMIZER_NAMES] = Field(
-        "adamw", description="adamw, adafactor, lion, lamb or sgd (with momentum)."
+        "adamw",
+        description="adamw, adafactor, lion, lamb, sgd (with momentum), or muon (DeepSpeed's Muon for the blocks' "
+        "matrices, AdamW for embeddings, the output layer, norms and biases).",
     )
     lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay.")
@@ -142,6 +144,10 @@ class OptimConfig(Section):
     )
     betas: tuple[float, float] = Field((0.9, 0.95), description="beta1, beta2 of adamw, lion and lamb.")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum.")
+    muon_lr: float = Field(
+        0.02, gt=0, description="muon: peak learning rate of the Muon half (optim.lr is the AdamW half's)."
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: momentum of the Muon half.")
 
 
 class ScheduleConfig(Section):

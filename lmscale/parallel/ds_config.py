@@ -133,6 +133,25 @@ def settle_accumulation(
     return config.model_copy(update={"train": train.model_copy(update={"grad_accum_steps": accumulation})})
 
 
+def settle_muon_clipping(config: Config, explicit: set[str]) -> Config:
+    """Muon under ZeRO 1-3 trains without gradient clipping unless the config asks for it, and then is refused.
+
+    DeepSpeed 0.19.8's ZeRO orthogonalizes the Muon matrices' gradients before it measures the global norm, so
+    the norm it clips by counts Muon's updates (each of norm ~sqrt(rows)), not the gradients: with clipping at
+    1.0 every step shrank ~30x on a tiny GPT-2, and ZeRO-2 no longer matched ZeRO-0 (checked side by side;
+    without clipping they agree step for step). Muon's own updates do not grow with the gradient, so clipping
+    is not what keeps them in bounds."""
+    if config.optim.name != "muon" or config.zero.stage == 0 or config.train.grad_clip == 0:
+        return config
+    if "train.grad_clip" in explicit:
+        raise ConfigError(
+            f"optim.name=muon under zero.stage={config.zero.stage} clips by a norm that counts Muon's "
+            "orthogonalized updates (DeepSpeed 0.19.8), which shrinks its steps: set train.grad_clip=0 (Muon's "
+            "default), or zero.stage=0"
+        )
+    return config.model_copy(update={"train": config.train.model_copy(update={"grad_clip": 0.0})})
+
+
 def check_batch_sizes(config: Config, world_size: int) -> None:
     """train_batch_size = micro x accumulation x data-parallel ranks (`world_size`), as DeepSpeed requires."""
     train = config.train
@@ -219,6 +238,10 @@ def _fp16_section(base: dict[str, Any]) -> dict[str, Any]:
 def _zero_section(config: Config, base: dict[str, Any]) -> dict[str, Any]:
     zero = {k: v for k, v in base.items() if v != "auto"}
     zero["stage"] = config.zero.stage
+    if config.optim.name == "muon" and config.zero.stage == 3:
+        # ZeRO-3 orthogonalizes each whole gradient matrix before partitioning it, which its reduce-scatter
+        # would skip (DeepSpeed refuses the two together).
+        zero["reduce_scatter"] = False
     if config.zero.offload == "cpu":
         zero["offload_optimizer"] = {**zero.get("offload_optimizer", {}), "device": "cpu"}
         if config.zero.stage == 3:
@@ -243,6 +266,7 @@ def resolve(
         raise ConfigError("; ".join(problems))
     data_ranks = world_size // (parallel.tensor * parallel.sequence)
     config = settle_accumulation(config, explicit, base, data_ranks)
+    config = settle_muon_clipping(config, explicit)
     problems = method_for(config.finetune).rank_rules(config, data_ranks)
     if problems:
         raise ConfigError("; ".join(problems))

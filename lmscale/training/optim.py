@@ -43,22 +43,56 @@ def named_parameters_with_kind(model: torch.nn.Module):
                 yield f"{module_name}.{param_name}".lstrip("."), param, parameter_kind(module, param_name)
 
 
+def matrix_modules() -> tuple[type, ...]:
+    """Module types whose weight is one matrix of the network: torch's Linear and transformers' Conv1D
+    (GPT-2's linear layers, with the weight stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)
+
+
+def muon_parameters(model: torch.nn.Module) -> set[int]:
+    """The ids of the parameters Muon optimizes: the weight matrices of the blocks' linear layers.
+
+    Chosen by module type and by block, not by parameter name: DeepSpeed's own tagging (`set_optimizer_flags`)
+    keeps names containing "embed" or "lm_head" off Muon, which misses GPT-2's `wte`/`wpe` and any head of
+    another name (a reward model's `score`). Embeddings, norms, biases and everything outside the blocks (the
+    output layer, a value head) go to AdamW, as Muon's authors prescribe."""
+    num_layers, kinds = num_layers_of(model), matrix_modules()
+    chosen = set()
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, kinds) or weight is None or not weight.requires_grad or weight.dim() != 2:
+            continue
+        if 1 <= layer_depth(f"{module_name}.weight", num_layers, "weight") <= num_layers:
+            chosen.add(id(weight))
+    return chosen
+
+
 def num_layers_of(model: torch.nn.Module) -> int:
     return getattr(getattr(model, "config", None), "num_hidden_layers", 0)
 
 
-def _grouped(model: torch.nn.Module, optim: OptimConfig, by_depth: bool) -> dict[tuple[int, bool], dict]:
+def _grouped(
+    model: torch.nn.Module, optim: OptimConfig, by_depth: bool
+) -> dict[tuple[int, bool, bool], dict]:
     num_layers = num_layers_of(model)
     layered = optim.layer_lr_decay < 1 or by_depth
-    groups: dict[tuple[int, bool], dict] = {}
+    muon = muon_parameters(model) if optim.name == "muon" else set()
+    groups: dict[tuple[int, bool, bool], dict] = {}
     for name, param, kind in named_parameters_with_kind(model):
         depth = layer_depth(name, num_layers, kind) if layered else 0
         decays = kind not in optim.no_weight_decay
         scale = optim.layer_lr_decay ** (num_layers + 1 - depth) if layered else 1.0
+        uses_muon = id(param) in muon
+        base_lr = optim.muon_lr if uses_muon else optim.lr
         group = groups.setdefault(
-            (depth, decays),
-            {"params": [], "weight_decay": optim.weight_decay if decays else 0.0, "lr": optim.lr * scale},
+            (depth, decays, uses_muon),
+            {"params": [], "weight_decay": optim.weight_decay if decays else 0.0, "lr": base_lr * scale},
         )
+        if optim.name == "muon":
+            param.use_muon = uses_muon  # ZeRO reads the tag to orthogonalize whole matrices
+            group["use_muon"] = uses_muon
         group["params"].append(param)
     return dict(sorted(groups.items()))
 
@@ -75,7 +109,7 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig, by_depth: bool 
 
 def group_depths(model: torch.nn.Module, optim: OptimConfig, by_depth: bool = False) -> list[int]:
     """The depth of each of `parameter_groups`' groups, in the same order (0 when not layered)."""
-    return [depth for depth, _ in _grouped(model, optim, by_depth)]
+    return [depth for depth, _, _ in _grouped(model, optim, by_depth)]
 
 
 def params_by_depth(model: torch.nn.Module) -> dict[int, list[torch.nn.Parameter]]:

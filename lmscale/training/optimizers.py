@@ -59,10 +59,29 @@ def sgd(groups: list[dict], o: OptimConfig, gpu: bool, cpu_offload: bool) -> Any
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
 
 
+def muon(groups: list[dict], o: OptimConfig, gpu: bool, cpu_offload: bool) -> Any:
+    """DeepSpeed's MuonWithAuxAdam over groups that lmscale.training.optim has split and tagged (`use_muon`):
+    ZeRO 1-3 orthogonalize each whole matrix before its partition is stepped. Its AdamW half is DeepSpeed's
+    fused Adam on GPUs and Muon's own inline Adam elsewhere (what DeepSpeed falls back to without FusedAdam)."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    for group in groups:
+        if group["use_muon"]:
+            group.update(momentum=o.muon_momentum)
+        else:
+            group.update(betas=o.betas, eps=1e-8)
+    if gpu:
+        from deepspeed.ops.adam import FusedAdam
+
+        return MuonWithAuxAdam(groups, adam_optimizer=FusedAdam, adam_optimizer_kwargs={"adam_w_mode": True})
+    return MuonWithAuxAdam(groups)
+
+
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig, bool, bool], Any]] = {
     "adamw": adamw,
     "adafactor": adafactor,
     "lion": lion,
     "lamb": lamb,
     "sgd": sgd,
+    "muon": muon,
 }

@@ -22,7 +22,7 @@ from lmscale.checkpointing.manifest import written_by, written_sequence_degree, 
 from lmscale.checkpointing.mirror import CheckpointMirror
 from lmscale.checkpointing.rundir import truncate_metrics
 from lmscale.checkpointing.training_state import TrainingState
-from lmscale.errors import LmscaleError
+from lmscale.errors import ConfigError, LmscaleError
 from lmscale.model.finetune import Unfreezing
 from lmscale.parallel.layout import Layout
 from lmscale.runs.run import Run
@@ -56,6 +56,14 @@ def plan_resume(run: Run) -> Resume:
     universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage, tensor)
     if not universal:
         return Resume(checkpoint, universal)
+    if config.optim.name == "muon":
+        # deepspeed.checkpoint.ds_to_universal reads Adam's moments (exp_avg, exp_avg_sq) of every parameter
+        # and fails on Muon's momentum buffers (KeyError: 'exp_avg', checked with 0.19.8).
+        raise ConfigError(
+            f"{checkpoint} was written by {written_by(checkpoint)} rank(s) with optim.name=muon, whose states "
+            f"DeepSpeed's universal conversion cannot re-split for {world_size}: resume it on "
+            f"{written_by(checkpoint)} rank(s)"
+        )
     ensure_universal(checkpoint, world_size)
     return Resume(checkpoint, universal, {"checkpoint": {"load_universal": True}})
 
