@@ -86,7 +86,9 @@ def test_global_batch_size_must_equal_the_product():
 def test_global_batch_size_sets_the_accumulation_for_the_ranks_there_are():
     """An elastic job that goes on with fewer ranks keeps its batch: the accumulation makes up the rest."""
     for world_size, accumulation in ((4, 1), (2, 2), (1, 4)):
-        config, ds = resolved(["train.micro_batch_size=4", "train.global_batch_size=16"], world_size=world_size)
+        config, ds = resolved(
+            ["train.micro_batch_size=4", "train.global_batch_size=16"], world_size=world_size
+        )
         assert config.train.grad_accum_steps == accumulation
         assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == accumulation
 
