@@ -78,10 +78,10 @@ def task_problems(config: Config) -> list[str]:
 
 
 def optimizer_problems(config: Config) -> list[str]:
-    """What an optimizer does not combine with."""
+    """What an optimizer, or its states' precision, does not combine with."""
+    problems = state_dtype_problems(config)
     if config.optim.name != "muon":
-        return []
-    problems = []
+        return problems
     if config.zero.offload != "none":
         problems.append(
             "optim.name=muon does not go with zero.offload=cpu (DeepSpeed steps offloaded states with its CPU "
@@ -91,6 +91,27 @@ def optimizer_problems(config: Config) -> list[str]:
         problems.append(
             f"optim.name=muon orthogonalizes whole matrices, which parallel.tensor={config.parallel.tensor} "
             "splits across ranks: use parallel.tensor=1"
+        )
+    return problems
+
+
+def state_dtype_problems(config: Config) -> list[str]:
+    if config.optim.state_dtype != "bf16":
+        return []
+    problems = []
+    if config.precision != "bf16":
+        problems.append(
+            f"optim.state_dtype=bf16 needs precision=bf16 (got {config.precision}): set precision=bf16"
+        )
+    if config.zero.stage == 0:
+        problems.append(
+            "optim.state_dtype=bf16 is DeepSpeed's ZeRO optimizer's (bf16_master_weights_and_grads): set "
+            "zero.stage=1, 2 or 3"
+        )
+    if config.optim.name not in ("adamw", "muon"):
+        problems.append(
+            f"optim.state_dtype=bf16 is tested with adamw and muon, not {config.optim.name}: set optim.name=adamw, "
+            "or optim.state_dtype=fp32"
         )
     return problems
 

@@ -148,6 +148,12 @@ class OptimConfig(Section):
         0.02, gt=0, description="muon: peak learning rate of the Muon half (optim.lr is the AdamW half's)."
     )
     muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: momentum of the Muon half.")
+    state_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: master weights, gradients and optimizer states in bf16 (DeepSpeed's "
+        "bf16_master_weights_and_grads and bf16_optimizer_states; 6 bytes less per parameter); needs precision=bf16 "
+        "and zero.stage 1-3.",
+    )
 
 
 class ScheduleConfig(Section):

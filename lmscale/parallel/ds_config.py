@@ -193,6 +193,8 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
     ds["fp16"] = _fp16_section(ds.get("fp16", {})) if config.precision == "fp16" else {"enabled": False}
     # check_grad_overflow: DeepSpeed skips (and counts) a step whose gradients are not finite, as it does for fp16.
     ds["bf16"] = {"enabled": config.precision == "bf16", "check_grad_overflow": True}
+    if config.optim.state_dtype == "bf16":
+        ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     ds["zero_optimization"] = _zero_section(config, ds.get("zero_optimization", {}))
     if config.parallel.tensor > 1:
         # Full-vocabulary logits on every rank of the group: lmscale's losses (cross-entropy, DPO's

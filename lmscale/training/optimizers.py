@@ -17,7 +17,11 @@ def adamw(groups: list[dict], o: OptimConfig, gpu: bool, cpu_offload: bool) -> A
     if cpu_offload:  # ZeRO-Offload steps on the CPU copy; DeepSpeed requires its own CPU Adam there
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, adamw_mode=True)
+        # bf16 states under offload: DeepSpeed requires its CPU Adam to keep the moments in the parameters' dtype.
+        fp32_states = o.state_dtype == "fp32"
+        return DeepSpeedCPUAdam(
+            groups, lr=o.lr, betas=o.betas, adamw_mode=True, fp32_optimizer_states=fp32_states
+        )
     if gpu:
         from deepspeed.ops.adam import FusedAdam
 

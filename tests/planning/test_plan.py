@@ -66,6 +66,32 @@ def test_one_billion_llama_fp32_and_bf16():
     assert model_state_bytes(TINYLLAMA_1B, 3, 8, False, "bf16") == (2_200_096_768, 0)
 
 
+def test_muon_and_bf16_states_shrink_the_optimizers_bytes():
+    from lmscale.planning.plan import state_widths
+
+    adam = state_widths("bf16", "adamw", "fp32", 0.0)
+    assert (adam.weight, adam.grad, adam.states) == (2, 2, 12)  # the planner's AdamW, unchanged
+    assert (
+        state_widths("bf16", "adamw", "bf16", 0.0).states == 6
+    )  # bf16 master copy and moments: 6 bytes less
+    assert state_widths("bf16", "muon", "fp32", 0.9).states == pytest.approx(
+        4 + 4 * 1.1
+    )  # one moment for 90%
+    assert state_widths("fp32", "muon", "fp32", 1.0).states == 4
+    llama = LlamaConfig(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
+    )  # fmt: skip
+    facts = meta_facts(llama)
+    rows = {
+        name: plan_rows(facts, Config.model_validate({"optim": {"name": name}}), Hardware(8), tokens=1024)
+        for name in ("adamw", "muon")
+    }
+    # ZeRO-0: Muon keeps one moment instead of two for the blocks' matrices (~88% of TinyLlama's weights)
+    saved = rows["adamw"][0].model_state_bytes - rows["muon"][0].model_state_bytes
+    assert saved == pytest.approx(4 * facts.split_params, rel=1e-6)
+
+
 def test_lora_keeps_states_for_the_adapters_only():
     from lmscale.config import LoraConfig
     from lmscale.model.finetune import apply_lora

@@ -1,4 +1,4 @@
-"""optim.name=muon: which parameters Muon takes (by module type and block), and what it refuses."""
+"""optim.name=muon (which parameters Muon takes, by module type and block; what it refuses) and optim.state_dtype=bf16."""
 
 import pytest
 import torch
@@ -92,3 +92,16 @@ def test_muon_under_zero_trains_without_clipping_and_zero3_without_reduce_scatte
 def test_what_muon_does_not_combine_with_is_refused(overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         resolved(*overrides)
+
+
+def test_bf16_states_are_deepspeeds_two_switches_and_refused_where_they_do_not_apply():
+    config, explicit = load_config(None, ["optim.state_dtype=bf16", "zero.stage=2"])
+    _, ds = resolve(config, explicit, 2, False)
+    assert ds["bf16"]["bf16_master_weights_and_grads"] and ds["bf16"]["bf16_optimizer_states"]
+    for overrides, message in (
+        (["precision=fp32", "zero.stage=2"], "needs precision=bf16"),
+        (["zero.stage=0"], "set zero.stage=1, 2 or 3"),
+        (["zero.stage=2", "optim.name=lion"], "tested with adamw and muon, not lion"),
+    ):
+        with pytest.raises((ConfigError, ValueError), match=message):
+            load_config(None, ["optim.state_dtype=bf16", *overrides])
