@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmscale.config.section import Section
 
@@ -34,6 +34,11 @@ class ModelConfig(Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute each block's activations in backward: less memory, ~1/3 more compute."
     )
+    activation_offload: bool = Field(
+        False,
+        description="With activation_checkpointing: keep the activations saved for the recompute in pinned host "
+        "memory instead of on the GPU (transformers' offload, torch's save_on_cpu); copies each way per step.",
+    )
     fused_kernels: bool = Field(
         True,
         description="Swap HF's Python-composed tanh-GELU (GPT-2 family) for torch's fused kernel of the same "
@@ -50,3 +55,14 @@ class ModelConfig(Section):
         description="torch.compile the model under DeepSpeed (engine.compile, dynamic shapes): a one-time "
         "compile (logged as compile_s, apart from throughput), then faster steps where it pays.",
     )
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> ModelConfig:
+        if self.activation_offload and not self.activation_checkpointing:
+            raise ValueError(
+                "model.activation_offload=true keeps what activation checkpointing saves in host memory: set "
+                "model.activation_checkpointing=true"
+            )
+        if self.activation_offload and self.compile:
+            raise ValueError("model.activation_offload is not tested with model.compile: unset one of them")
+        return self

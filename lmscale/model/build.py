@@ -175,10 +175,25 @@ def prepare_for_training(model: torch.nn.Module, options: ModelConfig) -> None:
         fuse_activations(model)
     if options.activation_checkpointing:
         # Non-reentrant checkpointing works with ZeRO-3's parameter gathering and needs no input grads.
+        kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if options.activation_offload:
+            # The same checkpoint function under torch's save_on_cpu. transformers 5 has this as
+            # activation_checkpointing_enable(offload=True), but it asks for pinned memory even where there is no
+            # accelerator, which torch refuses ("pin_memory=True requires a CUDA or other accelerator backend").
+            model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded_checkpoint)
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """torch's non-reentrant checkpoint whose saved tensors (what the recompute starts from) are kept in host
+    memory, pinned where there is a GPU, and copied back for the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
 def context_length(config: PretrainedConfig) -> int | None:
