@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from lmscale.errors import ConfigError
@@ -121,6 +123,21 @@ def job_id(endpoint: tuple[str, int]) -> str:
     ranks and joining nodes are known as this job. While the job lives, no other can hold its rendezvous port."""
     host, port = endpoint
     return f"lmscale-{host}-{port}"
+
+
+@contextmanager
+def as_elastic_job(job: str) -> Iterator[None]:
+    """This process counts as a member of elastic job `job` (what torchrun tells its ranks) while inside:
+    the launcher's start checks then take the job's own run-directory lock for what it is."""
+    before = os.environ.get("TORCHELASTIC_RUN_ID")
+    os.environ["TORCHELASTIC_RUN_ID"] = job
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHELASTIC_RUN_ID", None)
+        else:
+            os.environ["TORCHELASTIC_RUN_ID"] = before
 
 
 def elastic_environment(ranks_per_node: int, has_gpu: bool) -> dict[str, str]:

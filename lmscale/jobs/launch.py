@@ -23,6 +23,7 @@ import psutil
 from lmscale.errors import ConfigError
 from lmscale.jobs.elastic import (
     ElasticNodes,
+    as_elastic_job,
     elastic_environment,
     is_local_address,
     job_id,
@@ -199,14 +200,16 @@ def launch_elastic(config_path: str | None, overrides: list[str], flags: LaunchF
     elastic, endpoint = elastic_topology(flags)
     ranks_per_node = flags.gpus_per_node or 1
     # This node may be joining the job when it runs already: the run directory's lock is then the job's own.
-    os.environ["TORCHELASTIC_RUN_ID"] = job_id(endpoint)
-    for world_size in elastic.world_sizes(ranks_per_node):
-        # The run directory is checked once (a resume is found by the ranks at every restart).
-        checks = StartChecks.FULL if world_size == ranks_per_node * elastic.max_nodes else StartChecks.NONE
-        run = open_run(config_path, overrides, world_size, has_gpu(), checks=checks)
-        problems = launch_problems(run.config, run.layout)
-        if problems:
-            raise ConfigError(f"with {world_size} rank(s): " + "; ".join(problems))
+    with as_elastic_job(job_id(endpoint)):
+        for world_size in elastic.world_sizes(ranks_per_node):
+            # The run directory is checked once (a resume is found by the ranks at every restart).
+            checks = (
+                StartChecks.FULL if world_size == ranks_per_node * elastic.max_nodes else StartChecks.NONE
+            )
+            run = open_run(config_path, overrides, world_size, has_gpu(), checks=checks)
+            problems = launch_problems(run.config, run.layout)
+            if problems:
+                raise ConfigError(f"with {world_size} rank(s): " + "; ".join(problems))
     worker = worker_arguments(config_path, overrides, force=False, module_flag="--module")
     command = torchrun_command(elastic, ranks_per_node, endpoint, worker)
     return run_launcher(command, elastic_environment(ranks_per_node, has_gpu()))
