@@ -6,6 +6,7 @@ over that link: gloo carries the training's collectives between the "nodes" exac
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,7 +149,8 @@ def test_an_elastic_job_loses_a_node_goes_on_alone_and_takes_it_back(two_hosts, 
                 process.wait()
     alone = first_log.read_text()
     both = alone + rejoined_log.read_text()  # rank 0 of the last start may be on either node
-    assert "lost another rank of the job (Connection closed by peer at 10.231." in alone, alone[-3000:]
+    # gloo reports the lost peer as a closed or a reset connection, whichever the survivor meets first
+    assert re.search(r"lost another rank of the job \(Connection (closed|reset) by peer", alone), alone[-3000:]
     assert "elastic restart 1:" in alone and "the job had 2 rank(s), it has 1 now" in alone, alone[-3000:]
     assert "step_00000004 with 1 rank(s)" in alone and "1 rank(s) x 2 micro-batch(es)" in alone
     assert "received SIGTERM: saving a checkpoint" in alone  # torchrun stopping the rank for the newcomer
