@@ -86,11 +86,31 @@ def losses(out):
 # lmscale's checkpoint code does not tell them apart: ZeRO-2 stands for both. A streamed corpus adds each
 # worker's place in its shard to what must come back. ZeRO-3's exact resume after a dead rank is the DPO,
 # ORPO and KTO runs' (tests/methods), ZeRO-0's the fault runs' (CI time: one SIGKILL run here).
-@pytest.mark.parametrize(("zero", "extra"), [(2, STREAMING)], ids=["zero2-streaming"])
+# bf16 optimizer states too (optim.state_dtype): their moments and master partitions must come back exactly
+# (CI time: one run checks both).
+BF16_STATES = ["optim.state_dtype=bf16"]
+
+
+def assert_states_are_bf16(checkpoint) -> None:
+    """DeepSpeed's bf16_optimizer_states: the moments and the master partitions in the file are bf16."""
+    import torch
+
+    (states,) = checkpoint.glob("bf16_zero_pp_rank_0_*optim_states.pt")
+    saved = torch.load(states, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    moments = [t for state in saved["base_optimizer_state"]["state"].values() for t in state.values()]
+    assert moments and all(t.dtype == torch.bfloat16 for t in moments if t.dim() > 0)
+    assert all(t.dtype == torch.bfloat16 for t in saved["single_partition_of_fp32_groups"])
+
+
+@pytest.mark.parametrize(
+    ("zero", "extra"), [(2, STREAMING + BF16_STATES)], ids=["zero2-streaming-bf16-states"]
+)
 def test_sigkill_then_resume_continues_the_same_curve(tmp_path, cache_dir, zero, extra):
     reference = launch(tmp_path / "reference", cache_dir, zero, extra)
     output = reference.communicate(timeout=900)[0]
     assert reference.returncode == 0, output[-3000:]
+    if "optim.state_dtype=bf16" in extra:
+        assert_states_are_bf16(tmp_path / "reference" / "checkpoints" / f"step_{SAVE_AT:08d}")
 
     out = tmp_path / "killed"
     job = launch(out, cache_dir, zero, extra)
