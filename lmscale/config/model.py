@@ -39,6 +39,16 @@ class ModelConfig(Section):
         description="With activation_checkpointing: keep the activations saved for the recompute in pinned host "
         "memory instead of on the GPU (transformers' offload, torch's save_on_cpu); copies each way per step.",
     )
+    tiled_mlp: bool = Field(
+        False,
+        description="Compute each block's MLP a slice of the sequence at a time (DeepSpeed's TiledMLP; recomputed "
+        "in backward): long contexts, where the MLP's activations dominate. Dense MLPs without dropout.",
+    )
+    tiled_mlp_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="model.tiled_mlp: about this many tokens per slice; unset = the hidden size (DeepSpeed's choice).",
+    )
     fused_kernels: bool = Field(
         True,
         description="Swap HF's Python-composed tanh-GELU (GPT-2 family) for torch's fused kernel of the same "
@@ -63,6 +73,8 @@ class ModelConfig(Section):
                 "model.activation_offload=true keeps what activation checkpointing saves in host memory: set "
                 "model.activation_checkpointing=true"
             )
+        if self.tiled_mlp and self.compile:
+            raise ValueError("model.tiled_mlp is not tested with model.compile: unset one of them")
         if self.activation_offload and self.compile:
             raise ValueError("model.activation_offload is not tested with model.compile: unset one of them")
         return self

@@ -166,13 +166,17 @@ def model_config(
 
 
 def prepare_for_training(model: torch.nn.Module, options: ModelConfig) -> None:
-    """No KV cache, fused activations and activation checkpointing as model.* asks."""
+    """No KV cache, fused activations, tiled MLPs and activation checkpointing as model.* asks."""
     # Training never decodes: no KV cache (it costs memory, and HF ignores packed position ids when one exists).
     model.config.use_cache = False
     if options.fused_kernels:
         from lmscale.model.kernels import fuse_activations  # here: transformers.activations takes ~0.6 s
 
         fuse_activations(model)
+    if options.tiled_mlp:
+        from lmscale.model.tiled_mlp import tile_mlps
+
+        tile_mlps(model, options.tiled_mlp_tokens or model.config.hidden_size)
     if options.activation_checkpointing:
         # Non-reentrant checkpointing works with ZeRO-3's parameter gathering and needs no input grads.
         kwargs = {"use_reentrant": False}
