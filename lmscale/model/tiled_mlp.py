@@ -8,7 +8,7 @@ block's MLP module (the instance, not the class) and agrees the slice count acro
 Why the agreement: under ZeRO-3 every call of the MLP gathers its weights in a collective, so every rank
 must call it the same number of times, and `torch.chunk` gives fewer slices than asked when the rows do not
 divide well (10 rows in 6 slices are 5 slices of 2). Before each forward pass the ranks exchange their
-sequence lengths (one small all-gather on the host group) and take the largest slice count that every rank's
+sequence lengths (one small all-gather) and take the largest slice count that every rank's
 rows split into exactly: DeepSpeed's example agrees only on the count it asks for, which can still deadlock.
 """
 
@@ -60,10 +60,11 @@ def all_ranks_shapes(shape: tuple[int, int]) -> list[tuple[int, int]]:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [shape]
-    from lmscale.parallel.engine import cpu_group
-
-    gathered = [torch.zeros(2, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, torch.tensor(shape, dtype=torch.int64), group=cpu_group())
+    # On the default group (NCCL wants device tensors): one tiny all-gather per forward pass, where DeepSpeed's
+    # own example all-reduces once per MLP call.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    gathered = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor(shape, dtype=torch.int64, device=device))
     return [(int(g[0]), int(g[1])) for g in gathered]
 
 
