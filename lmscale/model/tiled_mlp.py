@@ -114,12 +114,12 @@ def tiled_forward(mlp: torch.nn.Module, agreement: SliceAgreement):
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
     plain = type(mlp).forward  # the family's own MLP, called on one slice at a time
+    params = list(mlp.parameters())  # ZeRO-3: their gradients are complete after the last slice
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         def on_slice(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             return plain(module, x, *args, **kwargs)
 
-        params = [p for p in mlp.parameters()]  # ZeRO-3: their gradients are complete after the last slice
         return TiledMLP.apply(on_slice, mlp, hidden_states, agreement.slices, params)
 
     return forward
