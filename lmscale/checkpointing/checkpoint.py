@@ -36,6 +36,7 @@ from lmscale.checkpointing.manifest import (
     file_checksums,
     verify_checkpoint,
     written_by,
+    written_expert_degree,
     written_tensor_degree,
 )
 from lmscale.checkpointing.rundir import RunDir
@@ -129,6 +130,8 @@ def job_meta(engine: Any, step: int, sequence: int | None) -> dict[str, Any]:
         "world_size": dist.get_world_size(),
         "tensor": tensor_degree(engine),
         "sequence": sequence or int(getattr(engine, "sequence_parallel_size", 1)),
+        "expert": expert_degree(engine),
+        "autoep": expert_degree(engine, layers=True) is not None,
     }
 
 
@@ -155,8 +158,9 @@ def write_partial(
     client_state = state.client_state()
     # universal_checkpoint_info lets `deepspeed.checkpoint.ds_to_universal` convert this checkpoint
     # for a different number of ranks later; without it the conversion refuses. AutoTP records its own
-    # (how each weight is split), which the client state must not overwrite.
-    if getattr(engine.module, UNIVERSAL_INFO, None) is None:
+    # (how each weight is split), and so does AutoEP (where each expert lives), which the client state must
+    # not overwrite (DeepSpeed refuses it then).
+    if getattr(engine.module, UNIVERSAL_INFO, None) is None and not getattr(engine, "has_moe_layers", False):
         client_state[UNIVERSAL_INFO] = {"universal_checkpoint_version": 0.2}
     try:
         engine.save_checkpoint(
@@ -326,6 +330,16 @@ def tensor_degree(engine: Any) -> int:
     return max(1, int(engine.autotp_size())) if hasattr(engine, "autotp_size") else 1
 
 
+def expert_degree(engine: Any, layers: bool = False) -> int | None:
+    """The engine's AutoEP degree (1 without expert parallelism); with `layers`, None unless AutoEP replaced
+    the MoE layers (which it also does at degree 1)."""
+    section = getattr(getattr(engine, "_config", None), "expert_parallel_config", None)
+    on = section is not None and section.enabled and getattr(engine, "has_moe_layers", False)
+    if layers:
+        return int(section.autoep_size) if on else None
+    return int(section.autoep_size) if on else 1
+
+
 def _conversion_command(checkpoint: Path, output: Path) -> list[str]:
     return [
         sys.executable,
@@ -370,11 +384,13 @@ def ensure_universal(checkpoint: Path, world_size: int) -> Path:
     return target
 
 
-def needs_universal(checkpoint: Path, world_size: int, zero_stage: int, tensor: int = 1) -> bool:
+def needs_universal(
+    checkpoint: Path, world_size: int, zero_stage: int, tensor: int = 1, expert: int = 1
+) -> bool:
     """Partitioned (ZeRO 1-3) states written by another rank count or tensor-parallel degree must be
-    re-partitioned."""
+    re-partitioned; so must experts split another way (each rank's file holds its experts' moments)."""
     moved = written_by(checkpoint) != world_size or written_tensor_degree(checkpoint) != tensor
-    return zero_stage > 0 and moved
+    return zero_stage > 0 and (moved or written_expert_degree(checkpoint) != expert)
 
 
 def load_checkpoint(

@@ -1,5 +1,5 @@
-"""A complete checkpoint's manifest (its COMPLETE marker): the job that wrote it (ranks, tensor and sequence
-degrees) and every file's size and checksum, so that a resume notices a file damaged after the fact."""
+"""A complete checkpoint's manifest (its COMPLETE marker): the job that wrote it (ranks, tensor, sequence and
+expert degrees) and every file's size and checksum, so that a resume notices a file damaged after the fact."""
 
 from __future__ import annotations
 
@@ -92,3 +92,14 @@ def written_tensor_degree(checkpoint: Path) -> int:
 def written_sequence_degree(checkpoint: Path) -> int:
     """The sequence-parallel degree of the job that wrote `checkpoint` (1 before lmscale recorded it)."""
     return int(checkpoint_meta(checkpoint).get("sequence", 1))
+
+
+def written_expert_degree(checkpoint: Path) -> int:
+    """The expert-parallel degree of the job that wrote `checkpoint` (1 before lmscale recorded it)."""
+    return int(checkpoint_meta(checkpoint).get("expert", 1))
+
+
+def written_with_autoep(checkpoint: Path) -> bool:
+    """Whether the checkpoint holds AutoEP's MoE layers (grouped experts), whatever their split."""
+    meta = checkpoint_meta(checkpoint)
+    return bool(meta.get("autoep", int(meta.get("expert", 1)) > 1))

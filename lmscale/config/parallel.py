@@ -21,3 +21,10 @@ class ParallelConfig(Section):
         "holding a contiguous slice of every row, for contexts too long for one device's activations; "
         "combines with tensor.",
     )
+    expert: int = Field(
+        1,
+        ge=1,
+        description="Expert-parallel degree (DeepSpeed AutoEP), for mixture-of-experts models: each MoE layer's "
+        "experts are split among this many data-parallel ranks, and tokens travel to their experts' rank and "
+        "back (all-to-all); must divide the data-parallel ranks and the expert count.",
+    )

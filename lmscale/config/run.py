@@ -45,6 +45,7 @@ class Config(Section):
         """Every rule that spans sections, all reported at once (one fix per run, not one per try)."""
         problems = lr_plan_problems(self)
         problems += tensor_parallel_problems(self) + sequence_parallel_problems(self)
+        problems += expert_parallel_problems(self)
         problems += optimizer_problems(self)
         problems += task_problems(self)
         if problems:
@@ -144,6 +145,35 @@ def tensor_parallel_problems(config: Config) -> list[str]:
         problems.append(
             f"parallel.tensor={tensor} splits a language model's output layer, not what {method.key} trains: "
             "use parallel.tensor=1"
+        )
+    return problems
+
+
+def expert_parallel_problems(config: Config) -> list[str]:
+    """What lmscale's AutoEP expert parallelism is not tested with (the rank count and the model's experts
+    are checked later, in lmscale.parallel.ds_config and against the model's config)."""
+    expert = config.parallel.expert
+    if expert == 1:
+        return []
+    key = f"parallel.expert={expert}"
+    problems = []
+    if config.zero.offload != "none":
+        problems.append(f"{key} is not tested with zero.offload: set zero.offload=none")
+    if config.finetune.lora is not None:
+        problems.append(
+            f"{key} does not put LoRA adapters on AutoEP's grouped experts: train LoRA with parallel.expert=1"
+        )
+    if config.optim.name == "muon":
+        problems.append(
+            f"{key}: Muon orthogonalizes 2-D matrices and AutoEP stores each layer's experts as one 3-D tensor: "
+            "use optim.name=adamw, or parallel.expert=1"
+        )
+    if config.model.compile:
+        problems.append(f"{key} is not tested with model.compile: unset model.compile")
+    if config.finetune.method != "sft":
+        problems.append(
+            f"{key} is tested with language-model training (pre-training and SFT), not with "
+            f"finetune.method={config.finetune.method}: use parallel.expert=1"
         )
     return problems
 

@@ -13,6 +13,7 @@ from typing import Any
 from lmscale.config import Config, build_config
 from lmscale.errors import ConfigError
 from lmscale.methods import method_for
+from lmscale.parallel.autoep import expert_parallel_section
 from lmscale.parallel.layout import layout_problems
 from lmscale.resources import find_file
 
@@ -53,6 +54,11 @@ JSON_KEYS = {
     "precision": _json_precision,
     "parallel.tensor": lambda ds: ds.get("tensor_parallel", {}).get("autotp_size"),
     "parallel.sequence": lambda ds: ds.get("sequence_parallel_size"),
+    "parallel.expert": lambda ds: (
+        ds.get("expert_parallel", {}).get("autoep_size")
+        if ds.get("expert_parallel", {}).get("enabled")
+        else None
+    ),
 }
 # Sections lmscale builds itself; a JSON that sets them would silently fight the lmscale config.
 LMSCALE_OWNED_SECTIONS = ("optimizer", "scheduler")
@@ -204,6 +210,10 @@ def deepspeed_config(config: Config, world_size: int, base: dict[str, Any] | Non
         ds["tensor_parallel"] = {**ds.get("tensor_parallel", {}), **autotp}
     else:
         ds.pop("tensor_parallel", None)
+    if config.parallel.expert > 1:
+        ds["expert_parallel"] = expert_parallel_section(config.parallel.expert, ds.get("expert_parallel"))
+    else:
+        ds.pop("expert_parallel", None)
     if sequence_told > 1:
         ds["sequence_parallel_size"] = sequence_told
     else:
@@ -263,7 +273,7 @@ def resolve(
         base = read_deepspeed_json(config.deepspeed_config)
         config = reconcile(config, explicit, base, config.deepspeed_config)
     parallel = config.parallel
-    problems = layout_problems(parallel.tensor, parallel.sequence, world_size)
+    problems = layout_problems(parallel.tensor, parallel.sequence, world_size, parallel.expert)
     if problems:
         raise ConfigError("; ".join(problems))
     data_ranks = world_size // (parallel.tensor * parallel.sequence)

@@ -170,15 +170,20 @@ def build_engine(
     ds_config: dict[str, Any],
     mpu: Any = None,
 ) -> Any:
-    """Wrap model, optimizer and schedule in a DeepSpeed engine (ZeRO, precision, clipping, accumulation);
-    `mpu` holds the sequence-parallel groups (lmscale.parallel.ulysses)."""
+    """Wrap model, optimizer and schedule in a DeepSpeed engine (ZeRO, precision, clipping, accumulation,
+    AutoEP's expert split); `mpu` holds the sequence-parallel groups (lmscale.parallel.ulysses)."""
     import deepspeed
+
+    from lmscale.parallel.autoep import autoep_degree, transformers_registry_accepts_names
 
     if has_gpu():
         torch.cuda.set_device(local_rank())
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
-    )
+    autoep = autoep_degree(ds_config) is not None
+    adapter = transformers_registry_accepts_names if autoep else contextlib.nullcontext
+    with adapter():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
+        )
     return engine
 
 

@@ -7,6 +7,10 @@ the network; a sequence group is the ranks `tensor` apart within one data-parall
 tensor group computes on the same batch (or slice) with its own slice of the weights; the ranks of a
 sequence group share one batch, each holding a contiguous slice of every row. The batches are planned for
 the data-parallel ranks only, and a batch counted on every rank is counted `copies` times.
+
+Expert parallelism (`expert`, DeepSpeed AutoEP) divides no batch: it splits each mixture-of-experts layer's
+experts among `expert` consecutive data-parallel ranks (DeepSpeed's expert groups), so an expert's weights
+are replicated only across the ranks holding the same share (`expert_rank`).
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lmscale.parallel.autoep import expert_count
+
 
 @dataclass(frozen=True)
 class Layout:
     world_size: int = 1
     tensor: int = 1
     sequence: int = 1
+    expert: int = 1
 
     @property
     def group(self) -> int:
@@ -40,6 +47,10 @@ class Layout:
     def sequence_rank(self, rank: int) -> int:
         return (rank // self.tensor) % self.sequence
 
+    def expert_rank(self, rank: int) -> int:
+        """Which share of the experts the rank holds (its place in DeepSpeed's consecutive expert group)."""
+        return rank % self.expert
+
     def sequence_groups(self) -> list[list[int]]:
         """Every sequence group's ranks, in the same order on every rank (for `new_group`)."""
         return [
@@ -57,11 +68,18 @@ class Layout:
         parts = [f"{self.data} data-parallel"]
         parts += [f"{self.sequence} sequence-parallel"] if self.sequence > 1 else []
         parts += [f"{self.tensor} tensor-parallel"] if self.tensor > 1 else []
-        return " x ".join(parts) + " rank(s)"
+        experts = f", experts split {self.expert} ways" if self.expert > 1 else ""
+        return " x ".join(parts) + " rank(s)" + experts
 
 
-def layout_problems(tensor: int, sequence: int, world_size: int) -> list[str]:
+def layout_problems(tensor: int, sequence: int, world_size: int, expert: int = 1) -> list[str]:
     if world_size % (tensor * sequence) == 0:
+        data = world_size // (tensor * sequence)
+        if data % expert:
+            return [
+                f"parallel.expert={expert} does not divide the job's {data} data-parallel rank(s): launch a "
+                f"multiple of {expert} ranks, or set parallel.expert to a divisor of {data}"
+            ]
         return []
     if tensor > 1 and sequence > 1:
         return [
@@ -124,12 +142,16 @@ def model_split_problems(model: Any, layout: Layout) -> list[str]:
             "use a family with a tensor-parallel plan (e.g. model.preset=tiny-llama or a Llama/Mistral/Qwen "
             "model.path), or parallel.tensor=1"
         ]
-    return config_split_problems(model.config, layout)
+    return config_split_problems(model.config, layout) or autoep_problems(model.config, layout.expert)
 
 
 def config_split_problems(model_config: Any, layout: Layout) -> list[str]:
     """What the model's HF config alone rules out of the layout's split (checked by the launcher before any
     rank starts, and by every rank on the built model)."""
+    if layout.expert > 1:
+        problems = expert_split_problems(model_config, layout.expert)
+        if problems:
+            return problems
     if layout.group > 1 and getattr(model_config, "num_experts_per_tok", None):
         return [
             f"{model_config.model_type} is a mixture-of-experts model: lmscale trains those with data parallelism "
@@ -147,6 +169,35 @@ def config_split_problems(model_config: Any, layout: Layout) -> list[str]:
         if not problems:  # the heads a tensor slice holds are what Ulysses deals out
             problems += head_split_problems(model_config, layout.sequence, layout.tensor)
     return problems
+
+
+def expert_split_problems(model_config: Any, expert: int) -> list[str]:
+    """`parallel.expert` needs a mixture-of-experts model whose expert count it divides."""
+    experts = expert_count(model_config)
+    if experts is None:
+        return [
+            f"parallel.expert={expert}: {model_config.model_type} is not a mixture-of-experts model: use one "
+            "(e.g. model.preset=tiny-mixtral or tiny-qwen3-moe), or parallel.expert=1"
+        ]
+    if experts % expert:
+        return [
+            f"parallel.expert={expert} does not divide the model's {experts} experts per layer: choose a "
+            f"parallel.expert that divides {experts}"
+        ]
+    return []
+
+
+def autoep_problems(model_config: Any, expert: int) -> list[str]:
+    """DeepSpeed's AutoEP converts the families it has a preset for; say so before it fails on another."""
+    from lmscale.parallel.autoep import autoep_model_types
+
+    supported = autoep_model_types()
+    if expert == 1 or model_config.model_type in supported:
+        return []
+    return [
+        f"parallel.expert={expert}: DeepSpeed's AutoEP has no preset for {model_config.model_type} models "
+        f"(it has {', '.join(sorted(supported))}): use one of those families, or parallel.expert=1"
+    ]
 
 
 # Families whose attention was seen to break under Ulysses here (GPT-2 folds the heads back with its own

@@ -194,10 +194,11 @@ def data_path_problems(config: Config) -> list[str]:
 
 
 def layout_problems(config: Config, layout: Layout) -> list[str]:
-    """What the model's config rules out of the tensor/sequence layout (the ranks check the built model too)."""
+    """What the model's config rules out of the tensor/sequence/expert layout (the ranks check the built model
+    too)."""
     from lmscale.parallel.layout import config_split_problems
 
-    if layout.group == 1:
+    if layout.group == 1 and layout.expert == 1:
         return []
     return config_split_problems(hf_model_config(config), layout)
 

@@ -81,7 +81,8 @@ def open_run(
     the run directory; a failed start raises one error and writes nothing."""
     begin_start()  # data at URLs is listed once from here on
     config, ds_config = resolve_run_config(config_path, overrides, world_size, has_gpu)
-    layout = Layout(world_size, config.parallel.tensor, config.parallel.sequence)
+    parallel = config.parallel
+    layout = Layout(world_size, parallel.tensor, parallel.sequence, parallel.expert)
     device = "cuda" if has_gpu else "cpu"
     run = Run(config, ds_config, layout, RunDir.of(config), rank, local_rank, device, force)
     if checks is not StartChecks.NONE and config.checkpoint.mirror and not force:

@@ -73,43 +73,59 @@ def num_layers_of(model: torch.nn.Module) -> int:
     return getattr(getattr(model, "config", None), "num_hidden_layers", 0)
 
 
+def is_expert_weight(name: str) -> bool:
+    """A mixture-of-experts layer's expert weight (under an `experts` module: Mixtral's, Qwen3-MoE's, DeepSeek's
+    routed experts; not a `shared_experts` module, which every token uses)."""
+    return "experts" in name.split(".")[:-1]
+
+
 def _grouped(
-    model: torch.nn.Module, optim: OptimConfig, by_depth: bool
-) -> dict[tuple[int, bool, bool], dict]:
+    model: torch.nn.Module, optim: OptimConfig, by_depth: bool, expert: int | None = None
+) -> dict[tuple[int, bool, bool, bool], dict]:
     num_layers = num_layers_of(model)
     layered = optim.layer_lr_decay < 1 or by_depth
     muon = muon_parameters(model) if optim.name == "muon" else set()
-    groups: dict[tuple[int, bool, bool], dict] = {}
+    groups: dict[tuple[int, bool, bool, bool], dict] = {}
     for name, param, kind in named_parameters_with_kind(model):
         depth = layer_depth(name, num_layers, kind) if layered else 0
         decays = kind not in optim.no_weight_decay
         scale = optim.layer_lr_decay ** (num_layers + 1 - depth) if layered else 1.0
         uses_muon = id(param) in muon
+        split = expert is not None and is_expert_weight(name)
         base_lr = optim.muon_lr if uses_muon else optim.lr
         group = groups.setdefault(
-            (depth, decays, uses_muon),
+            (depth, decays, uses_muon, split),
             {"params": [], "weight_decay": optim.weight_decay if decays else 0.0, "lr": base_lr * scale},
         )
         if optim.name == "muon":
             param.use_muon = uses_muon  # ZeRO reads the tag to orthogonalize whole matrices
             group["use_muon"] = uses_muon
+        if split:
+            # DeepSpeed's AutoEP puts its grouped experts into the group their HF weights were in, and ZeRO
+            # reduces a group marked `moe` over the ranks holding the same experts (named by expert group).
+            group.update(moe=True, name=f"ep_size_{expert}")
         group["params"].append(param)
     return dict(sorted(groups.items()))
 
 
-def parameter_groups(model: torch.nn.Module, optim: OptimConfig, by_depth: bool = False) -> list[dict]:
+def parameter_groups(
+    model: torch.nn.Module, optim: OptimConfig, by_depth: bool = False, expert: int | None = None
+) -> list[dict]:
     """One group per (depth, decays?) with LR scale layer_lr_decay ** (distance from the top);
-    `by_depth` keeps depths apart even without decay (gradual unfreezing switches whole depths).
+    `by_depth` keeps depths apart even without decay (gradual unfreezing switches whole depths); experts in
+    groups of their own under AutoEP (`expert`: its degree, lmscale.parallel.autoep.autoep_degree).
 
     Groups are fixed before `deepspeed.initialize` (ZeRO flattens each group's parameters); the
     schedule multiplies every group's base LR by the same factor, so the ratios hold all run.
     """
-    return list(_grouped(model, optim, by_depth).values())
+    return list(_grouped(model, optim, by_depth, expert).values())
 
 
-def group_depths(model: torch.nn.Module, optim: OptimConfig, by_depth: bool = False) -> list[int]:
+def group_depths(
+    model: torch.nn.Module, optim: OptimConfig, by_depth: bool = False, expert: int | None = None
+) -> list[int]:
     """The depth of each of `parameter_groups`' groups, in the same order (0 when not layered)."""
-    return [depth for depth, _, _ in _grouped(model, optim, by_depth)]
+    return [depth for depth, *_ in _grouped(model, optim, by_depth, expert)]
 
 
 def params_by_depth(model: torch.nn.Module) -> dict[int, list[torch.nn.Parameter]]:
@@ -121,8 +137,12 @@ def params_by_depth(model: torch.nn.Module) -> dict[int, list[torch.nn.Parameter
 
 
 def build_optimizer(
-    model: torch.nn.Module, optim: OptimConfig, cpu_offload: bool, by_depth: bool = False
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    cpu_offload: bool,
+    by_depth: bool = False,
+    expert: int | None = None,
 ) -> torch.optim.Optimizer:
     """The optimizer `optim.name` names, over `parameter_groups`."""
-    groups = parameter_groups(model, optim, by_depth)
+    groups = parameter_groups(model, optim, by_depth, expert)
     return OPTIMIZERS[optim.name](groups, optim, torch.cuda.is_available(), cpu_offload)

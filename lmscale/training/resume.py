@@ -18,7 +18,13 @@ from lmscale.checkpointing.checkpoint import (
     needs_universal,
     save_checkpoint,
 )
-from lmscale.checkpointing.manifest import written_by, written_sequence_degree, written_tensor_degree
+from lmscale.checkpointing.manifest import (
+    written_by,
+    written_expert_degree,
+    written_sequence_degree,
+    written_tensor_degree,
+    written_with_autoep,
+)
 from lmscale.checkpointing.mirror import CheckpointMirror
 from lmscale.checkpointing.rundir import truncate_metrics
 from lmscale.checkpointing.training_state import TrainingState
@@ -50,12 +56,17 @@ def plan_resume(run: Run) -> Resume:
     the process group exists, so a long conversion cannot time out a collective)."""
     config, world_size = run.config, run.world_size
     checkpoint = None if run.force else find_resume_checkpoint(run.dir.root, config.checkpoint.resume)
+    change: dict = {}
     if checkpoint is not None:
         check_sequence_layout(checkpoint, config.parallel.sequence, world_size)
-    tensor = config.parallel.tensor
-    universal = checkpoint is not None and needs_universal(checkpoint, world_size, config.zero.stage, tensor)
+        check_expert_layout(checkpoint, config.parallel.expert, world_size, config.zero.stage)
+        change = expert_layers_change(checkpoint, config.parallel.expert, run.is_rank_zero)
+    tensor, expert = config.parallel.tensor, config.parallel.expert
+    universal = checkpoint is not None and needs_universal(
+        checkpoint, world_size, config.zero.stage, tensor, expert
+    )
     if not universal:
-        return Resume(checkpoint, universal)
+        return Resume(checkpoint, universal, change)
     if config.optim.name == "muon":
         # deepspeed.checkpoint.ds_to_universal reads Adam's moments (exp_avg, exp_avg_sq) of every parameter
         # and fails on Muon's momentum buffers (KeyError: 'exp_avg', checked with 0.19.8).
@@ -65,7 +76,7 @@ def plan_resume(run: Run) -> Resume:
             f"{written_by(checkpoint)} rank(s)"
         )
     ensure_universal(checkpoint, world_size)
-    return Resume(checkpoint, universal, {"checkpoint": {"load_universal": True}})
+    return Resume(checkpoint, universal, {**change, "checkpoint": {"load_universal": True}})
 
 
 def check_sequence_layout(checkpoint: Path, sequence: int, world_size: int) -> None:
@@ -78,6 +89,42 @@ def check_sequence_layout(checkpoint: Path, sequence: int, world_size: int) -> N
         f"{checkpoint} was written with parallel.sequence={written} on {written_ranks} rank(s): resume it with "
         f"the same (now parallel.sequence={sequence} on {world_size}); a sequence-parallel run changes neither "
         "its sequence degree nor its rank count on resume"
+    )
+
+
+def expert_layers_change(checkpoint: Path, expert: int, say: bool) -> dict:
+    """The DeepSpeed config change a checkpoint's MoE layers need: AutoEP's grouped experts (written with
+    parallel.expert > 1) load into AutoEP's layers only, so a resume without expert parallelism keeps them,
+    every expert on every rank (AutoEP at degree 1). HF's experts do not load into AutoEP's layers."""
+    autoep = written_with_autoep(checkpoint)
+    if autoep and expert == 1:
+        if say:
+            log.info(
+                "resume: %s holds AutoEP's grouped experts (written with parallel.expert=%d): they stay AutoEP "
+                "layers, every expert on every rank",
+                checkpoint,
+                written_expert_degree(checkpoint),
+            )
+        return {"expert_parallel": {"enabled": True, "autoep_size": 1}}
+    if not autoep and expert > 1:
+        raise ConfigError(
+            f"{checkpoint} was written without expert parallelism, whose experts AutoEP's layers cannot load: "
+            f"resume it with parallel.expert=1, or start a new run from its export (lmscale export; model.path) "
+            f"with parallel.expert={expert}"
+        )
+    return {}
+
+
+def check_expert_layout(checkpoint: Path, expert: int, world_size: int, zero_stage: int) -> None:
+    """Experts move to another split through the universal conversion, which needs ZeRO's partitioned files:
+    a ZeRO-0 checkpoint with split experts resumes on its own layout only."""
+    written, written_ranks = written_expert_degree(checkpoint), written_by(checkpoint)
+    if zero_stage > 0 or written == 1 or (written, written_ranks) == (expert, world_size):
+        return
+    raise ConfigError(
+        f"{checkpoint} was written with parallel.expert={written} on {written_ranks} rank(s) under zero.stage=0: "
+        f"resume it on the same layout (now parallel.expert={expert} on {world_size}); with zero.stage 1-3 the "
+        "experts can be split another way on resume"
     )
 
 
@@ -103,7 +150,10 @@ def resume_point(engine, train_stream, run: Run, resume: Resume) -> LoopStart:
 def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool, accumulation: int) -> None:
     """Say what changed when a checkpoint continues on another rank count or tensor-parallel degree."""
     written = Layout(
-        written_by(checkpoint), written_tensor_degree(checkpoint), written_sequence_degree(checkpoint)
+        written_by(checkpoint),
+        written_tensor_degree(checkpoint),
+        written_sequence_degree(checkpoint),
+        written_expert_degree(checkpoint),
     )
     if written == now:
         return
@@ -118,7 +168,7 @@ def describe_layout_change(checkpoint: Path, now: Layout, streamed: bool, accumu
             now.data,
             accumulation,
         )
-    elif written.tensor != now.tensor:
+    elif written.tensor != now.tensor or written.expert != now.expert:
         log.info(
             "resume: checkpoint written by %s, continuing on %s: the weights and optimizer states are re-split "
             "from the universal checkpoint; the batches are the same",

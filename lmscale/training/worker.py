@@ -32,6 +32,7 @@ from lmscale.model.kernels import describe_fused
 from lmscale.objectives.fused_head import fused_head_problem, install_fused_head
 from lmscale.parallel import engine as ds_engine
 from lmscale.parallel import flight_recorder
+from lmscale.parallel.autoep import autoep_degree
 from lmscale.parallel.engine import select_accelerator
 from lmscale.parallel.layout import model_split_problems
 from lmscale.parallel.ulysses import register_ulysses
@@ -186,16 +187,16 @@ def settle_token_budget(run: Run, model: torch.nn.Module) -> Run:
     return run.settled("data", max_tokens_per_batch=budget)
 
 
-def optimization(model: torch.nn.Module, config: Config):
+def optimization(model: torch.nn.Module, config: Config, expert: int | None = None):
     """Optimizer, LR schedule and unfreezing schedule; every parameter group exists before
     `deepspeed.initialize`, and gradual unfreezing gates each depth's group (see lmscale.model.finetune)."""
     unfreeze = config.finetune.unfreeze
     by_depth = unfreeze is not None
-    optimizer = build_optimizer(model, config.optim, config.zero.offload == "cpu", by_depth)
+    optimizer = build_optimizer(model, config.optim, config.zero.offload == "cpu", by_depth, expert)
     num_layers = num_layers_of(model)
     gates = None
     if by_depth:
-        depths = group_depths(model, config.optim, by_depth)
+        depths = group_depths(model, config.optim, by_depth, expert)
         gates = [partial(is_joined, depth, num_layers=num_layers, unfreeze=unfreeze) for depth in depths]
         log.info(
             "unfreeze: from the %s, one layer every %d steps; all %d layers train from step %d",
@@ -211,7 +212,7 @@ def optimization(model: torch.nn.Module, config: Config):
 def training_engine(run: Run, model: torch.nn.Module):
     """(the DeepSpeed engine with optimizer and schedule, the unfreezing schedule)."""
     config = run.config
-    optimizer, scheduler, unfreezing = optimization(model, config)
+    optimizer, scheduler, unfreezing = optimization(model, config, autoep_degree(run.ds_config))
     mpu = register_ulysses(model, run.layout) if run.layout.sequence > 1 else None
     engine = ds_engine.build_engine(model, optimizer, scheduler, run.ds_config, mpu)
     if config.train.chunked_loss:
@@ -287,8 +288,13 @@ def train_and_finish(
         log.info("compile: %d graph(s), %.1f s compiling in all", compiled_graphs(), compile_seconds())
     digest = check_replicas_agree(engine, config.zero.stage, run.layout)
     if digest:
+        layout = run.layout
+        experts = "" if layout.expert == 1 else f" (each expert's on its {layout.data // layout.expert})"
         log.info(
-            "parameters identical on all %d data-parallel replicas (sha256 %s)", run.layout.data, digest[:16]
+            "parameters identical on all %d data-parallel replicas%s (sha256 %s)",
+            layout.data,
+            experts,
+            digest[:16],
         )
     if result.stopped_by and result.stopped_by != EARLY_STOP:
         result.stopped_by = stop.signal_name

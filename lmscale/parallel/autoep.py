@@ -1,0 +1,107 @@
+"""Expert parallelism (`parallel.expert`) through DeepSpeed's AutoEP: the DeepSpeed config section, which
+parameters are experts, and a narrow adapter for a transformers change AutoEP does not know yet.
+
+AutoEP replaces each mixture-of-experts block with its own layer (a router, and grouped experts of which a
+rank holds `experts / degree`); tokens go to their experts' rank and back by all-to-all. The ranks of an
+expert group are data-parallel ranks: each computes its own batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+# Config attributes that hold a mixture-of-experts model's expert count, by family.
+EXPERT_COUNT_ATTRIBUTES = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def expert_count(model_config: Any) -> int | None:
+    """How many experts each MoE layer of the model has (None for a dense model)."""
+    if not getattr(model_config, "num_experts_per_tok", None):
+        return None
+    return next(
+        (getattr(model_config, a) for a in EXPERT_COUNT_ATTRIBUTES if getattr(model_config, a, None)), None
+    )
+
+
+def autoep_model_types() -> set[str]:
+    """The HF model types DeepSpeed's AutoEP has a preset for (Mixtral, Qwen3-MoE, DeepSeek V2/V3, ...)."""
+    from deepspeed.module_inject.auto_ep_presets.registry import PRESET_MODELS
+
+    return {model_type for preset in PRESET_MODELS.values() for model_type in preset.hf_model_types}
+
+
+def expert_parallel_section(degree: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DeepSpeed's `expert_parallel` section for `degree` (a JSON's other AutoEP keys kept). The preset is
+    left for AutoEP to choose from the model's type; lmscale checks that it has one before DeepSpeed starts."""
+    return {**(base or {}), "enabled": True, "autoep_size": degree}
+
+
+def is_expert_parameter(param: Any) -> bool:
+    """An expert's weight under AutoEP: held by one rank of each expert group, not replicated on all."""
+    from deepspeed.moe.utils import is_moe_param
+
+    return is_moe_param(param)
+
+
+def autoep_degree(ds_config: dict[str, Any]) -> int | None:
+    """The experts' split under AutoEP (1: AutoEP's layers with every expert on every rank, as a run resumed
+    from an expert-parallel checkpoint without expert parallelism has them), or None with AutoEP off."""
+    section = ds_config.get("expert_parallel", {})
+    return int(section.get("autoep_size", 1)) if section.get("enabled") else None
+
+
+@contextlib.contextmanager
+def transformers_registry_accepts_names() -> Iterator[None]:
+    """While AutoEP converts a model: transformers' output-capture registry also looks entries up by name.
+
+    Why: transformers 5 keeps each model class's `_can_record_outputs` in `utils.output_capturing.
+    _CAN_RECORD_REGISTRY`, a dict subclass whose `get(model)` and `__setitem__(model, ...)` take a *model* and
+    key by `str(model.__class__)`. DeepSpeed 0.19.8's AutoEP (`module_inject/auto_ep_presets/base.py`, when it
+    retargets the router-logit recorders) uses it as the plain dict of class names it was in transformers 4:
+    `registry.get(name, default)` (TypeError: takes 2 positional arguments but 3 were given), and
+    `registry[name] = entry` when it restores an entry (which would be filed under "<class 'str'>").
+
+    Covers: transformers 5.23-5.25 with DeepSpeed 0.19.8 (checked in both sources; no DeepSpeed release
+    fixes it yet). Only a registry of that shape is touched, only for the duration of the block, and only
+    string keys behave differently: a model key does what transformers does.
+    """
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:  # transformers 4: a plain dict, nothing to adapt
+        yield
+        return
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    if registry is None or not _keys_by_model(type(registry)):
+        yield
+        return
+    original = type(registry)
+    registry.__class__ = _accepting_names(original)
+    try:
+        yield
+    finally:
+        registry.__class__ = original
+
+
+def _keys_by_model(registry_class: type) -> bool:
+    """Whether the registry's `get` is transformers 5's one-argument, model-keyed form."""
+    get = registry_class.__dict__.get("get")
+    return get is not None and len(inspect.signature(get).parameters) == 2
+
+
+def _accepting_names(registry_class: type) -> type:
+    class RegistryAcceptingNames(registry_class):
+        def get(self, key: Any, *default: Any) -> Any:
+            if isinstance(key, str):
+                return dict.get(self, key, *default)
+            return super().get(key)
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            if isinstance(key, str):
+                dict.__setitem__(self, key, value)
+            else:
+                super().__setitem__(key, value)
+
+    return RegistryAcceptingNames
