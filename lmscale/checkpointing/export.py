@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from lmscale.checkpointing.autoep_weights import to_hf_names, zero0_weights
 from lmscale.checkpointing.checkpoint import CHECKPOINT_CONFIG, complete_checkpoints, ensure_universal
-from lmscale.checkpointing.manifest import verify_checkpoint, written_tensor_degree
+from lmscale.checkpointing.manifest import verify_checkpoint, written_tensor_degree, written_with_autoep
 from lmscale.checkpointing.rundir import RunDir, read_labels
 from lmscale.config import Config, saved_config
 from lmscale.data.tokenizer import local_tokenizer
@@ -71,7 +72,12 @@ def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
 
 def consolidated_weights(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a checkpoint written by any number of ranks (and tensor-parallel
-    slices: DeepSpeed's universal conversion merges those, by how AutoTP split each weight)."""
+    slices: DeepSpeed's universal conversion merges those, by how AutoTP split each weight; and AutoEP's
+    experts, which lmscale.checkpointing.autoep_weights names as HF's after)."""
+    if written_with_autoep(checkpoint):
+        if zero_stage == 0:
+            return zero0_weights(checkpoint)
+        return universal_weights(ensure_universal(checkpoint, world_size=1))
     if written_tensor_degree(checkpoint) > 1:
         return universal_weights(ensure_universal(checkpoint, world_size=1))
     if zero_stage == 0:
@@ -118,6 +124,8 @@ def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):
     labels = read_labels(run_dir)
     model = build_model(options, tokenizer, config.data.max_seq_len, config.seed, config.finetune, labels)
     weights = consolidated_weights(checkpoint, config.zero.stage)
+    if written_with_autoep(checkpoint):
+        weights = to_hf_names(weights, {name: t.shape for name, t in model.state_dict().items()})
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied_keys = getattr(model, "_tied_weights_keys", None) or {}
     tied = {name for name in missing if name in tied_keys or name.endswith("lm_head.weight")}

@@ -52,6 +52,10 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def expert_load(self) -> Path:  # a mixture-of-experts model's tokens per expert and layer, at log steps
+        return self.root / "expert_load.jsonl"
+
+    @property
     def samples(self) -> Path:  # an online method's prompts, completions and rewards, at log steps
         return self.root / "samples.jsonl"
 
@@ -141,6 +145,7 @@ class RunDir:
             self.ds_config,
             self.data_fingerprint,
             self.metrics,
+            self.expert_load,
             self.samples,
             self.labels,
         ]
@@ -243,7 +248,7 @@ def write_run_files(config: Config, ds_config: dict, output_dir: Path, forced: b
     run = RunDir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if forced:  # --force replaces the old run whole, so no stale checkpoint or metric survives
-        for path in (run.metrics, run.wandb_run_id):
+        for path in (run.metrics, run.expert_load, run.samples, run.wandb_run_id):
             path.unlink(missing_ok=True)
         shutil.rmtree(run.checkpoints, ignore_errors=True)
     run.finished.unlink(missing_ok=True)  # this run is not finished until it says so
@@ -269,8 +274,9 @@ def mark_finished(output_dir: Path, step: int, reason: str) -> None:
 
 def truncate_metrics(output_dir: Path, last_step: int) -> None:
     """Drop records logged after the checkpoint being resumed, so steps never go backwards in metrics.jsonl
-    (or samples.jsonl)."""
-    for path in (RunDir(output_dir).metrics, RunDir(output_dir).samples):
+    (or expert_load.jsonl, samples.jsonl)."""
+    run = RunDir(output_dir)
+    for path in (run.metrics, run.expert_load, run.samples):
         if path.is_file():
             truncate_jsonl(path, last_step)
 

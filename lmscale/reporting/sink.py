@@ -70,6 +70,7 @@ class MetricsSink:
     ) -> None:
         self.enabled = enabled
         self.path = run_dir.metrics
+        self.expert_load_path = run_dir.expert_load
         self.wandb_run = None
         self.tensorboard = None
         self.bar = None
@@ -112,6 +113,14 @@ class MetricsSink:
             self.bar.set_postfix(self.shown, refresh=False)
         elif "loss" in metrics:
             self.message(self.progress.line(step, metrics))
+
+    def log_expert_load(self, step: int, tokens: list[list[int]]) -> None:
+        """Tokens routed to each expert of each MoE layer since the last logged step (expert_load.jsonl: too
+        many figures for metrics.jsonl's scalars; the imbalance figures go there)."""
+        if not self.enabled:
+            return
+        with self.expert_load_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, "tokens_per_expert": tokens}) + "\n")
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

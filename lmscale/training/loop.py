@@ -127,6 +127,7 @@ def train_step(
         engine.backward(parts.summed * scale)
         window.targets += parts.targets
         add_sums(window.sums, parts.sums)
+        window.add_expert_tokens(parts.expert_tokens)
         if log_grad_norm and index == len(micro_batches) - 1:
             own_grad_norm = gradient_norm(engine)
         engine.step()

@@ -52,6 +52,7 @@ class Window:
     start_s: float = 0.0
     targets: int = 0  # this rank's loss targets, the divisor of `sums`
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's figures, on the device
+    expert_tokens: torch.Tensor | None = None  # tokens routed to each [layer, expert] (MoE models)
     compile_clock: Callable[[], float] | None = None  # seconds spent compiling so far (model.compile)
     compile_start_s: float = 0.0
     forward_clock: ForwardClock | None = None  # this rank's forward passes (the stragglers' figure)
@@ -67,6 +68,10 @@ class Window:
         self.sequences += batch.sequences
         self.sum_sq_len += batch.sum_sq_len
 
+    def add_expert_tokens(self, counts: torch.Tensor | None) -> None:
+        if counts is not None:
+            self.expert_tokens = counts if self.expert_tokens is None else self.expert_tokens + counts
+
     def reset(self) -> None:
         self.loss_sum.zero_()
         self.steps = self.micro_steps = self.real_tokens = self.padded_tokens = self.sequences = (
@@ -75,6 +80,7 @@ class Window:
         self.data_wait_s = 0.0
         self.targets = 0
         self.sums = {}
+        self.expert_tokens = None
         self.start_s = time.perf_counter()
         self.compile_start_s = self.compile_clock() if self.compile_clock else 0.0
         if self.forward_clock is not None:
@@ -114,6 +120,23 @@ def straggler_figures(
     if warning:
         sink.message(f"warning: {warning}")
     return {"straggler_rank": straggler.rank, "straggler_lag": straggler.lag_s}
+
+
+def expert_load_figures(window: Window, step: int, sink: MetricsSink) -> dict[str, float]:
+    """All ranks' tokens per expert since the last logged step (to expert_load.jsonl), and how uneven the
+    least balanced layer was: its busiest expert's tokens over the mean (1.0 is perfect balance; top-k of E
+    experts can reach E / k) and its idlest's (0: an expert that got nothing). Every rank of an MoE model
+    has counts, so every rank joins the collective."""
+    counts = window.expert_tokens
+    if counts is None:
+        return {}
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    mean = counts.mean(dim=1).clamp(min=1e-9)
+    sink.log_expert_load(step, counts.long().tolist())
+    return {
+        "expert_load_max_over_mean": float((counts.max(dim=1).values / mean).max()),
+        "expert_load_min_over_mean": float((counts.min(dim=1).values / mean).min()),
+    }
 
 
 def loss_scale(engine: Any) -> float | None:
@@ -174,6 +197,7 @@ def log_window(
         "skipped_steps": int(engine.skipped_steps),
     }
     metrics.update(figure_means(dict(zip(names, totals[7:], strict=True)), targets))
+    metrics.update(expert_load_figures(window, step, sink))
     if compiling_s > 0:
         metrics["compile_s"] = compiling_s
     if throughput is not None:
