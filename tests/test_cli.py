@@ -45,7 +45,10 @@ def test_launch_checks_data_and_layout_once_before_any_rank_starts(tmp_path):
     )
     unfit = run_lmscale("launch", "--gpus-per-node", "2", f"output_dir={out}", "parallel.sequence=2")
     assert_one_line_error(unfit, "gpt2 attention does not fit DeepSpeed Ulysses", "parallel.sequence=1")
-    assert "deepspeed" not in missing.stderr + unfit.stderr and not out.exists()  # no launcher was started
+    dense = run_lmscale("launch", "--gpus-per-node", "2", f"output_dir={out}", "parallel.expert=2")
+    assert_one_line_error(dense, "gpt2 is not a mixture-of-experts model", "parallel.expert=1")
+    both = missing.stderr + unfit.stderr + dense.stderr
+    assert "deepspeed" not in both and not out.exists()  # no launcher was started
 
 
 def test_existing_run_is_never_overwritten(tmp_path):

@@ -154,9 +154,8 @@ def config_split_problems(model_config: Any, layout: Layout) -> list[str]:
             return problems
     if layout.group > 1 and getattr(model_config, "num_experts_per_tok", None):
         return [
-            f"{model_config.model_type} is a mixture-of-experts model: lmscale trains those with data parallelism "
-            "(ZeRO partitions the experts like any weight), not with parallel.tensor or parallel.sequence yet; "
-            "set both to 1"
+            f"{model_config.model_type} is a mixture-of-experts model: lmscale splits those with data and expert "
+            "parallelism (ZeRO, parallel.expert), not with parallel.tensor or parallel.sequence yet; set both to 1"
         ]
     problems = split_problems(model_config, layout.tensor)
     if layout.sequence > 1:

@@ -1,0 +1,134 @@
+"""Expert parallelism (DeepSpeed AutoEP, parallel.expert) in real jobs on CPU ranks, step for step against
+data parallelism alone on the same ranks (lmscale plans batches per data-parallel rank, and AutoEP's ranks
+are data-parallel ranks: the same batches, the experts held elsewhere): a SIGKILLed rank that resumes
+exactly, a checkpoint that moves to another expert split, an export that computes what the data-parallel
+run's does, and the experts' load in the logs."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import EXACT_RUN_ARGS, run_lmscale
+
+pytestmark = pytest.mark.slow
+
+MIXTRAL = [*EXACT_RUN_ARGS, "model.preset=tiny-mixtral"]
+QWEN_FOUR_RANKS = [*EXACT_RUN_ARGS, "model.preset=tiny-qwen3-moe", "zero.stage=2", "train.max_steps=6"]
+TOKENS = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+
+
+def run(out, cache_dir, ranks, args, *extra, env=None, ok=True):
+    result = run_lmscale(
+        "launch", "--gpus-per-node", str(ranks), f"output_dir={out}", f"data.cache_dir={cache_dir}", *args, *extra,
+        env=env, timeout=900,
+    )  # fmt: skip
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def assert_same_losses(got, expected, steps):
+    assert sorted(got) == list(steps), got
+    assert all(abs(got[s] - expected[s]) < 1e-5 for s in steps), (expected, got)
+
+
+def exported_logits(run_dir, out):
+    from transformers import AutoModelForCausalLM
+
+    result = run_lmscale("export", str(run_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def test_expert_parallel_pair_trains_like_data_parallelism_resumes_moves_and_exports(tmp_path, cache_dir):
+    data_parallel = tmp_path / "dp"
+    run(data_parallel, cache_dir, 2, MIXTRAL)
+    expected = losses(data_parallel)
+    # Mixtral's router loss trains and is logged (balanced routing gives about top-k = 2), held-out loss falls.
+    logged = records(data_parallel)
+    evaluations = [r for r in logged if "eval_loss" in r]
+    assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"] - 1.0
+    assert "eval_router_aux_loss" in evaluations[-1]
+    assert all(0 < r["router_aux_loss"] < 4 for r in logged if "loss" in r)
+
+    # Experts split 2 ways, a rank SIGKILLed after step 7: the restart resumes from step 5, and every step's
+    # loss is the data-parallel run's.
+    split = tmp_path / "ep"
+    killed = run(
+        split,
+        cache_dir,
+        2,
+        MIXTRAL,
+        "parallel.expert=2",
+        env={"LMSCALE_FAULT": "kill@step=7,rank=1"},
+        ok=False,
+    )
+    assert killed.returncode != 0
+    assert (split / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    resumed = run(split, cache_dir, 2, MIXTRAL, "parallel.expert=2")
+    assert "2 data-parallel rank(s), experts split 2 ways" in resumed.stderr
+    assert "continuing from" in resumed.stderr
+    assert "parameters identical on all 2 data-parallel replicas (each expert's on its 1)" in resumed.stderr
+    assert_same_losses(losses(split), expected, range(1, 11))
+
+    # The experts' load: every logged step, each layer's 4 experts got top-2 of all ranks' tokens.
+    load = [json.loads(line) for line in (split / "expert_load.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in load] == list(range(1, 11))
+    steps = {r["step"]: r for r in records(split) if "loss" in r}
+    for row in load:
+        tokens = (
+            steps[row["step"]]["tokens_seen"] - steps.get(row["step"] - 1, {"tokens_seen": 0})["tokens_seen"]
+        )
+        assert len(row["tokens_per_expert"]) == 4
+        assert all(len(layer) == 4 and tokens <= sum(layer) / 2 for layer in row["tokens_per_expert"])
+    assert all(1.0 <= r["expert_load_max_over_mean"] <= 2.0 for r in steps.values())
+
+    # Its step-5 checkpoint continues without expert parallelism (the experts re-split through the universal
+    # form; AutoEP's layers stay, every expert on every rank) and repeats steps 6-10 exactly.
+    moved = tmp_path / "moved"
+    shutil.copytree(split, moved)
+    shutil.rmtree(moved / "checkpoints" / "step_00000010")
+    (moved / "checkpoints" / "latest").write_text("step_00000005")
+    result = run(moved, cache_dir, 2, MIXTRAL)
+    assert "holds AutoEP's grouped experts (written with parallel.expert=2)" in result.stderr
+    assert_same_losses({s: v for s, v in losses(moved).items() if s > 5}, expected, range(6, 11))
+
+    # One HF model out of the split experts, computing what the data-parallel run's export does.
+    torch.testing.assert_close(
+        exported_logits(split, tmp_path / "ep_hf"),
+        exported_logits(data_parallel, tmp_path / "dp_hf"),
+        atol=1e-4,
+        rtol=0,
+    )
+
+    # A checkpoint without AutoEP's layers does not load into them: said before anything runs.
+    (data_parallel / "checkpoints" / "latest").write_text("step_00000005")
+    shutil.rmtree(data_parallel / "checkpoints" / "step_00000010")
+    refused = run(data_parallel, cache_dir, 2, MIXTRAL, "parallel.expert=2", ok=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "was written without expert parallelism" in refused.stderr
+
+
+def test_four_ranks_split_the_experts_two_and_four_ways_like_data_parallelism(tmp_path, cache_dir):
+    """Qwen3-MoE on 4 ranks (2 cores): experts split 2 ways (two replicas of each) under ZeRO-2, and 4 ways
+    under ZeRO-3, step for step against data parallelism alone."""
+    run(tmp_path / "dp", cache_dir, 4, QWEN_FOUR_RANKS)
+    expected = losses(tmp_path / "dp")
+    two = tmp_path / "ep2"
+    result = run(two, cache_dir, 4, QWEN_FOUR_RANKS, "parallel.expert=2")
+    assert "parameters identical on all 4 data-parallel replicas (each expert's on its 2)" in result.stderr
+    assert_same_losses(losses(two), expected, range(1, 7))
+    four = tmp_path / "ep4"
+    run(four, cache_dir, 4, QWEN_FOUR_RANKS, "parallel.expert=4", "zero.stage=3")
+    assert_same_losses(losses(four), expected, range(1, 7))
