@@ -60,6 +60,24 @@ PRESETS: dict[str, dict] = {
         tie_word_embeddings=False,
         rope_theta=500000.0,
     ),  # fmt: skip
+    # Qwen3-30B-A3B's shape: 48 layers of 128 experts, 8 active per token (3.3B of 30.5B parameters); the router's
+    # logits and load-balancing loss in the outputs, as lmscale trains them (configs/qwen3-30b-a3b.yaml).
+    "qwen3-30b-a3b": _llama(
+        layers=48,
+        hidden=2048,
+        heads=32,
+        kv_heads=4,
+        intermediate=6144,
+        family="qwen3_moe",
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+        output_router_logits=True,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+    ),  # fmt: skip
 }
 
 

@@ -7,11 +7,12 @@ micro-batch are offered only with the gradient accumulation that keeps the step 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from lmscale.config import Config
 from lmscale.methods import method_for
+from lmscale.planning.options import expert_options, memory_options, with_options
 from lmscale.planning.plan import (
     GIB,
     Hardware,
@@ -32,11 +33,16 @@ SPEED_ORDER_WITH_ACCUMULATION = (1, 2, 0, 3)
 SPEED_ORDER_WITHOUT = (2, 1, 0, 3)
 
 
-def recommend(rows: list[PlanRow], grad_accum_steps: int = 1) -> PlanRow | None:
-    """The fastest row that fits (rows of one layout): no offload first, then the stage order above."""
+def speed_rank(row: PlanRow, grad_accum_steps: int = 1) -> tuple[bool, int]:
+    """Smaller is faster: no offload first, then the stage order above."""
     order = SPEED_ORDER_WITH_ACCUMULATION if grad_accum_steps > 1 else SPEED_ORDER_WITHOUT
+    return row.offload, order.index(row.stage)
+
+
+def recommend(rows: list[PlanRow], grad_accum_steps: int = 1) -> PlanRow | None:
+    """The fastest row that fits (rows of one layout)."""
     fitting = [row for row in rows if row.fits]
-    return min(fitting, key=lambda row: (row.offload, order.index(row.stage))) if fitting else None
+    return min(fitting, key=lambda row: speed_rank(row, grad_accum_steps)) if fitting else None
 
 
 @dataclass
@@ -114,8 +120,18 @@ def plan_command(
         best = recommend(extra, accumulation)
         if best:
             break
+    chosen = config
+    if not best or best.offload or best.stage == 3:  # lmscale's memory options, cheapest first (options.py)
+        # Nothing fits, or only with CPU offload: any option; only with ZeRO-3: expert parallelism, which
+        # holds a mixture-of-experts model's experts once per group instead of gathering them every micro-batch.
+        tried = expert_options(facts, config, hardware) if best and not best.offload else None
+        with_option, option_rows, option_best = with_memory_options(
+            facts, config, hardware, tokens, best, tried
+        )
+        if option_best:
+            chosen, extra, best = with_option, option_rows, option_best
     shown = rows + (extra if best in extra else [])
-    advice = recommendation(facts, config, hardware, best, tokens) if best else None
+    advice = recommendation(facts, chosen, hardware, best, tokens) if best else None
     if as_json:
         print(plan_json(shown, best, advice))
     else:
@@ -128,6 +144,31 @@ def plan_command(
         ):
             print(line)
     return shown, best, advice
+
+
+def with_memory_options(
+    facts: ModelFacts,
+    config: Config,
+    hardware: Hardware,
+    tokens: int,
+    found: PlanRow | None,
+    tried: list[tuple[str, ...]] | None = None,
+) -> tuple[Config, list[PlanRow], PlanRow | None]:
+    """(the config with the first memory option that fits, its rows, the recommended row), or the config and
+    no rows when none does; when a set-up fits already (`found`: ZeRO-3 or CPU offload), only an option whose
+    set-up is faster (ZeRO 1-2 without offload: no weights gathered every micro-batch, nothing over PCIe).
+    `tried`: these options only (default: all, lmscale.planning.options.memory_options)."""
+    accumulation = config.train.grad_accum_steps
+    for overrides in memory_options(facts, config, hardware) if tried is None else tried:
+        candidate = with_options(config, overrides)
+        if candidate is None:
+            continue
+        keys = tuple(key for key in overrides if not key.startswith("parallel.expert="))  # the row says it
+        rows = [replace(row, options=keys) for row in plan_rows(facts, candidate, hardware, tokens)]
+        best = recommend(rows, accumulation)
+        if best and (found is None or speed_rank(best, accumulation) < speed_rank(found, accumulation)):
+            return candidate, rows, best
+    return config, [], None
 
 
 def reference_line(config: Config) -> str:
@@ -178,8 +219,9 @@ def print_plan(
     table = Table(
         title=f"{facts.params / 1e6:,.1f}M parameters{trainable}, {hardware.nodes} x {hardware.gpus_per_node} "
         f"GPUs of {hardware.gpu_mem_bytes / GIB:.0f} GiB, {tokens} tokens per micro-batch, {config.precision}",
-        caption="GiB per GPU (host: per node); * = recommended; DS est.: DeepSpeed's own estimate of the "
-        "model states, for ZeRO 2-3 of plain data parallelism with every weight trained (- elsewhere)",
+        caption="GiB per GPU (host: per node); * = recommended; + = with the memory options the recommendation "
+        "names; DS est.: DeepSpeed's own estimate of the model states, for ZeRO 2-3 of plain data parallelism "
+        "with every weight trained (- elsewhere)",
     )
     for column in ("layout", "ZeRO", "offload", "states", "activations", "buffers", "GPU total", "host"):
         table.add_column(column, justify="right")
@@ -194,7 +236,9 @@ def print_plan(
             row.cpu_bytes,
         )
         estimate = row.deepspeed_estimate_bytes
-        layout = "".join(f"{k}{n}" for k, n in (("sp", row.sequence), ("tp", row.tensor)) if n > 1) or "dp"
+        parts = (("sp", row.sequence), ("tp", row.tensor), ("ep", row.expert))
+        layout = "".join(f"{k}{n}" for k, n in parts if n > 1) or "dp"
+        layout += "+" if row.options else ""
         table.add_row(
             layout,
             str(row.stage),

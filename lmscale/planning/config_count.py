@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 FAMILY_DEFAULTS: dict[str, dict] = {
     "gpt2": {
         "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
-        "tie_word_embeddings": True, "add_cross_attention": False,
+        "tie_word_embeddings": True, "add_cross_attention": False, "resid_pdrop": 0.1,
     },
     "llama": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -39,13 +39,13 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "mixtral": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "tie_word_embeddings": False,
-        "num_local_experts": 8,
+        "num_local_experts": 8, "num_experts_per_tok": 2,
     },
     "qwen3_moe": {
         "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
         "num_attention_heads": 32, "num_key_value_heads": 4, "tie_word_embeddings": False,
         "attention_bias": False, "num_local_experts": 128, "moe_intermediate_size": 768, "decoder_sparse_step": 1,
-        "mlp_only_layers": None,
+        "mlp_only_layers": None, "num_experts_per_tok": 8,
     },
     "qwen2": {
         "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
@@ -189,6 +189,7 @@ def gpt2_facts(c: dict) -> ModelFacts | None:
         split_params=0,  # Conv1D, not nn.Linear: AutoTP does not split GPT-2 (lmscale.parallel.layout)
         kv_heads=c["n_head"],
         fusable_head="gpt2" in FUSABLE_FAMILIES,
+        tileable_mlp=not c["resid_pdrop"],  # the MLP's dropout would draw another mask in the recompute
     )
 
 
@@ -209,6 +210,8 @@ def decoder_facts(family: str, c: dict) -> ModelFacts:
     mlps = [mlp_modules(family, c, layer) for layer in range(layers)]
     head = 0 if c["tie_word_embeddings"] else vocab * h
     blocks = sum(sum(attention) + sum(mlp) + norms for mlp, _ in mlps)
+    expert_layers = [layer for layer in range(layers) if is_expert_layer(family, c, layer)]
+    experts = c["num_local_experts"] if expert_layers else 0
     return ModelFacts(
         params=blocks + vocab * h + h + head,
         largest_layer_params=max(*attention, *(m for mlp, _ in mlps for m in mlp), vocab * h),
@@ -219,6 +222,10 @@ def decoder_facts(family: str, c: dict) -> ModelFacts:
         split_params=sum(attention_weights + linear for _, linear in mlps),
         kv_heads=kv_heads,
         fusable_head=family in FUSABLE_FAMILIES,
+        expert_params=sum(mlps[layer][0][0] for layer in expert_layers),  # the fused experts, not the router
+        experts=experts,
+        top_k=c["num_experts_per_tok"] if experts else 0,
+        tileable_mlp=not experts,
     )
 
 

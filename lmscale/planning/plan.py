@@ -38,6 +38,7 @@ import torch
 from lmscale.atomic import write_atomically
 from lmscale.config import Config
 from lmscale.methods import method_for
+from lmscale.parallel.autoep import expert_count
 from lmscale.parallel.layout import ulysses_split_problems
 
 GIB = 1024**3
@@ -57,6 +58,10 @@ class ModelFacts:
     split_params: int = 0  # weights of the blocks' linear layers: what tensor parallelism divides
     kv_heads: int = 0  # 0: as many as heads
     fusable_head: bool = False  # the chunked loss fuses the output layer (lmscale.objectives.fused_head)
+    expert_params: int = 0  # mixture-of-experts layers' expert weights: what parallel.expert divides
+    experts: int = 0  # experts per MoE layer
+    top_k: int = 0  # experts each token goes to
+    tileable_mlp: bool = True  # model.tiled_mlp applies (a dense MLP without dropout)
 
     @property
     def trainable_params(self) -> int:
@@ -65,6 +70,15 @@ class ModelFacts:
     def params_per_rank(self, tensor: int) -> int:
         """Weights one rank holds before ZeRO: the split linears' share and every other weight whole."""
         return self.params - self.split_params + self.split_params // tensor
+
+    def expert_degrees(self, ranks: int, gpus_per_node: int) -> list[int]:
+        """The expert-parallel degrees this model allows on `ranks` GPUs, within a node (AutoEP's all-to-all
+        runs every MoE layer, forward and backward), from the smallest up."""
+        return [
+            d
+            for d in range(2, gpus_per_node + 1)
+            if self.experts and self.experts % d == 0 and ranks % d == 0 and gpus_per_node % d == 0
+        ]
 
 
 def model_facts(config: Config, vocab_size: int | None = None) -> ModelFacts:
@@ -139,9 +153,13 @@ def facts_cache_path(config: Config, vocab: int) -> Path | None:
             versions.append(None)
     lora = config.finetune.lora.model_dump() if config.finetune.lora is not None else None
     key = [source, vocab, config.data.max_seq_len, config.model.model_dump(), lora, __version__, versions]
+    key.append(FACTS_FIELDS)  # a cache written before a field was added would fill it with its default
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return home / "lmscale" / "model-facts" / f"{digest}.json"
+
+
+FACTS_FIELDS = "params frozen split kv fusable experts top_k tileable"
 
 
 def write_facts_cache(path: Path, facts: ModelFacts) -> None:
@@ -170,6 +188,11 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and not name.endswith(("lm_head", "score"))
     )
+    expert_params = sum(
+        p.numel() for name, p in model.named_parameters() if "experts" in name.split(".")[:-1]
+    )
+    experts = (expert_count(c) or 0) if expert_params else 0
+    mlp_dropout = c.model_type == "gpt2" and bool(getattr(c, "resid_pdrop", 0))
     return ModelFacts(
         params=params,
         frozen_params=params - count_parameters(model, trainable_only=True),
@@ -181,6 +204,10 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
         split_params=split,
         kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
         fusable_head=fused_head_problem(model) is None,
+        expert_params=expert_params,
+        experts=experts,
+        top_k=c.num_experts_per_tok if experts else 0,
+        tileable_mlp=not experts and not mlp_dropout,
     )
 
 
@@ -249,12 +276,21 @@ def activation_bytes_per_token(
     precision: str,
     tensor: int = 1,
     chunked_loss: bool = False,
+    tiled_mlp: bool = False,
+    offload: bool = False,
 ) -> float:
     """Activation bytes one training token keeps for backward on one rank (16-bit; doubled in fp32); a
-    tensor-parallel rank keeps 1/`tensor` of what lives inside the split layers."""
+    tensor-parallel rank keeps 1/`tensor` of what lives inside the split layers.
+
+    Of the 24·h inside the split layers, 16·h are the MLP's (its first linear's output and the activation's,
+    4·h wide each): `tiled_mlp` keeps neither (each slice's are recomputed in backward; one slice at a time is
+    noise at long contexts). `offload` (with checkpointing) moves the layers' saved inputs to host memory;
+    about two layers' are on the GPU at a time (the one recomputed, the next one arriving)."""
     scores = 5 * facts.heads * seq_len if attention == "eager" else 0  # fused kernels keep no s x s scores
-    per_layer = 10 * facts.hidden + (24 * facts.hidden + scores) / tensor
-    kept = 2 * facts.hidden * facts.layers + per_layer if checkpointing else per_layer * facts.layers
+    inside = (8 if tiled_mlp else 24) * facts.hidden
+    per_layer = 10 * facts.hidden + (inside + scores) / tensor
+    saved_layers = min(2, facts.layers) if offload and checkpointing else facts.layers
+    kept = 2 * facts.hidden * saved_layers + per_layer if checkpointing else per_layer * facts.layers
     if chunked_loss and facts.fusable_head:  # one fp32 block of logits at a time, whatever the precision
         return kept * (2 if precision == "fp32" else 1) + 4 * facts.hidden
     logits = (2 if chunked_loss else 6) * facts.vocab
@@ -275,6 +311,15 @@ def buffer_bytes(params: int, stage: int, trainable: int | None = None) -> int:
     return 2 * (min(trainable, bucket_elements) + min(gathered, bucket_elements)) + CUDA_CONTEXT_BYTES
 
 
+def all_to_all_bytes(facts: ModelFacts, tokens: int, expert: int, precision: str) -> int:
+    """AutoEP's token exchange of one MoE layer at a time: each token's hidden state once per chosen expert,
+    sent and received (the combine reuses the space)."""
+    if expert == 1:
+        return 0
+    width = 4 if precision == "fp32" else 2
+    return 2 * tokens * facts.top_k * facts.hidden * width
+
+
 @dataclass
 class PlanRow:
     stage: int
@@ -289,6 +334,10 @@ class PlanRow:
     tensor: int = 1
     sequence: int = 1
     generation_bytes: int = 0  # an online method's KV cache while it samples (not at once with activations)
+    expert: int = 1
+    options: tuple[
+        str, ...
+    ] = ()  # memory options the row assumes beyond the config (lmscale.planning.options)
 
     def keys(self) -> str:
         """The config keys that select this row, as overrides."""
@@ -297,7 +346,9 @@ class PlanRow:
             keys.insert(0, f"parallel.tensor={self.tensor}")
         if self.sequence > 1:
             keys.insert(0, f"parallel.sequence={self.sequence}")
-        return " ".join(keys)
+        if self.expert > 1:
+            keys.insert(0, f"parallel.expert={self.expert}")
+        return " ".join([*self.options, *keys])
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -344,6 +395,8 @@ def configured_activation_bytes(facts: ModelFacts, config: Config, tensor: int =
         config.precision,
         tensor,
         config.train.chunked_loss,
+        model.tiled_mlp,
+        model.activation_offload,
     )
 
 
@@ -399,25 +452,30 @@ def plan_rows(
     online = method_for(config.finetune).online
     sampling = generation_bytes(facts, config, ranks // (tensor * sequence)) if online else 0
     setups = [
-        (stage, offload) for stage, offload in SETUPS if tensor == 1 or (stage in (1, 2) and not offload)
+        (stage, offload)
+        for stage, offload in SETUPS
+        if (tensor == 1 or (stage in (1, 2) and not offload)) and setup_allowed(config, stage, offload)
     ]
     # Muon's share: the blocks' linear weights (facts.split_params; GPT-2's Conv1D ones are not counted there,
     # so its Muon saving is left out: an overestimate, never an underestimate).
     muon_fraction = min(1.0, facts.split_params / max(1, facts.params))
     optim = config.optim
     widths = state_widths(config.precision, optim.name, optim.state_dtype, muon_fraction)
+    expert = config.parallel.expert
     rows = []
     for stage, offload in setups:
-        gpu_states, cpu_states = model_state_bytes(
-            params, stage, zero_ranks, offload, config.precision, trainable, widths
+        gpu_states, cpu_states = sharded_state_bytes(
+            facts, params, trainable, stage, (zero_ranks, expert), offload, config.precision, widths
         )
         gpu_states += reference_copy_bytes(config, params, stage, zero_ranks)
         activations = int(per_token * tokens / sequence)
-        buffers = buffer_bytes(params, stage, trainable)
+        buffers = buffer_bytes(params - facts.expert_params + facts.expert_params // expert, stage, trainable)
+        buffers += all_to_all_bytes(facts, tokens // sequence, expert, config.precision)
         total = gpu_states + max(activations, sampling) + buffers
         cpu_total = cpu_states * hardware.gpus_per_node  # every rank of a node offloads to that node's RAM
         fits = total <= HEADROOM * hardware.gpu_mem_bytes and cpu_total <= HEADROOM * hardware.cpu_mem_bytes
-        plain = tensor == 1 and sequence == 1
+        # DeepSpeed's estimators count AdamW's mixed-precision states for plain data parallelism only
+        plain = tensor == 1 and sequence == 1 and expert == 1 and widths == ADAM_WIDTHS.get(config.precision)
         estimate = (
             deepspeed_estimate(facts, stage, offload, hardware.gpus_per_node, hardware.nodes)
             if plain
@@ -437,9 +495,45 @@ def plan_rows(
                 tensor,
                 sequence,
                 sampling,
+                expert,
             )
         )
     return rows
+
+
+def setup_allowed(config: Config, stage: int, offload: bool) -> bool:
+    """Whether lmscale runs the config at this ZeRO stage and offload (bf16 states are ZeRO's; Muon and expert
+    parallelism are not offloaded)."""
+    if config.optim.state_dtype == "bf16" and stage == 0:
+        return False
+    return not offload or (config.optim.name != "muon" and config.parallel.expert == 1)
+
+
+def sharded_state_bytes(
+    facts: ModelFacts,
+    params: int,
+    trainable: int,
+    stage: int,
+    ranks: tuple[int, int],
+    offload: bool,
+    precision: str,
+    widths: StateWidths,
+) -> tuple[int, int]:
+    """`model_state_bytes` of a rank, with a mixture-of-experts model's experts split `expert` ways: each rank
+    holds 1/`expert` of them, partitioned by ZeRO over the `zero_ranks / expert` ranks that hold the same
+    experts; the other weights are partitioned over all `zero_ranks` (`ranks` = (zero_ranks, expert))."""
+    zero_ranks, expert = ranks
+    if expert == 1:
+        return model_state_bytes(params, stage, zero_ranks, offload, precision, trainable, widths)
+    shared = params - facts.expert_params
+    own_experts = facts.expert_params // expert
+    gpu, cpu = model_state_bytes(
+        shared, stage, zero_ranks, offload, precision, trainable - facts.expert_params, widths
+    )
+    expert_gpu, expert_cpu = model_state_bytes(
+        own_experts, stage, max(1, zero_ranks // expert), offload, precision, own_experts, widths
+    )
+    return gpu + expert_gpu, cpu + expert_cpu
 
 
 def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list[tuple[int, int]]:

@@ -19,6 +19,7 @@ from lmscale.planning.plan import (
     buffer_bytes,
     facts_of,
     largest_token_budget,
+    model_facts,
     model_state_bytes,
     plan_rows,
 )
@@ -311,7 +312,7 @@ def test_layouts_tried_when_nothing_fits_go_sequence_then_tensor_then_both():
     assert other_layouts(facts, configured, hardware) == []  # a configured layout stays
 
 
-@pytest.mark.parametrize("recipe", ["llama-1b", "llama-8b-32k"])
+@pytest.mark.parametrize("recipe", ["llama-1b", "llama-8b-32k", "qwen3-30b-a3b"])
 def test_recipes_say_what_the_planner_says(recipe, capsys):
     """A recipe's ZeRO stage is the planner's recommendation, and its comment quotes the planner's total."""
     from lmscale.planning.command import plan_command
@@ -322,6 +323,7 @@ def test_recipes_say_what_the_planner_says(recipe, capsys):
     _, best, advice = plan_command(config, Hardware(8), as_json=True)
     capsys.readouterr()
     assert best.stage == config.zero.stage and (best.tensor, best.sequence) == (1, config.parallel.sequence)
+    assert best.expert == config.parallel.expert
     quoted = re.search(r"~(\d+(?:\.\d+)?) GiB per GPU", text)
     assert quoted and abs(float(quoted.group(1)) - advice.total_bytes / GIB) < 0.6, (quoted, advice)
     assert f"{advice.step_tokens:,} tokens" in text.replace("\n# ", " ")
@@ -350,3 +352,62 @@ def test_grpo_plans_its_sampling_kv_cache_and_only_the_layouts_it_trains_in():
     assert row.generation_bytes == expected
     assert row.total_bytes == row.model_state_bytes + max(row.activation_bytes, expected) + row.buffer_bytes
     assert other_layouts(facts, config, hardware) == []  # GRPO trains in neither tensor nor sequence layouts
+
+
+def test_expert_parallelism_divides_the_experts_states_and_adds_the_token_exchange():
+    from lmscale.planning.plan import ADAM_WIDTHS, all_to_all_bytes, sharded_state_bytes
+
+    moe = ModelFacts(1000, 0, layers=2, hidden=16, heads=2, vocab=10, expert_params=800, experts=8, top_k=2)
+    widths = ADAM_WIDTHS["bf16"]  # 2 + 2 + 12 bytes per parameter
+    # ZeRO-1 on 8 ranks, experts split 4 ways: the 200 shared weights' states over 8 ranks (2x200 + 2x200 +
+    # 12x200/8), the rank's 200 experts' states over the 2 ranks holding the same experts (400 + 400 + 1200).
+    assert sharded_state_bytes(moe, 1000, 1000, 1, (8, 4), False, "bf16", widths) == (1100 + 2000, 0)
+    assert sharded_state_bytes(moe, 1000, 1000, 1, (8, 1), False, "bf16", widths) == (2000 + 2000 + 1500, 0)
+    assert (
+        all_to_all_bytes(moe, 1024, 4, "bf16") == 2 * 1024 * 2 * 16 * 2
+        and all_to_all_bytes(moe, 1024, 1, "bf16") == 0
+    )
+    assert moe.expert_degrees(ranks=16, gpus_per_node=8) == [2, 4, 8]
+
+
+def test_tiled_mlp_and_activation_offload_by_hand():
+    gpt2 = ModelFacts(params=GPT2_124M, largest_layer_params=0, layers=12, hidden=768, heads=12, vocab=50257)
+    # tiled: of the 24 x h inside the split layers, the MLP's 16 x h are recomputed in backward
+    assert (
+        activation_bytes_per_token(gpt2, 1024, False, "sdpa", "bf16", tiled_mlp=True)
+        == 12 * 18 * 768 + 301_542
+    )
+    # offload: two layers' saved inputs on the GPU, not twelve
+    with_offload = activation_bytes_per_token(gpt2, 1024, True, "sdpa", "bf16", offload=True)
+    assert with_offload == 2 * 768 * 2 + 34 * 768 + 301_542
+    assert (
+        activation_bytes_per_token(gpt2, 1024, False, "sdpa", "bf16", offload=True) == 614_886
+    )  # needs checkpoints
+
+
+def test_plan_tries_lmscales_memory_options_cheapest_first(capsys):
+    """Qwen3-30B-A3B's shape on 8 GPUs: without expert parallelism only ZeRO-3 fits 80 GB, so the planner
+    offers the smallest expert split that fits ZeRO 1-2; on 48 GB nothing fits without CPU offload, and bf16
+    optimizer states under ZeRO-3 do (expert splits alone do not)."""
+    from lmscale.planning.command import plan_command
+    from lmscale.planning.options import memory_options
+    from lmscale.runs.preflight import resolve_run_config
+
+    recipe = str(REPO / "configs" / "qwen3-30b-a3b.yaml")
+    config = resolve_run_config(recipe, ["parallel.expert=1"], 8, has_gpu=True)[0]
+    _, best, advice = plan_command(config, Hardware(8), as_json=True)
+    assert advice.keys == "parallel.expert=4 zero.stage=2" and best.expert == 4
+    assert round(advice.total_bytes / GIB, 1) == 71.6  # as README.md's table says
+    _, best, advice = plan_command(config, Hardware(8, gpu_mem_bytes=48 * GIB), as_json=True)
+    assert advice.keys == "optim.state_dtype=bf16 zero.stage=3" and best.options == (
+        "optim.state_dtype=bf16",
+    )
+    capsys.readouterr()
+    facts = model_facts(config)
+    options = memory_options(facts, config, Hardware(8))
+    assert options[:3] == [("parallel.expert=2",), ("parallel.expert=4",), ("parallel.expert=8",)]
+    assert ("model.tiled_mlp=true",) not in options and facts.tileable_mlp is False  # experts are not tiled
+    assert options[-1] == (
+        "parallel.expert=8", "model.activation_checkpointing=true", "model.activation_offload=true",
+        "optim.state_dtype=bf16", "optim.name=muon",
+    )  # fmt: skip
