@@ -10,7 +10,14 @@ Adam's states and the gradients exist), then the long one, and reports the growt
 set over its resident set before that step: the step's activations, logits and loss temporaries. Prints
 each figure and the ratios of the issue's targets: sequence 2 / sequence 1 (target <= 0.6) and the
 chunked loss's saving against the size of the fp32 logits (target >= 1).
-Usage: python bench/long_context.py [--tokens 4096] [--precision fp32|bf16]
+
+`--memory-options` measures lmscale's activation options instead, one rank, the fused loss (as Llama trains):
+no option, `model.tiled_mlp` (each block's MLP a slice of the row at a time, recomputed in backward),
+`model.activation_checkpointing`, and that with `model.activation_offload`; beside each, the planner's
+activation figure for the same row (lmscale.planning.plan.activation_bytes_per_token) and their ratio. On a
+CPU the "host memory" offload moves to is the memory it was in, so offload can save nothing here: its GPU
+figure is bench/gpu.md's.
+Usage: python bench/long_context.py [--tokens 4096] [--precision fp32|bf16] [--memory-options]
 """
 
 from __future__ import annotations
@@ -35,8 +42,24 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+# lmscale's activation options by name (model.* keys), for --memory-options
+MEMORY_OPTIONS = {
+    "none": {},
+    "tiled MLP": {"tiled_mlp": True},
+    "checkpointing": {"activation_checkpointing": True},
+    "checkpointing + offload": {"activation_checkpointing": True, "activation_offload": True},
+}
+
+
 def step_growth(
-    rank: int, world_size: int, port: int, tokens: int, loss: str, precision: str, results
+    rank: int,
+    world_size: int,
+    port: int,
+    tokens: int,
+    loss: str,
+    precision: str,
+    results,
+    options: str = "none",
 ) -> None:
     """One rank: a short step, then the long one; records the long step's peak growth in bytes."""
     os.environ.update(
@@ -60,7 +83,10 @@ def step_growth(
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=tokens, tie_word_embeddings=True,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model.config.use_cache = False
+    from lmscale.config import ModelConfig
+    from lmscale.model.build import prepare_for_training
+
+    prepare_for_training(model, ModelConfig(fused_kernels=False, **MEMORY_OPTIONS[options]))
     mpu = register_ulysses(model, Layout(world_size, sequence=world_size)) if world_size > 1 else None
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -79,11 +105,11 @@ def step_growth(
         batch = sequence_slice(collate([ids], pad_id=0), 0, rank, world_size)
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
         if loss == "fused":
-            with loss_targets(engine.module, batch["shift_labels"]):
+            with loss_targets(engine.module, batch["labels"]):
                 summed = engine(**inputs).logits  # the fused output layer returns the summed loss
         else:
             summed = aligned_token_loss(
-                engine(**inputs).logits, batch["shift_labels"], chunked=loss == "blockwise"
+                engine(**inputs).logits, batch["labels"], chunked=loss == "blockwise"
             )
         engine.backward(summed)
         engine.step()
@@ -95,12 +121,12 @@ def step_growth(
     shutdown_distributed()
 
 
-def measure(world_size: int, tokens: int, loss: str, precision: str) -> int:
+def measure(world_size: int, tokens: int, loss: str, precision: str, options: str = "none") -> int:
     """The largest long-step growth over the ranks of one fresh job."""
     from lmscale.parallel.engine import free_port
 
     results = mp.Manager().dict()
-    args = (world_size, free_port(), tokens, loss, precision, results)
+    args = (world_size, free_port(), tokens, loss, precision, results, options)
     mp.spawn(step_growth, args=args, nprocs=world_size, join=True)
     return max(results.values())
 
@@ -109,8 +135,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens in the long row")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--memory-options", action="store_true", help="measure lmscale's activation options")
     args = parser.parse_args()
     tokens, precision = args.tokens, args.precision
+    if args.memory_options:
+        memory_options_table(tokens, precision)
+        return
     logits_bytes = tokens * VOCAB * 4
     figures = {}
     print(
@@ -130,6 +160,37 @@ def main() -> None:
     saved = figures[1, "plain"] - figures[1, "fused"]
     print(
         f"ratio chunked-loss saving/fp32 logits: {saved / logits_bytes:.2f}  (target >= 1; fused, as Llama trains)"
+    )
+
+
+def planner_figure(tokens: int, precision: str, options: dict) -> float:
+    """The planner's activation bytes for one row of `tokens` with these model options (fused loss, sdpa)."""
+    from lmscale.config import Config
+    from lmscale.planning.plan import activation_bytes_per_token, model_facts
+
+    facts = model_facts(
+        Config(model={"preset": "tiny-llama"}, data={"max_seq_len": tokens}), vocab_size=VOCAB
+    )
+    per_token = activation_bytes_per_token(
+        facts, tokens, options.get("activation_checkpointing", False), "sdpa", precision, 1, True,
+        options.get("tiled_mlp", False), options.get("activation_offload", False),
+    )  # fmt: skip
+    return per_token * tokens
+
+
+def memory_options_table(tokens: int, precision: str) -> None:
+    print(f"one {precision} step on {tokens:,} tokens, one rank, fused loss: lmscale's activation options")
+    print(f"{'model options':<26}{'measured':>12}{'planner':>12}{'ratio':>8}")
+    measured = {}
+    for name, options in MEMORY_OPTIONS.items():
+        measured[name] = measure(1, tokens, "fused", precision, name)
+        planned = planner_figure(tokens, precision, options)
+        print(
+            f"{name:<26}{measured[name] / 2**20:>9,.0f} MiB{planned / 2**20:>9,.0f} MiB{planned / max(measured[name], 1):>8.2f}"
+        )
+    print(f"ratio tiled/none: {measured['tiled MLP'] / measured['none']:.2f}")
+    print(
+        f"ratio offload/checkpointing: {measured['checkpointing + offload'] / measured['checkpointing']:.2f}"
     )
 
 

@@ -456,11 +456,8 @@ def plan_rows(
         for stage, offload in SETUPS
         if (tensor == 1 or (stage in (1, 2) and not offload)) and setup_allowed(config, stage, offload)
     ]
-    # Muon's share: the blocks' linear weights (facts.split_params; GPT-2's Conv1D ones are not counted there,
-    # so its Muon saving is left out: an overestimate, never an underestimate).
-    muon_fraction = min(1.0, facts.split_params / max(1, facts.params))
     optim = config.optim
-    widths = state_widths(config.precision, optim.name, optim.state_dtype, muon_fraction)
+    widths = state_widths(config.precision, optim.name, optim.state_dtype, muon_fraction(facts))
     expert = config.parallel.expert
     rows = []
     for stage, offload in setups:
@@ -499,6 +496,12 @@ def plan_rows(
             )
         )
     return rows
+
+
+def muon_fraction(facts: ModelFacts) -> float:
+    """Muon's share of the parameters: the blocks' linear weights (facts.split_params; GPT-2's Conv1D ones are not
+    counted there, so its Muon saving is left out: an overestimate, never an underestimate)."""
+    return min(1.0, facts.split_params / max(1, facts.params))
 
 
 def setup_allowed(config: Config, stage: int, offload: bool) -> bool:
