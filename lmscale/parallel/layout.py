@@ -190,8 +190,15 @@ def autoep_problems(model_config: Any, expert: int) -> list[str]:
     """DeepSpeed's AutoEP converts the families it has a preset for; say so before it fails on another."""
     from lmscale.parallel.autoep import autoep_model_types
 
-    supported = autoep_model_types()
-    if expert == 1 or model_config.model_type in supported:
+    if expert == 1:
+        return []
+    try:
+        supported = autoep_model_types()
+    except ImportError:  # AutoEP came with DeepSpeed 0.19
+        return [
+            f"parallel.expert={expert} needs DeepSpeed's AutoEP (0.19 or newer): pip install -U deepspeed"
+        ]
+    if model_config.model_type in supported:
         return []
     return [
         f"parallel.expert={expert}: DeepSpeed's AutoEP has no preset for {model_config.model_type} models "

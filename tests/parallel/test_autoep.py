@@ -107,6 +107,18 @@ def test_the_expert_split_must_fit_the_model():
     assert Layout(4, expert=2).describe() == "4 data-parallel rank(s), experts split 2 ways"
 
 
+def test_a_deepspeed_without_autoep_is_named(monkeypatch):
+    import lmscale.parallel.autoep as autoep
+
+    def no_autoep():
+        raise ImportError("No module named 'deepspeed.module_inject.auto_ep_presets'")
+
+    monkeypatch.setattr(autoep, "autoep_model_types", no_autoep)
+    (problem,) = autoep_problems(tiny_mixtral().config, 2)
+    assert "needs DeepSpeed's AutoEP (0.19 or newer)" in problem
+    assert autoep_problems(tiny_mixtral().config, 1) == []
+
+
 def test_expert_weights_get_optimizer_groups_of_their_own_under_autoep():
     model = tiny_mixtral()
     groups = parameter_groups(model, OptimConfig(weight_decay=0.1), expert=2)
