@@ -80,6 +80,16 @@ def test_the_deepspeed_config_turns_autoep_on_for_the_expert_degree():
     assert "expert_parallel" not in plain and autoep_degree(plain) is None
 
 
+def test_a_deepspeed_json_sets_the_expert_degree(tmp_path):
+    json_path = tmp_path / "ep.json"
+    json_path.write_text('{"expert_parallel": {"enabled": true, "autoep_size": 2, "comm_backend": "comm"}}')
+    config, ds = resolved(2, "model.preset=tiny-mixtral", f"deepspeed_config={json_path}")
+    assert config.parallel.expert == 2
+    assert ds["expert_parallel"] == {"enabled": True, "autoep_size": 2, "comm_backend": "comm"}
+    with pytest.raises(ConfigError, match="parallel.expert=1 but"):
+        resolved(2, "model.preset=tiny-mixtral", f"deepspeed_config={json_path}", "parallel.expert=1")
+
+
 @pytest.mark.parametrize(
     ("world_size", "overrides", "message"),
     [
