@@ -170,10 +170,11 @@ def expert_parallel_problems(config: Config) -> list[str]:
         )
     if config.model.compile:
         problems.append(f"{key} is not tested with model.compile: unset model.compile")
-    if config.finetune.method != "sft":
+    method = method_for(config.finetune)
+    if not method.expert_parallel:
         problems.append(
-            f"{key} is tested with language-model training (pre-training and SFT), not with "
-            f"finetune.method={config.finetune.method}: use parallel.expert=1"
+            f"{key} is tested with language-model training (pre-training and SFT), not with {method.key}: "
+            "use parallel.expert=1"
         )
     return problems
 

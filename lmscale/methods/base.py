@@ -65,6 +65,7 @@ class Method:
     online: bool = False
     tensor_parallel: bool = True  # AutoTP splits what it trains
     sequence_parallel: bool = True  # Ulysses slices what it trains on
+    expert_parallel: bool = False  # tested with AutoEP's experts (parallel.expert)
 
     def problems(self, config: Config) -> list[str]:
         """Every reason `config` cannot train with this method."""

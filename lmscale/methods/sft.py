@@ -10,4 +10,5 @@ SFT = Method(
     figures=MethodFigures(
         loss_name="loss", loss_label="loss (nats/token)", panels=(), summary_keys=("eval_loss", "eval_ppl")
     ),
+    expert_parallel=True,
 )

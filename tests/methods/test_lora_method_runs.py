@@ -75,8 +75,9 @@ def test_each_preference_method_trains_lora_adapters(workspace, tmp_path, method
     assert evals[-1][accuracy] >= max(0.65, evals[0][accuracy] + 0.15), evals
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     scores = json.loads(run_lmscale("eval", str(run), "--json").stdout.strip().splitlines()[-1])
-    # the run computes with torch's fused tanh-GELU, the loaded model with HF's composed one: equal to rounding
-    assert scores["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-4)
+    # the run computes with torch's fused tanh-GELU, the loaded model with HF's composed one, both in bf16: equal
+    # to bf16's rounding (transformers 5.25's GPT-2 met 1.8e-4 on a loss of 0.65 where 5.24 stayed under 1e-4)
+    assert scores["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=5e-4)
     assert scores[accuracy] == pytest.approx(evals[-1][accuracy], abs=0.02)
 
     merged = tmp_path / "merged"

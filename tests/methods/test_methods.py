@@ -78,7 +78,7 @@ def test_no_module_outside_the_registry_branches_on_a_method_s_name():
 
 
 def test_the_readme_table_says_what_each_method_combines_with():
-    """The README's table of methods is each Method's own flags (data formats, tensor and sequence
+    """The README's table of methods is each Method's own flags (data formats, tensor, sequence and expert
     parallelism, a reference pass), so it cannot drift from what the config accepts."""
     readme = (LMSCALE.parent / "README.md").read_text()
     rows = {
@@ -86,14 +86,15 @@ def test_the_readme_table_says_what_each_method_combines_with():
         for line in readme.splitlines()
         if line.startswith("| ")
         and "`finetune." in line
-        and len(cells := [c.strip() for c in line.split("|")]) > 7
+        and len(cells := [c.strip() for c in line.split("|")]) > 8
     }
     yes = {True: "yes", False: "no"}
     for name, method in METHODS.items():
         cells = rows[name]
         assert cells[3] == ", ".join(f"`{f}`" for f in method.data_formats), name
-        assert (cells[5], cells[6], cells[7]) == (
+        assert (cells[5], cells[6], cells[7], cells[8]) == (
             yes[method.tensor_parallel],
             yes[method.sequence_parallel],
+            yes[method.expert_parallel],
             yes[method.needs_reference],
         ), name

@@ -65,7 +65,10 @@ def test_fused_loss_and_gradients_equal_the_plain_ones(family, sequence_parallel
     fused_loss, fused_grads = loss_and_grads(fused_model, batch, chunked=True)
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-5)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        # The loss is a sum over ~70 targets, so fp32's summation-order noise scales with the gradient's size
+        # (transformers 5.25's GPT-2: 1.9e-6 on a bias gradient of 7.8, computed in another order).
+        scale = max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
 def test_fused_head_still_gives_logits_without_targets():
