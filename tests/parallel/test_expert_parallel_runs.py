@@ -120,15 +120,15 @@ def test_expert_parallel_pair_trains_like_data_parallelism_resumes_moves_and_exp
     assert "was written without expert parallelism" in refused.stderr
 
 
-def test_four_ranks_split_the_experts_two_and_four_ways_like_data_parallelism(tmp_path, cache_dir):
-    """Qwen3-MoE on 4 ranks (2 cores): experts split 2 ways (two replicas of each) under ZeRO-2, and 4 ways
-    under ZeRO-3, step for step against data parallelism alone."""
-    run(tmp_path / "dp", cache_dir, 4, QWEN_FOUR_RANKS)
-    expected = losses(tmp_path / "dp")
+def test_four_ranks_split_the_experts_two_and_four_ways_alike(tmp_path, cache_dir):
+    """Qwen3-MoE on 4 ranks (2 cores): experts split 2 ways (two replicas of each, compared at the end) under
+    ZeRO-2 and 4 ways under ZeRO-3, step for step the same (the pair test above ties a split to data parallelism
+    alone; a third 4-rank run for that would cost CI a minute)."""
     two = tmp_path / "ep2"
     result = run(two, cache_dir, 4, QWEN_FOUR_RANKS, "parallel.expert=2")
+    assert "4 data-parallel rank(s), experts split 2 ways" in result.stderr
     assert "parameters identical on all 4 data-parallel replicas (each expert's on its 2)" in result.stderr
-    assert_same_losses(losses(two), expected, range(1, 7))
     four = tmp_path / "ep4"
     run(four, cache_dir, 4, QWEN_FOUR_RANKS, "parallel.expert=4", "zero.stage=3")
-    assert_same_losses(losses(four), expected, range(1, 7))
+    assert_same_losses(losses(four), losses(two), range(1, 7))
+    assert losses(two)[6] < losses(two)[1]
