@@ -108,9 +108,7 @@ def step_growth(
             with loss_targets(engine.module, batch["labels"]):
                 summed = engine(**inputs).logits  # the fused output layer returns the summed loss
         else:
-            summed = aligned_token_loss(
-                engine(**inputs).logits, batch["labels"], chunked=loss == "blockwise"
-            )
+            summed = aligned_token_loss(engine(**inputs).logits, batch["labels"], chunked=loss == "blockwise")
         engine.backward(summed)
         engine.step()
 
