@@ -125,13 +125,14 @@ def save_checkpoint(
 
 def job_meta(engine: Any, step: int, sequence: int | None) -> dict[str, Any]:
     """What the manifest records of the job that wrote a checkpoint (for resumes on another layout)."""
+    autoep = autoep_degree_of(engine)
     return {
         "step": step,
         "world_size": dist.get_world_size(),
         "tensor": tensor_degree(engine),
         "sequence": sequence or int(getattr(engine, "sequence_parallel_size", 1)),
-        "expert": expert_degree(engine),
-        "autoep": expert_degree(engine, layers=True) is not None,
+        "expert": autoep or 1,
+        "autoep": autoep is not None,
     }
 
 
@@ -330,14 +331,11 @@ def tensor_degree(engine: Any) -> int:
     return max(1, int(engine.autotp_size())) if hasattr(engine, "autotp_size") else 1
 
 
-def expert_degree(engine: Any, layers: bool = False) -> int | None:
-    """The engine's AutoEP degree (1 without expert parallelism); with `layers`, None unless AutoEP replaced
-    the MoE layers (which it also does at degree 1)."""
+def autoep_degree_of(engine: Any) -> int | None:
+    """The engine's AutoEP degree, or None unless AutoEP replaced the MoE layers (which it also does at 1)."""
     section = getattr(getattr(engine, "_config", None), "expert_parallel_config", None)
     on = section is not None and section.enabled and getattr(engine, "has_moe_layers", False)
-    if layers:
-        return int(section.autoep_size) if on else None
-    return int(section.autoep_size) if on else 1
+    return int(section.autoep_size) if on else None
 
 
 def _conversion_command(checkpoint: Path, output: Path) -> list[str]:

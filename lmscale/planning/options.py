@@ -24,9 +24,8 @@ def memory_options(facts: ModelFacts, config: Config, hardware: Hardware) -> lis
     combined: list[Overrides] = []
     base = degrees[-1] if degrees else ()
     for count in range(1, len(others) + 1):
-        keys = base + tuple(key for option in others[:count] for key in option)
-        if len(keys) > max(len(o) for o in others[:count]):  # a single option is tried already
-            combined.append(keys)
+        if base or count > 1:  # one option alone is tried already
+            combined.append(base + tuple(key for option in others[:count] for key in option))
     return degrees + others + combined
 
 
