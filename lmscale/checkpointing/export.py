@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmscale.checkpointing.autoep_weights import to_hf_names, zero0_weights
+from lmscale.checkpointing.autoep_weights import folded_weights, to_hf_names, zero0_weights
 from lmscale.checkpointing.checkpoint import CHECKPOINT_CONFIG, complete_checkpoints, ensure_universal
 from lmscale.checkpointing.manifest import verify_checkpoint, written_tensor_degree, written_with_autoep
 from lmscale.checkpointing.rundir import RunDir, read_labels
@@ -75,6 +75,8 @@ def consolidated_weights(checkpoint: Path, zero_stage: int) -> dict[str, torch.T
     slices: DeepSpeed's universal conversion merges those, by how AutoTP split each weight; and AutoEP's
     experts, which lmscale.checkpointing.autoep_weights names as HF's after)."""
     if written_with_autoep(checkpoint):
+        if written_tensor_degree(checkpoint) > 1:
+            return folded_weights(checkpoint, written_tensor_degree(checkpoint))
         if zero_stage == 0:
             return zero0_weights(checkpoint)
         return universal_weights(ensure_universal(checkpoint, world_size=1))

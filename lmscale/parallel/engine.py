@@ -174,7 +174,11 @@ def build_engine(
     AutoEP's expert split); `mpu` holds the sequence-parallel groups (lmscale.parallel.ulysses)."""
     import deepspeed
 
-    from lmscale.parallel.autoep import autoep_degree, transformers_registry_accepts_names
+    from lmscale.parallel.autoep import (
+        autoep_degree,
+        count_folded_experts_on_every_rank,
+        transformers_registry_accepts_names,
+    )
 
     if has_gpu():
         torch.cuda.set_device(local_rank())
@@ -184,6 +188,8 @@ def build_engine(
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
         )
+    if autoep and ds_config.get("tensor_parallel", {}).get("autotp_size", 1) > 1:
+        count_folded_experts_on_every_rank(engine.optimizer)
     return engine
 
 

@@ -51,6 +51,12 @@ class Layout:
         """Which share of the experts the rank holds (its place in DeepSpeed's consecutive expert group)."""
         return rank % self.expert
 
+    @property
+    def expert_copies(self) -> int:
+        """Ranks holding each share of the experts: an expert group is `expert` consecutive ranks (across the
+        tensor-parallel lanes too, as DeepSpeed folds AutoEP into AutoTP)."""
+        return self.world_size // self.expert
+
     def sequence_groups(self) -> list[list[int]]:
         """Every sequence group's ranks, in the same order on every rank (for `new_group`)."""
         return [
@@ -74,11 +80,13 @@ class Layout:
 
 def layout_problems(tensor: int, sequence: int, world_size: int, expert: int = 1) -> list[str]:
     if world_size % (tensor * sequence) == 0:
-        data = world_size // (tensor * sequence)
-        if data % expert:
+        # AutoEP's expert groups are consecutive ranks; with tensor parallelism DeepSpeed folds them across
+        # the tensor groups' lanes (auto_ep_folding), so the degree divides all ranks, not the replicas.
+        ranks, what = (world_size, "") if tensor > 1 else (world_size // sequence, " data-parallel")
+        if ranks % expert:
             return [
-                f"parallel.expert={expert} does not divide the job's {data} data-parallel rank(s): launch a "
-                f"multiple of {expert} ranks, or set parallel.expert to a divisor of {data}"
+                f"parallel.expert={expert} does not divide the job's {ranks}{what} rank(s): launch a "
+                f"multiple of {expert} ranks, or set parallel.expert to a divisor of {ranks}"
             ]
         return []
     if tensor > 1 and sequence > 1:
@@ -145,6 +153,24 @@ def model_split_problems(model: Any, layout: Layout) -> list[str]:
     return config_split_problems(model.config, layout) or autoep_problems(model.config, layout.expert)
 
 
+def moe_group_problems(model_config: Any, layout: Layout) -> list[str]:
+    """A mixture-of-experts model splits its attention with AutoTP only while AutoEP splits its experts
+    (DeepSpeed's AutoEP+AutoTP folding: each rank runs the same routed tokens' share of experts; AutoTP alone
+    would leave every expert whole on every rank of a tensor group). Ulysses is not folded in."""
+    if layout.sequence > 1:
+        return [
+            f"{model_config.model_type} is a mixture-of-experts model: lmscale splits those with data, expert "
+            "and tensor parallelism, not with parallel.sequence yet; set parallel.sequence=1"
+        ]
+    if layout.tensor > 1 and layout.expert == 1:
+        return [
+            f"parallel.tensor={layout.tensor} splits a mixture-of-experts model's attention only together with "
+            "its experts (DeepSpeed's AutoEP+AutoTP folding): set parallel.expert to a divisor of its experts "
+            "and of the job's ranks, or parallel.tensor=1"
+        ]
+    return []
+
+
 def config_split_problems(model_config: Any, layout: Layout) -> list[str]:
     """What the model's HF config alone rules out of the layout's split (checked by the launcher before any
     rank starts, and by every rank on the built model)."""
@@ -152,11 +178,10 @@ def config_split_problems(model_config: Any, layout: Layout) -> list[str]:
         problems = expert_split_problems(model_config, layout.expert)
         if problems:
             return problems
-    if layout.group > 1 and getattr(model_config, "num_experts_per_tok", None):
-        return [
-            f"{model_config.model_type} is a mixture-of-experts model: lmscale splits those with data and expert "
-            "parallelism (ZeRO, parallel.expert), not with parallel.tensor or parallel.sequence yet; set both to 1"
-        ]
+    if getattr(model_config, "num_experts_per_tok", None):
+        problems = moe_group_problems(model_config, layout)
+        if problems:
+            return problems
     problems = split_problems(model_config, layout.tensor)
     if layout.sequence > 1:
         if model_config.model_type in ULYSSES_UNFIT:

@@ -41,11 +41,11 @@ def check_replicas_agree(engine: Any, zero_stage: int, layout: Layout) -> str | 
     dist.all_gather_object(digests, parameter_digest(engine.module, experts=False if split else None))
     for slice_index in range(layout.tensor):
         same_slice(digests, lambda rank, s=slice_index: layout.tensor_rank(rank) == s, layout.data)
-    if split and layout.data > layout.expert:  # experts have replicas only then
+    copies = layout.expert_copies
+    if split and copies > 1:  # experts have replicas only then
         expert_digests: list[str | None] = [None] * layout.world_size
         dist.all_gather_object(expert_digests, parameter_digest(engine.module, experts=True))
         for share in range(layout.expert):
-            copies = layout.data // layout.expert
             same_slice(
                 expert_digests, lambda rank, s=share: layout.expert_rank(rank) == s, copies, "experts' "
             )

@@ -59,7 +59,9 @@ def plan_resume(run: Run) -> Resume:
     change: dict = {}
     if checkpoint is not None:
         check_sequence_layout(checkpoint, config.parallel.sequence, world_size)
-        check_expert_layout(checkpoint, config.parallel.expert, world_size, config.zero.stage)
+        check_expert_layout(
+            checkpoint, config.parallel.expert, world_size, config.zero.stage, config.parallel.tensor
+        )
         change = expert_layers_change(checkpoint, config.parallel.expert, run.is_rank_zero)
     tensor, expert = config.parallel.tensor, config.parallel.expert
     universal = checkpoint is not None and needs_universal(
@@ -115,16 +117,25 @@ def expert_layers_change(checkpoint: Path, expert: int, say: bool) -> dict:
     return {}
 
 
-def check_expert_layout(checkpoint: Path, expert: int, world_size: int, zero_stage: int) -> None:
-    """Experts move to another split through the universal conversion, which needs ZeRO's partitioned files:
-    a ZeRO-0 checkpoint with split experts resumes on its own layout only."""
+def check_expert_layout(
+    checkpoint: Path, expert: int, world_size: int, zero_stage: int, tensor: int = 1
+) -> None:
+    """Experts move to another split through the universal conversion, which needs ZeRO's partitioned files
+    (a ZeRO-0 checkpoint with split experts resumes on its own layout only) and cannot read AutoEP folded
+    into AutoTP (DeepSpeed 0.19.8's ds_to_universal assumes expert groups inside the data-parallel groups):
+    such a checkpoint resumes on its own layout only, and none moves into one."""
     written, written_ranks = written_expert_degree(checkpoint), written_by(checkpoint)
-    if zero_stage > 0 or written == 1 or (written, written_ranks) == (expert, world_size):
+    written_tensor = written_tensor_degree(checkpoint)
+    same = (written, written_ranks, written_tensor) == (expert, world_size, tensor)
+    folded = (written > 1 and written_tensor > 1) or (expert > 1 and tensor > 1)
+    if same or not (folded or (zero_stage == 0 and written > 1)):
         return
+    why = "with experts and tensors split together" if folded else "under zero.stage=0"
     raise ConfigError(
-        f"{checkpoint} was written with parallel.expert={written} on {written_ranks} rank(s) under zero.stage=0: "
-        f"resume it on the same layout (now parallel.expert={expert} on {world_size}); with zero.stage 1-3 the "
-        "experts can be split another way on resume"
+        f"{checkpoint} was written with parallel.expert={written}, parallel.tensor={written_tensor} on "
+        f"{written_ranks} rank(s); {why} it resumes on that layout only (now parallel.expert={expert}, "
+        f"parallel.tensor={tensor} on {world_size}): use that layout, or start a new run from its export "
+        "(lmscale export; model.path)"
     )
 
 

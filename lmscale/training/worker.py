@@ -289,7 +289,7 @@ def train_and_finish(
     digest = check_replicas_agree(engine, config.zero.stage, run.layout)
     if digest:
         layout = run.layout
-        experts = "" if layout.expert == 1 else f" (each expert's on its {layout.data // layout.expert})"
+        experts = "" if layout.expert == 1 else f" (each expert's on its {layout.expert_copies})"
         log.info(
             "parameters identical on all %d data-parallel replicas%s (sha256 %s)",
             layout.data,

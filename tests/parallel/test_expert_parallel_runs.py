@@ -132,3 +132,35 @@ def test_four_ranks_split_the_experts_two_and_four_ways_alike(tmp_path, cache_di
     run(four, cache_dir, 4, QWEN_FOUR_RANKS, "parallel.expert=4", "zero.stage=3")
     assert_same_losses(losses(four), losses(two), range(1, 7))
     assert losses(two)[6] < losses(two)[1]
+
+
+def test_experts_and_tensors_split_together_train_like_one_process_resume_and_export(tmp_path, cache_dir):
+    """DeepSpeed's AutoEP + AutoTP folding on 2 ranks: attention split 2 ways, experts 2 ways, one batch (the
+    tensor group's): one process's losses and gradient norms (the norm must count both ranks' experts, which
+    ZeRO 1-2 left to lmscale: clipping depends on it) through a SIGKILL, and its export."""
+    one = tmp_path / "one"
+    run(one, cache_dir, 1, MIXTRAL)
+    folded, layout = tmp_path / "folded", ("parallel.tensor=2", "parallel.expert=2")
+    killed = run(
+        folded, cache_dir, 2, MIXTRAL, *layout, env={"LMSCALE_FAULT": "kill@step=7,rank=1"}, ok=False
+    )
+    assert killed.returncode != 0
+    resumed = run(folded, cache_dir, 2, MIXTRAL, *layout)
+    assert "1 data-parallel x 2 tensor-parallel rank(s), experts split 2 ways" in resumed.stderr
+    assert "continuing from" in resumed.stderr
+    assert_same_losses(losses(folded), losses(one), range(1, 11))
+    norms = {r["step"]: r["grad_norm"] for r in records(folded) if "loss" in r}
+    expected_norms = {r["step"]: r["grad_norm"] for r in records(one) if "loss" in r}
+    assert all(abs(norms[s] / expected_norms[s] - 1) < 1e-3 for s in range(1, 11)), (expected_norms, norms)
+
+    torch.testing.assert_close(
+        exported_logits(folded, tmp_path / "folded_hf"),
+        exported_logits(one, tmp_path / "one_hf"),
+        atol=1e-4,
+        rtol=0,
+    )
+
+    # DeepSpeed's universal conversion cannot read a folded checkpoint: it resumes on its own layout only.
+    refused = run(folded, cache_dir, 2, MIXTRAL, "parallel.expert=2", "train.max_steps=12", ok=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "it resumes on that layout only" in refused.stderr

@@ -9,7 +9,13 @@ from lmscale.config import load_config
 from lmscale.data.batches import collate, sequence_slice
 from lmscale.errors import ConfigError
 from lmscale.parallel.ds_config import resolve
-from lmscale.parallel.layout import Layout, head_split_problems, model_split_problems, split_problems
+from lmscale.parallel.layout import (
+    Layout,
+    head_split_problems,
+    layout_problems,
+    model_split_problems,
+    split_problems,
+)
 
 
 def resolved(world_size, *overrides):
@@ -223,14 +229,21 @@ def test_sequence_parallel_batches_count_the_whole_batch_and_the_rounding_paddin
     assert sum(s.local_targets for s in shards) == whole.local_targets == whole.group_targets
 
 
-def test_mixture_of_experts_models_train_data_parallel_only():
+def test_mixture_of_experts_models_split_tensors_only_with_their_experts():
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     moe = AutoModelForCausalLM.from_config(
         MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
     )  # fmt: skip
-    for layout in (Layout(2, tensor=2), Layout(2, sequence=2)):
-        (problem,) = model_split_problems(moe, layout)
-        assert "mixtral is a mixture-of-experts model" in problem
+    (problem,) = model_split_problems(moe, Layout(2, sequence=2, expert=2))
+    assert "mixtral is a mixture-of-experts model" in problem and "parallel.sequence=1" in problem
+    (problem,) = model_split_problems(moe, Layout(2, tensor=2))
+    assert "only together with its experts" in problem and "parallel.expert" in problem
     assert model_split_problems(moe, Layout(2)) == []
+    assert model_split_problems(moe, Layout(2, tensor=2, expert=2)) == []  # AutoEP + AutoTP folding
+    # Folded expert groups span the tensor groups: the degree divides all the ranks, not the replicas.
+    assert layout_problems(2, 1, 2, expert=2) == []
+    (problem,) = layout_problems(2, 1, 4, expert=3)
+    assert "parallel.expert=3 does not divide the job's 4 rank(s)" in problem
+    assert Layout(4, tensor=2, expert=2).expert_copies == 2
