@@ -55,7 +55,7 @@ def optimizer_state_rows(tmp: Path) -> None:
         config = run_config(out)
         facts = model_facts(config, vocab_size=len(local_tokenizer(str(out / "tokenizer"), "tokenizer")))
         optim = config.optim
-        widths = state_widths(config.precision, optim.name, optim.state_dtype, muon_fraction(facts))
+        widths = state_widths(config.precision, optim.name, optim.state_dtype, muon_fraction(facts), stage=1)
         predicted = widths.states * facts.params / 2
         measured = largest_shard(out / "checkpoints" / "step_00000001")
         print(f"{label:<40}{predicted / 1e6:>10.2f}MB{measured / 1e6:>10.2f}MB{measured / predicted:>8.3f}")

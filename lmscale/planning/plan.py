@@ -228,16 +228,28 @@ class StateWidths:
 ADAM_WIDTHS = {"fp32": StateWidths(4, 4, 8), "bf16": StateWidths(2, 2, 12), "fp16": StateWidths(2, 2, 12)}
 
 
-def state_widths(precision: str, optimizer: str, state_dtype: str, muon_fraction: float) -> StateWidths:
-    """The widths for an optimizer: its moments (Muon keeps one momentum for the `muon_fraction` of the
-    parameters it takes, Adam's two for the rest), 2 bytes each with `optim.state_dtype: bf16`, else 4; under
-    16-bit training a master copy too (bf16 with bf16 states, else fp32)."""
-    moments = MOMENTS[optimizer] - (muon_fraction if optimizer == "muon" else 0.0)
+def state_widths(
+    precision: str, optimizer: str, state_dtype: str, muon_fraction: float, stage: int = 1
+) -> StateWidths:
+    """The widths for an optimizer: its moments, 2 bytes each with `optim.state_dtype: bf16`, else 4; under
+    16-bit training a master copy too (bf16 with bf16 states, else fp32).
+
+    Muon keeps one momentum for the `muon_fraction` of the parameters it takes (Adam's two for the rest).
+    DeepSpeed 0.19.8's ZeRO keeps it in the 16-bit dtype in 16-bit training: stage 1-2 in the gradients' dtype
+    (`_muon_momentum_buffer` in stage_1_and_2.py: `lerp_` needs grad and momentum alike), stage 3 in the
+    communication dtype (`_create_momentum_buffer`); without ZeRO it is fp32 like the master weights (read
+    in the checkpoints of each stage; bench/zero_memory.py measures ZeRO-1's).
+    """
     moment = 2 if state_dtype == "bf16" else 4
+    if optimizer == "muon":
+        muon_moment = 2 if precision != "fp32" and stage > 0 else moment
+        side = moment * (MOMENTS["adamw"] - muon_fraction * MOMENTS["adamw"]) + muon_moment * muon_fraction
+    else:
+        side = moment * MOMENTS[optimizer]
     if precision == "fp32":
-        return StateWidths(4, 4, moment * moments)
+        return StateWidths(4, 4, side)
     master = 2 if state_dtype == "bf16" else 4
-    return StateWidths(2, 2, master + moment * moments)
+    return StateWidths(2, 2, master + side)
 
 
 def model_state_bytes(
@@ -457,10 +469,10 @@ def plan_rows(
         if (tensor == 1 or (stage in (1, 2) and not offload)) and setup_allowed(config, stage, offload)
     ]
     optim = config.optim
-    widths = state_widths(config.precision, optim.name, optim.state_dtype, muon_fraction(facts))
     expert = config.parallel.expert
     rows = []
     for stage, offload in setups:
+        widths = state_widths(config.precision, optim.name, optim.state_dtype, muon_fraction(facts), stage)
         gpu_states, cpu_states = sharded_state_bytes(
             facts, params, trainable, stage, (zero_ranks, expert), offload, config.precision, widths
         )

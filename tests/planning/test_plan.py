@@ -75,9 +75,9 @@ def test_muon_and_bf16_states_shrink_the_optimizers_bytes():
     assert (
         state_widths("bf16", "adamw", "bf16", 0.0).states == 6
     )  # bf16 master copy and moments: 6 bytes less
-    assert state_widths("bf16", "muon", "fp32", 0.9).states == pytest.approx(
-        4 + 4 * 1.1
-    )  # one moment for 90%
+    # Adam's two fp32 moments for 10%; one momentum for 90%, bf16 under ZeRO 1-3, fp32 without ZeRO
+    assert state_widths("bf16", "muon", "fp32", 0.9).states == pytest.approx(4 + 8 * 0.1 + 2 * 0.9)
+    assert state_widths("bf16", "muon", "fp32", 0.9, stage=0).states == pytest.approx(4 + 8 * 0.1 + 4 * 0.9)
     assert state_widths("fp32", "muon", "fp32", 1.0).states == 4
     llama = LlamaConfig(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
