@@ -474,7 +474,7 @@ def plan_rows(
     for stage, offload in setups:
         widths = state_widths(config.precision, optim.name, optim.state_dtype, muon_fraction(facts), stage)
         gpu_states, cpu_states = sharded_state_bytes(
-            facts, params, trainable, stage, (zero_ranks, expert), offload, config.precision, widths
+            facts, params, trainable, stage, (zero_ranks, expert), offload, config.precision, widths, tensor
         )
         gpu_states += reference_copy_bytes(config, params, stage, zero_ranks)
         activations = int(per_token * tokens / sequence)
@@ -533,10 +533,12 @@ def sharded_state_bytes(
     offload: bool,
     precision: str,
     widths: StateWidths,
+    tensor: int = 1,
 ) -> tuple[int, int]:
     """`model_state_bytes` of a rank, with a mixture-of-experts model's experts split `expert` ways: each rank
-    holds 1/`expert` of them, partitioned by ZeRO over the `zero_ranks / expert` ranks that hold the same
-    experts; the other weights are partitioned over all `zero_ranks` (`ranks` = (zero_ranks, expert))."""
+    holds 1/`expert` of them, partitioned by ZeRO over the `zero_ranks x tensor / expert` ranks that hold the
+    same experts (AutoEP's expert groups span the tensor groups when folded into AutoTP); the other weights
+    are partitioned over all `zero_ranks` (`ranks` = (zero_ranks, expert))."""
     zero_ranks, expert = ranks
     if expert == 1:
         return model_state_bytes(params, stage, zero_ranks, offload, precision, trainable, widths)
@@ -546,7 +548,7 @@ def sharded_state_bytes(
         shared, stage, zero_ranks, offload, precision, trainable - facts.expert_params, widths
     )
     expert_gpu, expert_cpu = model_state_bytes(
-        own_experts, stage, max(1, zero_ranks // expert), offload, precision, own_experts, widths
+        own_experts, stage, max(1, zero_ranks * tensor // expert), offload, precision, own_experts, widths
     )
     return gpu + expert_gpu, cpu + expert_cpu
 

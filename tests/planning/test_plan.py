@@ -363,6 +363,10 @@ def test_expert_parallelism_divides_the_experts_states_and_adds_the_token_exchan
     # 12x200/8), the rank's 200 experts' states over the 2 ranks holding the same experts (400 + 400 + 1200).
     assert sharded_state_bytes(moe, 1000, 1000, 1, (8, 4), False, "bf16", widths) == (1100 + 2000, 0)
     assert sharded_state_bytes(moe, 1000, 1000, 1, (8, 1), False, "bf16", widths) == (2000 + 2000 + 1500, 0)
+    # Folded into AutoTP (tensor 2), the expert groups span the tensor groups: the 4 ranks of 16 holding the
+    # same experts partition them, not the 8 data-parallel ranks / 4
+    folded = sharded_state_bytes(moe, 1000, 1000, 1, (8, 4), False, "bf16", widths, tensor=2)
+    assert folded == (1100 + 400 + 400 + 12 * 200 // 4, 0)
     assert (
         all_to_all_bytes(moe, 1024, 4, "bf16") == 2 * 1024 * 2 * 16 * 2
         and all_to_all_bytes(moe, 1024, 1, "bf16") == 0
