@@ -5,6 +5,9 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# TRL, a test extra used in-process as the reference implementation, reports its trainers to the Hub
+# (huggingface_hub telemetry): no network calls from the suite.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 @pytest.fixture(scope="session")

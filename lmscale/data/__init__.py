@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets.config
 from datasets import Dataset, IterableDataset
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
@@ -31,6 +32,12 @@ from lmscale.data.tokenizer import local_tokenizer, trained_tokenizer
 from lmscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# datasets counts every load of its packaged builders (text, json, parquet, ...) with a HEAD request to S3,
+# local files included (datasets/load.py, increase_load_count: a 3 s timeout, after a DNS lookup that has
+# none). A job reading local files makes no network calls: on an air-gapped cluster, or one that drops
+# outbound packets, each load of every rank would wait that out. HF_UPDATE_DOWNLOAD_COUNTS is read per call.
+datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -295,6 +296,11 @@ def wandb_run_id(run_dir: RunDir) -> str:
 
 
 def _start_wandb(config: Config, run_dir: RunDir) -> Any:
+    if config.wandb.mode != "online":
+        # wandb's own usage analytics (a process-wide exporter thread that first probes the W&B server, 10 s
+        # timeout) follow the process's settings, read from WANDB_MODE, not the mode given to wandb.init: an
+        # offline run would still try the network. The mode set here keeps them off with the run.
+        os.environ["WANDB_MODE"] = config.wandb.mode
     import wandb
 
     run = wandb.init(

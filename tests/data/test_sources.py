@@ -108,3 +108,22 @@ def test_bad_paths_name_the_fix(tmp_path):
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": "only one"}])
     with pytest.raises(ConfigError, match="at least 2 are needed"):
         load(tmp_path, path=str(one))
+
+
+def test_loading_local_files_makes_no_network_calls(tmp_path, monkeypatch):
+    """datasets pings S3 to count loads of its packaged builders, local files included: a job on an
+    air-gapped cluster would wait that out on every rank (lmscale.data turns the count off)."""
+    import socket
+
+    looked_up = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def recording_getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", recording_getaddrinfo)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
+    load_documents(DataConfig(path=str(tmp_path / "docs.jsonl")), str(tmp_path / "cache"))
+    load_documents(DataConfig(), str(tmp_path / "cache"))  # the embedded corpus, text files
+    assert looked_up == []
