@@ -26,23 +26,21 @@ def train(out, cache_dir, *extra, env=None):
 def test_compiled_model_trains_like_eager_reports_compile_time_and_resumes_exactly(
     tmp_path, cache_dir, exact_one_process_run
 ):
+    """One compiled run that dies after step 7 and resumes from step 5 (CI time: no uninterrupted compiled run
+    too): every step's loss is the eager run's, before the death and after the restart."""
     eager = exact_one_process_run  # the eager run of the same arguments, shared with tests/parallel
-    compiled = tmp_path / "compiled"
-    result = train(compiled, cache_dir, "model.compile=true")
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected, got = losses(eager), losses(compiled)
-    assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (expected, got)
-    # The first step compiled: its seconds are logged apart, and throughput stays a real rate.
-    first = next(r for r in records(compiled) if r.get("step") == 1 and "loss" in r)
-    assert first["compile_s"] > 1 and first["tokens_per_s"] > 0
-    assert "compile: " in result.stderr and "graph(s)" in result.stderr
-
     died = tmp_path / "died"
     result = train(died, cache_dir, "model.compile=true", env={"LMSCALE_FAULT": "exit@step=7"})
     assert result.returncode != 0
+    # The first step compiled: its seconds are logged apart, and throughput stays a real rate.
+    first = next(r for r in records(died) if r.get("step") == 1 and "loss" in r)
+    assert first["compile_s"] > 1 and first["tokens_per_s"] > 0
     resumed = train(died, cache_dir, "model.compile=true")
     assert resumed.returncode == 0 and "continuing from" in resumed.stderr
+    assert "compile: " in resumed.stderr and "graph(s)" in resumed.stderr
     # The restarted process compiles anew, for the shapes it meets first: its kernels may sum in another
-    # order than the first process's did, so the resumed losses agree to fp32 rounding (eager: bitwise).
-    resumed_losses = losses(died)
-    assert all(abs(resumed_losses[s] - got[s]) < 1e-5 for s in range(6, 11)), (resumed_losses, got)
+    # order than eager's (or the first process's), so the losses agree to fp32 rounding (eager's resume:
+    # bitwise); a resume that lost the optimizer's state or the data position would miss by far more.
+    expected, got = losses(eager), losses(died)
+    assert sorted(got) == list(range(1, 11))
+    assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (expected, got)
