@@ -192,3 +192,32 @@ def test_routing_counts_each_token_at_its_top_k_experts():
     assert counts.tolist() == [[1, 2, 2, 1], [2, 1, 1, 2]]
     assert routed_tokens(SimpleNamespace(), top_k=2) is None  # a dense model
     assert routed_tokens(outputs, top_k=None) is None
+
+
+def test_folded_and_zero0_expert_checkpoints_resume_on_their_own_layout_only(tmp_path):
+    import json
+
+    from lmscale.checkpointing.rundir import RunDir
+    from lmscale.training.resume import check_expert_layout
+
+    def checkpoint(name, world_size, tensor, expert):
+        path = tmp_path / name
+        path.mkdir()
+        record = {"step": 5, "world_size": world_size, "tensor": tensor, "expert": expert, "files": {}}
+        RunDir.complete_marker(path).write_text(json.dumps({**record, "autoep": True}))
+        return path
+
+    folded = checkpoint("folded", 2, 2, 2)
+    check_expert_layout(folded, 2, 2, 1, tensor=2)  # its own layout
+    for expert, world_size, tensor in ((2, 2, 1), (1, 2, 2), (2, 4, 2)):
+        with pytest.raises(
+            ConfigError, match="with experts and tensors split together it resumes on that layout"
+        ):
+            check_expert_layout(folded, expert, world_size, 1, tensor=tensor)
+    split = checkpoint("split", 2, 1, 2)
+    check_expert_layout(split, 1, 2, 1)  # ZeRO 1-3 re-split through the universal form
+    check_expert_layout(split, 2, 4, 2)
+    with pytest.raises(ConfigError, match="resumes on that layout only"):  # not into a folded one
+        check_expert_layout(split, 2, 2, 1, tensor=2)
+    with pytest.raises(ConfigError, match="under zero.stage=0 it resumes on that layout only"):
+        check_expert_layout(split, 1, 2, 0)
