@@ -213,7 +213,8 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
 
 # Optimizer moments kept per parameter: Adam's two, one for Lion and SGD's momentum; Adafactor's factored
 # second moment is a row and a column per matrix (about nothing per parameter), without a first moment.
-MOMENTS = {"adamw": 2.0, "lamb": 2.0, "lion": 1.0, "sgd": 1.0, "adafactor": 0.0, "muon": 2.0}
+# Muon's own share keeps one momentum, the rest Adam's two (state_widths).
+MOMENTS = {"adamw": 2.0, "lamb": 2.0, "lion": 1.0, "sgd": 1.0, "adafactor": 0.0}
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ def state_widths(
     moment = 2 if state_dtype == "bf16" else 4
     if optimizer == "muon":
         muon_moment = 2 if precision != "fp32" and stage > 0 else moment
-        side = moment * (MOMENTS["adamw"] - muon_fraction * MOMENTS["adamw"]) + muon_moment * muon_fraction
+        side = moment * MOMENTS["adamw"] * (1 - muon_fraction) + muon_moment * muon_fraction
     else:
         side = moment * MOMENTS[optimizer]
     if precision == "fp32":
