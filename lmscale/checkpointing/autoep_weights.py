@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmscale.checkpointing.tensor_slices import joined_tensor_slices
 from lmscale.errors import LmscaleError
 
 # One file per layer and expert, named by the tensor-parallel rank that wrote it (folded into AutoTP, each
@@ -33,35 +34,14 @@ def zero0_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def folded_weights(checkpoint: Path, tensor: int) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint written with AutoEP folded into AutoTP (parallel.expert with
-    parallel.tensor), as the ranks computed with them (a bf16 run's are bf16, widened here).
+    parallel.tensor): the tensor slices joined (lmscale.checkpointing.tensor_slices), the experts from their
+    own files.
 
     Why not the universal form: DeepSpeed 0.19.8's ds_to_universal cannot read these (its AutoEP path
     assumes expert groups inside the data-parallel groups, which folding does not keep: it fails with "ZeRO
-    DP degree 1 is not divisible by AutoEP size 2" on 2 ranks). So the tensor slices are joined here by the
-    affine maps AutoTP records with each checkpoint (DeepSpeed's ParamAffineMap.rebuild), and the experts
-    come from their own files.
+    DP degree 1 is not divisible by AutoEP size 2" on 2 ranks).
     """
-    from deepspeed.checkpoint.affine import ParamAffineMap
-
-    shards = [
-        torch.load(checkpoint / f"mp_rank_{t:02d}_model_states.pt", weights_only=False, map_location="cpu")
-        for t in range(tensor)
-    ]
-    maps = shards[0]["universal_checkpoint_info"].get("affine_map", {}).get("params", {})
-    weights = {}
-    for name in shards[0]["module"]:
-        pieces = {t: shard["module"][name] for t, shard in enumerate(shards)}
-        pattern = next((p for p in maps if re.fullmatch(p, name)), None)
-        if pattern is not None:
-            weights[name] = ParamAffineMap.from_dict(maps[pattern]).rebuild(pieces).float()
-        elif all(torch.equal(piece, pieces[0]) for piece in pieces.values()):
-            weights[name] = pieces[0].float()  # replicated on every tensor-parallel rank
-        else:
-            raise LmscaleError(
-                f"{checkpoint}: {name} differs between the tensor-parallel ranks and DeepSpeed recorded no map "
-                "of its split: this checkpoint cannot be exported; resume it on the layout that wrote it"
-            )
-    return {**weights, **expert_weights(checkpoint)}
+    return {**joined_tensor_slices(checkpoint, tensor), **expert_weights(checkpoint)}
 
 
 def expert_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

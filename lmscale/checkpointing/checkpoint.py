@@ -47,6 +47,9 @@ from lmscale.parallel.engine import any_rank, cpu_group
 log = logging.getLogger(__name__)
 
 UNIVERSAL = "universal"  # DeepSpeed's rank-count-independent form of a checkpoint, made on demand
+# The optimizers whose states DeepSpeed's universal conversion can re-split: it reads every parameter's
+# `exp_avg` and `exp_avg_sq` (ds_to_universal.py, 0.19.8), a KeyError for SGD's, Lion's, Adafactor's and Muon's.
+UNIVERSAL_OPTIMIZERS = ("adamw", "lamb")
 UNIVERSAL_INFO = "universal_checkpoint_info"  # client-state key ds_to_universal requires (DeepSpeed's name)
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 DELETING = ".deleting"  # a pruned checkpoint moved aside while a thread deletes it

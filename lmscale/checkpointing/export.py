@@ -24,9 +24,15 @@ import torch
 import yaml
 
 from lmscale.checkpointing.autoep_weights import folded_weights, to_hf_names, zero0_weights
-from lmscale.checkpointing.checkpoint import CHECKPOINT_CONFIG, complete_checkpoints, ensure_universal
+from lmscale.checkpointing.checkpoint import (
+    CHECKPOINT_CONFIG,
+    UNIVERSAL_OPTIMIZERS,
+    complete_checkpoints,
+    ensure_universal,
+)
 from lmscale.checkpointing.manifest import verify_checkpoint, written_tensor_degree, written_with_autoep
 from lmscale.checkpointing.rundir import RunDir, read_labels
+from lmscale.checkpointing.tensor_slices import joined_tensor_slices
 from lmscale.config import Config, saved_config
 from lmscale.data.tokenizer import local_tokenizer
 from lmscale.errors import LmscaleError
@@ -70,17 +76,23 @@ def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
     return verify_checkpoint(found[-1])
 
 
-def consolidated_weights(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+def consolidated_weights(
+    checkpoint: Path, zero_stage: int, optimizer: str = "adamw"
+) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a checkpoint written by any number of ranks (and tensor-parallel
-    slices: DeepSpeed's universal conversion merges those, by how AutoTP split each weight; and AutoEP's
-    experts, which lmscale.checkpointing.autoep_weights names as HF's after)."""
+    slices: DeepSpeed's universal conversion merges those, by how AutoTP split each weight, when it can read
+    the `optimizer`'s states, else lmscale.checkpointing.tensor_slices; and AutoEP's experts, which
+    lmscale.checkpointing.autoep_weights names as HF's after)."""
+    tensor = written_tensor_degree(checkpoint)
     if written_with_autoep(checkpoint):
-        if written_tensor_degree(checkpoint) > 1:
-            return folded_weights(checkpoint, written_tensor_degree(checkpoint))
+        if tensor > 1:
+            return folded_weights(checkpoint, tensor)
         if zero_stage == 0:
             return zero0_weights(checkpoint)
         return universal_weights(ensure_universal(checkpoint, world_size=1))
-    if written_tensor_degree(checkpoint) > 1:
+    if tensor > 1 and optimizer not in UNIVERSAL_OPTIMIZERS:
+        return joined_tensor_slices(checkpoint, tensor)
+    if tensor > 1:
         return universal_weights(ensure_universal(checkpoint, world_size=1))
     if zero_stage == 0:
         states = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
@@ -125,7 +137,7 @@ def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):
     options = config.model.model_copy(update={"activation_checkpointing": False})
     labels = read_labels(run_dir)
     model = build_model(options, tokenizer, config.data.max_seq_len, config.seed, config.finetune, labels)
-    weights = consolidated_weights(checkpoint, config.zero.stage)
+    weights = consolidated_weights(checkpoint, config.zero.stage, config.optim.name)
     if written_with_autoep(checkpoint):
         weights = to_hf_names(weights, {name: t.shape for name, t in model.state_dict().items()})
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lmscale.checkpointing.async_save import AsyncCheckpoints
 from lmscale.checkpointing.checkpoint import (
+    UNIVERSAL_OPTIMIZERS,
     checkpoint_tag,
     ensure_universal,
     find_resume_checkpoint,
@@ -69,11 +70,11 @@ def plan_resume(run: Run) -> Resume:
     )
     if not universal:
         return Resume(checkpoint, universal, change)
-    if config.optim.name == "muon":
+    if config.optim.name not in UNIVERSAL_OPTIMIZERS:
         # deepspeed.checkpoint.ds_to_universal reads Adam's moments (exp_avg, exp_avg_sq) of every parameter
-        # and fails on Muon's momentum buffers (KeyError: 'exp_avg', checked with 0.19.8).
+        # and fails on Muon's momentum buffers, SGD's, Lion's, Adafactor's (KeyError: 'exp_avg', 0.19.8).
         raise ConfigError(
-            f"{checkpoint} was written by {written_by(checkpoint)} rank(s) with optim.name=muon, whose states "
+            f"{checkpoint} was written by {written_by(checkpoint)} rank(s) with optim.name={config.optim.name}, whose states "
             f"DeepSpeed's universal conversion cannot re-split for {world_size}: resume it on "
             f"{written_by(checkpoint)} rank(s)"
         )
