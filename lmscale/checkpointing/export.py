@@ -90,9 +90,9 @@ def consolidated_weights(
         if zero_stage == 0:
             return zero0_weights(checkpoint)
         return universal_weights(ensure_universal(checkpoint, world_size=1))
-    if tensor > 1 and optimizer not in UNIVERSAL_OPTIMIZERS:
-        return joined_tensor_slices(checkpoint, tensor)
     if tensor > 1:
+        if optimizer not in UNIVERSAL_OPTIMIZERS:
+            return joined_tensor_slices(checkpoint, tensor)
         return universal_weights(ensure_universal(checkpoint, world_size=1))
     if zero_stage == 0:
         states = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")

@@ -74,8 +74,8 @@ def plan_resume(run: Run) -> Resume:
         # deepspeed.checkpoint.ds_to_universal reads Adam's moments (exp_avg, exp_avg_sq) of every parameter
         # and fails on Muon's momentum buffers, SGD's, Lion's, Adafactor's (KeyError: 'exp_avg', 0.19.8).
         raise ConfigError(
-            f"{checkpoint} was written by {written_by(checkpoint)} rank(s) with optim.name={config.optim.name}, whose states "
-            f"DeepSpeed's universal conversion cannot re-split for {world_size}: resume it on "
+            f"{checkpoint} was written by {written_by(checkpoint)} rank(s) with optim.name={config.optim.name}, "
+            f"whose states DeepSpeed's universal conversion cannot re-split for {world_size}: resume it on "
             f"{written_by(checkpoint)} rank(s)"
         )
     ensure_universal(checkpoint, world_size)
@@ -129,7 +129,8 @@ def check_expert_layout(
     written_tensor = written_tensor_degree(checkpoint)
     same = (written, written_ranks, written_tensor) == (expert, world_size, tensor)
     folded = (written > 1 and written_tensor > 1) or (expert > 1 and tensor > 1)
-    if same or not (folded or (zero_stage == 0 and written > 1)):
+    zero0_split = zero_stage == 0 and written > 1
+    if same or not (folded or zero0_split):
         return
     why = "with experts and tensors split together" if folded else "under zero.stage=0"
     raise ConfigError(
