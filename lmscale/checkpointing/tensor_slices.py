@@ -21,7 +21,13 @@ from lmscale.errors import LmscaleError
 def joined_tensor_slices(checkpoint: Path, tensor: int) -> dict[str, torch.Tensor]:
     """Every weight of the model files `mp_rank_00..` whole: split ones rebuilt by their affine map,
     replicated ones taken once after checking that the ranks agree."""
-    from deepspeed.checkpoint.affine import ParamAffineMap
+    try:
+        from deepspeed.checkpoint.affine import ParamAffineMap
+    except ImportError:  # setup.py allows DeepSpeed >= 0.15; the affine maps came with 0.19
+        raise LmscaleError(
+            f"{checkpoint}: joining its tensor-parallel slices needs DeepSpeed's affine maps (DeepSpeed 0.19 or "
+            "newer): pip install -U deepspeed"
+        ) from None
 
     shards = [
         torch.load(checkpoint / f"mp_rank_{t:02d}_model_states.pt", weights_only=False, map_location="cpu")
