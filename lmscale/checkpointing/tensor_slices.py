@@ -23,10 +23,10 @@ def joined_tensor_slices(checkpoint: Path, tensor: int) -> dict[str, torch.Tenso
     replicated ones taken once after checking that the ranks agree."""
     try:
         from deepspeed.checkpoint.affine import ParamAffineMap
-    except ImportError:  # setup.py allows DeepSpeed >= 0.15; the affine maps came with 0.19
+    except ImportError:  # setup.py allows DeepSpeed >= 0.15; 0.19.8 has the maps, older releases may not
         raise LmscaleError(
-            f"{checkpoint}: joining its tensor-parallel slices needs DeepSpeed's affine maps (DeepSpeed 0.19 or "
-            "newer): pip install -U deepspeed"
+            f"{checkpoint}: joining its tensor-parallel slices needs DeepSpeed's affine maps (DeepSpeed 0.19.8 has "
+            "them): pip install -U deepspeed"
         ) from None
 
     shards = [
