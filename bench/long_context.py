@@ -14,7 +14,7 @@ chunked loss's saving against the size of the fp32 logits (target >= 1).
 `--memory-options` measures lmscale's activation options instead, one rank, the fused loss (as Llama trains):
 no option, `model.tiled_mlp` (each block's MLP a slice of the row at a time, recomputed in backward),
 `model.activation_checkpointing`, and that with `model.activation_offload`; beside each, the planner's
-activation figure for the same row (lmscale.planning.plan.activation_bytes_per_token) and their ratio. On a
+activation figure for the same row (lmscale.planning.activations) and their ratio. On a
 CPU the "host memory" offload moves to is the memory it was in, so offload can save nothing here: its GPU
 figure is bench/gpu.md's.
 Usage: python bench/long_context.py [--tokens 4096] [--precision fp32|bf16] [--memory-options]
@@ -162,18 +162,26 @@ def main() -> None:
 
 
 def planner_figure(tokens: int, precision: str, options: dict) -> float:
-    """The planner's activation bytes for one row of `tokens` with these model options (fused loss, sdpa)."""
+    """The planner's activation bytes for one row of `tokens` with these model options (fused loss, sdpa),
+    with the output layer's weight gradient the fused loss makes once per step."""
     from lmscale.config import Config
-    from lmscale.planning.plan import activation_bytes_per_token, model_facts
-
-    facts = model_facts(
-        Config(model={"preset": "tiny-llama"}, data={"max_seq_len": tokens}), vocab_size=VOCAB
+    from lmscale.planning.plan import (
+        activation_setup,
+        configured_activation_bytes,
+        head_gradient_bytes,
+        model_facts,
     )
-    per_token = activation_bytes_per_token(
-        facts, tokens, options.get("activation_checkpointing", False), "sdpa", precision, 1, True,
-        options.get("tiled_mlp", False), options.get("activation_offload", False),
-    )  # fmt: skip
-    return per_token * tokens
+
+    config = Config(
+        model={"preset": "tiny-llama", **options},
+        data={"max_seq_len": tokens},
+        train={"chunked_loss": True},
+        precision=precision,
+    )
+    facts = model_facts(config, vocab_size=VOCAB)
+    return configured_activation_bytes(facts, config) * tokens + head_gradient_bytes(
+        facts, activation_setup(config)
+    )
 
 
 def memory_options_table(tokens: int, precision: str) -> None:

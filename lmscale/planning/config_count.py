@@ -190,6 +190,9 @@ def gpt2_facts(c: dict) -> ModelFacts | None:
         kv_heads=c["n_head"],
         fusable_head="gpt2" in FUSABLE_FAMILIES,
         tileable_mlp=not c["resid_pdrop"],  # the MLP's dropout would draw another mask in the recompute
+        head_dim=h // c["n_head"],
+        mlp_intermediate=c["n_inner"] or 4 * h,
+        dropout=bool(c["resid_pdrop"]),
     )
 
 
@@ -226,7 +229,20 @@ def decoder_facts(family: str, c: dict) -> ModelFacts:
         experts=experts,
         top_k=c["num_experts_per_tok"] if experts else 0,
         tileable_mlp=not experts,
+        head_dim=head_dim,
+        mlp_intermediate=sum(token_mlp_width(family, c, layer) for layer in range(layers)) / layers,
+        gated_mlp=True,
+        rms_norm=True,
+        qk_norm=family in ("qwen3", "qwen3_moe"),
     )
+
+
+def token_mlp_width(family: str, c: dict, layer: int) -> int:
+    """How wide one token's MLP is in a block: the dense intermediate, or its experts' together."""
+    if not is_expert_layer(family, c, layer):
+        return c["intermediate_size"]
+    width = c["intermediate_size"] if family == "mixtral" else c["moe_intermediate_size"]
+    return c["num_experts_per_tok"] * width
 
 
 def mlp_modules(family: str, c: dict, layer: int) -> tuple[list[int], int]:

@@ -10,15 +10,15 @@ base model) have weights but neither gradients nor optimizer states. DeepSpeed's
 (`estimate_zero2/3_model_states_mem_needs`, which assume every parameter trains) are shown beside
 stages 2 and 3 as a cross-check when every parameter trains.
 
-Activations per token and layer follow Korthikanti et al. (2022): 34·h bytes in 16-bit, plus 5·a·s bytes
-for the attention scores when attention is not fused (eager); with activation checkpointing a layer keeps
-only its input (2·h) and one layer is recomputed at a time. The logits add 6·V bytes per token (16-bit
-logits and their fp32 copy for the loss), 2·V with the blockwise chunked loss (no fp32 copy), and with
-the chunked loss fused into the output layer (lmscale.objectives.fused_head) only one fp32 block about the size of
-the hidden states (4·h).
+Activations (lmscale.planning.activations): what each family's blocks keep for backward (a gated MLP's four
+intermediates, RMSNorm's fp32 input, grouped-query keys and values, MoE's routed copies, eager attention's
+scores), the working set of one block's backward, and the logits (6·V bytes per token in 16-bit: the logits
+and their fp32 copy; 2·V with the blockwise chunked loss; about 4·h with the loss fused into the output
+layer, lmscale.objectives.fused_head). With activation checkpointing a block keeps only its input and one
+block is recomputed at a time. Checked against the live tensors of real steps to 10%.
 
 Tensor parallelism (degree t) splits the attention and MLP weights (the block's linear layers) over t
-ranks, and of a layer's 34·h activation bytes the 24·h inside those layers (and the scores); ZeRO then
+ranks, and the activations inside those layers (queries, keys, values, the MLP's, the scores); ZeRO then
 partitions over the data-parallel ranks (ranks / t). Sequence parallelism (degree s) gives each rank
 1/s of every micro-batch's tokens, so all activations per rank divide by s; ZeRO partitions over every
 rank (DeepSpeed's sequence-data-parallel group). The arithmetic is written here by hand: no library computes it
@@ -40,6 +40,7 @@ from lmscale.config import Config
 from lmscale.methods import method_for
 from lmscale.parallel.autoep import expert_count
 from lmscale.parallel.layout import ulysses_split_problems
+from lmscale.planning.activations import ActivationSetup, activation_bytes, head_gradient_bytes
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = GIB  # CUDA context, kernels and allocator slack, per GPU
@@ -62,6 +63,27 @@ class ModelFacts:
     experts: int = 0  # experts per MoE layer
     top_k: int = 0  # experts each token goes to
     tileable_mlp: bool = True  # model.tiled_mlp applies (a dense MLP without dropout)
+    # The blocks' shape, for their activations (lmscale.planning.activations): 0 means GPT-2's.
+    head_dim: int = 0  # 0: hidden / heads
+    mlp_intermediate: float = (
+        0  # a token's MLP width, per layer on average (MoE: its experts'); 0: 4 x hidden
+    )
+    gated_mlp: bool = False  # SwiGLU-style: gate and up projections
+    rms_norm: bool = False  # Llama-style RMSNorm (upcast to fp32) instead of LayerNorm
+    qk_norm: bool = False  # Qwen3: queries and keys normalized per head
+    dropout: bool = False  # the blocks' residual dropout is on (GPT-2's default)
+
+    @property
+    def query_width(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def key_value_width(self) -> int:
+        return (self.kv_heads or self.heads) * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def mlp_width(self) -> float:
+        return self.mlp_intermediate or 4 * self.hidden
 
     @property
     def trainable_params(self) -> int:
@@ -159,7 +181,7 @@ def facts_cache_path(config: Config, vocab: int) -> Path | None:
     return home / "lmscale" / "model-facts" / f"{digest}.json"
 
 
-FACTS_FIELDS = "params frozen split kv fusable experts top_k tileable"
+FACTS_FIELDS = "params frozen split kv fusable experts top_k tileable head_dim mlp gated rms qk dropout"
 
 
 def write_facts_cache(path: Path, facts: ModelFacts) -> None:
@@ -208,7 +230,34 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
         experts=experts,
         top_k=c.num_experts_per_tok if experts else 0,
         tileable_mlp=not experts and not mlp_dropout,
+        **block_shape(model, experts),
     )
+
+
+def block_shape(model: torch.nn.Module, experts: int) -> dict:
+    """The ModelFacts fields of the blocks' shape (for their activations), read off a built model: its config's
+    widths and the kinds of modules it has."""
+    c = model.config
+    names = [name for name, _ in model.named_modules()]
+    kinds = {type(module).__name__ for module in model.modules()}
+    dense = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
+    parameters = [name for name, _ in model.named_parameters()]
+    intermediate = dense
+    if experts:  # the average over the blocks: some MoE families keep dense MLPs in a few (mlp_only_layers)
+        routed = c.num_experts_per_tok * (getattr(c, "moe_intermediate_size", None) or dense)
+        expert_blocks = len({n.split(".experts")[0] for n in parameters if ".experts" in n})
+        layers = c.num_hidden_layers
+        intermediate = (expert_blocks * routed + (layers - expert_blocks) * dense) / layers
+    dropout = getattr(c, "resid_pdrop", None) or getattr(c, "hidden_dropout", None) or 0
+    return {
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "mlp_intermediate": intermediate,
+        "gated_mlp": any(n.endswith(("gate_proj", "w3")) for n in names)
+        or any("gate_up_proj" in n for n in parameters),
+        "rms_norm": any("RMSNorm" in kind for kind in kinds),
+        "qk_norm": any(n.endswith("q_norm") for n in names),
+        "dropout": bool(dropout),
+    }
 
 
 # Optimizer moments kept per parameter: Adam's two, one for Lion and SGD's momentum; Adafactor's factored
@@ -279,35 +328,6 @@ def model_state_bytes(
     # with stage 3 the weights' partitions too (only the layer being computed is on the GPU).
     host_weights = weights if stage == 3 else 0
     return int(weights + grads - host_weights), int(optimizer + host_weights)
-
-
-def activation_bytes_per_token(
-    facts: ModelFacts,
-    seq_len: int,
-    checkpointing: bool,
-    attention: str,
-    precision: str,
-    tensor: int = 1,
-    chunked_loss: bool = False,
-    tiled_mlp: bool = False,
-    offload: bool = False,
-) -> float:
-    """Activation bytes one training token keeps for backward on one rank (16-bit; doubled in fp32); a
-    tensor-parallel rank keeps 1/`tensor` of what lives inside the split layers.
-
-    Of the 24·h inside the split layers, 16·h are the MLP's (its first linear's output and the activation's,
-    4·h wide each): `tiled_mlp` keeps neither (each slice's are recomputed in backward; one slice at a time is
-    noise at long contexts). `offload` (with checkpointing) moves the layers' saved inputs to host memory;
-    about two layers' are on the GPU at a time (the one recomputed, the next one arriving)."""
-    scores = 5 * facts.heads * seq_len if attention == "eager" else 0  # fused kernels keep no s x s scores
-    inside = (8 if tiled_mlp else 24) * facts.hidden
-    per_layer = 10 * facts.hidden + (inside + scores) / tensor
-    saved_layers = min(2, facts.layers) if offload and checkpointing else facts.layers
-    kept = 2 * facts.hidden * saved_layers + per_layer if checkpointing else per_layer * facts.layers
-    if chunked_loss and facts.fusable_head:  # one fp32 block of logits at a time, whatever the precision
-        return kept * (2 if precision == "fp32" else 1) + 4 * facts.hidden
-    logits = (2 if chunked_loss else 6) * facts.vocab
-    return (kept + logits) * (2 if precision == "fp32" else 1)
 
 
 def buffer_bytes(params: int, stage: int, trainable: int | None = None) -> int:
@@ -397,19 +417,24 @@ class Hardware:
 
 
 def configured_activation_bytes(facts: ModelFacts, config: Config, tensor: int = 1) -> float:
-    """Activation bytes per token for the config's sequence length, checkpointing, attention, precision
-    and loss, on a rank of a `tensor`-way split."""
+    """Peak activation bytes per token for the config's sequence length, checkpointing, attention, precision
+    and loss, on a rank of a `tensor`-way split (lmscale.planning.activations)."""
+    return activation_bytes(facts, activation_setup(config, tensor))
+
+
+def activation_setup(config: Config, tensor: int = 1) -> ActivationSetup:
     model = config.model
-    return activation_bytes_per_token(
-        facts,
-        config.data.max_seq_len,
-        model.activation_checkpointing,
-        model.attn_implementation,
-        config.precision,
-        tensor,
-        config.train.chunked_loss,
-        model.tiled_mlp,
-        model.activation_offload,
+    return ActivationSetup(
+        seq_len=config.data.max_seq_len,
+        precision=config.precision,
+        attention=model.attn_implementation,
+        checkpointing=model.activation_checkpointing,
+        tensor=tensor,
+        chunked_loss=config.train.chunked_loss,
+        tiled_mlp=model.tiled_mlp,
+        tiled_tokens=model.tiled_mlp_tokens,
+        offload=model.activation_offload,
+        fused_kernels=model.fused_kernels,
     )
 
 
@@ -426,8 +451,7 @@ def generation_bytes(facts: ModelFacts, config: Config, data_ranks: int) -> int:
     of this and the step's activations is what a plan counts."""
     rows = rollout_rows(config, data_ranks)
     width = 4 if config.precision == "fp32" else 2
-    kv_heads = facts.kv_heads or facts.heads
-    per_token = 2 * facts.layers * kv_heads * (facts.hidden // facts.heads) * width
+    per_token = 2 * facts.layers * facts.key_value_width * width
     return int(rows * config.data.max_seq_len * per_token + rows * facts.vocab * 4)
 
 
@@ -462,6 +486,7 @@ def plan_rows(
     params = facts.params_per_rank(tensor)
     trainable = params - facts.frozen_params
     per_token = configured_activation_bytes(facts, config, tensor)
+    step_bytes = head_gradient_bytes(facts, activation_setup(config, tensor))
     online = method_for(config.finetune).online
     sampling = generation_bytes(facts, config, ranks // (tensor * sequence)) if online else 0
     setups = [
@@ -478,7 +503,7 @@ def plan_rows(
             facts, params, trainable, stage, (zero_ranks, expert), offload, config.precision, widths, tensor
         )
         gpu_states += reference_copy_bytes(config, params, stage, zero_ranks)
-        activations = int(per_token * tokens / sequence)
+        activations = int(per_token * tokens / sequence + step_bytes)
         buffers = buffer_bytes(params - facts.expert_params + facts.expert_params // expert, stage, trainable)
         buffers += all_to_all_bytes(facts, tokens // sequence, expert, config.precision)
         total = gpu_states + max(activations, sampling) + buffers
@@ -580,5 +605,6 @@ def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, 
     """The most tokens per micro-batch that keep `row`'s set-up within the GPU (a multiple of max_seq_len)."""
     per_token = configured_activation_bytes(facts, config, row.tensor) / row.sequence
     free = HEADROOM * hardware.gpu_mem_bytes - row.model_state_bytes - row.buffer_bytes
+    free -= head_gradient_bytes(facts, activation_setup(config, row.tensor))
     sequences = int(free // (per_token * config.data.max_seq_len))
     return max(0, sequences) * config.data.max_seq_len

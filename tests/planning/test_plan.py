@@ -10,12 +10,19 @@ from helpers import REPO, run_lmscale
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lmscale.config import Config
+from lmscale.planning.activations import (
+    ActivationSetup,
+    activation_bytes,
+    backward_units,
+    head_gradient_bytes,
+    layer_units,
+    outside_units,
+)
 from lmscale.planning.command import recommend
 from lmscale.planning.plan import (
     GIB,
     Hardware,
     ModelFacts,
-    activation_bytes_per_token,
     buffer_bytes,
     facts_of,
     largest_token_budget,
@@ -112,15 +119,46 @@ def test_lora_keeps_states_for_the_adapters_only():
     assert buffer_bytes(facts.params, 3, adapters) == 2 * (adapters + GPT2_124M + adapters) + GIB
 
 
-def test_activation_bytes_per_token_by_hand():
+def bf16_row(seq_len: int, **options) -> ActivationSetup:
+    return ActivationSetup(seq_len=seq_len, precision="bf16", **options)
+
+
+def test_activation_bytes_by_hand():
     gpt2 = ModelFacts(params=GPT2_124M, largest_layer_params=0, layers=12, hidden=768, heads=12, vocab=50257)
-    # eager: 12 x (34 x 768 + 5 x 12 x 1024) + 6 x 50257 = 1,050,624 + 301,542
-    assert activation_bytes_per_token(gpt2, 1024, False, "eager", "bf16") == 1_352_166
-    # fused attention keeps no scores: 12 x 34 x 768 + 301,542
-    assert activation_bytes_per_token(gpt2, 1024, False, "sdpa", "bf16") == 614_886
-    # checkpointing: each layer's input (2 x 768 x 12) + one layer recomputed + logits
-    assert activation_bytes_per_token(gpt2, 1024, True, "eager", "bf16") == 18_432 + 87_552 + 301_542
-    assert activation_bytes_per_token(gpt2, 1024, False, "sdpa", "fp32") == 2 * 614_886
+    h, w, vocab = 768, 4 * 768, 50257
+    # a block keeps 16 units of h in 16-bit: two LayerNorms' inputs and outputs (4), queries, keys, values and
+    # the output projection's input (4), the fused GELU's input and output (2 x 4h); one block's backward adds
+    # 2h + one MLP intermediate's gradient; outside: the final norm (2h) and 10 bytes per vocabulary entry
+    layer, backward, outside = 16 * h, 2 * h + w, 2 * h + 10 * vocab / 2
+    assert activation_bytes(gpt2, bf16_row(1024)) == 2 * (12 * layer + backward + outside)
+    # eager: each block keeps the fp32 probabilities and their 16-bit copy (3 units per head and position);
+    # the backward holds their fp32 gradient (2 units), wider than the MLP's
+    scores = 12 * 1024
+    eager = 2 * (12 * (layer + 3 * scores) + 2 * h + 2 * scores + outside)
+    assert activation_bytes(gpt2, bf16_row(1024, attention="eager")) == eager
+    # checkpointing: every block's input, one block recomputed (its backward frees as it goes: 2h)
+    checkpointed = 2 * (12 * h + layer + 2 * h + outside)
+    assert activation_bytes(gpt2, bf16_row(1024, checkpointing=True)) == checkpointed
+    # fp32: the same units at 4 bytes
+    assert activation_bytes(gpt2, ActivationSetup(seq_len=1024, precision="fp32")) == 4 * (
+        12 * layer + backward + 2 * h + 10 * vocab / 4
+    )
+
+
+def test_activation_bytes_of_a_llama_block_by_hand():
+    """RMSNorm upcasts its input to fp32 in 16-bit (2 units), keeps the normalized input and its output; the
+    gated MLP keeps four intermediates; grouped-query keys and values are narrower; Qwen3's per-head norms of
+    queries and keys keep their input and normalized output."""
+    facts = tiny_llama_facts()
+    h, q, kv, w = 64, 64, 32, 176
+    assert (facts.gated_mlp, facts.rms_norm, facts.qk_norm, facts.mlp_width) == (True, True, False, w)
+    assert layer_units(facts, bf16_row(128)) == 2 * 4 * h + 2 * q + 2 * kv + 4 * w
+    assert (
+        layer_units(facts, ActivationSetup(seq_len=128, precision="fp32"))
+        == 2 * 3 * h + 2 * q + 2 * kv + 4 * w
+    )
+    qwen3 = replace(facts, qk_norm=True)
+    assert layer_units(qwen3, bf16_row(128)) == layer_units(facts, bf16_row(128)) + 3 * (q + kv)
 
 
 def test_recommendation_is_the_fastest_set_up_that_fits():
@@ -216,20 +254,19 @@ def test_tensor_parallelism_divides_the_blocks_linears_only():
     assert facts.split_params == 2 * per_layer and facts.kv_heads == 2
     whole = facts.params - facts.split_params  # embeddings (tied head) and norms stay whole
     assert facts.params_per_rank(2) == whole + per_layer
-    h = 64
-    sdpa = activation_bytes_per_token(facts, 128, False, "sdpa", "bf16", tensor=2)
-    assert sdpa == 2 * (10 * h + 24 * h / 2) + 6 * 500
-    # The chunked loss: Llama's output layer fuses into it (one fp32 block the size of the hidden states);
-    # a family that cannot fuse keeps its 16-bit logits, without the fp32 copy.
+    h, q, kv, w = 64, 64, 32, 176
+    # a tensor-parallel rank keeps half of what lives inside the split linears; the norms stay whole
+    assert layer_units(facts, bf16_row(128, tensor=2)) == 2 * 4 * h + (2 * q + 2 * kv + 4 * w) / 2
+    # The chunked loss: Llama's output layer fuses into it (one fp32 block the size of the hidden states, and
+    # once per step the output layer's weight gradient); a family that cannot fuse keeps its 16-bit logits,
+    # without the fp32 copy.
     assert facts.fusable_head
-    assert (
-        activation_bytes_per_token(facts, 128, False, "sdpa", "bf16", chunked_loss=True) == 2 * 34 * h + 4 * h
-    )
+    fused = bf16_row(128, chunked_loss=True)
+    assert outside_units(facts, fused) == 4 * h + 4 * h / 2
+    assert head_gradient_bytes(facts, fused) == 500 * h * 2
     blockwise = replace(facts, fusable_head=False)
-    assert (
-        activation_bytes_per_token(blockwise, 128, False, "sdpa", "bf16", chunked_loss=True)
-        == 2 * 34 * h + 2 * 500
-    )
+    assert outside_units(blockwise, fused) == 4 * h + 2 * 500 / 2
+    assert head_gradient_bytes(blockwise, fused) == 0
 
 
 def test_plan_rows_of_tensor_and_sequence_layouts():
@@ -250,17 +287,17 @@ def test_plan_rows_of_tensor_and_sequence_layouts():
 
 def test_plan_recommends_sequence_parallelism_when_a_long_context_does_not_fit():
     result = run_lmscale("plan", "configs/llama-8b-32k.yaml", "--gpus-per-node", "8", "--json", "parallel.sequence=1",
-                         "data.max_seq_len=262144", "data.max_tokens_per_batch=262144")  # fmt: skip
+                         "data.max_seq_len=393216", "data.max_tokens_per_batch=393216")  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
     assert not any(r["fits"] for r in rows if r["sequence"] == 1 and r["tensor"] == 1)
     (best,) = [r for r in rows if r["recommended"]]
     assert best["sequence"] > 1 and best["total_bytes"] <= 0.9 * 80 * GIB
     text = run_lmscale("plan", "configs/llama-8b-32k.yaml", "--gpus-per-node", "8")
-    assert "recommended: parallel.sequence=4 zero.stage=1 (47.2 GiB per GPU at 32,768 tokens" in text.stdout
+    assert "recommended: parallel.sequence=4 zero.stage=1 (49.0 GiB per GPU at 32,768 tokens" in text.stdout
     # the headroom is offered as the same 524,288-token step in fewer micro-batches, never as a silently larger step
     assert "524,288 tokens per optimizer step" in text.stdout
-    assert "data.max_tokens_per_batch=262144 train.grad_accum_steps=1 (69.5 GiB per GPU)" in text.stdout
+    assert "data.max_tokens_per_batch=131072 train.grad_accum_steps=2 (61.1 GiB per GPU)" in text.stdout
     assert "8,030.3M parameters" in text.stdout  # Llama 3 8B's published count: 8,030,261,248
 
 
@@ -376,22 +413,23 @@ def test_expert_parallelism_divides_the_experts_states_and_adds_the_token_exchan
 
 def test_tiled_mlp_and_activation_offload_by_hand():
     gpt2 = ModelFacts(params=GPT2_124M, largest_layer_params=0, layers=12, hidden=768, heads=12, vocab=50257)
-    # tiled: of the 24 x h inside the split layers, the MLP's 16 x h are recomputed in backward
-    assert (
-        activation_bytes_per_token(gpt2, 1024, False, "sdpa", "bf16", tiled_mlp=True)
-        == 12 * 18 * 768 + 301_542
-    )
-    # offload: two layers' saved inputs on the GPU, not twelve
-    with_offload = activation_bytes_per_token(gpt2, 1024, True, "sdpa", "bf16", offload=True)
-    assert with_offload == 2 * 768 * 2 + 34 * 768 + 301_542
-    assert (
-        activation_bytes_per_token(gpt2, 1024, False, "sdpa", "bf16", offload=True) == 614_886
-    )  # needs checkpoints
+    h, w = 768, 4 * 768
+    # tiled: the MLP keeps nothing; its backward recomputes one slice (hidden-size tokens of 1,024) with its
+    # four intermediates and two gradients
+    tiled = bf16_row(1024, tiled_mlp=True)
+    assert layer_units(gpt2, tiled) == 8 * h
+    assert backward_units(gpt2, tiled) == 2 * h + 6 * w * 768 / 1024
+    assert backward_units(gpt2, bf16_row(1024, tiled_mlp=True, tiled_tokens=256)) == 2 * h + 6 * w / 4
+    # offload: two blocks' saved inputs on the GPU, not twelve
+    checkpointed = activation_bytes(gpt2, bf16_row(1024, checkpointing=True))
+    offloaded = activation_bytes(gpt2, bf16_row(1024, checkpointing=True, offload=True))
+    assert checkpointed - offloaded == 2 * 10 * h
+    assert activation_bytes(gpt2, bf16_row(1024, offload=True)) == activation_bytes(gpt2, bf16_row(1024))
 
 
 def test_plan_tries_lmscales_memory_options_cheapest_first(capsys):
     """Qwen3-30B-A3B's shape on 8 GPUs: without expert parallelism only ZeRO-3 fits 80 GB, so the planner
-    offers the smallest expert split that fits ZeRO 1-2; on 48 GB nothing fits without CPU offload, and bf16
+    offers the smallest expert split that fits ZeRO 1-2 (8 ways: 4 leaves too little for the activations); on 48 GB nothing fits without CPU offload, and bf16
     optimizer states under ZeRO-3 do (expert splits alone do not)."""
     from lmscale.planning.command import plan_command
     from lmscale.planning.options import memory_options
@@ -400,8 +438,8 @@ def test_plan_tries_lmscales_memory_options_cheapest_first(capsys):
     recipe = str(REPO / "configs" / "qwen3-30b-a3b.yaml")
     config = resolve_run_config(recipe, ["parallel.expert=1"], 8, has_gpu=True)[0]
     _, best, advice = plan_command(config, Hardware(8), as_json=True)
-    assert advice.keys == "parallel.expert=4 zero.stage=2" and best.expert == 4
-    assert round(advice.total_bytes / GIB, 1) == 71.6  # as README.md's table says
+    assert advice.keys == "parallel.expert=8 zero.stage=1" and best.expert == 8
+    assert round(advice.total_bytes / GIB, 1) == 69.1  # as README.md's table says
     _, best, advice = plan_command(config, Hardware(8, gpu_mem_bytes=48 * GIB), as_json=True)
     assert advice.keys == "optim.state_dtype=bf16 zero.stage=3" and best.options == (
         "optim.state_dtype=bf16",

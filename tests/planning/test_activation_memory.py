@@ -1,0 +1,121 @@
+"""The planner's activation figures against the live tensors of a real step (lmscale.planning.live_bytes).
+
+Each case builds a tiny model of a family on CPU, takes one step (gradients already allocated, as DeepSpeed's
+are), and measures the peak bytes of the tensors the step creates; the planner's figure for the same model,
+row and options must be within 10%. Not measured here: dropout (a CPU keeps dropout masks in the input's
+dtype, a GPU's fused kernel in one byte: the planner counts the GPU's) and activation offload (on a CPU the
+host memory it moves to is the memory it was in).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmscale.config import ModelConfig
+from lmscale.data.batches import collate, sequence_slice
+from lmscale.model.build import prepare_for_training, preset_config
+from lmscale.objectives.fused_head import install_fused_head, loss_targets
+from lmscale.objectives.loss import aligned_token_loss
+from lmscale.planning.activations import ActivationSetup, activation_bytes, head_gradient_bytes
+from lmscale.planning.live_bytes import LiveBytes
+from lmscale.planning.plan import facts_of
+
+VOCAB = 2048
+TOKENS = 512
+LLAMA_WIDER = {
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 6,
+}
+
+
+def tiny_model(preset: str, shape: dict, options: ModelConfig, precision: str, attention: str):
+    config = preset_config(preset, VOCAB, TOKENS, 0, 0)
+    for key, value in {**shape, "num_hidden_layers": 4}.items():
+        setattr(config, "n_layer" if key == "num_hidden_layers" and preset == "tiny-gpt2" else key, value)
+    for dropout in ("attn_pdrop", "resid_pdrop", "embd_pdrop"):
+        if hasattr(config, dropout):
+            setattr(config, dropout, 0.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    prepare_for_training(model, options)
+    return model.train()
+
+
+def measured_peak(model: torch.nn.Module, loss: str) -> int:
+    """The step's peak bytes of new tensors, after a first step has allocated the gradients."""
+    ids = torch.randint(0, VOCAB, (TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
+    batch = sequence_slice(collate([ids], pad_id=0), 0, 0, 1)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+
+    def step() -> None:
+        if loss == "fused":
+            with loss_targets(model, batch["labels"]):
+                summed = model(**inputs).logits  # the fused output layer returns the summed loss
+        else:
+            summed = aligned_token_loss(model(**inputs).logits, batch["labels"])
+        summed.backward()
+
+    step()
+    with LiveBytes(model) as live:
+        step()
+    return live.peak
+
+
+CASES = [  # preset, shape changes, model options, precision, attention, loss
+    ("tiny-llama", {}, {}, "fp32", "sdpa", "fused"),
+    ("tiny-llama", {}, {}, "bf16", "sdpa", "fused"),
+    ("tiny-llama", LLAMA_WIDER, {}, "bf16", "sdpa", "plain"),
+    ("tiny-llama", {}, {}, "fp32", "eager", "fused"),
+    ("tiny-llama", {}, {}, "bf16", "eager", "plain"),
+    ("tiny-llama", {}, {"activation_checkpointing": True}, "fp32", "sdpa", "fused"),
+    ("tiny-llama", LLAMA_WIDER, {"activation_checkpointing": True}, "bf16", "sdpa", "fused"),
+    ("tiny-llama", {}, {"tiled_mlp": True}, "fp32", "sdpa", "fused"),
+    ("tiny-llama", LLAMA_WIDER, {"tiled_mlp": True, "tiled_mlp_tokens": 128}, "bf16", "sdpa", "fused"),
+    ("tiny-gpt2", {}, {}, "fp32", "sdpa", "fused"),
+    ("tiny-gpt2", {}, {"fused_kernels": False}, "bf16", "sdpa", "plain"),
+    ("tiny-gpt2", {}, {"activation_checkpointing": True}, "bf16", "sdpa", "fused"),
+    ("tiny-qwen3-moe", {}, {}, "fp32", "sdpa", "fused"),
+    ("tiny-qwen3-moe", {}, {}, "bf16", "sdpa", "fused"),
+    ("tiny-mixtral", {}, {}, "bf16", "sdpa", "plain"),
+]
+
+
+@pytest.mark.parametrize(("preset", "shape", "options", "precision", "attention", "loss"), CASES)
+def test_planner_within_ten_percent_of_a_real_step(preset, shape, options, precision, attention, loss):
+    options = ModelConfig(**options, attn_implementation=attention)
+    model = tiny_model(preset, shape, options, precision, attention)
+    facts = facts_of(model)
+    if loss == "fused":
+        install_fused_head(model)
+    setup = ActivationSetup(
+        seq_len=TOKENS, precision=precision, attention=attention, checkpointing=options.activation_checkpointing,
+        chunked_loss=loss == "fused", tiled_mlp=options.tiled_mlp, tiled_tokens=options.tiled_mlp_tokens,
+        fused_kernels=options.fused_kernels,
+    )  # fmt: skip
+    planned = activation_bytes(facts, setup) * TOKENS + head_gradient_bytes(facts, setup)
+    measured = measured_peak(model, loss)
+    assert planned == pytest.approx(measured, rel=0.1), (
+        f"planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
+    )
+
+
+def test_live_bytes_counts_what_a_step_keeps_and_its_peak():
+    weight = torch.randn(1000, 250, requires_grad=True)  # 1 MB: from before the step, not counted
+    with LiveBytes() as live:
+        doubled = weight * 2  # 1 MB, released once relu has its output
+        kept = doubled.relu()  # 1 MB, which relu's backward keeps
+        assert live.live == live.peak == 2_000_000
+        del doubled
+        total = kept.sum()
+        del kept
+        assert live.live == 1_000_000 + 4  # relu's output and the sum
+        total.backward()
+    # the backward's peak: relu's output and its gradient, the sum and its seed gradient
+    assert live.peak == 2_000_000 + 8
+    assert live.live == 1_000_000 + 4  # the weight's new gradient and the sum are all that remain
