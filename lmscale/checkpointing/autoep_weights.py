@@ -4,7 +4,9 @@ AutoEP (DeepSpeed 0.19) replaces each MoE block's router and experts with its ow
 reachable as `gate.gate`) and grouped experts `experts.w1` (gate projection), `experts.w3` (up projection),
 `experts.w2` (down projection), each [experts, out, in]. transformers 5's Mixtral and Qwen3-MoE keep the gate
 and up projections fused, `experts.gate_up_proj` [experts, 2 x width, hidden] (gate rows first, as
-DeepSpeed's own repacking reads them: deepspeed/moe/ep_repack.py), and `experts.down_proj`. DeepSpeed writes
+DeepSpeed's own repacking reads them: deepspeed/moe/ep_repack.py), and `experts.down_proj`; DeepSeek-V3's
+router keeps its routing bias beside its weight, `gate.e_score_correction_bias` (AutoEP copies it into
+`router.e_score_correction_bias`), and its shared expert keeps its HF names. DeepSpeed writes
 no HF export of its layers, so lmscale folds them back here; the HF model's own shapes are the check.
 """
 
@@ -73,6 +75,8 @@ def to_hf_names(
             continue  # folded with its partner below
         if name.endswith(".router.gate.weight"):
             out[name.replace(".router.gate.", ".gate.")] = tensor
+        elif name.endswith(".router.e_score_correction_bias"):  # DeepSeek-V3's routing bias (a buffer)
+            out[name.replace(".router.", ".gate.")] = tensor
         elif name.endswith(".experts.w2"):
             out[name[: -len("w2")] + "down_proj"] = tensor
         else:

@@ -122,13 +122,37 @@ def environment(variables: dict[str, str]) -> Iterator[None]:
 
 
 def universal_weights(universal: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a universal checkpoint: one directory per parameter, holding `fp32.pt`."""
+    """The fp32 weights of a universal checkpoint: one directory per parameter, holding `fp32.pt`, in the
+    shapes the model states record, and the persistent buffers (DeepSeek's routing bias).
+
+    Why both: DeepSpeed 0.19.8's conversion of a ZeRO-3 checkpoint keeps each weight flat (its loader reshapes
+    them) and writes no buffer files (its ZeRO 1-2 conversion writes both whole)."""
+    states = universal_model_states(universal)
+    shapes = {
+        name: torch.Size(shape) for group in states.get("param_shapes") or [] for name, shape in group.items()
+    }
     weights = {}
     for parameter in sorted((universal / "zero").iterdir()):
         if (parameter / "fp32.pt").is_file():
             saved = torch.load(parameter / "fp32.pt", weights_only=False, map_location="cpu")
-            weights[parameter.name] = (saved["param"] if isinstance(saved, dict) else saved).float()
+            tensor = (saved["param"] if isinstance(saved, dict) else saved).float()
+            shape = shapes.get(parameter.name)
+            if shape is not None and tensor.shape != shape and tensor.numel() == shape.numel():
+                tensor = tensor.reshape(
+                    shape
+                )  # an expert's differ in size (a rank's share): left as they are
+            weights[parameter.name] = tensor
+    module = states.get("module") or {}
+    for name in states.get("buffer_names") or []:
+        if name not in weights and name in module:
+            weights[name] = module[name].float()
     return weights
+
+
+def universal_model_states(universal: Path) -> dict:
+    """The model states DeepSpeed's conversion copies beside the parameters (rank 0's), or {} if none."""
+    files = sorted(universal.glob("*model_states.pt"))
+    return torch.load(files[0], weights_only=False, map_location="cpu") if files else {}
 
 
 def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):

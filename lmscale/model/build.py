@@ -9,6 +9,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    DeepseekV3Config,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -36,9 +37,12 @@ def preset_config(
     shape.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     if family == "gpt2":
         return GPT2Config(**shape)
-    config_class = {"mistral": MistralConfig, "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig}.get(
-        family, LlamaConfig
-    )
+    config_class = {
+        "mistral": MistralConfig,
+        "mixtral": MixtralConfig,
+        "qwen3_moe": Qwen3MoeConfig,
+        "deepseek_v3": DeepseekV3Config,
+    }.get(family, LlamaConfig)
     return config_class(**shape)
 
 

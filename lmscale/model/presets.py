@@ -47,6 +47,26 @@ PRESETS: dict[str, dict] = {
     "tiny-qwen3-moe": _moe(
         "qwen3_moe", num_experts=4, moe_intermediate_size=176, intermediate_size=688, head_dim=64
     ),
+    # DeepSeek-V3's block: multi-head latent attention (queries and keys/values through low-rank projections,
+    # RoPE on a slice of each head), a dense first layer, then sigmoid routing limited to the best expert groups
+    # (2 groups of 2 experts, 1 group per token) beside an always-on shared expert.
+    "tiny-deepseek-v3": _moe(
+        "deepseek_v3",
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        intermediate_size=688,
+        moe_intermediate_size=176,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_nope_head_dim=48,
+        qk_rope_head_dim=16,
+        v_head_dim=64,
+        head_dim=16,
+    ),
     "gpt2-124m": _gpt2(layers=12, hidden=768, heads=12),
     "gpt2-350m": _gpt2(layers=24, hidden=1024, heads=16),
     "llama-1b": _llama(layers=22, hidden=2048, heads=32, kv_heads=4, intermediate=5632),

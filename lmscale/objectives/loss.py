@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmscale.data.batches import IGNORE_INDEX, Batch
+from lmscale.model.expert_routing import routed_tokens
 from lmscale.objectives.fused_head import has_fused_head, loss_targets, summed_fused_loss
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
@@ -211,7 +212,7 @@ def add_router_loss(parts: LossParts, outputs: Any, engine: Any, train: bool) ->
     """A mixture-of-experts model's load-balancing loss (HF's `aux_loss`, a mean over the micro-batch's
     tokens), weighted by the micro-batch's targets: divided by the step's targets as the summed loss is, it
     enters the step's mean as HF adds it to its mean loss, `router_aux_loss_coef` x aux_loss."""
-    parts.expert_tokens = routed_tokens(outputs, getattr(engine.module.config, "num_experts_per_tok", None))
+    parts.expert_tokens = routed_tokens(engine.module)
     aux = getattr(outputs, "aux_loss", None)
     if aux is None:
         return
@@ -219,22 +220,6 @@ def add_router_loss(parts: LossParts, outputs: Any, engine: Any, train: bool) ->
     coefficient = getattr(engine.module.config, "router_aux_loss_coef", 0.0)
     if train and coefficient:
         parts.summed = parts.summed + coefficient * aux * parts.targets
-
-
-def routed_tokens(outputs: Any, top_k: int | None) -> torch.Tensor | None:
-    """How many tokens each MoE layer's router sent to each of its experts ([layers, experts], float64), from
-    the router logits HF returns with `output_router_logits` (under AutoEP too, which re-targets them). Each
-    token goes to the `top_k` experts of highest logit, as the softmax-then-top-k routers of Mixtral and
-    Qwen3-MoE choose; padding is routed like any token, so it counts (it costs the experts the same)."""
-    logits = getattr(outputs, "router_logits", None)
-    if not logits or not top_k or not isinstance(logits, (tuple, list)):
-        return None
-    with torch.no_grad():
-        counts = []
-        for layer in logits:
-            chosen = layer.reshape(-1, layer.shape[-1]).topk(top_k, dim=-1).indices
-            counts.append(torch.bincount(chosen.flatten(), minlength=layer.shape[-1]))
-        return torch.stack(counts).double()
 
 
 def perplexity(loss: float) -> float:

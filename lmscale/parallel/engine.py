@@ -174,6 +174,7 @@ def build_engine(
     AutoEP's expert split); `mpu` holds the sequence-parallel groups (lmscale.parallel.ulysses)."""
     import deepspeed
 
+    from lmscale.model.expert_routing import watch_routing
     from lmscale.parallel.autoep import (
         autoep_degree,
         count_folded_experts_on_every_rank,
@@ -190,6 +191,7 @@ def build_engine(
         )
     if autoep and ds_config.get("tensor_parallel", {}).get("autotp_size", 1) > 1:
         count_folded_experts_on_every_rank(engine.optimizer)
+    watch_routing(engine.module)  # after AutoEP has swapped the routers
     return engine
 
 

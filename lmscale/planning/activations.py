@@ -5,10 +5,10 @@ Korthikanti et al. (2022) count 34·h bytes per token and layer for GPT-3's bloc
 dropout). Today's families keep other things: a gated MLP keeps four of its intermediates (gate, activation,
 up, their product), an RMSNorm keeps its input, the normalized input and (for the next linear) its output, and
 in 16-bit it upcasts its input to fp32 first (HF's Llama-style norms), grouped-query attention keeps narrower
-keys and values, Qwen3 normalizes queries and keys per head, and an MoE layer keeps every routed copy of a
-token. The counts below are those tensors, read off the families' modeling code and checked, tensor by tensor,
+keys and values, Qwen3 normalizes queries and keys per head, DeepSeek's latent attention keeps its latents
+and every head's full-width keys, and an MoE layer keeps every routed copy of a token. The counts below are those tensors, read off the families' modeling code and checked, tensor by tensor,
 against the live tensors of a real step (lmscale.planning.live_bytes; tests/planning/test_activation_memory.py
-measures Llama, GPT-2, Qwen3-MoE and Mixtral shapes in fp32 and bf16, sdpa and eager, with each activation
+measures Llama, GPT-2, Qwen3-MoE, Mixtral and DeepSeek-V3 shapes in fp32 and bf16, sdpa and eager, with each activation
 option, and holds the planner within 10% of the measured peak).
 
 A "unit" is one element in the training dtype (4 bytes in fp32, 2 in 16-bit). Dropout masks are bytes.
@@ -80,7 +80,9 @@ def mlp_units(facts: ModelFacts, setup: ActivationSetup) -> float:
         kept = 4 * facts.mlp_width
     else:
         kept = (2 if setup.fused_kernels else 5) * facts.mlp_width
-    return kept + 2 * facts.hidden * facts.top_k
+    # DeepSeek's router keeps an fp32 copy of its input in 16-bit training.
+    router = 2 * facts.hidden if facts.fp32_router and setup.upcast == 2 else 0
+    return kept + 2 * facts.hidden * facts.top_k + router
 
 
 def layer_units(facts: ModelFacts, setup: ActivationSetup) -> float:
@@ -88,11 +90,29 @@ def layer_units(facts: ModelFacts, setup: ActivationSetup) -> float:
     split linears (queries, keys, values, the MLP, the scores), not the norms."""
     h = facts.hidden
     q, kv = facts.query_width, facts.key_value_width
-    attention = 2 * q + 2 * kv
+    if facts.key_value_latent:
+        attention = latent_attention_units(facts, setup)
+    else:
+        attention = 2 * q + 2 * kv
     if facts.qk_norm:  # per-head norms of queries and keys: their input and normalized output
         attention += norm_units(facts, setup, output_kept=False) * (q + kv)
     inside = attention + mlp_units(facts, setup) + scores_units(facts, setup)
     return 2 * norm_units(facts, setup) * h + inside / setup.tensor
+
+
+def latent_attention_units(facts: ModelFacts, setup: ActivationSetup) -> float:
+    """DeepSeek's multi-head latent attention (HF's DeepseekV2/V3Attention): the queries three times (the
+    up-projection's output, kept by the rotary slice's product; the joined query; the keys built to its width),
+    the key-value up-projection (plain keys and values of every head), the rotary parts' products, the
+    down-projection's output, and the two latents' RMSNorms (the key-value one's input is a slice of that
+    output, already counted, unless 16-bit upcasts it)."""
+    heads, rope = facts.heads, facts.rope_head_dim
+    query, plain = facts.query_width, facts.head_dim - rope
+    key_value_up = heads * plain  # its values are left out, as the plain form's are (measured alike)
+    down = facts.key_value_latent + rope
+    norms = norm_units(facts, setup) * facts.query_latent
+    norms += (norm_units(facts, setup) - (setup.upcast == 1)) * facts.key_value_latent
+    return 3 * query + key_value_up + 2 * heads * rope + down + norms
 
 
 def backward_units(facts: ModelFacts, setup: ActivationSetup) -> float:

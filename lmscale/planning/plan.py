@@ -32,6 +32,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,6 +73,13 @@ class ModelFacts:
     rms_norm: bool = False  # Llama-style RMSNorm (upcast to fp32) instead of LayerNorm
     qk_norm: bool = False  # Qwen3: queries and keys normalized per head
     dropout: bool = False  # the blocks' residual dropout is on (GPT-2's default)
+    # DeepSeek's multi-head latent attention (0: none): the query and key-value latents' widths, and each
+    # head's rotary and value widths (head_dim is then the query/key head's: its plain and rotary parts).
+    query_latent: int = 0
+    key_value_latent: int = 0
+    rope_head_dim: int = 0
+    value_head_dim: int = 0
+    fp32_router: bool = False  # the router runs in fp32 on an fp32 copy of its input (DeepSeek's)
 
     @property
     def query_width(self) -> int:
@@ -79,6 +87,10 @@ class ModelFacts:
 
     @property
     def key_value_width(self) -> int:
+        """Per token and layer, the width of its keys (or values) in the KV cache: latent attention caches its
+        key-value latent and the shared rotary key instead (counted here as half each)."""
+        if self.key_value_latent:
+            return (self.key_value_latent + self.rope_head_dim) // 2
         return (self.kv_heads or self.heads) * (self.head_dim or self.hidden // self.heads)
 
     @property
@@ -181,7 +193,9 @@ def facts_cache_path(config: Config, vocab: int) -> Path | None:
     return home / "lmscale" / "model-facts" / f"{digest}.json"
 
 
-FACTS_FIELDS = "params frozen split kv fusable experts top_k tileable head_dim mlp gated rms qk dropout"
+FACTS_FIELDS = (
+    "params frozen split kv fusable experts top_k tileable head_dim mlp gated rms qk dropout latent router"
+)
 
 
 def write_facts_cache(path: Path, facts: ModelFacts) -> None:
@@ -244,7 +258,9 @@ def block_shape(model: torch.nn.Module, experts: int) -> dict:
     parameters = [name for name, _ in model.named_parameters()]
     intermediate = dense
     if experts:  # the average over the blocks: some MoE families keep dense MLPs in a few (mlp_only_layers)
-        routed = c.num_experts_per_tok * (getattr(c, "moe_intermediate_size", None) or dense)
+        expert_width = getattr(c, "moe_intermediate_size", None) or dense
+        # DeepSeek's shared experts run for every token beside the routed ones.
+        routed = (c.num_experts_per_tok + (getattr(c, "n_shared_experts", None) or 0)) * expert_width
         expert_blocks = len({n.split(".experts")[0] for n in parameters if ".experts" in n})
         layers = c.num_hidden_layers
         intermediate = (expert_blocks * routed + (layers - expert_blocks) * dense) / layers
@@ -257,6 +273,22 @@ def block_shape(model: torch.nn.Module, experts: int) -> dict:
         "rms_norm": any("RMSNorm" in kind for kind in kinds),
         "qk_norm": any(n.endswith("q_norm") for n in names),
         "dropout": bool(dropout),
+        "fp32_router": bool(experts)
+        and "gate.weight" in (getattr(model, "_keep_in_fp32_modules_strict", None) or []),
+        **latent_attention_shape(c),
+    }
+
+
+def latent_attention_shape(c: Any) -> dict:
+    """DeepSeek's multi-head latent attention's widths (HF's `head_dim` there is the rotary part's)."""
+    if not getattr(c, "kv_lora_rank", None):
+        return {}
+    return {
+        "head_dim": c.qk_nope_head_dim + c.qk_rope_head_dim,
+        "query_latent": c.q_lora_rank or 0,
+        "key_value_latent": c.kv_lora_rank,
+        "rope_head_dim": c.qk_rope_head_dim,
+        "value_head_dim": c.v_head_dim,
     }
 
 

@@ -16,7 +16,9 @@ def tokenizer():
     )
 
 
-@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama", "tiny-mixtral", "tiny-qwen3-moe"])
+@pytest.mark.parametrize(
+    "preset", ["tiny-gpt2", "tiny-llama", "tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v3"]
+)
 def test_tiny_presets_follow_the_tokenizer(preset, tokenizer):
     model = build_model(ModelConfig(preset=preset), tokenizer, max_seq_len=32, seed=0)
     assert model.get_input_embeddings().num_embeddings == 300

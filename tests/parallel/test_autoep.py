@@ -1,6 +1,6 @@
 """Expert parallelism's pieces without a job: the transformers adapter AutoEP needs (against DeepSpeed's own
 failing call), the layouts and combinations refused with their fix, the DeepSpeed config, the experts'
-optimizer groups, the HF names an export folds AutoEP's weights back into, and the routing counts."""
+optimizer groups, the HF names an export folds AutoEP's weights back into."""
 
 from types import SimpleNamespace
 
@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 from lmscale.checkpointing.autoep_weights import to_hf_names, zero0_weights
 from lmscale.config import OptimConfig, load_config
 from lmscale.errors import ConfigError, LmscaleError
-from lmscale.objectives.loss import routed_tokens
 from lmscale.parallel.autoep import autoep_degree, transformers_registry_accepts_names
 from lmscale.parallel.ds_config import resolve
 from lmscale.parallel.layout import Layout, autoep_problems, config_split_problems
@@ -183,15 +182,6 @@ def test_a_zero_0_checkpoint_gathers_each_experts_file(tmp_path):
     weights = zero0_weights(tmp_path)
     assert torch.equal(weights["model.layers.0.mlp.experts.w1"], w1)
     assert torch.equal(weights["model.norm.weight"], torch.ones(2))
-
-
-def test_routing_counts_each_token_at_its_top_k_experts():
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 3.0, 2.0], [0.0, 3.0, 2.0, 1.0]])
-    outputs = SimpleNamespace(router_logits=(logits, -logits))
-    counts = routed_tokens(outputs, top_k=2)
-    assert counts.tolist() == [[1, 2, 2, 1], [2, 1, 1, 2]]
-    assert routed_tokens(SimpleNamespace(), top_k=2) is None  # a dense model
-    assert routed_tokens(outputs, top_k=None) is None
 
 
 def test_folded_and_zero0_expert_checkpoints_resume_on_their_own_layout_only(tmp_path):

@@ -14,6 +14,7 @@ from helpers import EXACT_RUN_ARGS, run_lmscale
 pytestmark = pytest.mark.slow
 
 MIXTRAL = [*EXACT_RUN_ARGS, "model.preset=tiny-mixtral"]
+DEEPSEEK = [*EXACT_RUN_ARGS, "model.preset=tiny-deepseek-v3"]
 QWEN_FOUR_RANKS = [*EXACT_RUN_ARGS, "model.preset=tiny-qwen3-moe", "zero.stage=2", "train.max_steps=6"]
 TOKENS = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
 
@@ -118,6 +119,33 @@ def test_expert_parallel_pair_trains_like_data_parallelism_resumes_moves_and_exp
     refused = run(data_parallel, cache_dir, 2, MIXTRAL, "parallel.expert=2", ok=False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "was written without expert parallelism" in refused.stderr
+
+
+def test_deepseek_v3_experts_split_under_zero_3_train_like_data_parallelism_and_export(tmp_path, cache_dir):
+    """DeepSeek-V3's block (latent attention, a dense first layer, sigmoid routing limited to the best of 2
+    expert groups, a shared expert) through AutoEP under ZeRO-3: data parallelism's losses under ZeRO-1, the
+    load as the routers chose it, and one HF model out of the split experts (its routing bias included)."""
+    data_parallel, split = tmp_path / "dp", tmp_path / "ep"
+    run(data_parallel, cache_dir, 2, DEEPSEEK)
+    result = run(split, cache_dir, 2, DEEPSEEK, "parallel.expert=2", "zero.stage=3")
+    assert "2 data-parallel rank(s), experts split 2 ways, ZeRO-3" in result.stderr
+    assert_same_losses(losses(split), losses(data_parallel), range(1, 11))
+
+    # Each token goes to both experts of the one group its router keeps: the 3 MoE layers' counts come in
+    # equal pairs, with HF's routers (data parallelism) and AutoEP's alike.
+    for out in (data_parallel, split):
+        load = [json.loads(line) for line in (out / "expert_load.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in load] == list(range(1, 11))
+        for row in load:
+            assert len(row["tokens_per_expert"]) == 3
+            assert all(a == b and c == d and a + c > 0 for a, b, c, d in row["tokens_per_expert"])
+
+    torch.testing.assert_close(
+        exported_logits(split, tmp_path / "ep_hf"),
+        exported_logits(data_parallel, tmp_path / "dp_hf"),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 def test_four_ranks_split_the_experts_two_and_four_ways_alike(tmp_path, cache_dir):

@@ -83,6 +83,9 @@ CASES = [  # preset, shape changes, model options, precision, attention, loss
     ("tiny-qwen3-moe", {}, {}, "fp32", "sdpa", "fused"),
     ("tiny-qwen3-moe", {}, {}, "bf16", "sdpa", "fused"),
     ("tiny-mixtral", {}, {}, "bf16", "sdpa", "plain"),
+    ("tiny-deepseek-v3", {}, {}, "fp32", "sdpa", "fused"),
+    ("tiny-deepseek-v3", {}, {}, "bf16", "eager", "plain"),
+    ("tiny-deepseek-v3", {}, {"activation_checkpointing": True}, "bf16", "sdpa", "fused"),
 ]
 
 
