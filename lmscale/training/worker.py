@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     except LmscaleError as exc:
         if args.debug:
             raise
-        tqdm.write(f"lmscale: error: {exc}", file=sys.stderr)  # clears an open progress bar line first
+        if says_the_error(exc):
+            tqdm.write(f"lmscale: error: {exc}", file=sys.stderr)  # clears an open progress bar line first
         return exc.exit_code
     except RuntimeError as exc:
         if args.debug or not is_lost_peer(exc):
@@ -338,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"lmscale: error: {write_failure_line(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def says_the_error(exc: LmscaleError) -> bool:
+    """Whether this rank prints the error: a refused configuration is the same on every rank of a node (the
+    same config and files), so its first rank says it once; any other error, the rank that met it."""
+    return not isinstance(exc, ConfigError) or int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 # What gloo says when the process at the other end of a collective is gone.
