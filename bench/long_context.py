@@ -165,12 +165,8 @@ def planner_figure(tokens: int, precision: str, options: dict) -> float:
     """The planner's activation bytes for one row of `tokens` with these model options (fused loss, sdpa),
     with the output layer's weight gradient the fused loss makes once per step."""
     from lmscale.config import Config
-    from lmscale.planning.plan import (
-        activation_setup,
-        configured_activation_bytes,
-        head_gradient_bytes,
-        model_facts,
-    )
+    from lmscale.planning.activations import activation_bytes, head_gradient_bytes
+    from lmscale.planning.plan import activation_setup, model_facts
 
     config = Config(
         model={"preset": "tiny-llama", **options},
@@ -179,9 +175,8 @@ def planner_figure(tokens: int, precision: str, options: dict) -> float:
         precision=precision,
     )
     facts = model_facts(config, vocab_size=VOCAB)
-    return configured_activation_bytes(facts, config) * tokens + head_gradient_bytes(
-        facts, activation_setup(config)
-    )
+    setup = activation_setup(config)
+    return activation_bytes(facts, setup) * tokens + head_gradient_bytes(facts, setup)
 
 
 def memory_options_table(tokens: int, precision: str) -> None:

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 BACKWARD_HIDDEN = 2
 
 
+def element_bytes(precision: str) -> int:
+    """Bytes of one element in the training dtype: fp32's 4, bf16's and fp16's 2."""
+    return 4 if precision == "fp32" else 2
+
+
 @dataclass(frozen=True)
 class ActivationSetup:
     """What decides a token's activations besides the model: the row length and the step's options."""
@@ -46,7 +51,7 @@ class ActivationSetup:
 
     @property
     def width(self) -> int:
-        return 4 if self.precision == "fp32" else 2
+        return element_bytes(self.precision)
 
     @property
     def upcast(self) -> int:

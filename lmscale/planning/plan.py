@@ -41,7 +41,7 @@ from lmscale.config import Config
 from lmscale.methods import method_for
 from lmscale.parallel.autoep import expert_count
 from lmscale.parallel.layout import ulysses_split_problems
-from lmscale.planning.activations import ActivationSetup, activation_bytes, head_gradient_bytes
+from lmscale.planning.activations import ActivationSetup, activation_bytes, element_bytes, head_gradient_bytes
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = GIB  # CUDA context, kernels and allocator slack, per GPU
@@ -381,7 +381,7 @@ def all_to_all_bytes(facts: ModelFacts, tokens: int, expert: int, precision: str
     sent and received (the combine reuses the space)."""
     if expert == 1:
         return 0
-    width = 4 if precision == "fp32" else 2
+    width = element_bytes(precision)
     return 2 * tokens * facts.top_k * facts.hidden * width
 
 
@@ -448,13 +448,9 @@ class Hardware:
     cpu_mem_bytes: float = 512 * GIB  # per node
 
 
-def configured_activation_bytes(facts: ModelFacts, config: Config, tensor: int = 1) -> float:
-    """Peak activation bytes per token for the config's sequence length, checkpointing, attention, precision
-    and loss, on a rank of a `tensor`-way split (lmscale.planning.activations)."""
-    return activation_bytes(facts, activation_setup(config, tensor))
-
-
 def activation_setup(config: Config, tensor: int = 1) -> ActivationSetup:
+    """What decides a token's activations in this config (sequence length, checkpointing, attention,
+    precision, loss), on a rank of a `tensor`-way split (lmscale.planning.activations)."""
     model = config.model
     return ActivationSetup(
         seq_len=config.data.max_seq_len,
@@ -482,7 +478,7 @@ def generation_bytes(facts: ModelFacts, config: Config, data_ranks: int) -> int:
     and one step's fp32 logits per completion. Sampling and the training step never overlap, so the larger
     of this and the step's activations is what a plan counts."""
     rows = rollout_rows(config, data_ranks)
-    width = 4 if config.precision == "fp32" else 2
+    width = element_bytes(config.precision)
     per_token = 2 * facts.layers * facts.key_value_width * width
     return int(rows * config.data.max_seq_len * per_token + rows * facts.vocab * 4)
 
@@ -493,7 +489,7 @@ def reference_copy_bytes(config: Config, params: int, stage: int, ranks: int) ->
     grpo = config.finetune.grpo
     if not method_for(config.finetune).online or not grpo.beta or config.finetune.lora is not None:
         return 0
-    width = 4 if config.precision == "fp32" else 2
+    width = element_bytes(config.precision)
     return int(width * params / (ranks if stage == 3 else 1))
 
 
@@ -517,8 +513,8 @@ def plan_rows(
     zero_ranks = ranks // tensor  # ZeRO partitions over the data-parallel ranks (sequence ranks included)
     params = facts.params_per_rank(tensor)
     trainable = params - facts.frozen_params
-    per_token = configured_activation_bytes(facts, config, tensor)
-    step_bytes = head_gradient_bytes(facts, activation_setup(config, tensor))
+    setup = activation_setup(config, tensor)
+    per_token, step_bytes = activation_bytes(facts, setup), head_gradient_bytes(facts, setup)
     online = method_for(config.finetune).online
     sampling = generation_bytes(facts, config, ranks // (tensor * sequence)) if online else 0
     setups = [
@@ -635,8 +631,9 @@ def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list
 
 def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, row: PlanRow) -> int:
     """The most tokens per micro-batch that keep `row`'s set-up within the GPU (a multiple of max_seq_len)."""
-    per_token = configured_activation_bytes(facts, config, row.tensor) / row.sequence
+    setup = activation_setup(config, row.tensor)
+    per_token = activation_bytes(facts, setup) / row.sequence
     free = HEADROOM * hardware.gpu_mem_bytes - row.model_state_bytes - row.buffer_bytes
-    free -= head_gradient_bytes(facts, activation_setup(config, row.tensor))
+    free -= head_gradient_bytes(facts, setup)
     sequences = int(free // (per_token * config.data.max_seq_len))
     return max(0, sequences) * config.data.max_seq_len
