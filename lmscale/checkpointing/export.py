@@ -137,10 +137,9 @@ def universal_weights(universal: Path) -> dict[str, torch.Tensor]:
             saved = torch.load(parameter / "fp32.pt", weights_only=False, map_location="cpu")
             tensor = (saved["param"] if isinstance(saved, dict) else saved).float()
             shape = shapes.get(parameter.name)
+            # An expert's recorded shape is a rank's share (another size): its merged tensor stays as it is.
             if shape is not None and tensor.shape != shape and tensor.numel() == shape.numel():
-                tensor = tensor.reshape(
-                    shape
-                )  # an expert's differ in size (a rank's share): left as they are
+                tensor = tensor.reshape(shape)
             weights[parameter.name] = tensor
     module = states.get("module") or {}
     for name in states.get("buffer_names") or []:

@@ -5,11 +5,12 @@ Korthikanti et al. (2022) count 34·h bytes per token and layer for GPT-3's bloc
 dropout). Today's families keep other things: a gated MLP keeps four of its intermediates (gate, activation,
 up, their product), an RMSNorm keeps its input, the normalized input and (for the next linear) its output, and
 in 16-bit it upcasts its input to fp32 first (HF's Llama-style norms), grouped-query attention keeps narrower
-keys and values, Qwen3 normalizes queries and keys per head, DeepSeek's latent attention keeps its latents
-and every head's full-width keys, and an MoE layer keeps every routed copy of a token. The counts below are those tensors, read off the families' modeling code and checked, tensor by tensor,
-against the live tensors of a real step (lmscale.planning.live_bytes; tests/planning/test_activation_memory.py
-measures Llama, GPT-2, Qwen3-MoE, Mixtral and DeepSeek-V3 shapes in fp32 and bf16, sdpa and eager, with each activation
-option, and holds the planner within 10% of the measured peak).
+keys and values, Qwen3 normalizes queries and keys per head, DeepSeek's latent attention keeps its latents and
+every head's full-width queries and keys, and an MoE layer keeps every routed copy of a token. The counts below
+are those tensors, read off the families' modeling code and checked, tensor by tensor, against the live tensors
+of a real step (lmscale.planning.live_bytes; tests/planning/test_activation_memory.py measures Llama, GPT-2,
+Qwen3-MoE, Mixtral and DeepSeek-V3 shapes in fp32 and bf16, sdpa and eager, with each activation option, and
+holds the planner within 10% of the measured peak).
 
 A "unit" is one element in the training dtype (4 bytes in fp32, 2 in 16-bit). Dropout masks are bytes.
 """
@@ -108,12 +109,12 @@ def layer_units(facts: ModelFacts, setup: ActivationSetup) -> float:
 def latent_attention_units(facts: ModelFacts, setup: ActivationSetup) -> float:
     """DeepSeek's multi-head latent attention (HF's DeepseekV2/V3Attention): the queries three times (the
     up-projection's output, kept by the rotary slice's product; the joined query; the keys built to its width),
-    the key-value up-projection (plain keys and values of every head), the rotary parts' products, the
-    down-projection's output, and the two latents' RMSNorms (the key-value one's input is a slice of that
-    output, already counted, unless 16-bit upcasts it)."""
+    the plain keys of every head out of the key-value up-projection (its values are left out, as the plain
+    form's are: measured alike), the rotary parts' products, the down-projection's output, and the two latents'
+    RMSNorms (the key-value one's input is a slice of that output, already counted, unless 16-bit upcasts it)."""
     heads, rope = facts.heads, facts.rope_head_dim
     query, plain = facts.query_width, facts.head_dim - rope
-    key_value_up = heads * plain  # its values are left out, as the plain form's are (measured alike)
+    key_value_up = heads * plain
     down = facts.key_value_latent + rope
     norms = norm_units(facts, setup) * facts.query_latent
     norms += (norm_units(facts, setup) - (setup.upcast == 1)) * facts.key_value_latent
