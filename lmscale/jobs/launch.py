@@ -232,8 +232,7 @@ def elastic_topology(flags: LaunchFlags) -> tuple[ElasticNodes, tuple[str, int]]
             "--force does not go with --elastic (every restart would start the run over): delete the output "
             "directory first, or choose another output_dir"
         )
-    if flags.gpus_per_node is not None and flags.gpus_per_node < 1:
-        raise ConfigError(f"--gpus-per-node {flags.gpus_per_node} must be at least 1")
+    check_gpus_per_node(flags)
     if elastic.max_nodes > 1 and not (flags.master_addr and flags.master_port):
         raise ConfigError(
             f"--elastic {elastic.min_nodes}:{elastic.max_nodes} needs --master-addr and --master-port: the node "
@@ -245,10 +244,14 @@ def elastic_topology(flags: LaunchFlags) -> tuple[ElasticNodes, tuple[str, int]]
     return elastic, (host, flags.master_port or free_port())
 
 
-def launch_topology(flags: LaunchFlags) -> tuple[NodeLaunch | None, int]:
-    """(this node's no-ssh launch or None, total ranks), with the hostfile and flags checked."""
+def check_gpus_per_node(flags: LaunchFlags) -> None:
     if flags.gpus_per_node is not None and flags.gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node {flags.gpus_per_node} must be at least 1")
+
+
+def launch_topology(flags: LaunchFlags) -> tuple[NodeLaunch | None, int]:
+    """(this node's no-ssh launch or None, total ranks), with the hostfile and flags checked."""
+    check_gpus_per_node(flags)
     if flags.hostfile is None:
         if flags.node_rank is not None:
             raise ConfigError("--node-rank needs --hostfile (the list of all nodes, the same file on each)")
