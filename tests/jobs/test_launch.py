@@ -87,6 +87,8 @@ def test_an_elastic_launch_is_a_torchrun_agent_per_node():
         (["--elastic", "1:2", "--hostfile", "hosts", "--node-rank", "0"], "drop --hostfile/--node-rank"),
         (["--max-restarts", "2"], "go with --elastic MIN:MAX"),
         (["--elastic", "1", "--max-restarts", "-1"], "--max-restarts -1 must be 0 or more"),
+        (["--elastic", "1", "--gpus-per-node", "0"], "--gpus-per-node 0 must be at least 1"),
+        (["--gpus-per-node", "0"], "--gpus-per-node 0 must be at least 1"),
         (
             ["--elastic", "1:2", "--master-addr", "no-such-host.invalid", "--master-port", "29999"],
             "does not resolve",
