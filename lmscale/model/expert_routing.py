@@ -44,12 +44,20 @@ class RoutingCounts:
 def layer_counts(router: torch.nn.Module, output: Any, top_k: int | None) -> torch.Tensor:
     """Tokens per expert from one router's output (see the module's docstring for the three forms)."""
     if isinstance(output, torch.Tensor):  # transformers 4: the logits
-        chosen = output.reshape(-1, output.shape[-1]).topk(top_k, dim=-1).indices
-        return torch.bincount(chosen.flatten(), minlength=output.shape[-1])
+        return chosen_counts(output.topk(top_k, dim=-1).indices, output.shape[-1])
     if is_autoep_router(router):
         return output[2]
     logits, chosen = output[0], output[2]
-    return torch.bincount(chosen.flatten(), minlength=logits.shape[-1])
+    return chosen_counts(chosen, logits.shape[-1])
+
+
+def chosen_counts(chosen: torch.Tensor, experts: int) -> torch.Tensor:
+    """How often each of `experts` appears in `chosen`, on its device. Not torch.bincount: on a GPU it reads the
+    largest index back to the host, a synchronization per MoE layer and forward."""
+    flat = chosen.flatten()
+    return torch.zeros(experts, dtype=torch.float64, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float64)
+    )
 
 
 def is_autoep_router(module: torch.nn.Module) -> bool:
