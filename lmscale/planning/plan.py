@@ -74,11 +74,10 @@ class ModelFacts:
     qk_norm: bool = False  # Qwen3: queries and keys normalized per head
     dropout: bool = False  # the blocks' residual dropout is on (GPT-2's default)
     # DeepSeek's multi-head latent attention (0: none): the query and key-value latents' widths, and each
-    # head's rotary and value widths (head_dim is then the query/key head's: its plain and rotary parts).
+    # head's rotary width (head_dim is then the query/key head's: its plain and rotary parts).
     query_latent: int = 0
     key_value_latent: int = 0
     rope_head_dim: int = 0
-    value_head_dim: int = 0
     fp32_router: bool = False  # the router runs in fp32 on an fp32 copy of its input (DeepSeek's)
 
     @property
@@ -288,7 +287,6 @@ def latent_attention_shape(c: Any) -> dict:
         "query_latent": c.q_lora_rank or 0,
         "key_value_latent": c.kv_lora_rank,
         "rope_head_dim": c.qk_rope_head_dim,
-        "value_head_dim": c.v_head_dim,
     }
 
 
