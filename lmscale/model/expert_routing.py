@@ -14,6 +14,7 @@ recompute of checkpointed blocks in backward (routers run again there) is not co
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,9 +32,15 @@ class RoutingCounts:
     def clear(self, *_: Any) -> None:
         self.layers = []
 
-    def record(self, router: torch.nn.Module, _inputs: Any, output: Any) -> None:
-        with torch.no_grad():
-            self.layers.append(layer_counts(router, output, self.top_k).double())
+    def recorder(self, router: torch.nn.Module) -> Callable[[torch.nn.Module, Any, Any], None]:
+        """The forward hook for `router`, its output's form decided once here, not on every forward."""
+        autoep = is_autoep_router(router)
+
+        def record(_router: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            with torch.no_grad():
+                self.layers.append(layer_counts(output, self.top_k, autoep).double())
+
+        return record
 
     def take(self) -> torch.Tensor | None:
         """[layers, experts] of the latest forward (None when no router ran), and a fresh record."""
@@ -41,11 +48,11 @@ class RoutingCounts:
         return torch.stack(layers) if layers else None
 
 
-def layer_counts(router: torch.nn.Module, output: Any, top_k: int | None) -> torch.Tensor:
+def layer_counts(output: Any, top_k: int | None, autoep: bool) -> torch.Tensor:
     """Tokens per expert from one router's output (see the module's docstring for the three forms)."""
     if isinstance(output, torch.Tensor):  # transformers 4: the logits
         return chosen_counts(output.topk(top_k, dim=-1).indices, output.shape[-1])
-    if is_autoep_router(router):
+    if autoep:
         return output[2]
     logits, chosen = output[0], output[2]
     return chosen_counts(chosen, logits.shape[-1])
@@ -91,7 +98,7 @@ def watch_routing(model: torch.nn.Module) -> None:
     counts = RoutingCounts(getattr(getattr(model, "config", None), "num_experts_per_tok", None))
     model.register_forward_pre_hook(counts.clear)
     for router in found:
-        router.register_forward_hook(counts.record)
+        router.register_forward_hook(counts.recorder(router))
     _WATCHED[model] = counts
 
 

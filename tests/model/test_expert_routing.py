@@ -10,6 +10,13 @@ from lmscale.model.expert_routing import routed_tokens, watch_routing
 TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
+def top_2_counts(router_logits) -> torch.Tensor:
+    """Tokens per expert if each went to the top 2 of its router's logits, per layer."""
+    return torch.stack(
+        [torch.bincount(x.topk(2).indices.flatten(), minlength=4) for x in router_logits]
+    ).double()
+
+
 def tiny(preset):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(preset_config(preset, 256, 32, 0, 0))
@@ -27,8 +34,7 @@ def test_group_limited_routing_is_counted_as_the_router_chose_not_as_its_logits_
     assert counts.shape == (3, 4)  # the first layer is dense
     assert counts.sum(dim=1).tolist() == [2 * TOKENS.numel()] * 3
     assert torch.equal(counts[:, 0], counts[:, 1]) and torch.equal(counts[:, 2], counts[:, 3])
-    by_logits = torch.stack([torch.bincount(x.topk(2).indices.flatten(), minlength=4) for x in logits])
-    assert not torch.equal(counts, by_logits.double())
+    assert not torch.equal(counts, top_2_counts(logits))
     assert routed_tokens(model) is None  # taken: the next forward counts afresh
 
 
@@ -37,9 +43,7 @@ def test_softmax_top_k_routing_counts_once_per_step_with_checkpointed_blocks():
     and is not counted."""
     model = tiny("tiny-mixtral")
     outputs = model(TOKENS, output_router_logits=True)
-    expected = torch.stack(
-        [torch.bincount(x.topk(2).indices.flatten(), minlength=4) for x in outputs.router_logits]
-    ).double()
+    expected = top_2_counts(outputs.router_logits)
     assert torch.equal(routed_tokens(model), expected)
 
     prepare_for_training(model, ModelConfig(activation_checkpointing=True))
