@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(profile, force=False)  # its scratch directory is always replaced
     profile.add_argument("--steps", required=True, help="A:B, the 1-based steps to record (e.g. 5:7)")
-    launch = commands.add_parser("launch", help="train on several ranks/nodes through the deepspeed launcher")
+    launch = commands.add_parser("launch", help="train on several ranks/nodes through DeepSpeed's launcher")
     _add_run_arguments(launch)
     _gpus_per_node_argument(
         launch,

@@ -1,1 +1,1 @@
-"""Starting jobs: the deepspeed launcher, SLURM batch scripts, and sweeps of runs."""
+"""Starting jobs: DeepSpeed's launchers, SLURM batch scripts, and sweeps of runs."""

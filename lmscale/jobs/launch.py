@@ -1,5 +1,6 @@
-"""Starting jobs: debug mode in this process, the `deepspeed` launcher for several ranks/nodes, or torchrun's
-elastic agent for a job that restarts itself (`--elastic`, lmscale.jobs.elastic).
+"""Starting jobs: debug mode in this process, DeepSpeed's launchers for several ranks/nodes (its per-node
+launcher for ranks on this node, lmscale.jobs.node_launcher; the `deepspeed` runner for a hostfile job over
+ssh), or torchrun's elastic agent for a job that restarts itself (`--elastic`, lmscale.jobs.elastic).
 
 The launcher glue is ours; process spawning, rendezvous and multi-node fan-out are DeepSpeed's (torchrun's).
 """
@@ -29,6 +30,7 @@ from lmscale.jobs.elastic import (
     job_id,
     torchrun_command,
 )
+from lmscale.jobs.node_launcher import node_launcher_command
 from lmscale.resources import resource
 
 LAUNCHER_SCRIPT = resource("launcher/train.py")
@@ -88,9 +90,31 @@ def check_reachable(hosts: list[str], timeout_s: float = 5.0) -> None:
             ) from None
 
 
-def ranks_in(hosts: dict[str, int], nproc: int | None) -> int:
-    """Ranks the launcher will start: --gpus-per-node per host if given, else each host's slots."""
-    return sum(min(slots, nproc) if nproc else slots for slots in hosts.values())
+def hostfile_devices(hosts: dict[str, int], nproc: int | None, hostfile: str) -> dict[str, list[int | str]]:
+    """The device ids each host runs ranks on: --gpus-per-node per host if given, else each host's slots."""
+    for host, slots in hosts.items():
+        if nproc and nproc > slots:
+            # DeepSpeed would start nproc ranks there anyway (--num_gpus overrides the slots).
+            raise ConfigError(
+                f"--gpus-per-node {nproc} is more than host {host}'s slots={slots} in {hostfile}: lower it, or "
+                "raise the host's slots"
+            )
+    return {host: list[int | str](range(nproc or slots)) for host, slots in hosts.items()}
+
+
+def local_devices(nproc: int, has_gpu: bool) -> dict[str, list[int | str]]:
+    """This host's device ids for nproc ranks: the first nproc of CUDA_VISIBLE_DEVICES when it is set (the
+    `deepspeed` runner would drop it and use devices 0..nproc-1), else 0..nproc-1."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not has_gpu or not visible:
+        return {"localhost": list(range(nproc))}
+    ids: list[int | str] = [int(i) if i.strip().isdigit() else i.strip() for i in visible.split(",")]
+    if nproc > len(ids):
+        raise ConfigError(
+            f"--gpus-per-node {nproc} is more than the {len(ids)} GPU(s) CUDA_VISIBLE_DEVICES={visible} shows: "
+            "lower it, or unset CUDA_VISIBLE_DEVICES"
+        )
+    return {"localhost": ids[:nproc]}
 
 
 def check_port_free(port: int) -> None:
@@ -115,6 +139,19 @@ class NodeLaunch:
     master_addr: str
 
 
+@dataclass
+class Topology:
+    """Where a job's ranks run: the device ids of each host, and either this node's place (ranks started
+    here: on this host only, or one node of a no-ssh job) or None (a hostfile job fanned out over ssh)."""
+
+    devices: dict[str, list[int | str]]
+    node: NodeLaunch | None
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(ids) for ids in self.devices.values())
+
+
 def deepspeed_command(
     nproc: int | None,
     config_path: str | None,
@@ -122,9 +159,9 @@ def deepspeed_command(
     hostfile: str | None,
     force: bool,
     master_port: int,
-    node: NodeLaunch | None = None,
 ) -> list[str]:
-    """The `deepspeed` command line that runs the lmscale worker on `nproc` ranks per node."""
+    """The `deepspeed` command line that runs the lmscale worker on `nproc` ranks per node (what `lmscale
+    launch` runs for a hostfile job over ssh; ranks it starts on its own node go through node_launcher)."""
     launcher = shutil.which("deepspeed")
     if launcher is None:
         raise ConfigError(
@@ -137,8 +174,6 @@ def deepspeed_command(
         command += ["--num_gpus", str(nproc)]
     if hostfile:
         command += ["--hostfile", hostfile]
-    if node:
-        command += ["--no_ssh", "--node_rank", str(node.node_rank), "--master_addr", node.master_addr]
     return command + worker_arguments(config_path, overrides, force, module_flag="--module")
 
 
@@ -176,17 +211,22 @@ def launch_job(config_path: str | None, overrides: list[str], flags: LaunchFlags
 
     if flags.elastic is not None:
         return launch_elastic(config_path, overrides, flags)
-    node, world_size = launch_topology(flags)
-    run = open_run(config_path, overrides, world_size, has_gpu(), force=flags.force)
+    topology = launch_topology(flags, has_gpu())
+    run = open_run(config_path, overrides, topology.world_size, has_gpu(), force=flags.force)
     problems = launch_problems(run.config, run.layout)
     if problems:
         raise ConfigError("; ".join(problems))
-    if flags.master_port is not None and (node is None or node.node_rank == 0):
+    if flags.master_port is not None and (topology.node is None or topology.node.node_rank == 0):
         check_port_free(flags.master_port)
     port = flags.master_port or free_port()
-    command = deepspeed_command(
-        flags.gpus_per_node, config_path, overrides, flags.hostfile, flags.force, port, node
-    )
+    if topology.node is None:
+        command = deepspeed_command(
+            flags.gpus_per_node, config_path, overrides, flags.hostfile, flags.force, port
+        )
+    else:
+        node = topology.node
+        command = node_launcher_command(topology.devices, node.master_addr, port, node.node_rank)
+        command += worker_arguments(config_path, overrides, flags.force, module_flag="--module")
     return run_launcher(command)
 
 
@@ -249,23 +289,23 @@ def check_gpus_per_node(flags: LaunchFlags) -> None:
         raise ConfigError(f"--gpus-per-node {flags.gpus_per_node} must be at least 1")
 
 
-def launch_topology(flags: LaunchFlags) -> tuple[NodeLaunch | None, int]:
-    """(this node's no-ssh launch or None, total ranks), with the hostfile and flags checked."""
+def launch_topology(flags: LaunchFlags, has_gpu: bool) -> Topology:
+    """Where the ranks run, with the hostfile and flags checked."""
     check_gpus_per_node(flags)
     if flags.hostfile is None:
         if flags.node_rank is not None:
             raise ConfigError("--node-rank needs --hostfile (the list of all nodes, the same file on each)")
-        return None, flags.gpus_per_node or 1
+        return Topology(local_devices(flags.gpus_per_node or 1, has_gpu), NodeLaunch(0, "127.0.0.1"))
     hosts = read_hostfile(Path(flags.hostfile))
-    world_size = ranks_in(hosts, flags.gpus_per_node)
+    devices = hostfile_devices(hosts, flags.gpus_per_node, flags.hostfile)
     if flags.node_rank is None:
         check_reachable(list(hosts))
-        return None, world_size
+        return Topology(devices, None)
     if not 0 <= flags.node_rank < len(hosts) or not flags.master_addr:
         raise ConfigError(
             f"--node-rank {flags.node_rank} needs 0 <= rank < {len(hosts)} (the hostfile's hosts) and --master-addr"
         )
-    return NodeLaunch(flags.node_rank, flags.master_addr), world_size
+    return Topology(devices, NodeLaunch(flags.node_rank, flags.master_addr))
 
 
 def run_launcher(command: list[str], extra_env: dict[str, str] | None = None) -> int:
@@ -340,7 +380,7 @@ class StopForwarder:
 
 # The per-node launchers whose children are ranks: DeepSpeed's (under the `deepspeed` runner) and torchrun's
 # elastic agent (which is the launched process itself).
-RANK_PARENTS = ("deepspeed.launcher.launch", "torch.distributed.run")
+RANK_PARENTS = ("deepspeed.launcher.launch", "lmscale.jobs.node_launcher", "torch.distributed.run")
 
 
 def rank_processes(launcher_pid: int) -> list[psutil.Process]:

@@ -1,12 +1,27 @@
-"""The `deepspeed` command lines `lmscale launch` builds."""
+"""The command lines `lmscale launch` builds, and DeepSpeed's per-node launcher as lmscale runs it."""
+
+import base64
+import inspect
+import json
+import subprocess
+import sys
 
 import pytest
 
-from lmscale.jobs.launch import LAUNCHER_SCRIPT, NodeLaunch, deepspeed_command
+from lmscale.errors import ConfigError
+from lmscale.jobs.launch import (
+    LAUNCHER_SCRIPT,
+    LaunchFlags,
+    deepspeed_command,
+    hostfile_devices,
+    launch_topology,
+    local_devices,
+)
+from lmscale.jobs.node_launcher import node_launcher_command
 
 
-def test_one_node_command():
-    command = deepspeed_command(2, "configs/tiny-cpu.yaml", ["zero.stage=2"], None, False, 29500)
+def test_a_hostfile_job_over_ssh_goes_through_the_deepspeed_runner():
+    command = deepspeed_command(2, "configs/tiny-cpu.yaml", ["zero.stage=2"], "hosts", False, 29500)
     assert command[0].endswith("deepspeed")
     assert command[1:] == [
         "--log_level=error",
@@ -14,6 +29,8 @@ def test_one_node_command():
         "29500",
         "--num_gpus",
         "2",
+        "--hostfile",
+        "hosts",
         str(LAUNCHER_SCRIPT),
         "--config",
         "configs/tiny-cpu.yaml",
@@ -21,22 +38,80 @@ def test_one_node_command():
     ]
 
 
-def test_no_ssh_node_of_a_multi_node_job_with_force():
-    command = deepspeed_command(None, None, [], "hosts", True, 29501, NodeLaunch(1, "10.1.2.3"))
-    assert command[1:] == [
+def world_info_of(command: list[str]) -> dict:
+    (encoded,) = [word.split("=", 1)[1] for word in command if word.startswith("--world_info=")]
+    return json.loads(base64.urlsafe_b64decode(encoded))
+
+
+def test_ranks_on_this_node_start_from_deepspeeds_per_node_launcher(tmp_path):
+    """On this host only, and for one node of a no-ssh job, no `deepspeed` runner: the per-node launcher gets
+    the device ids lmscale validated the config for."""
+    topology = launch_topology(LaunchFlags(gpus_per_node=2), has_gpu=False)
+    assert topology.world_size == 2 and topology.node.node_rank == 0
+    command = node_launcher_command(topology.devices, "127.0.0.1", 29500, 0)
+    assert command[1:4] == ["-u", "-m", "lmscale.jobs.node_launcher"]
+    assert world_info_of(command) == {"localhost": [0, 1]}
+    assert command[5:] == [
+        "--master_addr=127.0.0.1",
+        "--master_port=29500",
+        "--node_rank=0",
         "--log_level=error",
-        "--master_port",
-        "29501",
-        "--hostfile",
-        "hosts",
-        "--no_ssh",
-        "--node_rank",
-        "1",
-        "--master_addr",
-        "10.1.2.3",
-        str(LAUNCHER_SCRIPT),
-        "--force",
     ]
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=4\nnode-b slots=4\n")
+    flags = LaunchFlags(gpus_per_node=2, hostfile=str(hosts), node_rank=1, master_addr="10.1.2.3")
+    topology = launch_topology(flags, has_gpu=True)
+    assert topology.devices == {"node-a": [0, 1], "node-b": [0, 1]} and topology.world_size == 4
+    assert (topology.node.node_rank, topology.node.master_addr) == (1, "10.1.2.3")
+
+
+def test_device_ids_follow_cuda_visible_devices_and_hostfile_slots(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert local_devices(2, has_gpu=True) == {"localhost": [4, 5]}
+    assert local_devices(2, has_gpu=False) == {"localhost": [0, 1]}  # CPU ranks have no devices to pick
+    with pytest.raises(ConfigError, match="--gpus-per-node 4 is more than the 3 GPU"):
+        local_devices(4, has_gpu=True)
+    assert hostfile_devices({"a": 8, "b": 8}, None, "hosts") == {"a": list(range(8)), "b": list(range(8))}
+    with pytest.raises(ConfigError, match="--gpus-per-node 8 is more than host b's slots=4 in hosts"):
+        hostfile_devices({"a": 8, "b": 4}, 8, "hosts")
+
+
+RANK_SCRIPT = """
+import os, sys, time
+print(f"rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} local {os.environ['LOCAL_RANK']} {sys.argv[1:]}")
+sys.stdout.flush()
+if os.environ["RANK"] == os.environ.get("FAIL_RANK"):
+    sys.exit(3)
+if "FAIL_RANK" in os.environ:
+    time.sleep(600)  # ended by the launcher when the other rank fails
+"""
+
+
+def test_the_per_node_launcher_starts_each_rank_and_ends_the_job_on_a_failure(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    command = node_launcher_command({"localhost": [0, 1]}, "127.0.0.1", 29500, 0) + [str(script), "x=1"]
+    env = {"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 0/2 local 0 ['--local_rank=0', 'x=1']" in done.stdout
+    assert "rank 1/2 local 1 ['--local_rank=1', 'x=1']" in done.stdout
+
+    failed = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**env, "FAIL_RANK": "1"}
+    )
+    assert failed.returncode == 3  # the sleeping rank 0 was ended, not waited for
+
+
+def test_the_per_node_launchers_wait_between_looks_is_the_one_lmscale_shortens():
+    """lmscale.jobs.node_launcher cuts the `time.sleep` of DeepSpeed's rank loop: a DeepSpeed that changes
+    that loop must be looked at again."""
+    from deepspeed.launcher import launch
+
+    source = inspect.getsource(launch.main)
+    assert "time.sleep(1)" in source and "process.poll()" in source
+    assert source.count("time.sleep(") == 1
 
 
 def test_cpu_ranks_on_one_host_share_its_cores(monkeypatch):
