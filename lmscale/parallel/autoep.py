@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,6 +84,37 @@ def transformers_registry_accepts_names() -> Iterator[None]:
         yield
     finally:
         registry.__class__ = original
+
+
+@contextlib.contextmanager
+def without_route_scale_echo() -> Iterator[None]:
+    """While AutoEP converts a model: its warning that the model's `routed_scaling_factor` "overrides
+    route_scale" is dropped when both are the same number.
+
+    Why: DeepSpeed 0.19.8's AutoEP copies the HF config's `routed_scaling_factor` into its own `route_scale`
+    (`auto_ep_config.py`), then warns that the one overrides the other (`auto_ep.py`, `_resolve_route_scale`):
+    once per MoE layer and rank of every DeepSeek-V3 run, about a value nobody set. A DeepSpeed JSON that sets
+    both `routed_scaling_factor` and another `route_scale` is still warned about.
+    """
+    from deepspeed.utils import logger
+
+    echo = _RouteScaleEcho()
+    logger.addFilter(echo)
+    try:
+        yield
+    finally:
+        logger.removeFilter(echo)
+
+
+class _RouteScaleEcho(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "overrides route_scale" not in str(record.msg) or len(record.args or ()) != 2:
+            return True
+        given, route_scale = record.args  # type: ignore[misc]
+        try:
+            return float(given) != float(route_scale)
+        except (TypeError, ValueError):
+            return True
 
 
 def _keys_by_model(registry_class: type) -> bool:

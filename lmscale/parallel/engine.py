@@ -179,13 +179,15 @@ def build_engine(
         autoep_degree,
         count_folded_experts_on_every_rank,
         transformers_registry_accepts_names,
+        without_route_scale_echo,
     )
 
     if has_gpu():
         torch.cuda.set_device(local_rank())
     autoep = autoep_degree(ds_config) is not None
     adapter = transformers_registry_accepts_names if autoep else contextlib.nullcontext
-    with adapter():
+    quiet = without_route_scale_echo if autoep else contextlib.nullcontext
+    with adapter(), quiet():
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
         )

@@ -2,6 +2,7 @@
 failing call), the layouts and combinations refused with their fix, the DeepSpeed config, the experts'
 optimizer groups, the HF names an export folds AutoEP's weights back into."""
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 from lmscale.checkpointing.autoep_weights import to_hf_names, zero0_weights
 from lmscale.config import OptimConfig, load_config
 from lmscale.errors import ConfigError, LmscaleError
-from lmscale.parallel.autoep import autoep_degree, transformers_registry_accepts_names
+from lmscale.parallel.autoep import (
+    autoep_degree,
+    transformers_registry_accepts_names,
+    without_route_scale_echo,
+)
 from lmscale.parallel.ds_config import resolve
 from lmscale.parallel.layout import Layout, autoep_problems, config_split_problems
 from lmscale.training.optim import parameter_groups
@@ -64,6 +69,38 @@ def test_autoep_works_under_transformers_5_inside_the_adapter_only():
     assert registry.get(model)["router_logits"].target_class.__name__ == "MixtralTopKRouter"
     with pytest.raises(TypeError):
         registry.get("name", None)
+
+
+def route_scale_warnings(**json_keys) -> list[str]:
+    """DeepSpeed's AutoEP resolving a DeepSeek-V3 model's routing scale (2.5): the warnings it logs."""
+    from deepspeed.module_inject.auto_ep import _resolve_route_scale
+    from deepspeed.module_inject.auto_ep_config import fill_autoep_config_from_hf, parse_autoep_config
+    from deepspeed.utils import logger
+
+    config = parse_autoep_config({"enabled": True, **json_keys})
+    model_config = SimpleNamespace(routed_scaling_factor=2.5, n_group=2, topk_group=1)
+    fill_autoep_config_from_hf(config, model_config)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        _resolve_route_scale(config, model_config)
+    finally:
+        logger.removeHandler(handler)
+    return [record.getMessage() for record in records]
+
+
+def test_autoeps_warning_about_the_route_scale_it_copied_itself_is_dropped():
+    echo = "AutoEP: model.config.routed_scaling_factor=2.5 overrides route_scale=2.5."
+    assert route_scale_warnings() == [echo]  # DeepSpeed 0.19.8 on its own: about a value nobody set
+    with without_route_scale_echo():
+        assert route_scale_warnings() == []
+        # two numbers a JSON set that disagree are still said
+        assert route_scale_warnings(routed_scaling_factor=2.0, route_scale=1.5) == [
+            "AutoEP: routed_scaling_factor=2.0 overrides route_scale=1.5."
+        ]
+    assert route_scale_warnings() == [echo]  # the filter is gone after the block
 
 
 def resolved(world_size, *overrides):
