@@ -420,6 +420,8 @@ def load_checkpoint(
         raise LmscaleError(
             f"{checkpoint} could not be read: it is damaged; remove it to resume from an older one"
         )
+    if universal:
+        restore_buffers(engine.module, checkpoint / UNIVERSAL)
     if elastic:
         reseed(seed, client_state["step"], dist.get_rank())
         return TrainingState.from_client_state(client_state)
@@ -427,6 +429,26 @@ def load_checkpoint(
     own_data = checkpoint / f"data_rank{dist.get_rank()}.json"
     own = json.loads(own_data.read_text(encoding="utf-8")) if own_data.is_file() else None
     return TrainingState.from_client_state(client_state, own)
+
+
+def restore_buffers(module: torch.nn.Module, universal: Path) -> None:
+    """The persistent buffers a universal checkpoint's model states hold, back into `module`.
+
+    Why: DeepSpeed 0.19.8 restores a universal checkpoint's parameters from its zero/ directory and skips the
+    module's state dict altogether (engine._load_checkpoint), so every buffer stays as the model was built:
+    DeepSeek-V3's routing bias, trained by model.router_bias_update, would start over after an N->M resume."""
+    states = universal_model_states(universal)
+    saved = states.get("module") or {}
+    own = dict(module.named_buffers())
+    for name in states.get("buffer_names") or []:
+        if name in saved and name in own:
+            own[name].copy_(saved[name])
+
+
+def universal_model_states(universal: Path) -> dict:
+    """The model states DeepSpeed's conversion copies beside the parameters (rank 0's), or {} if none."""
+    files = sorted(universal.glob("*model_states.pt"))
+    return torch.load(files[0], weights_only=False, map_location="cpu") if files else {}
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

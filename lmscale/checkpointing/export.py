@@ -29,6 +29,7 @@ from lmscale.checkpointing.checkpoint import (
     UNIVERSAL_OPTIMIZERS,
     complete_checkpoints,
     ensure_universal,
+    universal_model_states,
 )
 from lmscale.checkpointing.manifest import verify_checkpoint, written_tensor_degree, written_with_autoep
 from lmscale.checkpointing.rundir import RunDir, read_labels
@@ -146,12 +147,6 @@ def universal_weights(universal: Path) -> dict[str, torch.Tensor]:
         if name not in weights and name in module:
             weights[name] = module[name].float()
     return weights
-
-
-def universal_model_states(universal: Path) -> dict:
-    """The model states DeepSpeed's conversion copies beside the parameters (rank 0's), or {} if none."""
-    files = sorted(universal.glob("*model_states.pt"))
-    return torch.load(files[0], weights_only=False, map_location="cpu") if files else {}
 
 
 def load_trained_model(run_dir: Path, checkpoint: Path, config: Config):

@@ -22,7 +22,15 @@ if TYPE_CHECKING:
     from lmscale.config import Config
 
 # Keys that may change between a run and its resume (paths to caches, worker counts, the length of training).
-RESUMABLE_CHANGES = {"data.cache_dir", "data.num_workers", "data.num_proc", "train.max_steps"}
+# model.router_bias_update: how fast the routing bias moves is a training schedule, not the model (DeepSeek-V3
+# set it to 0 for its last 500B tokens), so a resume may change it.
+RESUMABLE_CHANGES = {
+    "data.cache_dir",
+    "data.num_workers",
+    "data.num_proc",
+    "train.max_steps",
+    "model.router_bias_update",
+}
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,15 @@ class ModelConfig(Section):
         ge=1,
         description="model.tiled_mlp: about this many tokens per slice; unset = the hidden size (DeepSpeed's choice).",
     )
+    router_bias_update: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="DeepSeek-V3's auxiliary-loss-free load balancing: after each optimizer step, each MoE "
+        "layer's routing bias (e_score_correction_bias) moves by this much up for every expert that got fewer "
+        "tokens than the layer's mean over all ranks, and down for every one that got more (DeepSeek-V3 "
+        "trained with 0.001); 0 keeps the bias as loaded. Routers with such a bias only.",
+    )
     fused_kernels: bool = Field(
         True,
         description="Swap HF's Python-composed tanh-GELU (GPT-2 family) for torch's fused kernel of the same "

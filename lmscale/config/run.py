@@ -45,7 +45,7 @@ class Config(Section):
         """Every rule that spans sections, all reported at once (one fix per run, not one per try)."""
         problems = lr_plan_problems(self)
         problems += tensor_parallel_problems(self) + sequence_parallel_problems(self)
-        problems += expert_parallel_problems(self)
+        problems += expert_parallel_problems(self) + router_bias_problems(self)
         problems += optimizer_problems(self)
         problems += task_problems(self)
         if problems:
@@ -177,6 +177,19 @@ def expert_parallel_problems(config: Config) -> list[str]:
             "use parallel.expert=1"
         )
     return problems
+
+
+def router_bias_problems(config: Config) -> list[str]:
+    """The routing bias moves by the tokens each training step sent to each expert, which the cross-entropy
+    objective counts (whether the model's routers have a bias is checked when it is built)."""
+    speed = config.model.router_bias_update
+    method = method_for(config.finetune)
+    if speed == 0 or method.objective is None:
+        return []
+    return [
+        f"model.router_bias_update={speed} balances experts by the tokens of cross-entropy training steps "
+        f"(pre-training, SFT, classification), not of {method.key}: unset model.router_bias_update"
+    ]
 
 
 def sequence_parallel_problems(config: Config) -> list[str]:

@@ -28,7 +28,13 @@ from lmscale.parallel.layout import Layout
 from lmscale.reporting.sink import MetricsSink
 from lmscale.reporting.throughput import ThroughputModel
 from lmscale.training.profiling import StepProfiler
-from lmscale.training.step_metrics import Window, all_ranks_sum, gradient_norm, log_window
+from lmscale.training.step_metrics import (
+    Window,
+    all_ranks_sum,
+    gradient_norm,
+    log_window,
+    summed_counts,
+)
 from lmscale.training.stopping import EARLY_STOP, EarlyStopping, NonFiniteGuard
 from lmscale.training.stragglers import ForwardClock
 
@@ -71,6 +77,10 @@ class Evaluation:
         return figures | {f"eval_{name}": value for name, value in self.means.items()}
 
 
+# (a step's tokens per [layer, expert] on this rank, or None for a dense model) -> nothing
+RoutingHook = Callable[[torch.Tensor | None], None]
+
+
 @torch.no_grad()
 def evaluate(
     engine: Any,
@@ -100,6 +110,7 @@ def train_step(
     window: Window,
     log_grad_norm: bool,
     objective: Objective | None = None,
+    after_update: RoutingHook | None = None,
 ) -> float | None:
     """One optimizer step over `micro_batches`, the loss averaged over every target token of the step.
 
@@ -107,7 +118,8 @@ def train_step(
     unequally. Each micro-batch's summed loss is divided by the step's target count over all
     data-parallel ranks (known from the epoch plan, no communication needed) and multiplied by the
     ranks DeepSpeed averages gradients over x accumulation steps, which DeepSpeed's gradient
-    averaging and accumulation scaling divide out again. `objective` defaults to plain cross-entropy.
+    averaging and accumulation scaling divide out again. `objective` defaults to plain cross-entropy;
+    `after_update` gets the step's tokens per expert after the optimizer step (a mixture-of-experts model's).
     """
     objective = objective or cross_entropy_objective()
     targets = step_targets(micro_batches)
@@ -120,6 +132,7 @@ def train_step(
     share = len(micro_batches) / max(targets, 1)
     scale = gradient_divisor(layout, engine.zero_optimization_stage()) * share
     own_grad_norm = None
+    step_expert_tokens = None
     for index, batch in enumerate(micro_batches):
         window.add(batch)
         with window.forward_clock.measure() if window.forward_clock else contextlib.nullcontext():
@@ -128,11 +141,14 @@ def train_step(
         window.targets += parts.targets
         add_sums(window.sums, parts.sums)
         window.add_expert_tokens(parts.expert_tokens)
+        step_expert_tokens = summed_counts(step_expert_tokens, parts.expert_tokens)
         if log_grad_norm and index == len(micro_batches) - 1:
             own_grad_norm = gradient_norm(engine)
         engine.step()
         window.loss_sum += parts.summed.detach().double() * share
         window.micro_steps += 1
+    if after_update is not None:
+        after_update(step_expert_tokens)
     return own_grad_norm
 
 
@@ -187,6 +203,9 @@ class LoopHooks:
     held_out: Callable[[], tuple[float, dict[str, float]]] | None = None
     # Figures measured outside the steps' micro-batches (an online method's generation), logged each log step
     window_figures: Callable[[], dict[str, float]] = dict
+    # (the step's tokens per [layer, expert] on this rank, or None) -> e.g. the routers' bias update; every rank
+    # calls it after every optimizer step
+    after_update: RoutingHook | None = None
 
 
 @dataclass
@@ -328,7 +347,13 @@ class TrainingLoop:
         if cap is not None:
             micro_batches = [truncate_batch(b, cap) for b in micro_batches]
         grad_norm = train_step(
-            self.engine, micro_batches, self.layout, self.window, is_log_step, self.train_objective
+            self.engine,
+            micro_batches,
+            self.layout,
+            self.window,
+            is_log_step,
+            self.train_objective,
+            hooks.after_update,
         )
         hooks.progress(step, "training step")
         faults.after_step(step, self.rank)

@@ -12,11 +12,12 @@ from lmscale.evaluation.harness import flat_metrics, run_harness
 from lmscale.methods import method_for
 from lmscale.model.compiling import compile_seconds
 from lmscale.model.finetune import Unfreezing
+from lmscale.model.router_balance import RouterBiasBalancer
 from lmscale.parallel import engine as ds_engine
 from lmscale.reporting.sink import log
 from lmscale.reporting.throughput import ThroughputModel, model_shape, peak_tflops
 from lmscale.runs.run import Run
-from lmscale.training.loop import LoopHooks
+from lmscale.training.loop import LoopHooks, RoutingHook
 from lmscale.training.online import OnlineTraining
 from lmscale.training.resume import CheckpointSaver
 from lmscale.training.signals import StopRequest
@@ -55,8 +56,19 @@ def loop_hooks(
         objective=method.objective(config) if method.objective else None,
         method=method,
         compile_clock=compile_seconds if config.model.compile else None,
+        after_update=router_bias_hook(config.model.router_bias_update, engine.module),
         **online_hooks,
     )
+
+
+def router_bias_hook(speed: float, model: torch.nn.Module) -> RoutingHook | None:
+    """DeepSeek-V3's balancing by the routing bias after each step (model.router_bias_update = `speed`)."""
+    if not speed:
+        return None
+    log.info(
+        "router bias: each step, every MoE layer's routing bias moves %g toward its layer's mean load", speed
+    )
+    return RouterBiasBalancer(model, speed).after_step
 
 
 def throughput_model(run: Run, model: torch.nn.Module) -> ThroughputModel:

@@ -69,8 +69,7 @@ class Window:
         self.sum_sq_len += batch.sum_sq_len
 
     def add_expert_tokens(self, counts: torch.Tensor | None) -> None:
-        if counts is not None:
-            self.expert_tokens = counts if self.expert_tokens is None else self.expert_tokens + counts
+        self.expert_tokens = summed_counts(self.expert_tokens, counts)
 
     def reset(self) -> None:
         self.loss_sum.zero_()
@@ -120,6 +119,13 @@ def straggler_figures(
     if warning:
         sink.message(f"warning: {warning}")
     return {"straggler_rank": straggler.rank, "straggler_lag": straggler.lag_s}
+
+
+def summed_counts(total: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor | None:
+    """Routing counts added up, either of them None (no router ran)."""
+    if counts is None:
+        return total
+    return counts if total is None else total + counts
 
 
 def expert_load_figures(window: Window, step: int, sink: MetricsSink) -> dict[str, float]:

@@ -29,6 +29,7 @@ from lmscale.model.build import build_model, describe_parameters
 from lmscale.model.compiling import compile_model, compile_seconds, compiled_graphs
 from lmscale.model.finetune import Unfreezing, all_joined_step, is_joined
 from lmscale.model.kernels import describe_fused
+from lmscale.model.router_balance import check_routing_bias, keep_routing_bias_in_fp32
 from lmscale.objectives.fused_head import fused_head_problem, install_fused_head
 from lmscale.parallel import engine as ds_engine
 from lmscale.parallel import flight_recorder
@@ -167,6 +168,7 @@ def build_rank_model(run: Run, data: PreparedData) -> torch.nn.Module:
     problems = model_split_problems(model, run.layout)
     if problems:
         raise ConfigError("; ".join(problems))
+    check_routing_bias(model, config.model.router_bias_update)
     log.info(
         "model: %s, %s, %s; %s, ZeRO-%d, %s",
         config.model.path or config.model.preset,
@@ -215,6 +217,8 @@ def training_engine(run: Run, model: torch.nn.Module):
     optimizer, scheduler, unfreezing = optimization(model, config, autoep_degree(run.ds_config))
     mpu = register_ulysses(model, run.layout) if run.layout.sequence > 1 else None
     engine = ds_engine.build_engine(model, optimizer, scheduler, run.ds_config, mpu)
+    if config.model.router_bias_update:
+        keep_routing_bias_in_fp32(engine.module)
     if config.train.chunked_loss:
         set_up_chunked_loss(engine.module, method_for(config.finetune).class_head)
     if config.model.compile:

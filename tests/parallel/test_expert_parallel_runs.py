@@ -14,7 +14,9 @@ from helpers import EXACT_RUN_ARGS, run_lmscale
 pytestmark = pytest.mark.slow
 
 MIXTRAL = [*EXACT_RUN_ARGS, "model.preset=tiny-mixtral"]
-DEEPSEEK = [*EXACT_RUN_ARGS, "model.preset=tiny-deepseek-v3"]
+# DeepSeek-V3 trains its routing bias apart from the gradients (model.router_bias_update): 0.01 per step, so
+# the bias decides which group a token takes within the 10 steps (the tiny router's scores differ by ~0.01).
+DEEPSEEK = [*EXACT_RUN_ARGS, "model.preset=tiny-deepseek-v3", "model.router_bias_update=0.01"]
 QWEN_FOUR_RANKS = [*EXACT_RUN_ARGS, "model.preset=tiny-qwen3-moe", "zero.stage=2", "train.max_steps=6"]
 TOKENS = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
 
@@ -42,10 +44,10 @@ def assert_same_losses(got, expected, steps):
     assert all(abs(got[s] - expected[s]) < 1e-5 for s in steps), (expected, got)
 
 
-def exported_logits(run_dir, out):
+def exported_logits(run_dir, out, *checkpoint):
     from transformers import AutoModelForCausalLM
 
-    result = run_lmscale("export", str(run_dir), "--out", str(out))
+    result = run_lmscale("export", str(run_dir), "--out", str(out), *checkpoint)
     assert result.returncode == 0, result.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
@@ -121,24 +123,40 @@ def test_expert_parallel_pair_trains_like_data_parallelism_resumes_moves_and_exp
     assert "was written without expert parallelism" in refused.stderr
 
 
+def exported_routing_biases(export_dir):
+    from safetensors.torch import load_file
+
+    weights = {k: v for f in export_dir.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    return torch.stack([weights[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] for i in (1, 2, 3)])
+
+
 def test_deepseek_v3_experts_split_under_zero_3_train_like_data_parallelism_and_export(tmp_path, cache_dir):
     """DeepSeek-V3's block (latent attention, a dense first layer, sigmoid routing limited to the best of 2
     expert groups, a shared expert) through AutoEP under ZeRO-3: data parallelism's losses under ZeRO-1, the
-    load as the routers chose it, and one HF model out of the split experts (its routing bias included)."""
+    load as the routers chose it, the routing bias balanced after every step alike on every rank (and
+    restored by a resume), and one HF model out of the split experts (its routing bias included)."""
     data_parallel, split = tmp_path / "dp", tmp_path / "ep"
-    run(data_parallel, cache_dir, 2, DEEPSEEK)
+    killed = run(data_parallel, cache_dir, 2, DEEPSEEK, env={"LMSCALE_FAULT": "kill@step=7,rank=1"}, ok=False)
+    assert killed.returncode != 0
+    resumed = run(data_parallel, cache_dir, 2, DEEPSEEK)  # from step 5
+    assert "continuing from" in resumed.stderr and "routing bias moves 0.01" in resumed.stderr
     result = run(split, cache_dir, 2, DEEPSEEK, "parallel.expert=2", "zero.stage=3")
     assert "2 data-parallel rank(s), experts split 2 ways, ZeRO-3" in result.stderr
+    assert "overrides route_scale" not in result.stderr + result.stdout  # AutoEP's echo of its own copy
     assert_same_losses(losses(split), losses(data_parallel), range(1, 11))
 
     # Each token goes to both experts of the one group its router keeps: the 3 MoE layers' counts come in
-    # equal pairs, with HF's routers (data parallelism) and AutoEP's alike.
+    # equal pairs, with HF's routers (data parallelism) and AutoEP's alike, and every step's routing is the
+    # same in both runs (after the resume too: the bias came back with the checkpoint).
+    loads = []
     for out in (data_parallel, split):
         load = [json.loads(line) for line in (out / "expert_load.jsonl").read_text().splitlines()]
         assert [r["step"] for r in load] == list(range(1, 11))
         for row in load:
             assert len(row["tokens_per_expert"]) == 3
             assert all(a == b and c == d and a + c > 0 for a, b, c, d in row["tokens_per_expert"])
+        loads.append([row["tokens_per_expert"] for row in load])
+    assert loads[0] == loads[1]
 
     torch.testing.assert_close(
         exported_logits(split, tmp_path / "ep_hf"),
@@ -146,6 +164,30 @@ def test_deepseek_v3_experts_split_under_zero_3_train_like_data_parallelism_and_
         atol=1e-4,
         rtol=0,
     )
+    # 10 updates of +-0.01 (or 0 for an even split): each bias a multiple of 0.01, the same in both exports
+    biases = exported_routing_biases(tmp_path / "dp_hf")
+    assert torch.equal(exported_routing_biases(tmp_path / "ep_hf"), biases)
+    steps = biases / 0.01
+    assert biases.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-3)
+    assert steps.abs().max() <= 10
+
+    # Moved from 2 ranks to 1 (the universal form, which DeepSpeed loads without the model's buffers) with the
+    # update stopped (a resume may change its speed): the step-5 bias came back, and stayed.
+    exported_logits(data_parallel, tmp_path / "dp5_hf", "--checkpoint", "step_00000005")
+    (data_parallel / "checkpoints" / "latest").write_text("step_00000005")
+    shutil.rmtree(data_parallel / "checkpoints" / "step_00000010")
+    moved = run_lmscale(
+        "train", f"output_dir={data_parallel}", f"data.cache_dir={cache_dir}", *DEEPSEEK,
+        "model.router_bias_update=0", "train.max_steps=6",
+    )  # fmt: skip
+    assert moved.returncode == 0 and "continuing on 1 data-parallel rank(s)" in moved.stderr, moved.stderr[
+        -3000:
+    ]
+    exported_logits(data_parallel, tmp_path / "dp6_hf")
+    assert torch.equal(
+        exported_routing_biases(tmp_path / "dp6_hf"), exported_routing_biases(tmp_path / "dp5_hf")
+    )
+    assert exported_routing_biases(tmp_path / "dp5_hf").abs().max() > 0
 
 
 def test_four_ranks_split_the_experts_two_and_four_ways_alike(tmp_path, cache_dir):
