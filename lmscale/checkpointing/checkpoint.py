@@ -422,6 +422,8 @@ def load_checkpoint(
         )
     if universal:
         restore_buffers(engine.module, checkpoint / UNIVERSAL)
+        if engine.zero_optimization_stage() == 3:
+            mend_zero3_universal_optimizer(engine.optimizer.optimizer, checkpoint / UNIVERSAL)
     if elastic:
         reseed(seed, client_state["step"], dist.get_rank())
         return TrainingState.from_client_state(client_state)
@@ -443,6 +445,28 @@ def restore_buffers(module: torch.nn.Module, universal: Path) -> None:
     for name in states.get("buffer_names") or []:
         if name in saved and name in own:
             own[name].copy_(saved[name])
+
+
+def mend_zero3_universal_optimizer(optimizer: torch.optim.Optimizer, universal: Path) -> None:
+    """Put right two things DeepSpeed 0.19.8's ZeRO-3 universal load gets wrong (`stage3.py`,
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`), in the torch optimizer ZeRO-3 steps.
+
+    - Every parameter group's state gets the same `step` tensor, which the optimizer then advances once per
+      group and step: with lmscale's 2-3 groups, Adam's bias correction ran 2-3 steps per step after the move
+      (the losses left an unmoved run's by 1e-4 from the second step on). Each state gets its own step.
+    - Every group gets the hyperparameters of the first group, which is lmscale's no-decay group: weight decay
+      was off for every weight after the move. Each group gets back those it was saved with (its `name`, which
+      says its expert split, stays the new layout's).
+    """
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False, map_location="cpu")
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        return  # not the layout of groups it was saved with: nothing to match them by
+    for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
+        group.update({key: value for key, value in saved_group.items() if key not in ("params", "name")})
 
 
 def universal_model_states(universal: Path) -> dict:

@@ -171,6 +171,16 @@ def test_deepseek_v3_experts_split_under_zero_3_train_like_data_parallelism_and_
     assert biases.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-3)
     assert steps.abs().max() <= 10
 
+    # The split run's step 5 resumed with every expert on every rank, through ZeRO-3's universal form (which
+    # DeepSpeed 0.19.8 loads with one Adam step counter shared by all parameter groups, and the first group's
+    # hyperparameters for all: mended in lmscale.checkpointing.checkpoint): steps 6-10 as if never moved.
+    moved = tmp_path / "moved"
+    shutil.copytree(split, moved)
+    shutil.rmtree(moved / "checkpoints" / "step_00000010")
+    (moved / "checkpoints" / "latest").write_text("step_00000005")
+    run(moved, cache_dir, 2, DEEPSEEK, "zero.stage=3")
+    assert_same_losses({s: v for s, v in losses(moved).items() if s > 5}, losses(data_parallel), range(6, 11))
+
     # Moved from 2 ranks to 1 (the universal form, which DeepSpeed loads without the model's buffers) with the
     # update stopped (a resume may change its speed): the step-5 bias came back, and stayed.
     exported_logits(data_parallel, tmp_path / "dp5_hf", "--checkpoint", "step_00000005")
