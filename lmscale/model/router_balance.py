@@ -67,3 +67,7 @@ class RouterBiasBalancer:
         for router, load in zip(self.routers, total, strict=True):
             bias = getattr(router, BIAS)
             bias.add_(torch.sign(load.mean() - load).to(bias.dtype), alpha=self.speed)
+
+    def figures(self) -> dict[str, float]:
+        """The largest routing bias of any layer and expert, in either direction (logged each log step)."""
+        return {"router_bias_absmax": max(float(getattr(r, BIAS).abs().max()) for r in self.routers)}

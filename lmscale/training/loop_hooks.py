@@ -3,6 +3,7 @@ FLOPs accounting, unfreezing, the hang watchdog's heartbeat, the benchmark harne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -17,7 +18,7 @@ from lmscale.parallel import engine as ds_engine
 from lmscale.reporting.sink import log
 from lmscale.reporting.throughput import ThroughputModel, model_shape, peak_tflops
 from lmscale.runs.run import Run
-from lmscale.training.loop import LoopHooks, RoutingHook
+from lmscale.training.loop import LoopHooks
 from lmscale.training.online import OnlineTraining
 from lmscale.training.resume import CheckpointSaver
 from lmscale.training.signals import StopRequest
@@ -35,9 +36,9 @@ def loop_hooks(
     online: OnlineTraining | None = None,
 ) -> LoopHooks:
     config, method = run.config, method_for(run.config.finetune)
-    online_hooks = {}
-    if online is not None:
-        online_hooks = {"held_out": online.evaluate, "window_figures": online.stream.drain_figures}
+    extra_hooks = router_bias_hooks(config.model.router_bias_update, engine.module)
+    if online is not None:  # never with the router bias (lmscale.config.run.router_bias_problems)
+        extra_hooks = {"held_out": online.evaluate, "window_figures": online.stream.drain_figures}
     saver = CheckpointSaver(engine, train_stream, run, unfreezing)
     return LoopHooks(
         save=saver.save,
@@ -56,19 +57,20 @@ def loop_hooks(
         objective=method.objective(config) if method.objective else None,
         method=method,
         compile_clock=compile_seconds if config.model.compile else None,
-        after_update=router_bias_hook(config.model.router_bias_update, engine.module),
-        **online_hooks,
+        **extra_hooks,
     )
 
 
-def router_bias_hook(speed: float, model: torch.nn.Module) -> RoutingHook | None:
-    """DeepSeek-V3's balancing by the routing bias after each step (model.router_bias_update = `speed`)."""
+def router_bias_hooks(speed: float, model: torch.nn.Module) -> dict[str, Callable]:
+    """DeepSeek-V3's balancing by the routing bias after each step (model.router_bias_update = `speed`), and
+    the bias's largest size in the logs."""
     if not speed:
-        return None
+        return {}
     log.info(
         "router bias: each step, every MoE layer's routing bias moves %g toward its layer's mean load", speed
     )
-    return RouterBiasBalancer(model, speed).after_step
+    balancer = RouterBiasBalancer(model, speed)
+    return {"after_update": balancer.after_step, "window_figures": balancer.figures}
 
 
 def throughput_model(run: Run, model: torch.nn.Module) -> ThroughputModel:

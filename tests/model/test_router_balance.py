@@ -42,6 +42,7 @@ def test_each_layers_bias_moves_by_the_speed_toward_its_mean_load(one_rank_group
     expected = 0.002 * torch.tensor([[-1, -1, 1, 1], [1, -1, 0, 0], [0, 0, 0, 0]], dtype=torch.float32)
     assert torch.equal(torch.stack(routing_biases(model)), expected)
     assert all(bias.dtype == torch.float32 for bias in routing_biases(model))
+    assert balancer.figures() == {"router_bias_absmax": pytest.approx(0.002)}
     assert torch.equal(
         counts[0], torch.tensor([10, 10, 2, 2], dtype=torch.float64)
     )  # the caller's, untouched

@@ -170,6 +170,8 @@ def test_deepseek_v3_experts_split_under_zero_3_train_like_data_parallelism_and_
     steps = biases / 0.01
     assert biases.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-3)
     assert steps.abs().max() <= 10
+    logged = [r["router_bias_absmax"] for r in records(split) if "loss" in r]
+    assert len(logged) == 10 and logged[-1] == pytest.approx(biases.abs().max().item())
 
     # The split run's step 5 resumed with every expert on every rank, through ZeRO-3's universal form (which
     # DeepSpeed 0.19.8 loads with one Adam step counter shared by all parameter groups, and the first group's
