@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from helpers import run_lmscale
 
 pytestmark = pytest.mark.slow
@@ -48,6 +49,15 @@ def test_two_ranks_to_one_and_back_continues_training(tmp_path, cache_dir, zero)
     output = train(1, out, cache_dir, zero, steps=9)
     assert "checkpoint written by 2 data-parallel rank(s), continuing on 1 data-parallel rank(s)" in output
     assert ((out / "checkpoints" / "step_00000006" / "universal").is_dir()) == (zero > 0)
+    # DeepSpeed 0.19.8's ZeRO-3 universal load shares one Adam step counter among the parameter groups and gives
+    # all of them the first group's weight decay; mended after the load (lmscale.checkpointing.checkpoint): 3
+    # steps on, each group has stepped 9 times and decays as it did (bf16: the fp32 states are in bf16_*).
+    states = torch.load(
+        out / "checkpoints" / "step_00000009" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        weights_only=False,
+    )["optimizer_state_dict"]["optimizer_state_dict"]
+    assert [group["weight_decay"] for group in states["param_groups"]] == [0.0, 0.1]
+    assert [float(state["step"]) for state in states["state"].values()] == [9.0, 9.0]
     output = train(2, out, cache_dir, zero, steps=12)
     assert "checkpoint written by 1 data-parallel rank(s), continuing on 2 data-parallel rank(s)" in output
 
