@@ -13,6 +13,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -329,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     except LmscaleError as exc:
         if args.debug:
             raise
-        if says_the_error(exc):
-            tqdm.write(f"lmscale: error: {exc}", file=sys.stderr)  # clears an open progress bar line first
+        report(exc)
         return exc.exit_code
     except RuntimeError as exc:
         if args.debug or not is_lost_peer(exc):
@@ -343,6 +343,37 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"lmscale: error: {write_failure_line(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def report(exc: LmscaleError) -> None:
+    """Say the error, or leave it to this node's first rank and wait until that rank has exited."""
+    if says_the_error(exc):
+        tqdm.write(f"lmscale: error: {exc}", file=sys.stderr)  # clears an open progress bar line first
+    else:
+        wait_for_first_rank()
+
+
+def wait_for_first_rank(timeout_s: float = 30.0) -> None:
+    """Wait (at most `timeout_s`) until this job's first rank on this node has exited.
+
+    Why: a launcher ends every rank as soon as one exits with an error. A rank that left a refusal to the first
+    rank and exited at once could have that rank ended before it said it (DeepSpeed's per-node launcher, as
+    lmscale runs it, looks at its ranks every 50 ms): the job would stop without a word. The first rank is
+    the sibling process of the same job (same MASTER_PORT) with LOCAL_RANK 0; outside a launcher there is none.
+    """
+    port = os.environ.get("MASTER_PORT")
+    parent = psutil.Process().parent()
+    if port is None or parent is None:
+        return
+    first = []
+    for sibling in parent.children():
+        try:
+            environment = sibling.environ()
+        except psutil.Error:
+            continue
+        if environment.get("LOCAL_RANK") == "0" and environment.get("MASTER_PORT") == port:
+            first.append(sibling)
+    psutil.wait_procs(first, timeout=timeout_s)
 
 
 def says_the_error(exc: LmscaleError) -> bool:
