@@ -470,9 +470,12 @@ def mend_zero3_universal_optimizer(optimizer: torch.optim.Optimizer, universal: 
 
 
 def universal_model_states(universal: Path) -> dict:
-    """The model states DeepSpeed's conversion copies beside the parameters (rank 0's), or {} if none."""
+    """The model states DeepSpeed's conversion copies beside the parameters (rank 0's), or {} if none.
+
+    Memory-mapped: under ZeRO 1-2 the file holds every weight of the model, and its readers here (every rank at
+    a universal resume, the export) take only the buffers and the recorded shapes."""
     files = sorted(universal.glob("*model_states.pt"))
-    return torch.load(files[0], weights_only=False, map_location="cpu") if files else {}
+    return torch.load(files[0], weights_only=False, map_location="cpu", mmap=True) if files else {}
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

@@ -26,14 +26,15 @@ import time
 POLL_S = 0.05
 
 
-def world_info(slots_by_host: dict[str, list[int]]) -> str:
-    """The per-node launcher's --world_info: {host: device ids} as JSON in URL-safe base64 (as the runner
-    encodes it)."""
+def world_info(slots_by_host: dict[str, list[int | str]]) -> str:
+    """The per-node launcher's --world_info: {host: device ids} as JSON in URL-safe base64, as the runner's
+    `encode_world_info` writes it (not imported from deepspeed.launcher.runner: that would import DeepSpeed in
+    the launching process, the cost this module exists to save)."""
     return base64.urlsafe_b64encode(json.dumps(slots_by_host).encode("utf-8")).decode("utf-8")
 
 
 def node_launcher_command(
-    slots_by_host: dict[str, list[int]], master_addr: str, master_port: int, node_rank: int
+    slots_by_host: dict[str, list[int | str]], master_addr: str, master_port: int, node_rank: int
 ) -> list[str]:
     """The command that starts this node's ranks (the user's script and arguments go after it)."""
     return [

@@ -36,9 +36,10 @@ def loop_hooks(
     online: OnlineTraining | None = None,
 ) -> LoopHooks:
     config, method = run.config, method_for(run.config.finetune)
-    extra_hooks = router_bias_hooks(config.model.router_bias_update, engine.module)
     if online is not None:  # never with the router bias (lmscale.config.run.router_bias_problems)
         extra_hooks = {"held_out": online.evaluate, "window_figures": online.stream.drain_figures}
+    else:
+        extra_hooks = router_bias_hooks(config.model.router_bias_update, engine.module)
     saver = CheckpointSaver(engine, train_stream, run, unfreezing)
     return LoopHooks(
         save=saver.save,
