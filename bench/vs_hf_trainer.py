@@ -105,8 +105,8 @@ def lmscale_args(args, workdir: Path, train: Path, held_out: Path) -> list[str]:
 def prepare(args, workdir: Path, train: Path, held_out: Path):
     """Tokenize once with lmscale's pipeline; the HF side reads the same sequences and tokenizer."""
     from lmscale.config import load_config
-    from lmscale.data import prepare_data
     from lmscale.data.bucketing import plan_epoch
+    from lmscale.data.pipeline import prepare_data
     from lmscale.model.build import preset_config
 
     config, _ = load_config(None, lmscale_args(args, workdir, train, held_out))

@@ -55,8 +55,8 @@ def bare_tokens_per_s(args, out: Path, compiled: bool = False) -> float:
     import torch
 
     from lmscale.config import load_config
-    from lmscale.data import prepare_data
     from lmscale.data.batches import BatchSettings, BatchStream
+    from lmscale.data.pipeline import prepare_data
     from lmscale.model.build import build_model
     from lmscale.objectives.loss import summed_token_loss
 

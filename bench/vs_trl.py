@@ -131,8 +131,8 @@ def lmscale_overrides(args, workdir: Path, data: Path, held_out: Path, data_form
 def prepared(args, workdir: Path, data: Path, held_out: Path, data_format: str):
     """lmscale's tokenized (train, held-out) records and its steps in one epoch on 2 ranks."""
     from lmscale.config import load_config
-    from lmscale.data import prepare_data
     from lmscale.data.bucketing import plan_epoch
+    from lmscale.data.pipeline import prepare_data
 
     config, _ = load_config(None, lmscale_overrides(args, workdir, data, held_out, data_format))
     result = prepare_data(config.data, str(workdir / "base"))

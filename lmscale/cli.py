@@ -284,7 +284,8 @@ def _launch(args: argparse.Namespace) -> int:
     from lmscale.jobs.launch import LaunchFlags, launch_job
     from lmscale.reporting.sink import configure_console
 
-    configure_console(is_rank_zero=True)
+    # The launcher reads no data; it imports transformers only for a split model's config (quieted there).
+    configure_console(is_rank_zero=True, libraries=())
     config_path, overrides = split_config_and_overrides(args)
     if args.elastic is None and (args.max_restarts is not None or args.last_call is not None):
         raise ConfigError("--max-restarts and --last-call go with --elastic MIN:MAX: add it, or drop them")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from lmscale.atomic import write_atomically
 from lmscale.config import DataConfig
+from lmscale.data.locations import is_hub_dataset
 from lmscale.data.remote import is_remote, remote_fingerprint
-from lmscale.data.sources import directory_files, is_disk_dataset, is_hub_dataset
+from lmscale.data.sources import directory_files, is_disk_dataset
 
 WHOLE_FILE_BYTES = 8 << 20  # smaller files are hashed whole; larger ones at SAMPLES spread blocks
 SAMPLES = 16

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets.config
 from datasets import (
     Dataset,
     DatasetDict,
@@ -22,10 +23,16 @@ from datasets import (
 )
 
 from lmscale.config import DataConfig
-from lmscale.data.remote import is_remote, remote_listing
+from lmscale.data.locations import HUB_DATASET, hub_offline, is_hub_dataset, missing_source_problem
 from lmscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# datasets counts every load of its packaged builders (text, json, parquet, ...) with a HEAD request to S3,
+# local files included (datasets/load.py, increase_load_count: a 3 s timeout, after a DNS lookup that has
+# none). A job reading local files makes no network calls: on an air-gapped cluster, or one that drops
+# outbound packets, each load of every rank would wait that out. HF_UPDATE_DOWNLOAD_COUNTS is read per call.
+datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -174,24 +181,6 @@ def is_disk_dataset(source: Path) -> bool:
     )
 
 
-EVAL_PATH_FIX = "fix the path, or unset data.eval_path to hold out data.eval_fraction of the training data"
-
-
-def missing_source_problem(path: str, key: str, options: dict | None = None) -> str | None:
-    """Why data `path` (set as `key`) cannot be read, or None (Hub datasets are checked when read; a URL is
-    asked of its store, with the storage `options`)."""
-    if is_remote(path):
-        try:
-            remote_listing(path, options or {}, key)
-        except ConfigError as exc:
-            return str(exc)
-        return None
-    if is_hub_dataset(path) or Path(path).expanduser().exists():
-        return None
-    fix = EVAL_PATH_FIX if key == "data.eval_path" else "fix the path, or unset it for the embedded corpus"
-    return f"{key}={path} does not exist: {fix}"
-
-
 def existing_source(path: str, key: str) -> Path:
     problem = missing_source_problem(path, key)
     if problem:
@@ -248,21 +237,6 @@ def _record_lines(path: Path, count: int, fields: list[str]) -> list[int]:
 
 def is_table(source: Path) -> bool:
     return is_disk_dataset(source) or (source.is_file() and source.suffix in LOADERS)
-
-
-HUB_DATASET = "hf://datasets/"
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it, also when it was set after huggingface_hub was imported."""
-    from huggingface_hub import constants
-
-    value = os.environ.get("HF_HUB_OFFLINE", "").upper()
-    return value in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
-
-
-def is_hub_dataset(path: str) -> bool:
-    return path.startswith(HUB_DATASET)
 
 
 def load_hub_dataset(

@@ -26,12 +26,12 @@ from lmscale.config import DataConfig
 from lmscale.data.batches import Batch, BatchSettings, StreamPosition, collate, ignore_stop_signals
 from lmscale.data.bucketing import fixed_batches, length_buckets
 from lmscale.data.cleaning import clean_text, content_hash
+from lmscale.data.locations import is_hub_dataset
 from lmscale.data.sources import (
     LOADERS,
     SPLIT_SEED,
     directory_files,
     embedded_corpus_files,
-    is_hub_dataset,
     load_disk_dataset,
     load_hub_dataset,
 )

@@ -18,9 +18,9 @@ from transformers import PreTrainedTokenizerBase
 
 from lmscale.config import DataConfig
 from lmscale.data.chat import MISSING, ChatLoss, chat_problem, chat_sequence
+from lmscale.data.locations import is_hub_dataset
 from lmscale.data.sources import (
     existing_source,
-    is_hub_dataset,
     is_table,
     load_documents,
     load_hub_dataset,

@@ -18,8 +18,8 @@ import torch
 from lmscale.atomic import write_atomically
 from lmscale.checkpointing.rundir import RunDir, read_labels
 from lmscale.config import Config, saved_config
-from lmscale.data import prepare_held_out
 from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream
+from lmscale.data.pipeline import prepare_held_out
 from lmscale.errors import LmscaleError
 from lmscale.evaluation.inference import Sampling, generate_text, load_for_inference
 from lmscale.methods import method_for

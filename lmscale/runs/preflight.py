@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmscale.config import Config
-from lmscale.data.sources import hub_offline
+from lmscale.data.locations import hub_offline, missing_source_problem
 from lmscale.errors import ConfigError
 from lmscale.methods import method_for
 
@@ -183,8 +183,6 @@ def with_local_hub_paths(config: Config) -> Config:
 
 def data_path_problems(config: Config) -> list[str]:
     """Local data files that do not exist (Hub datasets are checked where they are read)."""
-    from lmscale.data.sources import missing_source_problem
-
     data = config.data
     return [
         problem
@@ -205,6 +203,9 @@ def layout_problems(config: Config, layout: Layout) -> list[str]:
 
 def hf_model_config(config: Config) -> Any:
     """The HF config of the model the run builds, without building it (a preset's or model.path's)."""
+    from lmscale.reporting.sink import quiet_transformers
+
+    quiet_transformers()  # the launcher's console leaves it as it is until here (it costs a second to import)
     if config.model.path is None:
         from lmscale.model.build import preset_config
 

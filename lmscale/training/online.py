@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmscale.data import PreparedData
+from lmscale.data.pipeline import PreparedData
 from lmscale.model.build import build_model
 from lmscale.parallel.engine import build_frozen_engine
 from lmscale.reporting.sink import log

@@ -3,7 +3,7 @@ starting model's log-probabilities of every example, computed once before the fi
 
 from __future__ import annotations
 
-from lmscale.data import PreparedData
+from lmscale.data.pipeline import PreparedData
 from lmscale.objectives.dpo import load_reference, reference_logps, save_reference, with_reference
 from lmscale.reporting.sink import log
 from lmscale.runs.run import Run

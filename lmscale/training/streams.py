@@ -8,9 +8,9 @@ from dataclasses import replace
 from pydantic import ValidationError
 
 from lmscale.config import Config
-from lmscale.data import PreparedData
 from lmscale.data.batches import BatchSettings, BatchStream
 from lmscale.data.epoch import batch_line, step_figures, steps_to_train, stop_key
+from lmscale.data.pipeline import PreparedData
 from lmscale.data.streaming import StreamingBatches, StreamSettings
 from lmscale.errors import ConfigError
 from lmscale.reporting.sink import log

@@ -22,7 +22,7 @@ from lmscale.checkpointing.manifest import written_by
 from lmscale.checkpointing.rundir import mark_finished, write_labels, write_run_files
 from lmscale.checkpointing.runlock import RunLock
 from lmscale.config import Config
-from lmscale.data import PreparedData, prepare_data
+from lmscale.data.pipeline import PreparedData, prepare_data
 from lmscale.errors import ConfigError, LmscaleError, is_write_failure, write_failure_line
 from lmscale.fast_exit import skip_final_collection
 from lmscale.methods import method_for

@@ -132,7 +132,7 @@ def test_multi_turn_records_train_on_every_reply_through_the_data_pipeline(tmp_p
     import json
 
     from lmscale.config import DataConfig
-    from lmscale.data import prepare_data
+    from lmscale.data.pipeline import prepare_data
 
     records = [
         {

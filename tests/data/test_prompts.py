@@ -6,7 +6,7 @@ import json
 from helpers import word_level_tokenizer
 
 from lmscale.config import DataConfig
-from lmscale.data import prepare_data
+from lmscale.data.pipeline import prepare_data
 from lmscale.data.prompts import reward_fields
 
 TEMPLATE = (

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from lmscale.config import DataConfig
-from lmscale.data import prepare_data
 from lmscale.data.batches import BatchSettings
+from lmscale.data.pipeline import prepare_data
 from lmscale.data.streaming import (
     BufferedBuckets,
     StreamingBatches,

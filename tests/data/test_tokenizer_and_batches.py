@@ -6,8 +6,8 @@ import torch
 from datasets import Dataset
 
 from lmscale.config import DataConfig
-from lmscale.data import prepare_data
 from lmscale.data.batches import IGNORE_INDEX, BatchSettings, BatchStream, collate
+from lmscale.data.pipeline import prepare_data
 from lmscale.data.tokenize import split_into_sequences, tokenize_documents
 from lmscale.data.tokenizer import trained_tokenizer
 from lmscale.errors import ConfigError

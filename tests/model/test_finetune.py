@@ -17,9 +17,9 @@ from lmscale.config import (
     build_config,
     load_config,
 )
-from lmscale.data import prepare_data
 from lmscale.data.batches import collate, target_count
 from lmscale.data.bucketing import plan_epoch
+from lmscale.data.pipeline import prepare_data
 from lmscale.data.tasks import (
     PLAIN_CHAT_TEMPLATE,
     chat_problem,
