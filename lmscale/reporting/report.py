@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,21 @@ PANELS: list[Panel] = [
     ("Step time", "s per optimizer step", ("step_time_s", "data_wait_s", "straggler_lag"), True),
     ("Padding", "padding / all tokens", ("padding_frac",), True),
 ]
+
+
+# A mixture-of-experts run's panels, after the method's, each only where its metrics were logged (a dense
+# run shows none of them).
+MOE_PANELS: list[Panel] = [
+    (
+        "Expert load",
+        "tokens per expert / its layer's mean",
+        ("expert_load_max_over_mean", "expert_load_min_over_mean"),
+        True,
+    ),
+    ("Router loss", "load-balancing loss", ("router_aux_loss", "eval_router_aux_loss"), True),
+    ("Routing bias", "largest |bias| (any layer, expert)", ("router_bias_absmax",), True),
+]
+EXPERT_LOADS_TITLE = "Expert load by layer"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -55,6 +71,27 @@ def summarize(records: list[dict[str, Any]], figures: MethodFigures = SFT.figure
         summary |= {key: evals[-1][key] for key in figures.summary_keys if key in evals[-1]}
         summary["best_eval_loss"] = min(r["eval_loss"] for r in evals)
     return summary
+
+
+def last_expert_loads(run_dir: Path) -> tuple[int, list[list[float]]] | None:
+    """(step, tokens per expert of each layer) of the last complete line of expert_load.jsonl, or None."""
+    path = RunDir(run_dir).expert_load
+    if not path.is_file():
+        return None
+    with path.open() as lines:
+        last_two = deque(lines, maxlen=2)  # a long run's file is large: stream it, keep the end
+    for line in reversed(last_two):
+        try:
+            record = json.loads(line)
+            return int(record["step"]), record["tokens_per_expert"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a killed run: the one before it is whole
+    return None
+
+
+def logged_panels(panels: list[Panel], records: list[dict[str, Any]]) -> list[Panel]:
+    logged = {key for record in records for key in record}
+    return [panel for panel in panels if logged.intersection(panel[2])]
 
 
 def tokens_at(records: list[dict[str, Any]]) -> dict[int, int]:
@@ -120,10 +157,33 @@ def dashboard_panels(figures: MethodFigures) -> list[Panel]:
     return common + list(figures.panels)
 
 
+def _draw_expert_loads(axes, figure, loads: tuple[int, list[list[float]]]) -> None:
+    """Each layer's tokens per expert at the last logged step, over the layer's mean: a row per layer, white at
+    balance, red for busy experts, blue for idle ones."""
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
+
+    step, counts = loads
+    ratios = [[count / max(sum(layer) / len(layer), 1e-9) for count in layer] for layer in counts]
+    highest = max(max(row) for row in ratios)
+    image = axes.imshow(
+        ratios, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(highest, 2.0))
+    )
+    axes.set(title=f"{EXPERT_LOADS_TITLE} (step {step})", xlabel="expert", ylabel="MoE layer")
+    for axis in (axes.xaxis, axes.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))  # experts and layers are whole numbers
+    figure.colorbar(image, ax=axes, label="tokens / layer's mean")
+
+
 def write_dashboard(
-    records: list[dict[str, Any]], out_dir: Path, title: str, figures: MethodFigures = SFT.figures
+    records: list[dict[str, Any]],
+    out_dir: Path,
+    title: str,
+    figures: MethodFigures = SFT.figures,
+    expert_loads: tuple[int, list[list[float]]] | None = None,
 ) -> Path:
-    """Every panel of the run's method in one PNG, `report.png`."""
+    """Every panel of the run's method in one PNG, `report.png`; a mixture-of-experts run's routing panels
+    after them, with `expert_loads` (`last_expert_loads`) as a map of the last logged step's loads."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -131,11 +191,14 @@ def write_dashboard(
     from matplotlib.ticker import EngFormatter
 
     tokens = tokens_at(records)
-    panels = dashboard_panels(figures)
-    rows = -(-len(panels) // 4)
+    panels = dashboard_panels(figures) + logged_panels(MOE_PANELS, records)
+    drawn = len(panels) + (expert_loads is not None)
+    rows = -(-drawn // 4)
     figure, grid = plt.subplots(rows, 4, figsize=(20, 4.5 * rows))
-    for axes in grid.flat[len(panels) :]:
+    for axes in grid.flat[drawn:]:
         axes.set_visible(False)
+    if expert_loads is not None:
+        _draw_expert_loads(grid.flat[len(panels)], figure, expert_loads)
     for axes, panel in zip(grid.flat, panels, strict=False):
         by_tokens = panel[0] == "Loss by tokens"
         x_of = (lambda r: tokens[r["step"]]) if by_tokens else (lambda r: r["step"])
@@ -160,7 +223,9 @@ def report(run_dir: str, out_dir: str | None = None) -> tuple[dict[str, Any], Pa
     config, ds_config = saved_configs(directory)
     figures = method_of_saved(config).figures
     title = run_title(directory, config, ds_config)
-    dashboard = write_dashboard(records, Path(out_dir) if out_dir else directory, title, figures)
+    dashboard = write_dashboard(
+        records, Path(out_dir) if out_dir else directory, title, figures, last_expert_loads(directory)
+    )
     return summarize(records, figures), dashboard
 
 
@@ -184,7 +249,7 @@ def saved_configs(directory: Path) -> tuple[dict[str, Any] | None, dict[str, Any
 
 
 def run_title(directory: Path, config: dict[str, Any] | None, ds_config: dict[str, Any] | None) -> str:
-    """The run dir, and what was trained how: model, method, precision, ZeRO stage and any tensor/sequence
+    """The run dir, and what was trained how: model, method, precision, ZeRO stage and any tensor/sequence/expert
     layout (read from the run's config and DeepSpeed config)."""
     if config is None or ds_config is None:
         return str(directory)  # metrics without the run's files: the plots still say whose they are
@@ -198,6 +263,8 @@ def run_title(directory: Path, config: dict[str, Any] | None, ds_config: dict[st
     parallel = config.get("parallel") or {}
     tensor = parallel.get("tensor") or ds_config.get("tensor_parallel", {}).get("autotp_size", 1)
     sequence = parallel.get("sequence") or ds_config.get("sequence_parallel_size", 1)
+    expert = parallel.get("expert") or ds_config.get("expert_parallel", {}).get("autoep_size", 1)
     parts += [f"tensor {tensor}"] if tensor > 1 else []
     parts += [f"sequence {sequence}"] if sequence > 1 else []
+    parts += [f"expert {expert}"] if expert > 1 else []
     return f"{directory} ({', '.join(parts)})"

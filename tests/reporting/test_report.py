@@ -112,6 +112,11 @@ def test_dashboard_title_names_the_model_and_layout(tmp_path):
         run_title(tmp_path, *saved_configs(tmp_path))
         == f"{tmp_path} (tiny-llama, dpo, bf16, ZeRO-3, sequence 2)"
     )
+    (tmp_path / "config.yaml").write_text("model:\n  preset: tiny-mixtral\nprecision: fp32\n")
+    (tmp_path / "ds_config.json").write_text(json.dumps({"expert_parallel": {"autoep_size": 2}}))
+    assert (
+        run_title(tmp_path, *saved_configs(tmp_path)) == f"{tmp_path} (tiny-mixtral, fp32, ZeRO-0, expert 2)"
+    )
 
 
 def test_report_of_a_dpo_run_shows_its_preference_figures(tmp_path):
@@ -160,3 +165,40 @@ def test_a_grpo_report_draws_its_greedy_reward_with_the_rewards_not_with_the_los
         "loss",
         "eval_loss",
     )
+
+
+def test_a_mixture_of_experts_report_shows_its_routing(tmp_path):
+    """Expert load, routing bias and the last step's loads per layer and expert; a dense run shows none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmscale.reporting.report import MOE_PANELS, last_expert_loads, write_dashboard
+
+    write_run(tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for record in records[1:-1]:
+        record.update(expert_load_max_over_mean=1.5, expert_load_min_over_mean=0.5, router_bias_absmax=0.01)
+    loads = [{"step": 10, "tokens_per_expert": [[1, 1, 1, 1], [2, 2, 2, 2]]}]
+    loads.append({"step": 20, "tokens_per_expert": [[30, 10, 0, 0], [10, 10, 10, 10]]})
+    text = "".join(json.dumps(line) + "\n" for line in loads)
+    (tmp_path / "expert_load.jsonl").write_text(text + '{"step": 30, "tokens_per_exp')  # killed mid-line
+    assert last_expert_loads(tmp_path) == (20, [[30, 10, 0, 0], [10, 10, 10, 10]])
+    saved = []
+    original = plt.Figure.savefig
+    plt.Figure.savefig = lambda figure, *a, **k: (saved.append(figure), original(figure, *a, **k))[1]
+    try:
+        write_dashboard(records, tmp_path / "moe", "run", expert_loads=last_expert_loads(tmp_path))
+        write_dashboard(records[:1] + records[-1:], tmp_path / "dense", "run")
+    finally:
+        plt.Figure.savefig = original
+    moe = {axes.get_title(): axes for axes in saved[0].axes if axes.get_title()}
+    assert [title for title in moe][-3:] == ["Expert load", "Routing bias", "Expert load by layer (step 20)"]
+    assert "Router loss" not in moe  # not logged (DeepSeek-V3 has no auxiliary loss)
+    assert [line.get_label() for line in moe["Expert load"].get_lines()] == list(MOE_PANELS[0][2])
+    heat = moe["Expert load by layer (step 20)"].get_images()[0].get_array()
+    assert heat.tolist() == [[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
+    dense = [axes.get_title() for axes in saved[1].axes if axes.get_title()]
+    assert not set(dense) & {"Expert load", "Routing bias", "Router loss"}
+    assert last_expert_loads(tmp_path / "dense") is None
