@@ -333,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         report(exc)
         return exc.exit_code
     except RuntimeError as exc:
-        if args.debug or not is_lost_peer(exc):
+        line = None if args.debug else failed_job_line(exc)
+        if line is None:
             raise
-        tqdm.write(f"lmscale: error: {lost_peer_line(exc)}", file=sys.stderr)
+        tqdm.write(f"lmscale: error: {line}", file=sys.stderr)
         return 1
     except OSError as exc:  # a full disk or a read-only place, met after the start-up checks
         if args.debug or not is_write_failure(exc):
@@ -382,6 +383,16 @@ def says_the_error(exc: LmscaleError) -> bool:
     return not isinstance(exc, ConfigError) or int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
+def failed_job_line(exc: RuntimeError) -> str | None:
+    """One line for the failures a job meets that are none of lmscale's doing: a rank or a data-loading worker
+    gone. None for anything else (its traceback is the report)."""
+    if is_lost_peer(exc):
+        return lost_peer_line(exc)
+    if DATA_WORKER_DIED.search(str(exc)):
+        return lost_data_worker_line(exc)
+    return None
+
+
 # What gloo says when the process at the other end of a collective is gone.
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
@@ -399,15 +410,56 @@ def lost_peer_line(exc: RuntimeError) -> str:
     peer = PEER_ADDRESS.search(str(exc))
     if peer:
         detail += f" at {peer.group(1)}"
-    restart, most = ds_engine.elastic_restart(), os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
-    if restart is not None and most.isdigit() and restart < int(most):  # the agent goes on by itself
-        next_step = f"torchrun restarts the job from the last checkpoint (restart {restart + 1} of {most})"
-    else:
-        next_step = "run the same command again to resume from the last checkpoint"
     return (
         f"rank {ds_engine.rank()} lost another rank of the job ({detail}): it died or its node is gone, see that "
-        f"rank's messages above; {next_step}"
+        f"rank's messages above; {resume_advice()}"
     )
+
+
+def resume_advice() -> str:
+    """What happens next: under torchrun's elastic agent, with restarts left, it restarts the job itself."""
+    restart, most = ds_engine.elastic_restart(), os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if restart is not None and most.isdigit() and restart < int(most):
+        return f"torchrun restarts the job from the last checkpoint (restart {restart + 1} of {most})"
+    return "run the same command again to resume from the last checkpoint"
+
+
+# torch's DataLoader when one of its worker processes is gone: "DataLoader worker (pid 123) is killed by
+# signal: Killed.", "... exited unexpectedly with exit code 1.", "DataLoader worker (pid(s) 123) exited
+# unexpectedly" (torch/csrc/DataLoader.cpp and torch/utils/data/dataloader.py, 2.x).
+DATA_WORKER_DIED = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited unexpectedly)"
+)
+
+
+def lost_data_worker_line(exc: RuntimeError) -> str:
+    """Why a rank's data-loading worker most likely died, and the fix. Its workers (`data.num_workers`) are
+    processes of their own: the host's out-of-memory killer picks them, and a full /dev/shm kills them with
+    SIGBUS when they hand a batch over."""
+    found = DATA_WORKER_DIED.search(str(exc))
+    assert found is not None
+    pids, signal_name = found.group(1).strip(), found.group(2)
+    if signal_name == "Killed":
+        cause = (
+            "was killed by SIGKILL, on a cluster most often the out-of-memory killer (see dmesg): give the job "
+            "more host memory or lower data.num_workers (0 loads batches in the rank)"
+        )
+    elif signal_name == "Bus error":
+        cause = (
+            "was killed by SIGBUS: shared memory (/dev/shm) ran out while it handed a batch over: raise its size "
+            "(a container's --shm-size) or set data.num_workers=0"
+        )
+    elif signal_name:
+        cause = (
+            f"was killed by signal {signal_name}: set data.num_workers=0 to meet the error in the rank itself"
+        )
+    else:
+        # torch often cannot tell: a worker killed by SIGKILL is reported this way too.
+        cause = (
+            "exited unexpectedly (on a cluster most often the out-of-memory killer: see dmesg): give the job more "
+            "host memory, or set data.num_workers=0 to load batches in the rank itself, where an error shows"
+        )
+    return f"rank {ds_engine.rank()}'s data-loading worker (pid {pids}) {cause}; then {resume_advice()}"
 
 
 if __name__ == "__main__":
