@@ -103,18 +103,24 @@ def hostfile_devices(hosts: dict[str, int], nproc: int | None, hostfile: str) ->
 
 
 def local_devices(nproc: int, has_gpu: bool) -> dict[str, list[int | str]]:
-    """This host's device ids for nproc ranks: the first nproc of CUDA_VISIBLE_DEVICES when it is set (the
-    `deepspeed` runner would drop it and use devices 0..nproc-1), else 0..nproc-1."""
+    """This host's device ids for nproc ranks (`visible_device_ids`)."""
+    return {"localhost": visible_device_ids(nproc, has_gpu, f"--gpus-per-node {nproc}")}
+
+
+def visible_device_ids(count: int, has_gpu: bool, asked: str) -> list[int | str]:
+    """The ids of the first `count` GPUs this process may use: CUDA_VISIBLE_DEVICES's when it is set (a
+    scheduler's choice, e.g. SLURM's GPUs 4,5 on a shared node: the `deepspeed` runner would drop it and use
+    devices 0..count-1, another job's), else 0..count-1. `asked` says where the count came from."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     if not has_gpu or not visible:
-        return {"localhost": list(range(nproc))}
+        return list(range(count))
     ids: list[int | str] = [int(i) if i.strip().isdigit() else i.strip() for i in visible.split(",")]
-    if nproc > len(ids):
+    if count > len(ids):
         raise ConfigError(
-            f"--gpus-per-node {nproc} is more than the {len(ids)} GPU(s) CUDA_VISIBLE_DEVICES={visible} shows: "
-            "lower it, or unset CUDA_VISIBLE_DEVICES"
+            f"{asked} is more than the {len(ids)} GPU(s) CUDA_VISIBLE_DEVICES={visible} shows: lower it, or "
+            "unset CUDA_VISIBLE_DEVICES"
         )
-    return {"localhost": ids[:nproc]}
+    return ids[:count]
 
 
 def check_port_free(port: int) -> None:
@@ -305,6 +311,11 @@ def launch_topology(flags: LaunchFlags, has_gpu: bool) -> Topology:
         raise ConfigError(
             f"--node-rank {flags.node_rank} needs 0 <= rank < {len(hosts)} (the hostfile's hosts) and --master-addr"
         )
+    # The ranks of this node run on its own visible GPUs; the other nodes' lists only count their ranks.
+    host = list(hosts)[flags.node_rank]
+    slots = f"host {host}'s slots={len(devices[host])} in {flags.hostfile}"
+    asked = f"--gpus-per-node {flags.gpus_per_node}" if flags.gpus_per_node else slots
+    devices[host] = visible_device_ids(len(devices[host]), has_gpu, asked)
     return Topology(devices, NodeLaunch(flags.node_rank, flags.master_addr))
 
 

@@ -14,14 +14,21 @@ the loop's `time.sleep(1)` between looks, unchanged in DeepSpeed 0.15-0.19.8 (it
 test, so a DeepSpeed that changes it is noticed).
 
 Multi-node jobs over ssh still go through the `deepspeed` runner, which fans out with pdsh.
+
+`--hostfile PATH` in place of `--world_info` (the SLURM batch script's form) makes this one node of a no-ssh
+job: the device ids come from the hostfile's slots, this node's from CUDA_VISIBLE_DEVICES when it is set (the
+GPUs the scheduler gave the job; DeepSpeed's runner would use 0..slots-1, on a shared node another job's,
+deepspeedai/DeepSpeed#7155), and the node rank from --node_rank or, under srun, SLURM_NODEID.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 POLL_S = 0.05
 
@@ -33,15 +40,17 @@ def world_info(slots_by_host: dict[str, list[int | str]]) -> str:
     return base64.urlsafe_b64encode(json.dumps(slots_by_host).encode("utf-8")).decode("utf-8")
 
 
+def node_launcher_prefix() -> list[str]:
+    """The per-node launcher as a command, before its arguments."""
+    return [sys.executable, "-u", "-m", __name__]
+
+
 def node_launcher_command(
     slots_by_host: dict[str, list[int | str]], master_addr: str, master_port: int, node_rank: int
 ) -> list[str]:
     """The command that starts this node's ranks (the user's script and arguments go after it)."""
     return [
-        sys.executable,
-        "-u",
-        "-m",
-        __name__,
+        *node_launcher_prefix(),
         f"--world_info={world_info(slots_by_host)}",
         f"--master_addr={master_addr}",
         f"--master_port={master_port}",
@@ -63,6 +72,45 @@ class QuickPollTime:
         time.sleep(min(seconds, POLL_S))
 
 
+def hostfile_node_arguments(argv: list[str], has_gpu: bool) -> list[str]:
+    """`--hostfile PATH [--node_rank N] ...` as the per-node launcher's own arguments: `--world_info` with this
+    node's visible GPUs, and `--node_rank` (SLURM_NODEID when not given)."""
+    from lmscale.errors import ConfigError
+    from lmscale.jobs.launch import hostfile_devices, read_hostfile, visible_device_ids
+
+    path = argv[1]
+    node_rank, rest = _node_rank(argv[2:])
+    hosts = read_hostfile(Path(path))
+    if not 0 <= node_rank < len(hosts):
+        raise ConfigError(
+            f"node rank {node_rank} is not below the {len(hosts)} host(s) in {path}: fix the hostfile"
+        )
+    devices = hostfile_devices(hosts, None, path)
+    host = list(hosts)[node_rank]
+    devices[host] = visible_device_ids(hosts[host], has_gpu, f"host {host}'s slots={hosts[host]} in {path}")
+    return [f"--world_info={world_info(devices)}", f"--node_rank={node_rank}", *rest]
+
+
+def _node_rank(arguments: list[str]) -> tuple[int, list[str]]:
+    """(the node rank: --node_rank's, else SLURM_NODEID's; the arguments without --node_rank)."""
+    from lmscale.errors import ConfigError
+
+    for index, argument in enumerate(arguments):
+        if argument.startswith("--node_rank="):
+            value, rest = argument.split("=", 1)[1], arguments[:index] + arguments[index + 1 :]
+        elif argument == "--node_rank" and index + 1 < len(arguments):
+            value, rest = arguments[index + 1], arguments[:index] + arguments[index + 2 :]
+        else:
+            continue
+        if not value.isdigit():
+            raise ConfigError(f"--node_rank {value} is not a number: give the node's index in the hostfile")
+        return int(value), rest
+    slurm_node = os.environ.get("SLURM_NODEID", "")
+    if not slurm_node.isdigit():
+        raise ConfigError("--hostfile needs --node_rank N (or SLURM_NODEID, as srun sets it): add it")
+    return int(slurm_node), arguments
+
+
 def run_deepspeed_node_launcher() -> None:
     """DeepSpeed's per-node launcher's main(), on this process's arguments, looking at its ranks every POLL_S."""
     from deepspeed.launcher import launch
@@ -75,5 +123,21 @@ def run_deepspeed_node_launcher() -> None:
     launch.main()
 
 
-if __name__ == "__main__":
+def main() -> int:
+    if sys.argv[1].startswith("--hostfile="):  # the same as `--hostfile PATH`
+        sys.argv[1:2] = sys.argv[1].split("=", 1)
+    if sys.argv[1:2] == ["--hostfile"]:
+        from lmscale.errors import ConfigError
+        from lmscale.parallel.engine import has_gpu
+
+        try:
+            sys.argv[1:] = hostfile_node_arguments(sys.argv[1:], has_gpu())
+        except ConfigError as exc:
+            print(f"lmscale: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     run_deepspeed_node_launcher()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,8 +2,8 @@
 
 The batch script is `slurm/lmscale.sbatch.template` with the job's values filled in (string.Template,
 so the rendered script stays a plain, editable sbatch file). Inside the job, `srun` starts one task per
-node and each runs DeepSpeed's launcher with `--no_ssh --node_rank $SLURM_NODEID`; the rest (signals,
-requeue) is in the template's comments. Written by hand because it is glue: SLURM and DeepSpeed do the
+node and each runs DeepSpeed's per-node launcher as lmscale starts it (lmscale.jobs.node_launcher, given the
+hostfile: node rank $SLURM_NODEID, the job's GPUs); the rest (signals, requeue) is in the template's comments. Written by hand because it is glue: SLURM and DeepSpeed do the
 work.
 """
 
@@ -20,6 +20,7 @@ from lmscale.atomic import write_atomically
 from lmscale.checkpointing.rundir import RunDir
 from lmscale.errors import ConfigError, LmscaleError
 from lmscale.jobs.launch import LAUNCHER_SCRIPT
+from lmscale.jobs.node_launcher import node_launcher_prefix
 from lmscale.resources import resource
 
 TEMPLATE = resource("slurm/lmscale.sbatch.template")
@@ -78,7 +79,6 @@ def render(job: SlurmJob) -> str:
         raise LmscaleError(
             f"the sbatch template {TEMPLATE} is missing: reinstall lmscale from its repository"
         )
-    deepspeed = shutil.which("deepspeed") or "deepspeed"
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         job_name=job.job_name,
         nodes=job.nodes,
@@ -88,7 +88,7 @@ def render(job: SlurmJob) -> str:
         signal_seconds=job.signal_seconds,
         master_port=job.master_port or PORT_FROM_JOB_ID,
         ranks_per_node=job.ranks_per_node,
-        deepspeed=shlex.quote(deepspeed),
+        node_launcher=shlex.join(node_launcher_prefix()),
         worker_command=worker_command(job),
     )
 

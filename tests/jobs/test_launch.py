@@ -17,7 +17,7 @@ from lmscale.jobs.launch import (
     launch_topology,
     local_devices,
 )
-from lmscale.jobs.node_launcher import node_launcher_command
+from lmscale.jobs.node_launcher import hostfile_node_arguments, node_launcher_command, node_launcher_prefix
 
 
 def test_a_hostfile_job_over_ssh_goes_through_the_deepspeed_runner():
@@ -77,6 +77,19 @@ def test_device_ids_follow_cuda_visible_devices_and_hostfile_slots(monkeypatch):
         hostfile_devices({"a": 8, "b": 4}, 8, "hosts")
 
 
+def test_a_node_of_a_no_ssh_job_runs_its_ranks_on_its_own_visible_gpus(tmp_path, monkeypatch):
+    """SLURM on a shared node gives a job GPUs 4,5 (CUDA_VISIBLE_DEVICES): the ranks must not take 0,1, which
+    are another job's (what DeepSpeed's runner does with a hostfile, deepspeedai/DeepSpeed#7155)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=2\nnode-b slots=2\n")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    flags = LaunchFlags(hostfile=str(hosts), node_rank=1, master_addr="node-a")
+    assert launch_topology(flags, has_gpu=True).devices == {"node-a": [0, 1], "node-b": [4, 5]}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")
+    with pytest.raises(ConfigError, match="host node-b's slots=2 in .*hosts is more than the 1 GPU"):
+        launch_topology(flags, has_gpu=True)
+
+
 RANK_SCRIPT = """
 import os, sys, time
 print(f"rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} local {os.environ['LOCAL_RANK']} {sys.argv[1:]}")
@@ -102,6 +115,52 @@ def test_the_per_node_launcher_starts_each_rank_and_ends_the_job_on_a_failure(tm
         command, capture_output=True, text=True, timeout=120, env={**env, "FAIL_RANK": "1"}
     )
     assert failed.returncode == 3  # the sleeping rank 0 was ended, not waited for
+
+
+def test_a_slurm_task_starts_its_nodes_ranks_from_the_hostfile_and_slurm_nodeid(tmp_path):
+    """The sbatch script's form: `python -m lmscale.jobs.node_launcher --hostfile H ...`, node rank from srun."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    (tmp_path / "hosts").write_text("node-a slots=2\nnode-b slots=1\n")
+    command = [*node_launcher_prefix(), "--hostfile", str(tmp_path / "hosts"), "--master_addr", "127.0.0.1"]
+    env = {"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}
+    done = subprocess.run(
+        [*command, str(script), "x=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "SLURM_NODEID": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
+    assert ranks == ["rank 2/3 local 0 ['--local_rank=0', 'x=1']"]  # node 1 of a (2 + 1)-rank job
+    alone = subprocess.run([*command, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert alone.returncode == 2
+    assert alone.stderr.strip() == (
+        "lmscale: error: --hostfile needs --node_rank N (or SLURM_NODEID, as srun sets it): add it"
+    )
+
+
+def test_a_slurm_nodes_ranks_take_the_gpus_slurm_gave_the_job(tmp_path, monkeypatch):
+    (tmp_path / "hosts").write_text("node-a slots=2\nnode-b slots=2\n")
+    hostfile = ["--hostfile", str(tmp_path / "hosts")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    arguments = hostfile_node_arguments([*hostfile, "--master_port", "29500", "train.py"], has_gpu=True)
+    assert arguments[1:] == ["--node_rank=1", "--master_port", "29500", "train.py"]
+    world = json.loads(base64.urlsafe_b64decode(arguments[0].removeprefix("--world_info=")))
+    assert world == {"node-a": [0, 1], "node-b": [6, 7]}
+    given = hostfile_node_arguments([*hostfile, "--node_rank", "0", "train.py"], has_gpu=False)
+    assert given[1:] == ["--node_rank=0", "train.py"]
+    assert json.loads(base64.urlsafe_b64decode(given[0].removeprefix("--world_info="))) == {
+        "node-a": [0, 1],
+        "node-b": [0, 1],
+    }
+    with pytest.raises(ConfigError, match="node rank 2 is not below the 2 host"):
+        hostfile_node_arguments([*hostfile, "--node_rank=2", "train.py"], has_gpu=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6")
+    with pytest.raises(ConfigError, match="host node-b's slots=2 in .* is more than the 1 GPU"):
+        hostfile_node_arguments([*hostfile, "train.py"], has_gpu=True)
 
 
 def test_the_per_node_launchers_wait_between_looks_is_the_one_lmscale_shortens():

@@ -178,7 +178,7 @@ def test_dry_run_for_four_nodes_of_eight_gpus_matches_the_documented_script(tmp_
     rendered = result.stdout.replace(str(tmp_path / "big"), "/runs/big").replace(
         str(REPO), "/path/to/lmscale"
     )
-    rendered = re.sub(r"\S*/deepspeed --hostfile", "deepspeed --hostfile", rendered)
+    rendered = re.sub(r"\S*/python\S* -u -m lmscale", "python -u -m lmscale", rendered)
     rendered = re.sub(r"--chdir=\S+", "--chdir=/path/to/lmscale", rendered)
     assert rendered.strip() == documented_example().strip()
 
