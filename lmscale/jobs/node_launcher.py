@@ -88,6 +88,8 @@ def hostfile_node_arguments(argv: list[str], has_gpu: bool) -> list[str]:
     devices = hostfile_devices(hosts, None, path)
     host = list(hosts)[node_rank]
     devices[host] = visible_device_ids(hosts[host], has_gpu, f"host {host}'s slots={hosts[host]} in {path}")
+    where = f"GPU(s) {','.join(map(str, devices[host]))}" if has_gpu else "the CPU"
+    print(f"lmscale: node {node_rank} ({host}): {len(devices[host])} rank(s) on {where}", file=sys.stderr)
     return [f"--world_info={world_info(devices)}", f"--node_rank={node_rank}", *rest]
 
 

@@ -134,6 +134,7 @@ def test_a_slurm_task_starts_its_nodes_ranks_from_the_hostfile_and_slurm_nodeid(
     assert done.returncode == 0, done.stderr[-2000:]
     ranks = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
     assert ranks == ["rank 2/3 local 0 ['--local_rank=0', 'x=1']"]  # node 1 of a (2 + 1)-rank job
+    assert "lmscale: node 1 (node-b): 1 rank(s) on the CPU" in done.stderr.splitlines()
     alone = subprocess.run([*command, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert alone.returncode == 2
     assert alone.stderr.strip() == (
