@@ -165,7 +165,7 @@ def planner_figure(tokens: int, precision: str, options: dict) -> float:
     """The planner's activation bytes for one row of `tokens` with these model options (fused loss, sdpa),
     with the output layer's weight gradient the fused loss makes once per step."""
     from lmscale.config import Config
-    from lmscale.planning.activations import activation_bytes, head_gradient_bytes
+    from lmscale.planning.activations import step_activation_bytes
     from lmscale.planning.plan import activation_setup, model_facts
 
     config = Config(
@@ -176,7 +176,7 @@ def planner_figure(tokens: int, precision: str, options: dict) -> float:
     )
     facts = model_facts(config, vocab_size=VOCAB)
     setup = activation_setup(config)
-    return activation_bytes(facts, setup) * tokens + head_gradient_bytes(facts, setup)
+    return step_activation_bytes(facts, setup, tokens)
 
 
 def memory_options_table(tokens: int, precision: str) -> None:

@@ -193,6 +193,7 @@ def gpt2_facts(c: dict) -> ModelFacts | None:
         head_dim=h // c["n_head"],
         mlp_intermediate=c["n_inner"] or 4 * h,
         dropout=bool(c["resid_pdrop"]),
+        tied_embeddings=bool(c["tie_word_embeddings"]),
     )
 
 
@@ -234,6 +235,7 @@ def decoder_facts(family: str, c: dict) -> ModelFacts:
         gated_mlp=True,
         rms_norm=True,
         qk_norm=family in ("qwen3", "qwen3_moe"),
+        tied_embeddings=bool(c["tie_word_embeddings"]),
     )
 
 

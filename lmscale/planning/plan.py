@@ -41,7 +41,14 @@ from lmscale.config import Config
 from lmscale.methods import method_for
 from lmscale.parallel.autoep import expert_count
 from lmscale.parallel.layout import ulysses_split_problems
-from lmscale.planning.activations import ActivationSetup, activation_bytes, element_bytes, head_gradient_bytes
+from lmscale.planning.activations import (
+    ActivationSetup,
+    activation_bytes,
+    element_bytes,
+    embedding_gradient_bytes,
+    head_gradient_bytes,
+    step_activation_bytes,
+)
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = GIB  # CUDA context, kernels and allocator slack, per GPU
@@ -79,6 +86,7 @@ class ModelFacts:
     key_value_latent: int = 0
     rope_head_dim: int = 0
     fp32_router: bool = False  # the router runs in fp32 on an fp32 copy of its input (DeepSeek's)
+    tied_embeddings: bool = False  # the output layer is the input embedding: one weight, two gradients
 
     @property
     def query_width(self) -> int:
@@ -193,7 +201,7 @@ def facts_cache_path(config: Config, vocab: int) -> Path | None:
 
 
 FACTS_FIELDS = (
-    "params frozen split kv fusable experts top_k tileable head_dim mlp gated rms qk dropout latent router"
+    "params frozen split kv fusable experts top_k tileable head_dim mlp gated rms qk dropout latent router tied"
 )
 
 
@@ -204,6 +212,12 @@ def write_facts_cache(path: Path, facts: ModelFacts) -> None:
         write_atomically(path, json.dumps(asdict(facts)))
     except OSError:
         pass
+
+
+def is_tied(model: torch.nn.Module) -> bool:
+    """Whether the output layer's weight is the input embedding's (GPT-2's, Llama 3.2 1B's)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embedding is not None and head.weight is embedding.weight
 
 
 def facts_of(model: torch.nn.Module) -> ModelFacts:
@@ -243,6 +257,7 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
         experts=experts,
         top_k=c.num_experts_per_tok if experts else 0,
         tileable_mlp=not experts and not mlp_dropout,
+        tied_embeddings=is_tied(model),
         **block_shape(model, experts),
     )
 
@@ -512,7 +527,6 @@ def plan_rows(
     params = facts.params_per_rank(tensor)
     trainable = params - facts.frozen_params
     setup = activation_setup(config, tensor)
-    per_token, step_bytes = activation_bytes(facts, setup), head_gradient_bytes(facts, setup)
     online = method_for(config.finetune).online
     sampling = generation_bytes(facts, config, ranks // (tensor * sequence)) if online else 0
     setups = [
@@ -529,7 +543,7 @@ def plan_rows(
             facts, params, trainable, stage, (zero_ranks, expert), offload, config.precision, widths, tensor
         )
         gpu_states += reference_copy_bytes(config, params, stage, zero_ranks)
-        activations = int(per_token * tokens / sequence + step_bytes)
+        activations = step_activation_bytes(facts, setup, tokens / sequence)
         buffers = buffer_bytes(params - facts.expert_params + facts.expert_params // expert, stage, trainable)
         buffers += all_to_all_bytes(facts, tokens // sequence, expert, config.precision)
         total = gpu_states + max(activations, sampling) + buffers
@@ -632,6 +646,8 @@ def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, 
     setup = activation_setup(config, row.tensor)
     per_token = activation_bytes(facts, setup) / row.sequence
     free = HEADROOM * hardware.gpu_mem_bytes - row.model_state_bytes - row.buffer_bytes
+    if embedding_gradient_bytes(facts, setup) > free:  # the end of backward alone would not fit
+        return 0
     free -= head_gradient_bytes(facts, setup)
     sequences = int(free // (per_token * config.data.max_seq_len))
     return max(0, sequences) * config.data.max_seq_len
