@@ -4,7 +4,7 @@ saves on the device (on a CPU the host memory it moves to is the memory it was i
 
     python bench/gpu_memory.py [--tokens 4096] [--out gpu_memory.json]
 
-Each case builds a model of a family with 4 blocks at a real width (Llama 1B's, GPT-2 124M's, a Qwen3-MoE
+Each case builds a model of a family with 8 blocks at a real width (Llama 1B's, GPT-2 124M's, a Qwen3-MoE
 block), takes one step so the gradients exist (as DeepSpeed's do), then measures the next step's peak device
 memory above what was allocated before it (`torch.cuda.max_memory_allocated`), side by side with the planner's
 figure for the same model, row and options (`lmscale.planning.activations`). On a machine without a GPU it
@@ -36,12 +36,13 @@ from lmscale.planning.live_bytes import LiveBytes  # noqa: E402
 from lmscale.planning.plan import facts_of  # noqa: E402
 
 VOCAB = 32000  # Llama 2's: the output layer's and embedding's transients at a real size
-LAYERS = 4
-LLAMA_1B = {
+LAYERS = 8  # activation offload keeps 2 blocks' checkpoints on the device instead of all 8
+LLAMA_1B = {  # TinyLlama's block, untied as TinyLlama is (the blocks' activations decide, not the embedding's)
     "hidden_size": 2048,
     "intermediate_size": 5632,
     "num_attention_heads": 32,
     "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
 }
 GPT2_124M = {"n_embd": 768, "n_head": 12}
 QWEN3_MOE = {
