@@ -200,9 +200,7 @@ def facts_cache_path(config: Config, vocab: int) -> Path | None:
     return home / "lmscale" / "model-facts" / f"{digest}.json"
 
 
-FACTS_FIELDS = (
-    "params frozen split kv fusable experts top_k tileable head_dim mlp gated rms qk dropout latent router tied"
-)
+FACTS_FIELDS = "params frozen split kv fusable experts top_k tileable head_dim mlp gated rms qk dropout latent router tied"
 
 
 def write_facts_cache(path: Path, facts: ModelFacts) -> None:
