@@ -27,12 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from lmscale.config import ModelConfig  # noqa: E402
-from lmscale.data.batches import collate, sequence_slice  # noqa: E402
 from lmscale.model.build import prepare_for_training, preset_config  # noqa: E402
-from lmscale.objectives.fused_head import install_fused_head, loss_targets  # noqa: E402
-from lmscale.objectives.loss import aligned_token_loss  # noqa: E402
+from lmscale.objectives.fused_head import install_fused_head  # noqa: E402
 from lmscale.planning.activations import ActivationSetup, step_activation_bytes  # noqa: E402
-from lmscale.planning.live_bytes import LiveBytes  # noqa: E402
+from lmscale.planning.live_bytes import LiveBytes, training_step  # noqa: E402
 from lmscale.planning.plan import facts_of  # noqa: E402
 
 VOCAB = 32000  # Llama 2's: the output layer's and embedding's transients at a real size
@@ -95,17 +93,7 @@ def build(
 def measured_peak(model: torch.nn.Module, loss: str, tokens: int, device: torch.device) -> int:
     """The second step's peak bytes above what was allocated before it (the gradients exist by then)."""
     ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    batch = {k: v.to(device) for k, v in sequence_slice(collate([ids], pad_id=0), 0, 0, 1).items()}
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-
-    def step() -> None:
-        if loss == "fused":
-            with loss_targets(model, batch["labels"]):
-                summed = model(**inputs).logits  # the fused output layer returns the summed loss
-        else:
-            summed = aligned_token_loss(model(**inputs).logits, batch["labels"])
-        summed.backward()
-
+    step = training_step(model, ids, fused_loss=loss == "fused")
     step()
     if device.type != "cuda":
         with LiveBytes(model) as live:

@@ -11,6 +11,7 @@ for a gradient function of the slices TiledMLP cuts under no_grad.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -54,3 +55,28 @@ class LiveBytes(TorchDispatchMode):
 
 def gradients(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in module.parameters() if p.grad is not None]
+
+
+def training_step(model: torch.nn.Module, ids: list[int], fused_loss: bool) -> Callable[[], None]:
+    """One forward and backward of `model` on one row of token `ids`, as lmscale's loop computes it (the
+    fused output layer, `lmscale.objectives.fused_head`, when `fused_loss`): what the planner's activation
+    figures are measured against."""
+    from lmscale.data.batches import collate, sequence_slice
+    from lmscale.objectives.fused_head import loss_targets
+    from lmscale.objectives.loss import aligned_token_loss
+
+    device = next(model.parameters()).device
+    batch = {
+        key: value.to(device) for key, value in sequence_slice(collate([ids], pad_id=0), 0, 0, 1).items()
+    }
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+
+    def step() -> None:
+        if fused_loss:
+            with loss_targets(model, batch["labels"]):
+                summed = model(**inputs).logits  # the fused output layer returns the summed loss
+        else:
+            summed = aligned_token_loss(model(**inputs).logits, batch["labels"])
+        summed.backward()
+
+    return step

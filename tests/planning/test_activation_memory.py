@@ -14,12 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmscale.config import ModelConfig
-from lmscale.data.batches import collate, sequence_slice
 from lmscale.model.build import prepare_for_training, preset_config
-from lmscale.objectives.fused_head import install_fused_head, loss_targets
-from lmscale.objectives.loss import aligned_token_loss
+from lmscale.objectives.fused_head import install_fused_head
 from lmscale.planning.activations import ActivationSetup, step_activation_bytes
-from lmscale.planning.live_bytes import LiveBytes
+from lmscale.planning.live_bytes import LiveBytes, training_step
 from lmscale.planning.plan import facts_of
 
 VOCAB = 2048
@@ -50,17 +48,7 @@ def tiny_model(preset: str, shape: dict, options: ModelConfig, precision: str, a
 def measured_peak(model: torch.nn.Module, loss: str) -> int:
     """The step's peak bytes of new tensors, after a first step has allocated the gradients."""
     ids = torch.randint(0, VOCAB, (TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
-    batch = sequence_slice(collate([ids], pad_id=0), 0, 0, 1)
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-
-    def step() -> None:
-        if loss == "fused":
-            with loss_targets(model, batch["labels"]):
-                summed = model(**inputs).logits  # the fused output layer returns the summed loss
-        else:
-            summed = aligned_token_loss(model(**inputs).logits, batch["labels"])
-        summed.backward()
-
+    step = training_step(model, ids, fused_loss=loss == "fused")
     step()
     with LiveBytes(model) as live:
         step()
