@@ -123,6 +123,19 @@ def visible_device_ids(count: int, has_gpu: bool, asked: str) -> list[int | str]
     return ids[:count]
 
 
+def visible_devices_warning(has_gpu: bool) -> str | None:
+    """For a hostfile job over ssh: CUDA_VISIBLE_DEVICES set here says nothing to the other hosts, and
+    DeepSpeed's runner ignores it on every host (each runs its ranks on GPUs 0..N-1)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not has_gpu or not visible:
+        return None
+    return (
+        f"CUDA_VISIBLE_DEVICES={visible} is ignored by a hostfile job over ssh (DeepSpeed's runner uses GPUs "
+        "0..N-1 of every host): to run each node's ranks on its own visible GPUs, start one launcher per node "
+        "with --node-rank I --master-addr NODE0"
+    )
+
+
 def check_port_free(port: int) -> None:
     """A rendezvous port already bound here would make rank 0 fail (or hang) after the launch."""
     import socket
@@ -226,6 +239,8 @@ def launch_job(config_path: str | None, overrides: list[str], flags: LaunchFlags
         check_port_free(flags.master_port)
     port = flags.master_port or free_port()
     if topology.node is None:
+        if warning := visible_devices_warning(has_gpu()):
+            print(f"lmscale: warning: {warning}", file=sys.stderr, flush=True)
         command = deepspeed_command(
             flags.gpus_per_node, config_path, overrides, flags.hostfile, flags.force, port
         )

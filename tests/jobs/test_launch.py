@@ -16,6 +16,7 @@ from lmscale.jobs.launch import (
     hostfile_devices,
     launch_topology,
     local_devices,
+    visible_devices_warning,
 )
 from lmscale.jobs.node_launcher import hostfile_node_arguments, node_launcher_command, node_launcher_prefix
 
@@ -75,6 +76,14 @@ def test_device_ids_follow_cuda_visible_devices_and_hostfile_slots(monkeypatch):
     assert hostfile_devices({"a": 8, "b": 8}, None, "hosts") == {"a": list(range(8)), "b": list(range(8))}
     with pytest.raises(ConfigError, match="--gpus-per-node 8 is more than host b's slots=4 in hosts"):
         hostfile_devices({"a": 8, "b": 4}, 8, "hosts")
+
+
+def test_a_job_over_ssh_says_that_it_cannot_use_the_visible_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert "CUDA_VISIBLE_DEVICES=4,5 is ignored by a hostfile job over ssh" in visible_devices_warning(True)
+    assert visible_devices_warning(has_gpu=False) is None  # CPU ranks: nothing to pick
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_devices_warning(has_gpu=True) is None
 
 
 def test_a_node_of_a_no_ssh_job_runs_its_ranks_on_its_own_visible_gpus(tmp_path, monkeypatch):
