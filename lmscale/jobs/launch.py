@@ -102,17 +102,34 @@ def hostfile_devices(hosts: dict[str, int], nproc: int | None, hostfile: str) ->
     return {host: list[int | str](range(nproc or slots)) for host, slots in hosts.items()}
 
 
+def no_ssh_node_devices(
+    hosts: dict[str, int], nproc: int | None, hostfile: str, node_rank: int, has_gpu: bool
+) -> dict[str, list[int | str]]:
+    """`hostfile_devices` for one node of a no-ssh job: that node's ranks run on its own visible GPUs
+    (`visible_device_ids`); the other nodes' lists only count their ranks."""
+    devices = hostfile_devices(hosts, nproc, hostfile)
+    host = list(hosts)[node_rank]
+    asked = f"--gpus-per-node {nproc}" if nproc else f"host {host}'s slots={hosts[host]} in {hostfile}"
+    devices[host] = visible_device_ids(len(devices[host]), has_gpu, asked)
+    return devices
+
+
 def local_devices(nproc: int, has_gpu: bool) -> dict[str, list[int | str]]:
     """This host's device ids for nproc ranks (`visible_device_ids`)."""
     return {"localhost": visible_device_ids(nproc, has_gpu, f"--gpus-per-node {nproc}")}
+
+
+def visible_devices(has_gpu: bool) -> str:
+    """CUDA_VISIBLE_DEVICES as this host's GPU ranks should honour it ("" when unset, or when ranks run on CPU)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() if has_gpu else ""
 
 
 def visible_device_ids(count: int, has_gpu: bool, asked: str) -> list[int | str]:
     """The ids of the first `count` GPUs this process may use: CUDA_VISIBLE_DEVICES's when it is set (a
     scheduler's choice, e.g. SLURM's GPUs 4,5 on a shared node: the `deepspeed` runner would drop it and use
     devices 0..count-1, another job's), else 0..count-1. `asked` says where the count came from."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if not has_gpu or not visible:
+    visible = visible_devices(has_gpu)
+    if not visible:
         return list(range(count))
     ids: list[int | str] = [int(i) if i.strip().isdigit() else i.strip() for i in visible.split(",")]
     if count > len(ids):
@@ -126,8 +143,8 @@ def visible_device_ids(count: int, has_gpu: bool, asked: str) -> list[int | str]
 def visible_devices_warning(has_gpu: bool) -> str | None:
     """For a hostfile job over ssh: CUDA_VISIBLE_DEVICES set here says nothing to the other hosts, and
     DeepSpeed's runner ignores it on every host (each runs its ranks on GPUs 0..N-1)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if not has_gpu or not visible:
+    visible = visible_devices(has_gpu)
+    if not visible:
         return None
     return (
         f"CUDA_VISIBLE_DEVICES={visible} is ignored by a hostfile job over ssh (DeepSpeed's runner uses GPUs "
@@ -318,19 +335,14 @@ def launch_topology(flags: LaunchFlags, has_gpu: bool) -> Topology:
             raise ConfigError("--node-rank needs --hostfile (the list of all nodes, the same file on each)")
         return Topology(local_devices(flags.gpus_per_node or 1, has_gpu), NodeLaunch(0, "127.0.0.1"))
     hosts = read_hostfile(Path(flags.hostfile))
-    devices = hostfile_devices(hosts, flags.gpus_per_node, flags.hostfile)
     if flags.node_rank is None:
         check_reachable(list(hosts))
-        return Topology(devices, None)
+        return Topology(hostfile_devices(hosts, flags.gpus_per_node, flags.hostfile), None)
     if not 0 <= flags.node_rank < len(hosts) or not flags.master_addr:
         raise ConfigError(
             f"--node-rank {flags.node_rank} needs 0 <= rank < {len(hosts)} (the hostfile's hosts) and --master-addr"
         )
-    # The ranks of this node run on its own visible GPUs; the other nodes' lists only count their ranks.
-    host = list(hosts)[flags.node_rank]
-    slots = f"host {host}'s slots={len(devices[host])} in {flags.hostfile}"
-    asked = f"--gpus-per-node {flags.gpus_per_node}" if flags.gpus_per_node else slots
-    devices[host] = visible_device_ids(len(devices[host]), has_gpu, asked)
+    devices = no_ssh_node_devices(hosts, flags.gpus_per_node, flags.hostfile, flags.node_rank, has_gpu)
     return Topology(devices, NodeLaunch(flags.node_rank, flags.master_addr))
 
 

@@ -76,7 +76,7 @@ def hostfile_node_arguments(argv: list[str], has_gpu: bool) -> list[str]:
     """`--hostfile PATH [--node_rank N] ...` as the per-node launcher's own arguments: `--world_info` with this
     node's visible GPUs, and `--node_rank` (SLURM_NODEID when not given)."""
     from lmscale.errors import ConfigError
-    from lmscale.jobs.launch import hostfile_devices, read_hostfile, visible_device_ids
+    from lmscale.jobs.launch import no_ssh_node_devices, read_hostfile
 
     path = argv[1]
     node_rank, rest = _node_rank(argv[2:])
@@ -85,9 +85,8 @@ def hostfile_node_arguments(argv: list[str], has_gpu: bool) -> list[str]:
         raise ConfigError(
             f"node rank {node_rank} is not below the {len(hosts)} host(s) in {path}: fix the hostfile"
         )
-    devices = hostfile_devices(hosts, None, path)
+    devices = no_ssh_node_devices(hosts, None, path, node_rank, has_gpu)
     host = list(hosts)[node_rank]
-    devices[host] = visible_device_ids(hosts[host], has_gpu, f"host {host}'s slots={hosts[host]} in {path}")
     where = f"GPU(s) {','.join(map(str, devices[host]))}" if has_gpu else "the CPU"
     print(f"lmscale: node {node_rank} ({host}): {len(devices[host])} rank(s) on {where}", file=sys.stderr)
     return [f"--world_info={world_info(devices)}", f"--node_rank={node_rank}", *rest]
@@ -126,7 +125,7 @@ def run_deepspeed_node_launcher() -> None:
 
 
 def main() -> int:
-    if sys.argv[1].startswith("--hostfile="):  # the same as `--hostfile PATH`
+    if sys.argv[1:2] and sys.argv[1].startswith("--hostfile="):  # the same as `--hostfile PATH`
         sys.argv[1:2] = sys.argv[1].split("=", 1)
     if sys.argv[1:2] == ["--hostfile"]:
         from lmscale.errors import ConfigError

@@ -3,8 +3,8 @@
 The batch script is `slurm/lmscale.sbatch.template` with the job's values filled in (string.Template,
 so the rendered script stays a plain, editable sbatch file). Inside the job, `srun` starts one task per
 node and each runs DeepSpeed's per-node launcher as lmscale starts it (lmscale.jobs.node_launcher, given the
-hostfile: node rank $SLURM_NODEID, the job's GPUs); the rest (signals, requeue) is in the template's comments. Written by hand because it is glue: SLURM and DeepSpeed do the
-work.
+hostfile: node rank $SLURM_NODEID, the job's GPUs); the rest (signals, requeue) is in the template's comments.
+Written by hand because it is glue: SLURM and DeepSpeed do the work.
 """
 
 from __future__ import annotations

@@ -386,11 +386,7 @@ def says_the_error(exc: LmscaleError) -> bool:
 def failed_job_line(exc: RuntimeError) -> str | None:
     """One line for the failures a job meets that are none of lmscale's doing: a rank or a data-loading worker
     gone. None for anything else (its traceback is the report)."""
-    if is_lost_peer(exc):
-        return lost_peer_line(exc)
-    if DATA_WORKER_DIED.search(str(exc)):
-        return lost_data_worker_line(exc)
-    return None
+    return lost_peer_line(exc) if is_lost_peer(exc) else lost_data_worker_line(exc)
 
 
 # What gloo says when the process at the other end of a collective is gone.
@@ -432,12 +428,13 @@ DATA_WORKER_DIED = re.compile(
 )
 
 
-def lost_data_worker_line(exc: RuntimeError) -> str:
-    """Why a rank's data-loading worker most likely died, and the fix. Its workers (`data.num_workers`) are
-    processes of their own: the host's out-of-memory killer picks them, and a full /dev/shm kills them with
-    SIGBUS when they hand a batch over."""
+def lost_data_worker_line(exc: RuntimeError) -> str | None:
+    """Why a rank's data-loading worker most likely died, and the fix (None: `exc` is not about one). Its workers
+    (`data.num_workers`) are processes of their own: the host's out-of-memory killer picks them, and a full
+    /dev/shm kills them with SIGBUS when they hand a batch over."""
     found = DATA_WORKER_DIED.search(str(exc))
-    assert found is not None
+    if found is None:
+        return None
     pids, signal_name = found.group(1).strip(), found.group(2)
     if signal_name == "Killed":
         cause = (
