@@ -1,5 +1,6 @@
-"""Activation memory of one training token: what each block keeps for backward, the working set of one
-block's backward at the step's peak, and what lives outside the blocks (final norm, logits).
+"""Activation memory of a training step: what each block keeps for backward per token, and the step's peak,
+the largest of three moments of backward: the loss's (the final norm and the loss's tensors), a block's (its
+working set, and the block recomputed under checkpointing), and the end (the embedding's gradients).
 
 Korthikanti et al. (2022) count 34·h bytes per token and layer for GPT-3's blocks (LayerNorm, a 4·h GELU MLP,
 dropout). Today's families keep other things: a gated MLP keeps four of its intermediates (gate, activation,
@@ -23,11 +24,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lmscale.planning.plan import ModelFacts
 
-# One block's backward at the step's peak holds, besides what the blocks keep, the gradients it is computing:
-# a few hidden-wide ones (the residual stream's, the norm's) and one of the MLP's intermediates' (or eager
-# attention's scores'). Measured on CPU with lmscale.planning.live_bytes (Llama, GPT-2, Qwen3-MoE, Mixtral
-# shapes, fp32 and bf16): 3.5-12 units of h, the larger with wider MLPs and in bf16.
-BACKWARD_HIDDEN = 2
+# One block's backward at its peak holds, besides what the blocks keep, the gradients it is computing: a few
+# hidden-wide ones (the residual stream's, the norm's, attention's) and the MLP's: a gated MLP's product
+# gives two intermediates' gradients at once. Measured on CPU with lmscale.planning.live_bytes (Llama, GPT-2,
+# Qwen3-MoE, Mixtral, DeepSeek-V3 shapes, fp32 and bf16, with and without checkpointing): 3-7 units of h
+# besides the MLP's, the recomputed block of checkpointing alike.
+BACKWARD_HIDDEN = 3
 
 
 def element_bytes(precision: str) -> int:
@@ -122,16 +124,15 @@ def latent_attention_units(facts: ModelFacts, setup: ActivationSetup) -> float:
 
 
 def backward_units(facts: ModelFacts, setup: ActivationSetup) -> float:
-    """The working set of one block's backward at its peak: a few hidden-wide gradients and one intermediate's
-    (a tiled MLP's slice is recomputed with its four kept intermediates and two gradients) or eager attention's
-    scores' gradient (fp32 in 16-bit training), whichever is larger."""
+    """The working set of one block's backward at its peak: a few hidden-wide gradients and the MLP's
+    intermediates' (two at once behind a gated MLP's product; a tiled MLP's slice is recomputed with its four
+    kept intermediates and two gradients) or eager attention's scores' gradient (fp32 in 16-bit training),
+    whichever is larger."""
     h, tensor = facts.hidden, setup.tensor
-    if setup.checkpointing:  # the recomputed block frees each intermediate as its gradient is made (measured)
-        return BACKWARD_HIDDEN * h
     if setup.tiled_mlp:
         mlp = 6 * facts.mlp_width * min(1.0, (setup.tiled_tokens or h) / setup.seq_len)
     else:
-        mlp = facts.mlp_width
+        mlp = (2 if facts.gated_mlp else 1) * facts.mlp_width
     scores = 0
     if setup.attention == "eager":
         scores = facts.heads * setup.seq_len * (1 if setup.precision == "fp32" else 2)
@@ -148,39 +149,67 @@ def dropout_mask_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
 
 
 def outside_units(facts: ModelFacts, setup: ActivationSetup) -> float:
-    """The final norm and the loss: the fused chunked loss keeps one fp32 block about the hidden size; else
-    the logits and what the loss makes of them (the blockwise loss makes no fp32 copy)."""
+    """The final norm and the loss's backward, when it holds most: the fused loss keeps no logits, only its
+    working set (an fp32 block of logits about the hidden size, the hidden states' fp32 gradient it sums into,
+    and in 16-bit the block's gradient cast back); the plain loss holds its fp32 log-probabilities, their
+    gradient and the logits' gradient (12 bytes per vocabulary entry, measured in fp32 and bf16), the blockwise
+    loss the 16-bit logits and their gradient (no fp32 copy)."""
     h, vocab = facts.hidden, facts.vocab
     final_norm = norm_units(facts, setup) * h
     if setup.chunked_loss and facts.fusable_head:
-        return final_norm + 4 * h / setup.width
-    if setup.chunked_loss:  # the logits in blocks: 16-bit and no fp32 copy (or fp32 alone)
-        logit_bytes = 2 * vocab * (2 if setup.precision == "fp32" else 1)
-    else:  # the logits, the loss's fp32 copy (16-bit) and log-probabilities, a gradient: ~10 bytes measured
-        logit_bytes = 10 * vocab
+        cast_back = 2 * h if setup.width == 2 else 0  # fp32 training multiplies the fp32 block as it is
+        return final_norm + (4 * h + 4 * h + cast_back) / setup.width
+    if setup.chunked_loss:
+        logit_bytes = 2 * vocab * setup.width
+    else:
+        logit_bytes = 12 * vocab
     return final_norm + logit_bytes / setup.width
 
 
-def activation_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
-    """Peak activation bytes per token on one rank: the blocks' kept activations (with checkpointing, their
-    inputs: every block's, or about two blocks' when offloaded to host memory, plus the one recomputed), the
-    working set of one block's backward, and what lives outside the blocks."""
-    h, layers = facts.hidden, facts.layers
-    layer = layer_units(facts, setup)
+def kept_units(facts: ModelFacts, setup: ActivationSetup) -> float:
+    """What the blocks keep for backward per token: every block's activations, or with checkpointing every
+    block's input (about two blocks' when offloaded to host memory)."""
     if setup.checkpointing:
-        inputs = min(2, layers) if setup.offload else layers
-        blocks = inputs * h + layer
-        masks = dropout_mask_bytes(facts, setup)
-    else:
-        blocks = layers * layer
-        masks = layers * dropout_mask_bytes(facts, setup)
-    units = blocks + backward_units(facts, setup) + outside_units(facts, setup)
-    return units * setup.width + masks
+        return (min(2, facts.layers) if setup.offload else facts.layers) * facts.hidden
+    return facts.layers * layer_units(facts, setup)
+
+
+def kept_mask_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
+    """Dropout masks kept per token: every block's, or the recomputed block's alone with checkpointing."""
+    return dropout_mask_bytes(facts, setup) * (1 if setup.checkpointing else facts.layers)
+
+
+def loss_backward_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
+    """Bytes per token while the loss's backward runs: what the blocks keep, and the loss's own."""
+    return (kept_units(facts, setup) + outside_units(facts, setup)) * setup.width + kept_mask_bytes(
+        facts, setup
+    )
+
+
+def block_backward_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
+    """Bytes per token while a block's backward runs (the loss's tensors are gone by then): what the blocks
+    keep, the block recomputed under checkpointing, and the working set of its backward."""
+    recomputed = layer_units(facts, setup) if setup.checkpointing else 0
+    units = kept_units(facts, setup) + recomputed + backward_units(facts, setup)
+    return units * setup.width + kept_mask_bytes(facts, setup)
+
+
+def held_head_gradient_bytes(facts: ModelFacts, setup: ActivationSetup) -> int:
+    """A tied output layer's gradient, which autograd holds through every block's backward until it adds the
+    embedding's (an untied one is added to the kept gradient at once)."""
+    return facts.vocab * facts.hidden * setup.width if facts.tied_embeddings else 0
+
+
+def activation_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
+    """Peak activation bytes per token on one rank: the larger of the loss's backward and a block's (each with
+    what the blocks keep), without the step's once-per-step gradients (`step_activation_bytes`)."""
+    return max(loss_backward_bytes(facts, setup), block_backward_bytes(facts, setup))
 
 
 def head_gradient_bytes(facts: ModelFacts, setup: ActivationSetup) -> int:
     """Once per step, not per token: the fused loss's backward makes the output layer's whole weight gradient
-    (DeepSpeed's `vocab_parallel_linear_cross_entropy`), while every block's activations are still kept."""
+    (DeepSpeed's `vocab_parallel_linear_cross_entropy`), while every block's activations are still kept. Once
+    it is added to the gradient kept across steps it is gone before any block's backward."""
     if not (setup.chunked_loss and facts.fusable_head):
         return 0
     return facts.vocab * facts.hidden * setup.width
@@ -194,8 +223,9 @@ def embedding_gradient_bytes(facts: ModelFacts, setup: ActivationSetup) -> int:
 
 
 def step_activation_bytes(facts: ModelFacts, setup: ActivationSetup, tokens: float) -> int:
-    """A step's activation peak for `tokens` per micro-batch: every kept activation and the output layer's
-    gradient as backward starts, or the embedding's gradients as it ends (what decides with activation
-    checkpointing and a large vocabulary), whichever is larger."""
-    starts = activation_bytes(facts, setup) * tokens + head_gradient_bytes(facts, setup)
-    return int(max(starts, embedding_gradient_bytes(facts, setup)))
+    """A step's activation peak for `tokens` per micro-batch, phase by phase: the loss's backward (with the
+    output layer's gradient the fused loss makes), a block's backward, or the end of backward with the
+    embedding's gradients (what decides with activation checkpointing and a large vocabulary)."""
+    loss = loss_backward_bytes(facts, setup) * tokens + head_gradient_bytes(facts, setup)
+    block = block_backward_bytes(facts, setup) * tokens + held_head_gradient_bytes(facts, setup)
+    return int(max(loss, block, embedding_gradient_bytes(facts, setup)))

@@ -43,10 +43,12 @@ from lmscale.parallel.autoep import expert_count
 from lmscale.parallel.layout import ulysses_split_problems
 from lmscale.planning.activations import (
     ActivationSetup,
-    activation_bytes,
+    block_backward_bytes,
     element_bytes,
     embedding_gradient_bytes,
     head_gradient_bytes,
+    held_head_gradient_bytes,
+    loss_backward_bytes,
     step_activation_bytes,
 )
 
@@ -640,12 +642,16 @@ def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list
 
 
 def largest_token_budget(facts: ModelFacts, config: Config, hardware: Hardware, row: PlanRow) -> int:
-    """The most tokens per micro-batch that keep `row`'s set-up within the GPU (a multiple of max_seq_len)."""
+    """The most tokens per micro-batch that keep `row`'s set-up within the GPU (a multiple of max_seq_len):
+    `step_activation_bytes` solved for the tokens, phase by phase (each a per-token part and a per-step one)."""
     setup = activation_setup(config, row.tensor)
-    per_token = activation_bytes(facts, setup) / row.sequence
     free = HEADROOM * hardware.gpu_mem_bytes - row.model_state_bytes - row.buffer_bytes
     if embedding_gradient_bytes(facts, setup) > free:  # the end of backward alone would not fit
         return 0
-    free -= head_gradient_bytes(facts, setup)
-    sequences = int(free // (per_token * config.data.max_seq_len))
+    phases = [
+        (loss_backward_bytes(facts, setup), head_gradient_bytes(facts, setup)),
+        (block_backward_bytes(facts, setup), held_head_gradient_bytes(facts, setup)),
+    ]
+    row_bytes = config.data.max_seq_len / row.sequence
+    sequences = min(int((free - once) // (per_token * row_bytes)) for per_token, once in phases)
     return max(0, sequences) * config.data.max_seq_len

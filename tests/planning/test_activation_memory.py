@@ -28,6 +28,7 @@ LLAMA_WIDER = {
     "num_attention_heads": 6,
     "num_key_value_heads": 6,
 }
+UNTIED_32K = {"vocab_size": 32000, "tie_word_embeddings": False}
 
 
 def tiny_model(preset: str, shape: dict, options: ModelConfig, precision: str, attention: str):
@@ -78,6 +79,10 @@ CASES = [  # preset, shape changes, model options, precision, attention, loss
     # the end of backward (three vocabulary x hidden matrices), not the kept activations
     ("tiny-llama", {"vocab_size": 32000}, {"activation_checkpointing": True}, "bf16", "sdpa", "fused"),
     ("tiny-gpt2", {"vocab_size": 32000}, {"activation_checkpointing": True}, "fp32", "sdpa", "fused"),
+    # untied: the peak is the loss's backward (the fused loss's output-layer gradient, gone before any block's
+    # backward; the plain loss's fp32 log-probabilities and two gradients), not the sum of both phases
+    ("tiny-llama", UNTIED_32K, {"activation_checkpointing": True}, "bf16", "sdpa", "fused"),
+    ("tiny-llama", UNTIED_32K, {"activation_checkpointing": True}, "bf16", "sdpa", "plain"),
 ]
 
 

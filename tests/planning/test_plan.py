@@ -14,9 +14,12 @@ from lmscale.planning.activations import (
     ActivationSetup,
     activation_bytes,
     backward_units,
+    block_backward_bytes,
     head_gradient_bytes,
     layer_units,
+    loss_backward_bytes,
     outside_units,
+    step_activation_bytes,
 )
 from lmscale.planning.command import recommend
 from lmscale.planning.plan import (
@@ -128,21 +131,45 @@ def test_activation_bytes_by_hand():
     h, w, vocab = 768, 4 * 768, 50257
     # a block keeps 16 units of h in 16-bit: two LayerNorms' inputs and outputs (4), queries, keys, values and
     # the output projection's input (4), the fused GELU's input and output (2 x 4h); one block's backward adds
-    # 2h + one MLP intermediate's gradient; outside: the final norm (2h) and 10 bytes per vocabulary entry
-    layer, backward, outside = 16 * h, 2 * h + w, 2 * h + 10 * vocab / 2
-    assert activation_bytes(gpt2, bf16_row(1024)) == 2 * (12 * layer + backward + outside)
+    # 3h + one MLP intermediate's gradient; the loss's backward: the final norm (2h) and 12 bytes per
+    # vocabulary entry. The step's peak is the larger phase: the loss's backward, here.
+    layer, backward, outside = 16 * h, 3 * h + w, 2 * h + 12 * vocab / 2
+    assert loss_backward_bytes(gpt2, bf16_row(1024)) == 2 * (12 * layer + outside)
+    assert block_backward_bytes(gpt2, bf16_row(1024)) == 2 * (12 * layer + backward)
+    assert activation_bytes(gpt2, bf16_row(1024)) == 2 * (12 * layer + outside)
     # eager: each block keeps the fp32 probabilities and their 16-bit copy (3 units per head and position);
-    # the backward holds their fp32 gradient (2 units), wider than the MLP's
+    # a block's backward holds their fp32 gradient (2 units), wider than the MLP's
     scores = 12 * 1024
-    eager = 2 * (12 * (layer + 3 * scores) + 2 * h + 2 * scores + outside)
-    assert activation_bytes(gpt2, bf16_row(1024, attention="eager")) == eager
-    # checkpointing: every block's input, one block recomputed (its backward frees as it goes: 2h)
-    checkpointed = 2 * (12 * h + layer + 2 * h + outside)
-    assert activation_bytes(gpt2, bf16_row(1024, checkpointing=True)) == checkpointed
-    # fp32: the same units at 4 bytes
+    eager = bf16_row(1024, attention="eager")
+    assert block_backward_bytes(gpt2, eager) == 2 * (12 * (layer + 3 * scores) + 3 * h + 2 * scores)
+    assert activation_bytes(gpt2, eager) == 2 * (12 * (layer + 3 * scores) + outside)
+    # checkpointing: every block's input; a block's backward also holds the block recomputed
+    checkpointed = bf16_row(1024, checkpointing=True)
+    assert loss_backward_bytes(gpt2, checkpointed) == 2 * (12 * h + outside)
+    assert block_backward_bytes(gpt2, checkpointed) == 2 * (12 * h + layer + backward)
+    # fp32: the same units at 4 bytes, the loss's 12 bytes per vocabulary entry alike
     assert activation_bytes(gpt2, ActivationSetup(seq_len=1024, precision="fp32")) == 4 * (
-        12 * layer + backward + 2 * h + 10 * vocab / 4
+        12 * layer + 2 * h + 12 * vocab / 4
     )
+
+
+def test_step_peak_is_the_largest_phase_with_its_once_per_step_gradients():
+    """The fused loss's output-layer gradient lives in the loss's backward only, unless the output layer is tied
+    to the embedding: then autograd holds it through every block's backward, and at the end of backward the
+    embedding's gradient joins it (three vocabulary x hidden matrices)."""
+    llama = tiny_llama_facts()
+    h, vocab = llama.hidden, llama.vocab
+    fused = bf16_row(128, chunked_loss=True, checkpointing=True)
+    head = vocab * h * 2
+    loss, block = loss_backward_bytes(llama, fused), block_backward_bytes(llama, fused)
+    for tokens in (128, 4096, 65536):
+        untied = replace(llama, tied_embeddings=False)
+        assert step_activation_bytes(untied, fused, tokens) == int(
+            max(loss * tokens + head, block * tokens, head)
+        )
+        tied = replace(llama, tied_embeddings=True)
+        expected = max(loss * tokens + head, block * tokens + head, 3 * head)
+        assert step_activation_bytes(tied, fused, tokens) == int(expected)
 
 
 def test_activation_bytes_of_a_llama_block_by_hand():
@@ -257,15 +284,16 @@ def test_tensor_parallelism_divides_the_blocks_linears_only():
     h, q, kv, w = 64, 64, 32, 176
     # a tensor-parallel rank keeps half of what lives inside the split linears; the norms stay whole
     assert layer_units(facts, bf16_row(128, tensor=2)) == 2 * 4 * h + (2 * q + 2 * kv + 4 * w) / 2
-    # The chunked loss: Llama's output layer fuses into it (one fp32 block the size of the hidden states, and
-    # once per step the output layer's weight gradient); a family that cannot fuse keeps its 16-bit logits,
-    # without the fp32 copy.
+    # The chunked loss: Llama's output layer fuses into it (its backward holds an fp32 block of logits the size
+    # of the hidden states, the hidden states' fp32 gradient and in 16-bit the block's gradient cast back: 10
+    # bytes per hidden element; once per step the output layer's weight gradient); a family that cannot fuse
+    # keeps its 16-bit logits and their gradient (DeepSpeed's GPU kernel makes no fp32 copy).
     assert facts.fusable_head
     fused = bf16_row(128, chunked_loss=True)
-    assert outside_units(facts, fused) == 4 * h + 4 * h / 2
+    assert outside_units(facts, fused) == 4 * h + 10 * h / 2
     assert head_gradient_bytes(facts, fused) == 500 * h * 2
     blockwise = replace(facts, fusable_head=False)
-    assert outside_units(blockwise, fused) == 4 * h + 2 * 500 / 2
+    assert outside_units(blockwise, fused) == 4 * h + 2 * 500
     assert head_gradient_bytes(blockwise, fused) == 0
 
 
@@ -294,10 +322,10 @@ def test_plan_recommends_sequence_parallelism_when_a_long_context_does_not_fit()
     (best,) = [r for r in rows if r["recommended"]]
     assert best["sequence"] > 1 and best["total_bytes"] <= 0.9 * 80 * GIB
     text = run_lmscale("plan", "configs/llama-8b-32k.yaml", "--gpus-per-node", "8")
-    assert "recommended: parallel.sequence=4 zero.stage=1 (49.0 GiB per GPU at 32,768 tokens" in text.stdout
+    assert "recommended: parallel.sequence=4 zero.stage=1 (48.2 GiB per GPU at 32,768 tokens" in text.stdout
     # the headroom is offered as the same 524,288-token step in fewer micro-batches, never as a silently larger step
     assert "524,288 tokens per optimizer step" in text.stdout
-    assert "data.max_tokens_per_batch=131072 train.grad_accum_steps=2 (61.1 GiB per GPU)" in text.stdout
+    assert "data.max_tokens_per_batch=131072 train.grad_accum_steps=2 (60.6 GiB per GPU)" in text.stdout
     assert "8,030.3M parameters" in text.stdout  # Llama 3 8B's published count: 8,030,261,248
 
 
@@ -418,8 +446,8 @@ def test_tiled_mlp_and_activation_offload_by_hand():
     # four intermediates and two gradients
     tiled = bf16_row(1024, tiled_mlp=True)
     assert layer_units(gpt2, tiled) == 8 * h
-    assert backward_units(gpt2, tiled) == 2 * h + 6 * w * 768 / 1024
-    assert backward_units(gpt2, bf16_row(1024, tiled_mlp=True, tiled_tokens=256)) == 2 * h + 6 * w / 4
+    assert backward_units(gpt2, tiled) == 3 * h + 6 * w * 768 / 1024
+    assert backward_units(gpt2, bf16_row(1024, tiled_mlp=True, tiled_tokens=256)) == 3 * h + 6 * w / 4
     # offload: two blocks' saved inputs on the GPU, not twelve
     checkpointed = activation_bytes(gpt2, bf16_row(1024, checkpointing=True))
     offloaded = activation_bytes(gpt2, bf16_row(1024, checkpointing=True, offload=True))
@@ -439,7 +467,7 @@ def test_plan_tries_lmscales_memory_options_cheapest_first(capsys):
     config = resolve_run_config(recipe, ["parallel.expert=1"], 8, has_gpu=True)[0]
     _, best, advice = plan_command(config, Hardware(8), as_json=True)
     assert advice.keys == "parallel.expert=8 zero.stage=1" and best.expert == 8
-    assert round(advice.total_bytes / GIB, 1) == 69.1  # as README.md's table says
+    assert round(advice.total_bytes / GIB, 1) == 68.5  # as README.md's table says
     _, best, advice = plan_command(config, Hardware(8, gpu_mem_bytes=48 * GIB), as_json=True)
     assert advice.keys == "optim.state_dtype=bf16 zero.stage=3" and best.options == (
         "optim.state_dtype=bf16",
