@@ -39,9 +39,9 @@ def folded_weights(checkpoint: Path, tensor: int) -> dict[str, torch.Tensor]:
     parallel.tensor): the tensor slices joined (lmscale.checkpointing.tensor_slices), the experts from their
     own files.
 
-    Why not the universal form: DeepSpeed 0.19.8's ds_to_universal cannot read these (its AutoEP path
-    assumes expert groups inside the data-parallel groups, which folding does not keep: it fails with "ZeRO
-    DP degree 1 is not divisible by AutoEP size 2" on 2 ranks).
+    Why not the universal form: DeepSpeed 0.19.8's ds_to_universal cannot read these, and lmscale's own
+    conversion of them (lmscale.checkpointing.folded_universal, for a resume on another layout) passes over
+    every optimizer state where an export needs the weights alone.
     """
     return {**joined_tensor_slices(checkpoint, tensor), **expert_weights(checkpoint)}
 

@@ -341,11 +341,22 @@ def autoep_degree_of(engine: Any) -> int | None:
     return int(section.autoep_size) if on else None
 
 
+def written_folded(checkpoint: Path) -> bool:
+    """Whether `checkpoint` was written with AutoEP folded into AutoTP (parallel.expert with parallel.tensor)."""
+    return written_expert_degree(checkpoint) > 1 and written_tensor_degree(checkpoint) > 1
+
+
 def _conversion_command(checkpoint: Path, output: Path) -> list[str]:
+    # DeepSpeed's conversion cannot read a folded checkpoint's experts: lmscale runs it with those steps replaced
+    converter = (
+        "lmscale.checkpointing.folded_universal"
+        if written_folded(checkpoint)
+        else "deepspeed.checkpoint.ds_to_universal"
+    )
     return [
         sys.executable,
         "-m",
-        "deepspeed.checkpoint.ds_to_universal",
+        converter,
         "--input_folder",
         str(checkpoint),
         "--output_folder",

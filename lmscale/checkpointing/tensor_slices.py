@@ -2,7 +2,8 @@
 
 DeepSpeed's universal conversion is lmscale's usual way to join them (it re-splits the optimizer states too),
 but it reads Adam's moments of every parameter (`exp_avg`, `exp_avg_sq`: a KeyError for SGD, Lion,
-Adafactor) and cannot read AutoEP folded into AutoTP. For those, the weights alone are joined here, by the
+Adafactor) and cannot read AutoEP folded into AutoTP (lmscale.checkpointing.folded_universal converts those for
+a resume). For an export of those, the weights alone are joined here, by the
 affine maps AutoTP records with each checkpoint (`universal_checkpoint_info["affine_map"]`: where each rank's
 slice sits in the whole weight), with DeepSpeed's own `ParamAffineMap.rebuild`. The slices are the weights
 the ranks computed with (a bf16 run's are bf16, widened here), not the fp32 master copies.

@@ -122,23 +122,28 @@ def check_expert_layout(
     checkpoint: Path, expert: int, world_size: int, zero_stage: int, tensor: int = 1
 ) -> None:
     """Experts move to another split through the universal conversion, which needs ZeRO's partitioned files
-    (a ZeRO-0 checkpoint with split experts resumes on its own layout only) and cannot read AutoEP folded
-    into AutoTP (DeepSpeed 0.19.8's ds_to_universal assumes expert groups inside the data-parallel groups):
-    such a checkpoint resumes on its own layout only, and none moves into one."""
+    (a ZeRO-0 checkpoint with split experts resumes on its own layout only). A checkpoint written with AutoEP
+    folded into AutoTP converts too (lmscale.checkpointing.folded_universal), but none moves into a folded
+    layout: DeepSpeed 0.19.8's universal loader holds a folded runtime to folding metadata that the universal
+    form does not carry."""
     written, written_ranks = written_expert_degree(checkpoint), written_by(checkpoint)
     written_tensor = written_tensor_degree(checkpoint)
-    same = (written, written_ranks, written_tensor) == (expert, world_size, tensor)
-    folded = (written > 1 and written_tensor > 1) or (expert > 1 and tensor > 1)
-    zero0_split = zero_stage == 0 and written > 1
-    if same or not (folded or zero0_split):
+    if (written, written_ranks, written_tensor) == (expert, world_size, tensor):
         return
-    why = "with experts and tensors split together" if folded else "under zero.stage=0"
-    raise ConfigError(
-        f"{checkpoint} was written with parallel.expert={written}, parallel.tensor={written_tensor} on "
-        f"{written_ranks} rank(s); {why} it resumes on that layout only (now parallel.expert={expert}, "
-        f"parallel.tensor={tensor} on {world_size}): use that layout, or start a new run from its export "
-        "(lmscale export; model.path)"
-    )
+    if expert > 1 and tensor > 1:
+        raise ConfigError(
+            f"{checkpoint} was written with parallel.expert={written}, parallel.tensor={written_tensor} on "
+            f"{written_ranks} rank(s); no checkpoint moves into a layout with experts and tensors split together "
+            f"(now parallel.expert={expert}, parallel.tensor={tensor} on {world_size}): resume it on its own "
+            "layout or one without parallel.tensor, or start a new run from its export (lmscale export; "
+            "model.path)"
+        )
+    if zero_stage == 0 and written > 1:
+        raise ConfigError(
+            f"{checkpoint} was written with parallel.expert={written} on {written_ranks} rank(s); under "
+            f"zero.stage=0 it resumes on that layout only (now parallel.expert={expert} on {world_size}): use "
+            "that layout, or start a new run from its export (lmscale export; model.path)"
+        )
 
 
 def resume_point(engine, train_stream, run: Run, resume: Resume) -> LoopStart:

@@ -221,7 +221,7 @@ def test_a_zero_0_checkpoint_gathers_each_experts_file(tmp_path):
     assert torch.equal(weights["model.norm.weight"], torch.ones(2))
 
 
-def test_folded_and_zero0_expert_checkpoints_resume_on_their_own_layout_only(tmp_path):
+def test_no_checkpoint_moves_into_another_folded_layout_nor_a_zero0_one_to_another_split(tmp_path):
     import json
 
     from lmscale.checkpointing.rundir import RunDir
@@ -236,15 +236,14 @@ def test_folded_and_zero0_expert_checkpoints_resume_on_their_own_layout_only(tmp
 
     folded = checkpoint("folded", 2, 2, 2)
     check_expert_layout(folded, 2, 2, 1, tensor=2)  # its own layout
-    for expert, world_size, tensor in ((2, 2, 1), (1, 2, 2), (2, 4, 2)):
-        with pytest.raises(
-            ConfigError, match="with experts and tensors split together it resumes on that layout"
-        ):
-            check_expert_layout(folded, expert, world_size, 1, tensor=tensor)
+    for expert, world_size in ((1, 1), (2, 2), (4, 4)):  # out of folding: lmscale's folded conversion
+        check_expert_layout(folded, expert, world_size, 1)
+    with pytest.raises(ConfigError, match="no checkpoint moves into a layout with experts and tensors split"):
+        check_expert_layout(folded, 2, 4, 1, tensor=2)
     split = checkpoint("split", 2, 1, 2)
     check_expert_layout(split, 1, 2, 1)  # ZeRO 1-3 re-split through the universal form
     check_expert_layout(split, 2, 4, 2)
-    with pytest.raises(ConfigError, match="resumes on that layout only"):  # not into a folded one
+    with pytest.raises(ConfigError, match="no checkpoint moves into a layout with experts and tensors split"):
         check_expert_layout(split, 2, 2, 1, tensor=2)
     with pytest.raises(ConfigError, match="under zero.stage=0 it resumes on that layout only"):
         check_expert_layout(split, 1, 2, 0)

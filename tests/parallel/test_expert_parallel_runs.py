@@ -39,6 +39,13 @@ def run(out, cache_dir, ranks, args, *extra, env=None, ok=True):
     return result
 
 
+def back_to_step_5(run_dir):
+    """Make `run_dir` resume from its step-5 checkpoint (its step-10 one removed)."""
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000010")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
+    return run_dir
+
+
 def assert_same_losses(got, expected, steps):
     assert sorted(got) == list(steps), got
     assert all(abs(got[s] - expected[s]) < 1e-5 for s in steps), (expected, got)
@@ -101,8 +108,7 @@ def test_expert_parallel_pair_trains_like_data_parallelism_resumes_moves_and_exp
     # form; AutoEP's layers stay, every expert on every rank) and repeats steps 6-10 exactly.
     moved = tmp_path / "moved"
     shutil.copytree(split, moved)
-    shutil.rmtree(moved / "checkpoints" / "step_00000010")
-    (moved / "checkpoints" / "latest").write_text("step_00000005")
+    back_to_step_5(moved)
     result = run(moved, cache_dir, 2, MIXTRAL)
     assert "holds AutoEP's grouped experts (written with parallel.expert=2)" in result.stderr
     assert_same_losses({s: v for s, v in losses(moved).items() if s > 5}, expected, range(6, 11))
@@ -116,8 +122,7 @@ def test_expert_parallel_pair_trains_like_data_parallelism_resumes_moves_and_exp
     )
 
     # A checkpoint without AutoEP's layers does not load into them: said before anything runs.
-    (data_parallel / "checkpoints" / "latest").write_text("step_00000005")
-    shutil.rmtree(data_parallel / "checkpoints" / "step_00000010")
+    back_to_step_5(data_parallel)
     refused = run(data_parallel, cache_dir, 2, MIXTRAL, "parallel.expert=2", ok=False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "was written without expert parallelism" in refused.stderr
@@ -178,16 +183,14 @@ def test_deepseek_v3_experts_split_under_zero_3_train_like_data_parallelism_and_
     # hyperparameters for all: mended in lmscale.checkpointing.checkpoint): steps 6-10 as if never moved.
     moved = tmp_path / "moved"
     shutil.copytree(split, moved)
-    shutil.rmtree(moved / "checkpoints" / "step_00000010")
-    (moved / "checkpoints" / "latest").write_text("step_00000005")
+    back_to_step_5(moved)
     run(moved, cache_dir, 2, DEEPSEEK, "zero.stage=3")
     assert_same_losses({s: v for s, v in losses(moved).items() if s > 5}, losses(data_parallel), range(6, 11))
 
     # Moved from 2 ranks to 1 (the universal form, which DeepSpeed loads without the model's buffers) with the
     # update stopped (a resume may change its speed): the step-5 bias came back, and stayed.
     exported_logits(data_parallel, tmp_path / "dp5_hf", "--checkpoint", "step_00000005")
-    (data_parallel / "checkpoints" / "latest").write_text("step_00000005")
-    shutil.rmtree(data_parallel / "checkpoints" / "step_00000010")
+    back_to_step_5(data_parallel)
     moved = run_lmscale(
         "train", f"output_dir={data_parallel}", f"data.cache_dir={cache_dir}", *DEEPSEEK,
         "model.router_bias_update=0", "train.max_steps=6",
@@ -219,7 +222,8 @@ def test_four_ranks_split_the_experts_two_and_four_ways_alike(tmp_path, cache_di
 def test_experts_and_tensors_split_together_train_like_one_process_resume_and_export(tmp_path, cache_dir):
     """DeepSpeed's AutoEP + AutoTP folding on 2 ranks: attention split 2 ways, experts 2 ways, one batch (the
     tensor group's): one process's losses and gradient norms (the norm must count both ranks' experts, which
-    ZeRO 1-2 left to lmscale: clipping depends on it) through a SIGKILL, and its export."""
+    ZeRO 1-2 left to lmscale: clipping depends on it) through a SIGKILL, its export, and its checkpoint moved
+    to one process."""
     one = tmp_path / "one"
     run(one, cache_dir, 1, MIXTRAL)
     folded, layout = tmp_path / "folded", ("parallel.tensor=2", "parallel.expert=2")
@@ -242,4 +246,11 @@ def test_experts_and_tensors_split_together_train_like_one_process_resume_and_ex
         rtol=0,
     )
 
-    # (A folded checkpoint resumes on its own layout only: tests/parallel/test_autoep.py.)
+    # Its step-5 checkpoint continues on one process (a lost rank): DeepSpeed's universal conversion cannot read
+    # folded experts, lmscale.checkpointing.folded_universal does; steps 6-10 are the one-process run's.
+    moved = tmp_path / "moved"
+    shutil.copytree(folded, moved)
+    back_to_step_5(moved)
+    result = run(moved, cache_dir, 1, MIXTRAL)
+    assert "experts split 2 ways, continuing on 1 data-parallel rank(s)" in result.stderr
+    assert_same_losses({s: v for s, v in losses(moved).items() if s > 5}, losses(one), range(6, 11))
