@@ -390,7 +390,7 @@ def ensure_universal(checkpoint: Path, world_size: int) -> Path:
             raise LmscaleError(
                 f"{checkpoint} (written by {written_by(checkpoint)} ranks) could not be converted for "
                 f"{world_size} rank(s): {last}; resume it on {written_by(checkpoint)} ranks, or convert it "
-                f"yourself: {' '.join(_conversion_command(checkpoint, target)[1:])}"
+                f"yourself: python {' '.join(_conversion_command(checkpoint, target)[1:])}"
             )
         os.replace(partial, target)
     return target

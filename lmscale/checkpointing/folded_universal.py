@@ -117,11 +117,19 @@ def consolidate_folded_expert_states(checkpoint: Path) -> Callable:
                     },
                     os.path.join(out, f"{state}.pt"),
                 )
-            tp_rank, dp_rank = by_rank[0][0]
-            step = os.path.join(temp_dir, name, str(tp_rank), f"step.{dp_rank:02d}")
-            torch.save(torch.load(step, map_location="cpu", weights_only=False), os.path.join(out, "step.pt"))
+            torch.save(adam_step(temp_dir, name, by_rank), os.path.join(out, "step.pt"))
 
     return consolidate
+
+
+def adam_step(temp_dir: str, name: str, by_rank: dict[int, list[tuple[int, int]]]):
+    """The Adam step count of `name`, from any partition holding part of it (all hold the same)."""
+    for files in by_rank.values():
+        for tp_rank, dp_rank in files:
+            path = os.path.join(temp_dir, name, str(tp_rank), f"step.{dp_rank:02d}")
+            if os.path.isfile(path):
+                return torch.load(path, map_location="cpu", weights_only=False)
+    raise RuntimeError(f"folded expert {name}: no optimizer step in any of its ZeRO partitions")
 
 
 def merge_without_experts(merge: Callable) -> Callable:

@@ -18,6 +18,7 @@ MIXTRAL = [*EXACT_RUN_ARGS, "model.preset=tiny-mixtral"]
 # the bias decides which group a token takes within the 10 steps (the tiny router's scores differ by ~0.01).
 DEEPSEEK = [*EXACT_RUN_ARGS, "model.preset=tiny-deepseek-v3", "model.router_bias_update=0.01"]
 QWEN_FOUR_RANKS = [*EXACT_RUN_ARGS, "model.preset=tiny-qwen3-moe", "zero.stage=2", "train.max_steps=6"]
+QWEN_FOLDED = [*EXACT_RUN_ARGS, "model.preset=tiny-qwen3-moe", "zero.stage=2", "train.max_steps=8"]
 TOKENS = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
 
 
@@ -39,9 +40,9 @@ def run(out, cache_dir, ranks, args, *extra, env=None, ok=True):
     return result
 
 
-def back_to_step_5(run_dir):
-    """Make `run_dir` resume from its step-5 checkpoint (its step-10 one removed)."""
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000010")
+def back_to_step_5(run_dir, last="step_00000010"):
+    """Make `run_dir` resume from its step-5 checkpoint (its last one removed)."""
+    shutil.rmtree(run_dir / "checkpoints" / last)
     (run_dir / "checkpoints" / "latest").write_text("step_00000005")
     return run_dir
 
@@ -254,3 +255,20 @@ def test_experts_and_tensors_split_together_train_like_one_process_resume_and_ex
     result = run(moved, cache_dir, 1, MIXTRAL)
     assert "experts split 2 ways, continuing on 1 data-parallel rank(s)" in result.stderr
     assert_same_losses({s: v for s, v in losses(moved).items() if s > 5}, losses(one), range(6, 11))
+
+
+def test_four_ranks_fold_experts_into_tensors_like_two_data_parallel_ranks_and_move_out(tmp_path, cache_dir):
+    """4 ranks as 2 data x 2 tensor with the experts split 2 ways (ZeRO-2, Qwen3-MoE): the losses of 2
+    data-parallel ranks (a tensor group shares one batch); and its step-5 checkpoint moved to 2 ranks without
+    tensor parallelism (lmscale.checkpointing.folded_universal joins each expert's Adam moments from the 2 ranks
+    that partition them) repeats steps 6-8, which read those moments."""
+    two = tmp_path / "two"
+    run(two, cache_dir, 2, QWEN_FOLDED)
+    folded = tmp_path / "folded"
+    result = run(folded, cache_dir, 4, QWEN_FOLDED, "parallel.tensor=2", "parallel.expert=2")
+    assert "2 data-parallel x 2 tensor-parallel rank(s), experts split 2 ways" in result.stderr
+    assert_same_losses(losses(folded), losses(two), range(1, 9))
+    moved = back_to_step_5(folded, last="step_00000008")
+    result = run(moved, cache_dir, 2, QWEN_FOLDED, "parallel.expert=2")
+    assert "continuing on 2 data-parallel rank(s), experts split 2 ways" in result.stderr
+    assert_same_losses({s: v for s, v in losses(moved).items() if s > 5}, losses(two), range(6, 9))
