@@ -11,6 +11,7 @@ RNG states in `rng_rank<R>.pt`, loaded back with `torch.load(weights_only=True)`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -42,6 +43,7 @@ from lmscale.checkpointing.manifest import (
 from lmscale.checkpointing.rundir import RunDir
 from lmscale.checkpointing.training_state import TrainingState
 from lmscale.errors import ConfigError, LmscaleError
+from lmscale.parallel.autoep import universal_form_loads_into_folding
 from lmscale.parallel.engine import any_rank, cpu_group
 
 log = logging.getLogger(__name__)
@@ -418,11 +420,13 @@ def load_checkpoint(
     """
     elastic = universal or written_by(checkpoint) != dist.get_world_size()
     directory, tag = (checkpoint, UNIVERSAL) if universal else (checkpoint.parent, checkpoint.name)
+    loading = universal_form_loads_into_folding() if universal else contextlib.nullcontext()
     try:
         # An adapters-only checkpoint (LoRA) has no frozen base weights: the model already holds them.
-        _, client_state = engine.load_checkpoint(
-            str(directory), tag=tag, load_module_strict=not adapters_only
-        )
+        with loading:
+            _, client_state = engine.load_checkpoint(
+                str(directory), tag=tag, load_module_strict=not adapters_only
+            )
     except Exception as exc:  # torch/pickle/DeepSpeed raise many types for a damaged or foreign checkpoint
         raise LmscaleError(
             f"{checkpoint} does not fit this model ({type(exc).__name__}): resume with the config it was trained with"

@@ -16,8 +16,10 @@ for each routed expert its partition rank within the ranks that hold the same ex
 written as DeepSpeed writes them without folding (`zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`, all the
 layer's experts stacked), which its universal loader splits for any expert degree. The `folding` entries are
 dropped from the universal model-state files: they describe the writer's layout, which DeepSpeed's loader
-would hold the new one to. Checked in tests/parallel/test_expert_parallel_runs.py (a folded run resumed on
-one process repeats that process's steps).
+would hold any folded runtime to (a universal state without them loads into one through
+lmscale.parallel.autoep.universal_form_loads_into_folding). Checked in tests/parallel/
+test_expert_parallel_runs.py: folded runs moved to one process, to another expert degree and to fewer folded
+ranks repeat the steps of the runs they must equal.
 
 Written against DeepSpeed 0.19.8 (the three functions it replaces: ds_to_universal's `_merge_tp_slice_files`,
 autoep_universal's `consolidate_autoep_zero12_expert_states` and `get_autoep_zero12_fp32_fallback_param_names`);

@@ -87,6 +87,36 @@ def transformers_registry_accepts_names() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def universal_form_loads_into_folding() -> Iterator[None]:
+    """While a universal checkpoint loads: DeepSpeed's check of AutoEP+AutoTP folding metadata passes a state
+    that carries none.
+
+    Why: DeepSpeed 0.19.8 (`engine._load_checkpoint`) holds a folded runtime's checkpoint to the folding
+    metadata its writer recorded (tensor and expert degree and ranks, and the data-parallel partition count),
+    universal checkpoints too, and raises "Missing AutoEP+AutoTP folding metadata in folded checkpoint" when
+    there is none. That is right for a checkpoint whose ZeRO partitions load as they were written, and wrong for
+    the universal form, which holds every weight and moment whole (lmscale.checkpointing.folded_universal
+    writes it without the metadata) and which the optimizer re-partitions for the ranks there are. A state
+    that carries folding metadata is still checked as DeepSpeed checks it.
+    """
+    from deepspeed.checkpoint.constants import FOLDING_METADATA_KEY
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine.__dict__["_validate_autoep_folding_checkpoint_metadata"]
+
+    def validate(state, **kwargs):
+        if isinstance(state, dict) and FOLDING_METADATA_KEY not in state:
+            return None
+        return original.__func__(state, **kwargs)
+
+    DeepSpeedEngine._validate_autoep_folding_checkpoint_metadata = staticmethod(validate)
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._validate_autoep_folding_checkpoint_metadata = original
+
+
+@contextlib.contextmanager
 def without_route_scale_echo() -> Iterator[None]:
     """While AutoEP converts a model: its warning that the model's `routed_scaling_factor` "overrides
     route_scale" is dropped when both are the same number.

@@ -60,9 +60,7 @@ def plan_resume(run: Run) -> Resume:
     change: dict = {}
     if checkpoint is not None:
         check_sequence_layout(checkpoint, config.parallel.sequence, world_size)
-        check_expert_layout(
-            checkpoint, config.parallel.expert, world_size, config.zero.stage, config.parallel.tensor
-        )
+        check_expert_layout(checkpoint, config.parallel.expert, world_size, config.zero.stage)
         change = expert_layers_change(checkpoint, config.parallel.expert, run.is_rank_zero)
     tensor, expert = config.parallel.tensor, config.parallel.expert
     universal = checkpoint is not None and needs_universal(
@@ -118,27 +116,13 @@ def expert_layers_change(checkpoint: Path, expert: int, say: bool) -> dict:
     return {}
 
 
-def check_expert_layout(
-    checkpoint: Path, expert: int, world_size: int, zero_stage: int, tensor: int = 1
-) -> None:
-    """Experts move to another split through the universal conversion, which needs ZeRO's partitioned files
-    (a ZeRO-0 checkpoint with split experts resumes on its own layout only). A checkpoint written with AutoEP
-    folded into AutoTP converts too (lmscale.checkpointing.folded_universal), but none moves into a folded
-    layout: DeepSpeed 0.19.8's universal loader holds a folded runtime to folding metadata that the universal
-    form does not carry."""
+def check_expert_layout(checkpoint: Path, expert: int, world_size: int, zero_stage: int) -> None:
+    """Experts move to another split through the universal conversion, which needs ZeRO's partitioned files:
+    a ZeRO-0 checkpoint with split experts resumes on its own layout only. (Layouts with experts and tensors
+    split together convert through lmscale.checkpointing.folded_universal, and load through
+    lmscale.parallel.autoep.universal_form_loads_into_folding.)"""
     written, written_ranks = written_expert_degree(checkpoint), written_by(checkpoint)
-    written_tensor = written_tensor_degree(checkpoint)
-    if (written, written_ranks, written_tensor) == (expert, world_size, tensor):
-        return
-    if expert > 1 and tensor > 1:
-        raise ConfigError(
-            f"{checkpoint} was written with parallel.expert={written}, parallel.tensor={written_tensor} on "
-            f"{written_ranks} rank(s); no checkpoint moves into a layout with experts and tensors split together "
-            f"(now parallel.expert={expert}, parallel.tensor={tensor} on {world_size}): resume it on its own "
-            "layout or one without parallel.tensor, or start a new run from its export (lmscale export; "
-            "model.path)"
-        )
-    if zero_stage == 0 and written > 1:
+    if zero_stage == 0 and written > 1 and (written, written_ranks) != (expert, world_size):
         raise ConfigError(
             f"{checkpoint} was written with parallel.expert={written} on {written_ranks} rank(s); under "
             f"zero.stage=0 it resumes on that layout only (now parallel.expert={expert} on {world_size}): use "

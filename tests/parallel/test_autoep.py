@@ -15,6 +15,7 @@ from lmscale.errors import ConfigError, LmscaleError
 from lmscale.parallel.autoep import (
     autoep_degree,
     transformers_registry_accepts_names,
+    universal_form_loads_into_folding,
     without_route_scale_echo,
 )
 from lmscale.parallel.ds_config import resolve
@@ -221,29 +222,41 @@ def test_a_zero_0_checkpoint_gathers_each_experts_file(tmp_path):
     assert torch.equal(weights["model.norm.weight"], torch.ones(2))
 
 
-def test_no_checkpoint_moves_into_another_folded_layout_nor_a_zero0_one_to_another_split(tmp_path):
+def test_a_zero0_checkpoint_with_split_experts_resumes_on_its_own_layout_only(tmp_path):
     import json
 
     from lmscale.checkpointing.rundir import RunDir
     from lmscale.training.resume import check_expert_layout
 
-    def checkpoint(name, world_size, tensor, expert):
-        path = tmp_path / name
-        path.mkdir()
-        record = {"step": 5, "world_size": world_size, "tensor": tensor, "expert": expert, "files": {}}
-        RunDir.complete_marker(path).write_text(json.dumps({**record, "autoep": True}))
-        return path
-
-    folded = checkpoint("folded", 2, 2, 2)
-    check_expert_layout(folded, 2, 2, 1, tensor=2)  # its own layout
-    for expert, world_size in ((1, 1), (2, 2), (4, 4)):  # out of folding: lmscale's folded conversion
-        check_expert_layout(folded, expert, world_size, 1)
-    with pytest.raises(ConfigError, match="no checkpoint moves into a layout with experts and tensors split"):
-        check_expert_layout(folded, 2, 4, 1, tensor=2)
-    split = checkpoint("split", 2, 1, 2)
+    split = tmp_path / "split"
+    split.mkdir()
+    record = {"step": 5, "world_size": 2, "tensor": 1, "expert": 2, "files": {}, "autoep": True}
+    RunDir.complete_marker(split).write_text(json.dumps(record))
     check_expert_layout(split, 1, 2, 1)  # ZeRO 1-3 re-split through the universal form
     check_expert_layout(split, 2, 4, 2)
-    with pytest.raises(ConfigError, match="no checkpoint moves into a layout with experts and tensors split"):
-        check_expert_layout(split, 2, 2, 1, tensor=2)
+    check_expert_layout(split, 2, 2, 0)  # its own layout
     with pytest.raises(ConfigError, match="under zero.stage=0 it resumes on that layout only"):
         check_expert_layout(split, 1, 2, 0)
+
+
+def test_a_universal_state_without_folding_metadata_loads_into_a_folded_runtime():
+    """DeepSpeed 0.19.8 holds every checkpoint a folded runtime loads to its writer's folding metadata; the
+    universal form (whole tensors, re-partitioned on load) carries none and passes while the adapter is on. A
+    state that carries metadata is still checked, and the check is DeepSpeed's own again afterwards."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    spec = SimpleNamespace(tp_size=2, ep_size=2, etp_size=1)
+    expected = {"family": "dense", "zero_partition_group": "dense_dp", "zero_partition_count": 1}
+
+    def check(state):
+        DeepSpeedEngine._validate_autoep_folding_checkpoint_metadata(state, folding_spec=spec, **expected)
+
+    with pytest.raises(RuntimeError, match="Missing AutoEP\\+AutoTP folding metadata"):
+        check({"module": {}})
+    other_layout = {"folding": {"version": 1, "tp_size": 4, "ep_size": 2, "etp_size": 1}}
+    with universal_form_loads_into_folding():
+        check({"module": {}})
+        with pytest.raises(RuntimeError, match="Folding metadata mismatch for tp_size"):
+            check(other_layout)
+    with pytest.raises(RuntimeError, match="Missing AutoEP\\+AutoTP folding metadata"):
+        check({"module": {}})

@@ -257,18 +257,28 @@ def test_experts_and_tensors_split_together_train_like_one_process_resume_and_ex
     assert_same_losses({s: v for s, v in losses(moved).items() if s > 5}, losses(one), range(6, 11))
 
 
-def test_four_ranks_fold_experts_into_tensors_like_two_data_parallel_ranks_and_move_out(tmp_path, cache_dir):
+def test_four_ranks_fold_experts_into_tensors_like_two_data_parallel_ranks_and_move_on(tmp_path, cache_dir):
     """4 ranks as 2 data x 2 tensor with the experts split 2 ways (ZeRO-2, Qwen3-MoE): the losses of 2
-    data-parallel ranks (a tensor group shares one batch); and its step-5 checkpoint moved to 2 ranks without
-    tensor parallelism (lmscale.checkpointing.folded_universal joins each expert's Adam moments from the 2 ranks
-    that partition them) repeats steps 6-8, which read those moments."""
+    data-parallel ranks (a tensor group shares one batch). Its step-5 checkpoint, through lmscale's folded
+    conversion (each expert's Adam moments joined from the 2 ranks that partition them), then repeats steps 6-8
+    with the experts split 4 ways on the same ranks, and on 2 folded ranks (a lost node) repeats what the
+    data-parallel run's checkpoint does on one process (the same batches, re-planned for 1 replica)."""
     two = tmp_path / "two"
     run(two, cache_dir, 2, QWEN_FOLDED)
     folded = tmp_path / "folded"
     result = run(folded, cache_dir, 4, QWEN_FOLDED, "parallel.tensor=2", "parallel.expert=2")
     assert "2 data-parallel x 2 tensor-parallel rank(s), experts split 2 ways" in result.stderr
     assert_same_losses(losses(folded), losses(two), range(1, 9))
-    moved = back_to_step_5(folded, last="step_00000008")
-    result = run(moved, cache_dir, 2, QWEN_FOLDED, "parallel.expert=2")
-    assert "continuing on 2 data-parallel rank(s), experts split 2 ways" in result.stderr
-    assert_same_losses({s: v for s, v in losses(moved).items() if s > 5}, losses(two), range(6, 9))
+
+    def moved_on(source, name, ranks, *layout):
+        moved = back_to_step_5(shutil.copytree(source, tmp_path / name), last="step_00000008")
+        result = run(moved, cache_dir, ranks, QWEN_FOLDED, *layout)
+        return {s: v for s, v in losses(moved).items() if s > 5}, result.stderr
+
+    four_ways, stderr = moved_on(folded, "four_ways", 4, "parallel.tensor=2", "parallel.expert=4")
+    assert "continuing on 2 data-parallel x 2 tensor-parallel rank(s), experts split 4 ways" in stderr
+    assert_same_losses(four_ways, losses(two), range(6, 9))
+    one_replica, _ = moved_on(two, "one_replica", 1)
+    two_folded, stderr = moved_on(folded, "two_folded", 2, "parallel.tensor=2", "parallel.expert=2")
+    assert "continuing on 1 data-parallel x 2 tensor-parallel rank(s), experts split 2 ways" in stderr
+    assert_same_losses(two_folded, one_replica, range(6, 9))
