@@ -39,9 +39,8 @@ def folded_weights(checkpoint: Path, tensor: int) -> dict[str, torch.Tensor]:
     parallel.tensor): the tensor slices joined (lmscale.checkpointing.tensor_slices), the experts from their
     own files.
 
-    Why not the universal form: DeepSpeed 0.19.8's ds_to_universal cannot read these, and lmscale's own
-    conversion of them (lmscale.checkpointing.folded_universal, for a resume on another layout) passes over
-    every optimizer state where an export needs the weights alone.
+    For the checkpoints without a universal form: lmscale.checkpointing.folded_universal converts a folded
+    checkpoint's Adam states (an export then reads the fp32 master weights from it), not other optimizers'.
     """
     return {**joined_tensor_slices(checkpoint, tensor), **expert_weights(checkpoint)}
 

@@ -86,8 +86,8 @@ def consolidated_weights(
     lmscale.checkpointing.autoep_weights names as HF's after)."""
     tensor = written_tensor_degree(checkpoint)
     if written_with_autoep(checkpoint):
-        if tensor > 1:
-            return folded_weights(checkpoint, tensor)
+        if tensor > 1 and (zero_stage == 0 or optimizer not in UNIVERSAL_OPTIMIZERS):
+            return folded_weights(checkpoint, tensor)  # no universal form: the weights the ranks computed with
         if zero_stage == 0:
             return zero0_weights(checkpoint)
         return universal_weights(ensure_universal(checkpoint, world_size=1))

@@ -246,6 +246,14 @@ def test_experts_and_tensors_split_together_train_like_one_process_resume_and_ex
         atol=1e-4,
         rtol=0,
     )
+    # The export read the universal form; without one (an optimizer whose states it cannot convert) it joins
+    # the tensor slices and the experts' files: the same fp32 weights.
+    from lmscale.checkpointing.export import consolidated_weights
+
+    final = folded / "checkpoints" / "step_00000010"
+    through_universal, from_files = consolidated_weights(final, 1), consolidated_weights(final, 1, "lion")
+    assert through_universal.keys() == from_files.keys()
+    assert all(torch.equal(through_universal[n], from_files[n]) for n in from_files)
 
     # Its step-5 checkpoint continues on one process (a lost rank): DeepSpeed's universal conversion cannot read
     # folded experts, lmscale.checkpointing.folded_universal does; steps 6-10 are the one-process run's.
