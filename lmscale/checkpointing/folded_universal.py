@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-# DeepSpeed's ZeRO-1/2 optimizer files: one per (data-parallel, tensor-parallel) rank.
-OPTIMIZER_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+# DeepSpeed's ZeRO-1/2 optimizer files: one per (data-parallel, tensor-parallel) rank ("bf16_" under bf16).
+OPTIMIZER_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
