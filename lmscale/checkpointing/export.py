@@ -87,7 +87,8 @@ def consolidated_weights(
     tensor = written_tensor_degree(checkpoint)
     if written_with_autoep(checkpoint):
         if tensor > 1 and (zero_stage == 0 or optimizer not in UNIVERSAL_OPTIMIZERS):
-            return folded_weights(checkpoint, tensor)  # no universal form: the weights the ranks computed with
+            # no universal form to read: the weights the ranks computed with
+            return folded_weights(checkpoint, tensor)
         if zero_stage == 0:
             return zero0_weights(checkpoint)
         return universal_weights(ensure_universal(checkpoint, world_size=1))
