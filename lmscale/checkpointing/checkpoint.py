@@ -38,6 +38,7 @@ from lmscale.checkpointing.manifest import (
     verify_checkpoint,
     written_by,
     written_expert_degree,
+    written_folded,
     written_tensor_degree,
 )
 from lmscale.checkpointing.rundir import RunDir
@@ -341,11 +342,6 @@ def autoep_degree_of(engine: Any) -> int | None:
     section = getattr(getattr(engine, "_config", None), "expert_parallel_config", None)
     on = section is not None and section.enabled and getattr(engine, "has_moe_layers", False)
     return int(section.autoep_size) if on else None
-
-
-def written_folded(checkpoint: Path) -> bool:
-    """Whether `checkpoint` was written with AutoEP folded into AutoTP (parallel.expert with parallel.tensor)."""
-    return written_expert_degree(checkpoint) > 1 and written_tensor_degree(checkpoint) > 1
 
 
 def _conversion_command(checkpoint: Path, output: Path) -> list[str]:

@@ -99,6 +99,11 @@ def written_expert_degree(checkpoint: Path) -> int:
     return int(checkpoint_meta(checkpoint).get("expert", 1))
 
 
+def written_folded(checkpoint: Path) -> bool:
+    """Whether `checkpoint` was written with AutoEP folded into AutoTP (parallel.expert with parallel.tensor)."""
+    return written_expert_degree(checkpoint) > 1 and written_tensor_degree(checkpoint) > 1
+
+
 def written_with_autoep(checkpoint: Path) -> bool:
     """Whether the checkpoint holds AutoEP's MoE layers (grouped experts), whatever their split."""
     meta = checkpoint_meta(checkpoint)

@@ -200,12 +200,6 @@ def held_head_gradient_bytes(facts: ModelFacts, setup: ActivationSetup) -> int:
     return facts.vocab * facts.hidden * setup.width if facts.tied_embeddings else 0
 
 
-def activation_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
-    """Peak activation bytes per token on one rank: the larger of the loss's backward and a block's (each with
-    what the blocks keep), without the step's once-per-step gradients (`step_activation_bytes`)."""
-    return max(loss_backward_bytes(facts, setup), block_backward_bytes(facts, setup))
-
-
 def head_gradient_bytes(facts: ModelFacts, setup: ActivationSetup) -> int:
     """Once per step, not per token: the fused loss's backward makes the output layer's whole weight gradient
     (DeepSpeed's `vocab_parallel_linear_cross_entropy`), while every block's activations are still kept. Once

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from lmscale.config import Config
 from lmscale.planning.activations import (
     ActivationSetup,
-    activation_bytes,
     backward_units,
     block_backward_bytes,
     head_gradient_bytes,
@@ -136,21 +135,22 @@ def test_activation_bytes_by_hand():
     layer, backward, outside = 16 * h, 3 * h + w, 2 * h + 12 * vocab / 2
     assert loss_backward_bytes(gpt2, bf16_row(1024)) == 2 * (12 * layer + outside)
     assert block_backward_bytes(gpt2, bf16_row(1024)) == 2 * (12 * layer + backward)
-    assert activation_bytes(gpt2, bf16_row(1024)) == 2 * (12 * layer + outside)
+    assert loss_backward_bytes(gpt2, bf16_row(1024)) > block_backward_bytes(gpt2, bf16_row(1024))
     # eager: each block keeps the fp32 probabilities and their 16-bit copy (3 units per head and position);
     # a block's backward holds their fp32 gradient (2 units), wider than the MLP's
     scores = 12 * 1024
     eager = bf16_row(1024, attention="eager")
     assert block_backward_bytes(gpt2, eager) == 2 * (12 * (layer + 3 * scores) + 3 * h + 2 * scores)
-    assert activation_bytes(gpt2, eager) == 2 * (12 * (layer + 3 * scores) + outside)
+    assert loss_backward_bytes(gpt2, eager) == 2 * (12 * (layer + 3 * scores) + outside)
+    assert loss_backward_bytes(gpt2, eager) > block_backward_bytes(gpt2, eager)
     # checkpointing: every block's input; a block's backward also holds the block recomputed
     checkpointed = bf16_row(1024, checkpointing=True)
     assert loss_backward_bytes(gpt2, checkpointed) == 2 * (12 * h + outside)
     assert block_backward_bytes(gpt2, checkpointed) == 2 * (12 * h + layer + backward)
     # fp32: the same units at 4 bytes, the loss's 12 bytes per vocabulary entry alike
-    assert activation_bytes(gpt2, ActivationSetup(seq_len=1024, precision="fp32")) == 4 * (
-        12 * layer + 2 * h + 12 * vocab / 4
-    )
+    fp32 = ActivationSetup(seq_len=1024, precision="fp32")
+    assert loss_backward_bytes(gpt2, fp32) == 4 * (12 * layer + 2 * h + 12 * vocab / 4)
+    assert loss_backward_bytes(gpt2, fp32) > block_backward_bytes(gpt2, fp32)
 
 
 def test_step_peak_is_the_largest_phase_with_its_once_per_step_gradients():
@@ -449,10 +449,13 @@ def test_tiled_mlp_and_activation_offload_by_hand():
     assert backward_units(gpt2, tiled) == 3 * h + 6 * w * 768 / 1024
     assert backward_units(gpt2, bf16_row(1024, tiled_mlp=True, tiled_tokens=256)) == 3 * h + 6 * w / 4
     # offload: two blocks' saved inputs on the GPU, not twelve
-    checkpointed = activation_bytes(gpt2, bf16_row(1024, checkpointing=True))
-    offloaded = activation_bytes(gpt2, bf16_row(1024, checkpointing=True, offload=True))
-    assert checkpointed - offloaded == 2 * 10 * h
-    assert activation_bytes(gpt2, bf16_row(1024, offload=True)) == activation_bytes(gpt2, bf16_row(1024))
+    checkpointed, offloaded = (
+        bf16_row(1024, checkpointing=True),
+        bf16_row(1024, checkpointing=True, offload=True),
+    )
+    for phase in (loss_backward_bytes, block_backward_bytes):
+        assert phase(gpt2, checkpointed) - phase(gpt2, offloaded) == 2 * 10 * h
+        assert phase(gpt2, bf16_row(1024, offload=True)) == phase(gpt2, bf16_row(1024))
 
 
 def test_plan_tries_lmscales_memory_options_cheapest_first(capsys):
