@@ -1,6 +1,6 @@
-"""The planner's activation figures against a real step's device memory, for what a CPU cannot show: dropout
-masks (a GPU's fused dropout keeps one byte per element, a CPU the input's dtype) and what activation offload
-saves on the device (on a CPU the host memory it moves to is the memory it was in).
+"""The planner's activation figures against a real step's device memory, with what a CPU can only stand in
+for: dropout masks (a GPU's fused dropout keeps one byte per element, a CPU the input's dtype) and what
+activation offload saves on the device (on a CPU the host memory it moves to is the memory it was in).
 
     python bench/gpu_memory.py [--tokens 4096] [--out gpu_memory.json]
 
@@ -9,8 +9,9 @@ block), takes one step so the gradients exist (as DeepSpeed's do), then measures
 memory above what was allocated before it (`torch.cuda.max_memory_allocated`), side by side with the planner's
 figure for the same model, row and options (`lmscale.planning.activations`). On a machine without a GPU it
 measures the live tensors at torch's dispatcher instead (`lmscale.planning.live_bytes`, what
-tests/planning/test_activation_memory.py checks on tiny models), and says that the dropout and offload rows
-mean nothing there. The figures go into bench/README.md.
+tests/planning/test_activation_memory.py checks on tiny models), with offload's host copies left out as a GPU
+leaves them (`offload_as_on_a_gpu`), and says that the dropout row means nothing there. The figures go into
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from lmscale.config import ModelConfig  # noqa: E402
 from lmscale.model.build import prepare_for_training, preset_config  # noqa: E402
 from lmscale.objectives.fused_head import install_fused_head  # noqa: E402
 from lmscale.planning.activations import ActivationSetup, step_activation_bytes  # noqa: E402
-from lmscale.planning.live_bytes import LiveBytes, training_step  # noqa: E402
+from lmscale.planning.live_bytes import LiveBytes, offload_as_on_a_gpu, training_step  # noqa: E402
 from lmscale.planning.plan import facts_of  # noqa: E402
 
 VOCAB = 32000  # Llama 2's: the output layer's and embedding's transients at a real size
-LAYERS = 8  # activation offload keeps 2 blocks' checkpoints on the device instead of all 8
+LAYERS = 8  # activation offload keeps 1 block's checkpoint on the device instead of all 8
 LLAMA_1B = {  # TinyLlama's block, untied as TinyLlama is (the blocks' activations decide, not the embedding's)
     "hidden_size": 2048,
     "intermediate_size": 5632,
@@ -53,7 +54,7 @@ DROPOUT = {"attn_pdrop": 0.1, "resid_pdrop": 0.1, "embd_pdrop": 0.1}
 
 # What the GPU-only cases change, against the case they differ from: (label, base case, changed case).
 DIFFERENCES = [
-    ("activation offload saves", "llama, checkpointing", "llama, checkpointing + offload (GPU only)"),
+    ("activation offload saves", "llama, checkpointing", "llama, checkpointing + offload"),
     ("dropout masks cost", "gpt2, no dropout", "gpt2, dropout 0.1 (GPU only)"),
 ]
 
@@ -62,7 +63,7 @@ CASES = [
     ("llama", "tiny-llama", LLAMA_1B, {}, "fused"),
     ("llama, checkpointing", "tiny-llama", LLAMA_1B, {"activation_checkpointing": True}, "fused"),
     (
-        "llama, checkpointing + offload (GPU only)",
+        "llama, checkpointing + offload",
         "tiny-llama",
         LLAMA_1B,
         {"activation_checkpointing": True, "activation_offload": True},
@@ -96,7 +97,7 @@ def measured_peak(model: torch.nn.Module, loss: str, tokens: int, device: torch.
     step = training_step(model, ids, fused_loss=loss == "fused")
     step()
     if device.type != "cuda":
-        with LiveBytes(model) as live:
+        with LiveBytes(model) as live, offload_as_on_a_gpu(live):
             step()
         return live.peak
     torch.cuda.synchronize()
@@ -148,11 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = args.tokens or (4096 if device.type == "cuda" else 1024)
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else "CPU (dropout and offload rows mean nothing)"
-    )
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (the dropout row means nothing)"
     print(f"{LAYERS} blocks, {tokens} tokens, bf16, sdpa, on {where}", flush=True)
     rows = measure(tokens, device)
     by_case = {row["case"]: row for row in rows}

@@ -13,10 +13,11 @@ chunked loss's saving against the size of the fp32 logits (target >= 1).
 
 `--memory-options` measures lmscale's activation options instead, one rank, the fused loss (as Llama trains):
 no option, `model.tiled_mlp` (each block's MLP a slice of the row at a time, recomputed in backward),
-`model.activation_checkpointing`, and that with `model.activation_offload`; beside each, the planner's
-activation figure for the same row (lmscale.planning.activations) and their ratio. On a
-CPU the "host memory" offload moves to is the memory it was in, so offload can save nothing here: its GPU
-figure is bench/gpu.md's.
+`model.activation_checkpointing`, and that with `model.activation_offload`. Beside each resident-set growth,
+the peak of the live tensors of the same step without the engine (`lmscale.planning.live_bytes`: what a GPU's
+allocator would hold, with offload's host copies left out as a GPU leaves them), the planner's activation
+figure for the same row (lmscale.planning.activations) and the planner's ratio to the live tensors. On a CPU
+the host memory offload moves to is the memory it was in, so its resident set cannot shrink.
 Usage: python bench/long_context.py [--tokens 4096] [--precision fp32|bf16] [--memory-options]
 """
 
@@ -51,6 +52,41 @@ MEMORY_OPTIONS = {
 }
 
 
+def tiny_llama(tokens: int, options: str) -> torch.nn.Module:
+    """The bench's model: 4 Llama blocks of width 256 and a 32k tied vocabulary, with lmscale's options."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lmscale.config import ModelConfig
+    from lmscale.model.build import prepare_for_training
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=tokens, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    prepare_for_training(model, ModelConfig(fused_kernels=False, **MEMORY_OPTIONS[options]))
+    return model
+
+
+def live_tensor_peak(tokens: int, precision: str, options: str) -> int:
+    """The peak bytes of the live tensors of a fused-loss step of the bench's model, after a first step made
+    the gradients (no engine: its ZeRO buckets are the planner's buffers, not activations)."""
+    from lmscale.objectives.fused_head import install_fused_head
+    from lmscale.planning.live_bytes import LiveBytes, offload_as_on_a_gpu, training_step
+
+    model = tiny_llama(tokens, options).train()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    install_fused_head(model)
+    ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
+    step = training_step(model, ids, fused_loss=True)
+    step()
+    with LiveBytes(model) as live, offload_as_on_a_gpu(live):
+        step()
+    return live.peak
+
+
 def step_growth(
     rank: int,
     world_size: int,
@@ -67,7 +103,6 @@ def step_growth(
         WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu",
     )  # fmt: skip
     import deepspeed
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from lmscale.data.batches import collate, sequence_slice
     from lmscale.objectives.fused_head import install_fused_head, loss_targets
@@ -77,16 +112,7 @@ def step_growth(
     from lmscale.parallel.ulysses import register_ulysses
 
     deepspeed.init_distributed(dist_backend="gloo")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=tokens, tie_word_embeddings=True,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    from lmscale.config import ModelConfig
-    from lmscale.model.build import prepare_for_training
-
-    prepare_for_training(model, ModelConfig(fused_kernels=False, **MEMORY_OPTIONS[options]))
+    model = tiny_llama(tokens, options)
     mpu = register_ulysses(model, Layout(world_size, sequence=world_size)) if world_size > 1 else None
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -181,17 +207,17 @@ def planner_figure(tokens: int, precision: str, options: dict) -> float:
 
 def memory_options_table(tokens: int, precision: str) -> None:
     print(f"one {precision} step on {tokens:,} tokens, one rank, fused loss: lmscale's activation options")
-    print(f"{'model options':<26}{'measured':>12}{'planner':>12}{'ratio':>8}")
-    measured = {}
+    print(f"{'model options':<26}{'resident':>12}{'live':>12}{'planner':>12}{'planner/live':>14}")
+    live = {}
     for name, options in MEMORY_OPTIONS.items():
-        measured[name] = measure(1, tokens, "fused", precision, name)
+        resident = measure(1, tokens, "fused", precision, name)
+        live[name] = live_tensor_peak(tokens, precision, name)
         planned = planner_figure(tokens, precision, options)
-        print(
-            f"{name:<26}{measured[name] / 2**20:>9,.0f} MiB{planned / 2**20:>9,.0f} MiB{planned / max(measured[name], 1):>8.2f}"
-        )
-    print(f"ratio tiled/none: {measured['tiled MLP'] / measured['none']:.2f}")
+        figures = "".join(f"{value / 2**20:>8,.0f} MiB" for value in (resident, live[name], planned))
+        print(f"{name:<26}{figures}{planned / live[name]:>14.2f}")
+    print(f"ratio tiled/none (live): {live['tiled MLP'] / live['none']:.2f}")
     print(
-        f"ratio offload/checkpointing: {measured['checkpointing + offload'] / measured['checkpointing']:.2f}"
+        f"ratio offload/checkpointing (live): {live['checkpointing + offload'] / live['checkpointing']:.2f}"
     )
 
 

@@ -167,11 +167,20 @@ def outside_units(facts: ModelFacts, setup: ActivationSetup) -> float:
 
 
 def kept_units(facts: ModelFacts, setup: ActivationSetup) -> float:
-    """What the blocks keep for backward per token: every block's activations, or with checkpointing every
-    block's input (about two blocks' when offloaded to host memory)."""
+    """What the blocks keep on the device for backward per token: every block's activations, with checkpointing
+    every block's input, and with checkpoints offloaded to host memory none (a block's input comes back when
+    its recompute starts: `recomputed_units`)."""
     if setup.checkpointing:
-        return (min(2, facts.layers) if setup.offload else facts.layers) * facts.hidden
+        return 0 if setup.offload else facts.layers * facts.hidden
     return facts.layers * layer_units(facts, setup)
+
+
+def recomputed_units(facts: ModelFacts, setup: ActivationSetup) -> float:
+    """The block recomputed under checkpointing during its backward, and its input copied back from host
+    memory when offloaded (measured with the host copies apart: lmscale.planning.live_bytes.offload_as_on_a_gpu)."""
+    if not setup.checkpointing:
+        return 0
+    return layer_units(facts, setup) + (facts.hidden if setup.offload else 0)
 
 
 def kept_mask_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
@@ -189,8 +198,7 @@ def loss_backward_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
 def block_backward_bytes(facts: ModelFacts, setup: ActivationSetup) -> float:
     """Bytes per token while a block's backward runs (the loss's tensors are gone by then): what the blocks
     keep, the block recomputed under checkpointing, and the working set of its backward."""
-    recomputed = layer_units(facts, setup) if setup.checkpointing else 0
-    units = kept_units(facts, setup) + recomputed + backward_units(facts, setup)
+    units = kept_units(facts, setup) + recomputed_units(facts, setup) + backward_units(facts, setup)
     return units * setup.width + kept_mask_bytes(facts, setup)
 
 

@@ -11,7 +11,8 @@ for a gradient function of the slices TiledMLP cuts under no_grad.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,6 +27,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self._counting = True
         self._alive: dict[int, weakref.ref] = {}
         self._existing = {
             tensor.untyped_storage().data_ptr()
@@ -39,7 +41,18 @@ class LiveBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.live)
         return out
 
+    @contextmanager
+    def apart(self) -> Iterator[None]:
+        """What is made inside is not the device's (host memory, when a CPU stands in for a GPU)."""
+        self._counting = False
+        try:
+            yield
+        finally:
+            self._counting = True
+
     def _count(self, tensor: torch.Tensor) -> None:
+        if not self._counting:
+            return
         storage = tensor.untyped_storage()
         pointer, size = storage.data_ptr(), storage.nbytes()
         # a view or an in-place result shares a storage already counted (or one from before the step)
@@ -51,6 +64,29 @@ class LiveBytes(TorchDispatchMode):
     def _release(self, pointer: int, size: int) -> None:
         if self._alive.pop(pointer, None) is not None:
             self.live -= size
+
+
+@contextmanager
+def offload_as_on_a_gpu(live: LiveBytes) -> Iterator[None]:
+    """Activation offload measured on a CPU as a GPU runs it. torch's `save_on_cpu` keeps a CPU tensor as it is
+    (its host memory is the memory it was in), so offload would save nothing here; on a GPU it copies each saved
+    tensor to host memory, which the device's count leaves out, and backward gets a new device copy. This makes
+    `save_on_cpu` (what `lmscale.model.build.offloaded_checkpoint` calls) do the same copies, the host's apart."""
+
+    def to_host(tensor: torch.Tensor) -> torch.Tensor:
+        with live.apart():
+            return tensor.clone()
+
+    class SaveOnHost(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory: bool = False) -> None:
+            super().__init__(to_host, torch.clone)  # back on the device: a new, counted copy
+
+    graph = torch.autograd.graph
+    save_on_cpu, graph.save_on_cpu = graph.save_on_cpu, SaveOnHost
+    try:
+        yield
+    finally:
+        graph.save_on_cpu = save_on_cpu
 
 
 def gradients(module: torch.nn.Module) -> list[torch.Tensor]:
