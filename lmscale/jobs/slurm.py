@@ -105,12 +105,15 @@ def _tool(name: str) -> str:
 def submit_job(job: SlurmJob, dry_run: bool = False) -> str:
     """Check the job and its config (for its rank count and device) and the run directory, render the sbatch
     script and submit it; returns what to print (the script itself for a dry run, which writes nothing)."""
+    from lmscale.runs.preflight import model_fit_problems
     from lmscale.runs.run import StartChecks, open_run
 
     job.check()
     world_size = job.nodes * job.ranks_per_node
     checks = StartChecks.NONE if dry_run else StartChecks.FULL  # a dry run writes nothing
     run = open_run(job.config_path, job.overrides, world_size, has_gpu=not job.cpu, checks=checks)
+    if problems := model_fit_problems(run.config, run.layout):
+        raise ConfigError("; ".join(problems))
     job.run_dir = run.dir.root.resolve()
     script = render(job)
     if dry_run:

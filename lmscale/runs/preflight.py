@@ -217,4 +217,35 @@ def hf_model_config(config: Config) -> Any:
 
 def launch_problems(config: Config, layout: Layout) -> list[str]:
     """What the launcher checks once, before any rank starts, beyond what every command checks."""
-    return data_path_problems(config) + layout_problems(config, layout)
+    return data_path_problems(config) + model_fit_problems(config, layout)
+
+
+def model_fit_problems(config: Config, layout: Layout) -> list[str]:
+    """What the model rules out of the layout and the model options: what `lmscale slurm submit` checks too
+    (local data paths are left to the nodes, which may see other file systems than the login node)."""
+    return layout_problems(config, layout) + tiled_mlp_problems(config)
+
+
+def tiled_mlp_problems(config: Config) -> list[str]:
+    """model.tiled_mlp on MLPs it cannot tile (mixture-of-experts layers, dropout inside the MLP), found on the
+    model built on the meta device (no memory; about a second) with the check the ranks make on the real one:
+    a batch job learns it when it is submitted, not after its wait in the queue."""
+    if not config.model.tiled_mlp:
+        return []
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmscale.model.build import apply_model_options
+    from lmscale.model.tiled_mlp import block_mlps, check_tileable
+
+    hf_config = hf_model_config(config)
+    try:
+        apply_model_options(hf_config, config.model)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                hf_config, trust_remote_code=config.model.trust_remote_code
+            )
+        check_tileable(block_mlps(model))
+    except ConfigError as exc:
+        return [str(exc)]
+    return []

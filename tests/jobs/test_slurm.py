@@ -193,6 +193,17 @@ def test_submit_without_sbatch_says_where_to_run(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_what_the_model_rules_out_is_refused_at_submission_not_after_the_queue(tmp_path):
+    result = run_lmscale(
+        "slurm", "submit", "--dry-run", "--cpu", "--gpus-per-node", "3", "model.preset=tiny-qwen3-moe",
+        "parallel.expert=3", "model.tiled_mlp=true", f"output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lmscale: error:")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "parallel.expert=3" in lines[0] and "not mixture-of-experts layers" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_nodes_times_gpus_must_agree_with_the_global_batch(tmp_path):
     result = run_lmscale(
         "slurm",

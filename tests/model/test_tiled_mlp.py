@@ -58,3 +58,19 @@ def test_what_cannot_be_tiled_is_refused():
         prepare_for_training(gpt2, ModelConfig(tiled_mlp=True))
     with pytest.raises(ValueError, match="model.tiled_mlp is not tested with model.compile"):
         ModelConfig(tiled_mlp=True, compile=True)
+
+
+def test_the_launcher_refuses_what_cannot_be_tiled_before_any_rank_starts():
+    from lmscale.config import Config
+    from lmscale.runs.preflight import tiled_mlp_problems
+
+    def problems(**model):
+        return tiled_mlp_problems(Config(model={"tiled_mlp": True, **model}))
+
+    (dropout,) = problems(preset="tiny-gpt2")
+    assert "dropout (p=0.1) would draw another mask: set model.residual_dropout=0" in dropout
+    assert problems(preset="tiny-gpt2", residual_dropout=0.0) == []
+    (experts,) = problems(preset="tiny-qwen3-moe")
+    assert "tiles dense MLPs, not mixture-of-experts layers" in experts
+    assert problems(preset="tiny-llama") == []
+    assert tiled_mlp_problems(Config(model={"preset": "tiny-gpt2"})) == []  # not asked for: not built
