@@ -467,7 +467,8 @@ def mend_zero3_universal_optimizer(optimizer: torch.optim.Optimizer, universal: 
       (the losses left an unmoved run's by 1e-4 from the second step on). Each state gets its own step.
     - Every group gets the hyperparameters of the first group, which is lmscale's no-decay group: weight decay
       was off for every weight after the move. Each group gets back those it was saved with (its `name`, which
-      says its expert split, stays the new layout's).
+      says its expert split, stays the new layout's). A config that groups the parameters another way (another
+      optim.layer_lr_decay, optimizer or gradual unfreezing) is refused.
     """
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
@@ -475,7 +476,12 @@ def mend_zero3_universal_optimizer(optimizer: torch.optim.Optimizer, universal: 
     saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False, map_location="cpu")
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
-        return  # not the layout of groups it was saved with: nothing to match them by
+        # Nothing to match them by, and the LR schedule's per-group state would not match either; a resume on
+        # the same rank count refuses it too (torch: "a different number of parameter groups").
+        raise LmscaleError(
+            f"{universal.parent} was saved with {len(saved_groups)} optimizer parameter groups and this config "
+            f"makes {len(optimizer.param_groups)}: resume with the run's optim.* and finetune.unfreeze settings"
+        )
     for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
         group.update({key: value for key, value in saved_group.items() if key not in ("params", "name")})
 

@@ -2,9 +2,11 @@
 the module's buffers, and ZeRO-3's optimizer groups. The real loads are in tests/parallel/
 test_expert_parallel_runs.py; here the state DeepSpeed 0.19.8 leaves, made by hand."""
 
+import pytest
 import torch
 
 from lmscale.checkpointing.checkpoint import mend_zero3_universal_optimizer, restore_buffers
+from lmscale.errors import LmscaleError
 
 
 def three_groups():
@@ -66,3 +68,15 @@ def test_buffers_come_back_from_the_model_states(tmp_path):
     assert model.running_mean.tolist() == [1.0, 2.0]
     assert model.running_var.tolist() == [1.0, 1.0]
     assert model.weight.tolist() == [1.0, 1.0]  # parameters are DeepSpeed's to load
+
+
+def test_a_config_that_groups_the_parameters_another_way_is_refused(tmp_path):
+    _, optimizer = three_groups()
+    saved_groups = [{**group, "params": [i]} for i, group in enumerate(optimizer.param_groups[:2])]
+    (tmp_path / "universal" / "zero").mkdir(parents=True)
+    torch.save(
+        {"optimizer_state_dict": {"state": {}, "param_groups": saved_groups}},
+        tmp_path / "universal" / "zero" / "optimizer_state.pt",
+    )
+    with pytest.raises(LmscaleError, match="saved with 2 optimizer parameter groups and this config makes 3"):
+        mend_zero3_universal_optimizer(optimizer, tmp_path / "universal")
