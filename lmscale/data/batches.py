@@ -287,7 +287,9 @@ def sequence_slice(
     slicing (a Batch of them has `labels_aligned`), because a slice's last token is predicted from the next
     slice; position ids
     stay global (Ulysses gathers them, and rotary embeddings read them). No attention mask: Ulysses
-    attends causally by position, and right padding never precedes a real token.
+    attends causally by position, and right padding never precedes a real token. `token_mask` says which
+    of the slice's tokens are real (a mixture-of-experts router's load-balancing loss leaves padding out,
+    lmscale.objectives.balancing); it is not a model input.
     """
     input_ids = tensors["input_ids"]
     rows, width = input_ids.shape
@@ -295,8 +297,10 @@ def sequence_slice(
     extra = padded - width
     positions = tensors.get("position_ids", torch.arange(width).repeat(rows, 1))
     next_tokens = tensors["labels"][:, 1:]
+    real = tensors.get("attention_mask", torch.ones_like(input_ids))
     full = {
         "input_ids": F.pad(input_ids, (0, extra), value=pad_id),
+        "token_mask": F.pad(real, (0, extra), value=0),
         "position_ids": torch.cat([positions, positions[:, -1:] + torch.arange(1, extra + 1)], dim=1),
         "labels": F.pad(next_tokens, (0, extra + 1), value=IGNORE_INDEX),
     }

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from lmscale.data.batches import IGNORE_INDEX, Batch
 from lmscale.model.expert_routing import routed_tokens
+from lmscale.objectives.balancing import sliced_balancing_loss
 from lmscale.objectives.fused_head import has_fused_head, loss_targets, summed_fused_loss
+from lmscale.parallel.ulysses import sequence_group
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # whichever the batch has
 
@@ -191,7 +193,7 @@ def cross_entropy_objective(
         if chunked and next_tokens and has_fused_head(engine.module):
             outputs, summed = fused_model_loss(engine, batch)
             parts = LossParts(summed, batch.local_targets)
-            add_router_loss(parts, outputs, engine, router_loss)
+            add_router_loss(parts, outputs, engine, router_loss, batch)
             return parts
         outputs, labels = model_outputs(engine, batch)
         logits, sums = outputs.logits, {}
@@ -202,20 +204,24 @@ def cross_entropy_objective(
             if labels.dim() == 1:  # ignored (filler) rows never match -100
                 sums["accuracy"] = (logits.argmax(dim=-1) == labels).sum()
         parts = LossParts(summed, batch.local_targets, sums)
-        add_router_loss(parts, outputs, engine, router_loss)
+        add_router_loss(parts, outputs, engine, router_loss, batch)
         return parts
 
     return objective
 
 
-def add_router_loss(parts: LossParts, outputs: Any, engine: Any, train: bool) -> None:
+def add_router_loss(parts: LossParts, outputs: Any, engine: Any, train: bool, batch: Batch) -> None:
     """A mixture-of-experts model's load-balancing loss (HF's `aux_loss`, a mean over the micro-batch's
-    tokens), weighted by the micro-batch's targets: divided by the step's targets as the summed loss is, it
-    enters the step's mean as HF adds it to its mean loss, `router_aux_loss_coef` x aux_loss."""
+    tokens; over its whole rows for a sequence-parallel slice), weighted by the micro-batch's targets: divided
+    by the step's targets as the summed loss is, it enters the step's mean as HF adds it to its mean loss,
+    `router_aux_loss_coef` x aux_loss."""
     parts.expert_tokens = routed_tokens(engine.module)
     aux = getattr(outputs, "aux_loss", None)
     if aux is None:
         return
+    if batch.labels_aligned:  # a slice of each row: HF's loss is the slice's (lmscale.objectives.balancing)
+        top_k = engine.module.config.num_experts_per_tok
+        aux = sliced_balancing_loss(outputs.router_logits, top_k, batch["token_mask"], sequence_group())
     parts.sums["router_aux_loss"] = aux.detach() * parts.targets
     coefficient = getattr(engine.module.config, "router_aux_loss_coef", 0.0)
     if train and coefficient:

@@ -156,11 +156,13 @@ def model_split_problems(model: Any, layout: Layout) -> list[str]:
 def moe_group_problems(model_config: Any, layout: Layout) -> list[str]:
     """A mixture-of-experts model splits its attention with AutoTP only while AutoEP splits its experts
     (DeepSpeed's AutoEP+AutoTP folding: each rank runs the same routed tokens' share of experts; AutoTP alone
-    would leave every expert whole on every rank of a tensor group). Ulysses is not folded in."""
-    if layout.sequence > 1:
+    would leave every expert whole on every rank of a tensor group). Ulysses splits the rows of one with every
+    expert on every rank; it is not folded into AutoEP's groups."""
+    if layout.sequence > 1 and layout.expert > 1:
         return [
-            f"{model_config.model_type} is a mixture-of-experts model: lmscale splits those with data, expert "
-            "and tensor parallelism, not with parallel.sequence yet; set parallel.sequence=1"
+            f"parallel.sequence={layout.sequence} with parallel.expert={layout.expert}: lmscale splits a "
+            "mixture-of-experts model's rows or its experts, not both yet; set parallel.expert=1 or "
+            "parallel.sequence=1"
         ]
     if layout.tensor > 1 and layout.expert == 1:
         return [

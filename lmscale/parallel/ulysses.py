@@ -65,7 +65,19 @@ def register_ulysses(model: torch.nn.Module, layout: Layout) -> Any:
 
     # Under the implementation's own name, so every branch transformers takes for it still applies.
     ALL_ATTENTION_FUNCTIONS[implementation] = sequence_parallel_attention
+    global _SEQUENCE_GROUP
+    _SEQUENCE_GROUP = process_group
     return mpu
+
+
+# This process's sequence group once register_ulysses has run (like the attention function it installs, one
+# per process): what the load-balancing loss of a mixture-of-experts router reduces over.
+_SEQUENCE_GROUP: Any = None
+
+
+def sequence_group() -> Any:
+    """This process's sequence-parallel group, or None without sequence parallelism."""
+    return _SEQUENCE_GROUP
 
 
 def ulysses_groups(layout: Layout) -> tuple[Any, Any]:

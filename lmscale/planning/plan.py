@@ -628,15 +628,21 @@ def other_layouts(facts: ModelFacts, config: Config, hardware: Hardware) -> list
     method = method_for(config.finetune)  # only the layouts the method trains in
     degrees = [d for d in (2, 4, 8, 16) if d <= hardware.gpus_per_node and hardware.gpus_per_node % d == 0]
     kv = facts.kv_heads or facts.heads
-    splits = facts.split_params and method.tensor_parallel
+    # A mixture-of-experts model's attention is split only with its experts (AutoEP + AutoTP folding), and its
+    # rows only with every expert on every rank (Ulysses is not folded into AutoEP's groups).
+    split_experts = bool(facts.experts) and config.parallel.expert > 1
+    splits = facts.split_params and method.tensor_parallel and (split_experts or not facts.experts)
     tensors = [d for d in degrees if facts.heads % d == 0 and kv % d == 0 and splits]
 
     def sequence_fits(tensor: int, d: int) -> bool:  # Ulysses deals out each tensor slice's heads
         return method.sequence_parallel and not ulysses_split_problems(facts.heads // tensor, kv // tensor, d)
 
-    sequences = [(1, d) for d in degrees if sequence_fits(1, d)]
+    sequences = [(1, d) for d in degrees if sequence_fits(1, d) and not split_experts]
     both = [
-        (t, s) for t in tensors for s in degrees if t * s <= hardware.gpus_per_node and sequence_fits(t, s)
+        (t, s)
+        for t in tensors
+        for s in degrees
+        if t * s <= hardware.gpus_per_node and sequence_fits(t, s) and not facts.experts
     ]
     return sequences + [(t, 1) for t in tensors] + sorted(both, key=lambda layout: layout[0] * layout[1])
 

@@ -129,6 +129,27 @@ def test_expert_parallel_pair_trains_like_data_parallelism_resumes_moves_and_exp
     assert "was written without expert parallelism" in refused.stderr
 
 
+def test_a_mixture_of_experts_model_split_by_rows_trains_like_one_process(tmp_path, cache_dir):
+    """Ulysses with every expert on every rank: each rank routes a slice of every row, and the router's
+    load-balancing loss (trained, as Mixtral's is) is the whole rows' (lmscale.objectives.balancing), so
+    every step's loss and router loss are one process's."""
+    short = ("train.max_steps=4", "checkpoint.save_every=100")
+    single = tmp_path / "single"
+    result = run_lmscale(
+        "train", f"output_dir={single}", f"data.cache_dir={cache_dir}", *MIXTRAL, *short, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pair = tmp_path / "pair"
+    result = run(pair, cache_dir, 2, MIXTRAL, *short, "parallel.sequence=2")
+    assert "1 data-parallel x 2 sequence-parallel rank(s)" in result.stderr
+    expected, got = records(single), records(pair)
+    for key in ("loss", "router_aux_loss"):
+        want = {r["step"]: r[key] for r in expected if key in r}
+        assert_same_losses({r["step"]: r[key] for r in got if key in r}, want, range(1, 5))
+    evaluations = [(r["eval_loss"], r["eval_router_aux_loss"]) for r in got if "eval_loss" in r]
+    assert evaluations and all(0 < aux < 4 for _, aux in evaluations)
+
+
 def exported_routing_biases(export_dir):
     from safetensors.torch import load_file
 

@@ -229,15 +229,16 @@ def test_sequence_parallel_batches_count_the_whole_batch_and_the_rounding_paddin
     assert sum(s.local_targets for s in shards) == whole.local_targets == whole.group_targets
 
 
-def test_mixture_of_experts_models_split_tensors_only_with_their_experts():
+def test_mixture_of_experts_models_split_tensors_only_with_their_experts_and_rows_without_them():
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     moe = AutoModelForCausalLM.from_config(
         MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
     )  # fmt: skip
-    (problem,) = model_split_problems(moe, Layout(2, sequence=2, expert=2))
-    assert "mixtral is a mixture-of-experts model" in problem and "parallel.sequence=1" in problem
+    (problem,) = model_split_problems(moe, Layout(4, sequence=2, expert=2))
+    assert "splits a mixture-of-experts model's rows or its experts, not both yet" in problem
+    assert model_split_problems(moe, Layout(2, sequence=2)) == []  # Ulysses, every expert on every rank
     (problem,) = model_split_problems(moe, Layout(2, tensor=2))
     assert "only together with its experts" in problem and "parallel.expert" in problem
     assert model_split_problems(moe, Layout(2)) == []
