@@ -375,6 +375,11 @@ def test_layouts_tried_when_nothing_fits_go_sequence_then_tensor_then_both():
     assert all(t * s <= 8 and (4 // t) % s == 0 for t, s in layouts)
     configured = Config(parallel={"tensor": 2}, zero={"stage": 1})
     assert other_layouts(facts, configured, hardware) == []  # a configured layout stays
+    # A mixture-of-experts model splits its rows with every expert on every rank, its attention only with its
+    # experts split, and not both at once (lmscale.parallel.layout.moe_group_problems).
+    moe = replace(facts, expert_params=facts.params // 2, experts=4, top_k=2)
+    assert other_layouts(moe, Config(), hardware) == [(1, 2), (1, 4)]
+    assert other_layouts(moe, Config(parallel={"expert": 2}), hardware) == [(2, 1)]
 
 
 @pytest.mark.parametrize("recipe", ["llama-1b", "llama-8b-32k", "qwen3-30b-a3b"])
