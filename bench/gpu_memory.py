@@ -31,7 +31,7 @@ from lmscale.config import ModelConfig  # noqa: E402
 from lmscale.model.build import prepare_for_training, preset_config  # noqa: E402
 from lmscale.objectives.fused_head import install_fused_head  # noqa: E402
 from lmscale.planning.activations import ActivationSetup, step_activation_bytes  # noqa: E402
-from lmscale.planning.live_bytes import LiveBytes, offload_as_on_a_gpu, training_step  # noqa: E402
+from lmscale.planning.live_bytes import step_peak, training_step  # noqa: E402
 from lmscale.planning.plan import facts_of  # noqa: E402
 
 VOCAB = 32000  # Llama 2's: the output layer's and embedding's transients at a real size
@@ -94,12 +94,10 @@ def build(
 def measured_peak(model: torch.nn.Module, loss: str, tokens: int, device: torch.device) -> int:
     """The second step's peak bytes above what was allocated before it (the gradients exist by then)."""
     ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    if device.type != "cuda":
+        return step_peak(model, ids, fused_loss=loss == "fused")
     step = training_step(model, ids, fused_loss=loss == "fused")
     step()
-    if device.type != "cuda":
-        with LiveBytes(model) as live, offload_as_on_a_gpu(live):
-            step()
-        return live.peak
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

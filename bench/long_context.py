@@ -73,18 +73,14 @@ def live_tensor_peak(tokens: int, precision: str, options: str) -> int:
     """The peak bytes of the live tensors of a fused-loss step of the bench's model, after a first step made
     the gradients (no engine: its ZeRO buckets are the planner's buffers, not activations)."""
     from lmscale.objectives.fused_head import install_fused_head
-    from lmscale.planning.live_bytes import LiveBytes, offload_as_on_a_gpu, training_step
+    from lmscale.planning.live_bytes import step_peak
 
     model = tiny_llama(tokens, options).train()
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     install_fused_head(model)
     ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
-    step = training_step(model, ids, fused_loss=True)
-    step()
-    with LiveBytes(model) as live, offload_as_on_a_gpu(live):
-        step()
-    return live.peak
+    return step_peak(model, ids, fused_loss=True)
 
 
 def step_growth(

@@ -89,6 +89,16 @@ def offload_as_on_a_gpu(live: LiveBytes) -> Iterator[None]:
         graph.save_on_cpu = save_on_cpu
 
 
+def step_peak(model: torch.nn.Module, ids: list[int], fused_loss: bool) -> int:
+    """The peak bytes of the live tensors of a `training_step` of `model` on `ids`, taken after a first step
+    has made the gradients (as DeepSpeed's exist), with activation offload counted as on a GPU."""
+    step = training_step(model, ids, fused_loss)
+    step()
+    with LiveBytes(model) as live, offload_as_on_a_gpu(live):
+        step()
+    return live.peak
+
+
 def gradients(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in module.parameters() if p.grad is not None]
 

@@ -17,7 +17,7 @@ from lmscale.config import ModelConfig
 from lmscale.model.build import prepare_for_training, preset_config
 from lmscale.objectives.fused_head import install_fused_head
 from lmscale.planning.activations import ActivationSetup, step_activation_bytes
-from lmscale.planning.live_bytes import LiveBytes, offload_as_on_a_gpu, training_step
+from lmscale.planning.live_bytes import LiveBytes, offload_as_on_a_gpu, step_peak
 from lmscale.planning.plan import facts_of
 
 VOCAB = 2048
@@ -49,11 +49,7 @@ def tiny_model(preset: str, shape: dict, options: ModelConfig, precision: str, a
 def measured_peak(model: torch.nn.Module, loss: str) -> int:
     """The step's peak bytes of new tensors, after a first step has allocated the gradients."""
     ids = torch.randint(0, VOCAB, (TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
-    step = training_step(model, ids, fused_loss=loss == "fused")
-    step()
-    with LiveBytes(model) as live, offload_as_on_a_gpu(live):
-        step()
-    return live.peak
+    return step_peak(model, ids, fused_loss=loss == "fused")
 
 
 CASES = [  # preset, shape changes, model options, precision, attention, loss
